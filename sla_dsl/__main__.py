@@ -1,0 +1,5 @@
+import sys
+
+from sla_dsl.cli import main
+
+sys.exit(main())

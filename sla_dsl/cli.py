@@ -1,0 +1,70 @@
+"""The `sla-dsl` command line: `python -m sla_dsl <command>`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _check(args) -> int:
+    from sla_dsl.loader import SpecError, load_spec
+
+    failed = False
+    for path in args.paths:
+        try:
+            spec = load_spec(path)
+        except SpecError as exc:
+            failed = True
+            for problem in exc.problems:
+                print(problem)
+        except Exception as exc:  # noqa: BLE001 -- `check` promises one line per problem, never a traceback
+            failed = True
+            print(f"{path}: internal error while checking ({type(exc).__name__}: {exc}); please report it")
+        else:
+            print(f"{path}: ok ({spec.name}: decay {spec.recurrence.decay.value}, write "
+                  f"{spec.recurrence.write.value}, gates {spec.recurrence.gates.value})")
+    return 1 if failed else 0
+
+
+def _generate(args) -> int:
+    from sla_dsl.codegen import generate
+
+    differences = generate(check=args.check)
+    for line in differences:
+        print(("differs: " if args.check else "wrote: ") + line)
+    if args.check:
+        print("generated files are up to date" if not differences else
+              f"{len(differences)} generated file(s) are out of date: run `python -m sla_dsl generate`")
+        return 1 if differences else 0
+    print(f"{len(differences)} file(s) written" if differences else "nothing to write: all files up to date")
+    return 0
+
+
+def _demo(args) -> int:
+    from sla_dsl.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sla-dsl", description="Gated linear attention kernels from YAML specs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser("check", help="validate spec files; exit 1 if any is invalid")
+    check.add_argument("paths", nargs="+", metavar="PATH")
+    check.set_defaults(run=_check)
+    generate = commands.add_parser("generate", help="regenerate generated/, the JSON Schema and the language page")
+    generate.add_argument("--check", action="store_true", help="only compare; exit 1 if anything differs")
+    generate.set_defaults(run=_generate)
+    demo = commands.add_parser("demo", help="generate and run every seed spec's kernels on a small workload")
+    demo.add_argument("--specs", nargs="*", default=None, metavar="PATH", help="spec files (default: specs/*.yaml)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

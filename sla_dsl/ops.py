@@ -1,0 +1,55 @@
+"""`sla_dsl.compile`: a spec becomes an op with fla's calling conventions."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sla_dsl.backends import BACKENDS, build_backend
+from sla_dsl.loader import load_spec
+from sla_dsl.spec import Spec
+from sla_dsl.validation import validate
+
+
+class SpecOp:
+    """op(q, k, v, *, g, beta, gq, gk, scale, initial_state, output_final_state, cu_seqlens) -> (o, final_state).
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] (scalar decay) or [B, T, H, K] (vector decay), natural
+    log; beta, gq, gk: [B, T, H]; initial_state / final_state: [N, H, K, V] float32 (float64 for float64
+    inputs); cu_seqlens: [N + 1] boundaries of sequences packed along T (B = 1).
+    """
+
+    def __init__(self, spec: Spec, backend: str):
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of auto, {', '.join(BACKENDS)}, got {backend!r}")
+        self.spec = spec
+        self.backend = backend
+        self._built: dict[str, object] = {}
+
+    def backend_for(self, device: torch.device) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if device.type == "cuda" else "reference"
+
+    def forward_for(self, backend: str):
+        if backend not in self._built:
+            self._built[backend] = build_backend(backend, self.spec)
+        return self._built[backend]
+
+    def __call__(self, q, k, v, *, g=None, beta=None, gq=None, gk=None, scale=None, initial_state=None,
+                 output_final_state=False, cu_seqlens=None):
+        validate(self.spec.recurrence, q, k, v, g=g, beta=beta, gq=gq, gk=gk, scale=scale,
+                 initial_state=initial_state, cu_seqlens=cu_seqlens)
+        forward = self.forward_for(self.backend_for(q.device))
+        return forward(q, k, v, g=g, beta=beta, gq=gq, gk=gk, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+    def __repr__(self) -> str:
+        return f"SpecOp({self.spec.name!r}, backend={self.backend!r})"
+
+
+def compile(spec_or_path: Spec | str | os.PathLike, backend: str = "auto") -> SpecOp:  # noqa: A001
+    """Loads (if given a path) and compiles a spec for `backend` (auto | reference | triton | tilelang)."""
+    spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
+    return SpecOp(spec, backend)
