@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from sla_dsl.autograd import apply_kernels
 from sla_dsl.backends import BACKENDS, build_backend
 from sla_dsl.loader import load_spec
 from sla_dsl.spec import Spec
@@ -32,7 +33,7 @@ class SpecOp:
             return self.backend
         return "triton" if device.type == "cuda" else "reference"
 
-    def forward_for(self, backend: str):
+    def kernels_for(self, backend: str):
         if backend not in self._built:
             self._built[backend] = build_backend(backend, self.spec)
         return self._built[backend]
@@ -41,9 +42,10 @@ class SpecOp:
                  output_final_state=False, cu_seqlens=None):
         validate(self.spec.recurrence, q, k, v, g=g, beta=beta, gq=gq, gk=gk, scale=scale,
                  initial_state=initial_state, cu_seqlens=cu_seqlens)
-        forward = self.forward_for(self.backend_for(q.device))
-        return forward(q, k, v, g=g, beta=beta, gq=gq, gk=gk, scale=scale, initial_state=initial_state,
-                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        kernels = self.kernels_for(self.backend_for(q.device))
+        scale = float(scale) if scale is not None else self.spec.recurrence.resolved_scale(q.shape[-1])
+        return apply_kernels(kernels, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale,
+                             output_final_state)
 
     def __repr__(self) -> str:
         return f"SpecOp({self.spec.name!r}, backend={self.backend!r})"

@@ -1,6 +1,15 @@
-"""Backends that run a spec's recurrence. Each module exposes `build(spec) -> forward`, where
-`forward(q, k, v, *, g, beta, gq, gk, scale, initial_state, output_final_state, cu_seqlens)` returns
-(o, final_state) and is differentiable; arguments arrive already validated.
+"""Backends that run a spec's recurrence.
+
+Each backend module exposes `build(spec) -> kernels`, an object with two methods, called with validated
+arguments (absent optional tensors are None; `scale` is already resolved to a float):
+
+    kernels.forward(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, output_final_state)
+        -> (o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32/float64 or None)
+    kernels.backward(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, do, dfinal_state)
+        -> (dq, dk, dv, dg, dbeta, dgq, dgk, dinitial_state), None where the input was None
+
+The backward recomputes what it needs from the inputs (no saved residuals), which keeps every backend
+behind one autograd wiring (`sla_dsl.autograd`).
 """
 
 from __future__ import annotations
