@@ -24,6 +24,7 @@ _MAX_NODES = 10_000
 _MAX_BYTES = 1 << 20
 _CORE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
+_UNREADABLE = object()  # a value whose problem is already reported: present, but not checked again
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class _Reader:
         self.path = path
         self.problems: list[SpecProblem] = []
         self.nodes = 0
+        self.exhausted = False
         self.scalars = yaml.constructor.SafeConstructor()
 
     def problem(self, line: int | None, field: str | None, message: str) -> None:
@@ -70,7 +72,10 @@ class _Reader:
         if id(node) in stack:
             self.problem(line, field, "recursive alias: a value may not contain itself")
             return None
+        if self.exhausted:
+            return None
         if len(stack) > _MAX_DEPTH or self.nodes > _MAX_NODES:
+            self.exhausted = True  # report once, then stop walking
             self.problem(line, field, f"document too large or too deep (more than {_MAX_NODES} values or "
                          f"{_MAX_DEPTH} levels; an alias bomb?)")
             return None
@@ -92,10 +97,7 @@ class _Reader:
                     self.problem(key_line, child_field, f"duplicate key (first given on line {out[name][0]})")
                     continue
                 child = self.read(value_node, child_field, stack)
-                if self.nodes > _MAX_NODES:
-                    return None
-                if child is not None:
-                    out[name] = (key_line, child)
+                out[name] = (key_line, child if child is not None else _Value(_UNREADABLE, key_line))
             return _Value({k: v for k, (_, v) in out.items()}, line)
         if isinstance(node, yaml.SequenceNode):
             items = [self.read(item, f"{field}[{i}]", stack) for i, item in enumerate(node.value)]
@@ -130,6 +132,8 @@ class _Checker:
         out: dict[str, _Value] = {}
         for name, child in value.value.items():
             field_name = f"{prefix}.{name}" if prefix else name
+            if child.value is _UNREADABLE:
+                continue
             if name not in known:
                 self.reader.problem(child.line, field_name, f"unknown field; allowed: {', '.join(known)}")
                 continue
@@ -301,7 +305,7 @@ def parse_spec(text: bytes, path: str) -> Spec:
     if root is None:
         raise fail(None, "empty file; a spec needs at least `name:`")
     value = reader.read(root, "")
-    if value is not None and not reader.problems:
+    if value is not None and not reader.exhausted:
         checked = _Checker(reader).section(ROOT, value, "")
         if not reader.problems:
             spec = _build(path, hashlib.sha256(text).hexdigest(), checked, reader)

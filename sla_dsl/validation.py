@@ -71,15 +71,15 @@ def validate(rec: Recurrence, q, k, v, *, g, beta, gq, gk, scale, initial_state,
         raise _fail("g", f"None (the spec has decay: {rec.decay.value}, which takes no g)", _shape(g)
                     if isinstance(g, torch.Tensor) else type(g).__name__)
 
-    for name, needed, why in (("beta", rec.needs_beta, "write: delta"), ("gq", rec.gates.read, "a read gate"),
-                              ("gk", rec.gates.write, "a write gate")):
+    for name, needed, feature in (("beta", rec.needs_beta, "delta write rule"), ("gq", rec.gates.read, "read gate"),
+                                  ("gk", rec.gates.write, "write gate")):
         value = {"beta": beta, "gq": gq, "gk": gk}[name]
         if needed:
             if value is None:
-                raise _fail(name, f"a tensor [B, T, H] = {[batch, length, heads]} (the spec has {why})", "None")
+                raise _fail(name, f"a tensor [B, T, H] = {[batch, length, heads]} (the spec has a {feature})", "None")
             _check_tensor(name, value, (batch, length, heads), is_float, "a floating dtype", device)
         elif value is not None:
-            raise _fail(name, f"None (the spec has no {why})", "a tensor")
+            raise _fail(name, f"None (the spec has no {feature})", "a tensor")
 
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
         raise _fail("scale", "None or a positive number", repr(scale))
