@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: generated files are current, then every test (CPU: Triton interpreter, TileLang compile).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m sla_dsl generate --check
+exec .venv/bin/python -m pytest -q -ra "$@"
