@@ -95,10 +95,11 @@ def validate(rec: Recurrence, q, k, v, *, g, beta, gq, gk, scale, initial_state,
             raise _fail("cu_seqlens", f"a tensor on {device} (where q is)", f"a tensor on {cu_seqlens.device}")
         if batch != 1:
             raise _fail("q", "batch size 1 with cu_seqlens (sequences packed along T)", _shape(q))
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != length or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-            raise _fail("cu_seqlens", f"non-decreasing boundaries from 0 to T = {length}", str(bounds))
-        num_sequences = len(bounds) - 1
+        num_sequences = cu_seqlens.shape[0] - 1
+        if not torch.compiler.is_compiling():  # the values of a traced tensor are unknown (no .tolist())
+            bounds = cu_seqlens.tolist()
+            if bounds[0] != 0 or bounds[-1] != length or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+                raise _fail("cu_seqlens", f"non-decreasing boundaries from 0 to T = {length}", str(bounds))
 
     if initial_state is not None:
         state_dtype_ok = lambda d: d in (torch.float32, torch.float64)  # noqa: E731
