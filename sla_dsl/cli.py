@@ -46,6 +46,38 @@ def _demo(args) -> int:
     return run_demo(args)
 
 
+def _bench(args) -> int:
+    from sla_dsl.bench import run_bench
+
+    return run_bench(args)
+
+
+def _autotune(args) -> int:
+    from sla_dsl.autotune.runner import run_autotune
+
+    return run_autotune(args)
+
+
+def _first_call(args) -> int:
+    from sla_dsl.first_call import run_first_call
+
+    return run_first_call(args)
+
+
+def _add_perf_commands(commands) -> None:
+    """bench, autotune, first-call (their options live with their modules)."""
+    from sla_dsl import bench, first_call
+    from sla_dsl.autotune import runner
+
+    for name, module, run, text in (
+            ("bench", bench, _bench, "time our kernels against fla and torch SDPA on the GPU"),
+            ("autotune", runner, _autotune, "tune kernel configs on this GPU into autotune/<gpu>/"),
+            ("first-call", first_call, _first_call, "time the first forward+backward in a fresh process")):
+        sub = commands.add_parser(name, help=text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sla-dsl", description="Gated linear attention kernels from YAML specs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -58,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="generate and run every seed spec's kernels on a small workload")
     demo.add_argument("--specs", nargs="*", default=None, metavar="PATH", help="spec files (default: specs/*.yaml)")
     demo.set_defaults(run=_demo)
+    _add_perf_commands(commands)
     return parser
 
 

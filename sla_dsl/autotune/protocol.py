@@ -1,0 +1,85 @@
+"""The tuning protocol between the tuner and a backend's kernels object (what `build(spec)` returns).
+
+A tunable kernels object provides
+
+    kernels.tuning_space(shape[, phase]) -> list[dict]   every valid config for `shape` (a `Shape`), for
+                                                          phase 'fwd' or 'bwd' when it takes `phase`
+    kernels.default_config(shape[, phase]) -> dict        the heuristic choice (must be in tuning_space)
+    kernels.forward(..., config=None)                     None: resolve_config(); else run exactly `config`
+    kernels.backward(..., config=None)
+
+Config values are JSON scalars (int, float, str, bool); keys are the backend's own (e.g. chunk_size,
+block_k, block_v, num_warps, num_stages, and schedule choices). A config that cannot compile or does not
+fit the GPU may raise anything when run; raising `ConfigRejected` says so explicitly (counted as skipped).
+
+At call time a backend does
+
+    from sla_dsl.autotune import Shape, resolve_config
+    cfg = resolve_config(self, self.spec, "triton", Shape.of(q, v, cu_seqlens), "fwd", config)
+
+which returns `config` when given, else the tuned table's entry for the nearest bucket (if it is valid for
+this shape), else `default_config(shape)`. Resolution is cached per (kernels, shape, phase).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from sla_dsl.autotune.shapes import Shape
+from sla_dsl.autotune.table import lookup
+
+
+class ConfigRejected(RuntimeError):
+    """Raised by a backend for a config it cannot build for a shape (too much shared memory, bad tiling)."""
+
+
+def _takes_phase(method) -> bool:
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return "phase" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def is_tunable(kernels) -> bool:
+    return all(callable(getattr(kernels, name, None)) for name in ("tuning_space", "default_config"))
+
+
+def tuning_space(kernels, shape: Shape, phase: str) -> list[dict]:
+    method = kernels.tuning_space
+    configs = method(shape, phase=phase) if _takes_phase(method) else method(shape)
+    return [dict(c) for c in configs]
+
+
+def default_config(kernels, shape: Shape, phase: str) -> dict:
+    method = kernels.default_config
+    return dict(method(shape, phase=phase) if _takes_phase(method) else method(shape))
+
+
+def config_key(config: dict) -> tuple:
+    """A hashable identity of a config (order of keys does not matter)."""
+    return tuple(sorted((k, repr(v)) for k, v in config.items()))
+
+
+def config_label(config: dict) -> str:
+    """Short text for progress bars and reports: 'chunk_size=64 block_k=64 num_warps=4'."""
+    return " ".join(f"{k}={v}" for k, v in sorted(config.items())) or "{}"
+
+
+def resolve_config(kernels, spec, backend: str, shape: Shape, phase: str, config: dict | None = None) -> dict:
+    """The config a call runs with: `config` if given, else the tuned one (checked against tuning_space for
+    this shape, since the nearest bucket may be a different shape), else default_config(shape)."""
+    if config is not None:
+        return config
+    cache = kernels.__dict__.setdefault("_sla_dsl_resolved", {}) if hasattr(kernels, "__dict__") else {}
+    if (shape, phase) in cache:
+        return cache[(shape, phase)]
+    chosen = lookup(spec, backend, shape, phase=phase)
+    if chosen is not None:
+        valid = {config_key(c) for c in tuning_space(kernels, shape, phase)}
+        if config_key(chosen) not in valid:
+            chosen = None
+    if chosen is None:
+        chosen = default_config(kernels, shape, phase)
+    cache[(shape, phase)] = chosen
+    return chosen

@@ -1,0 +1,230 @@
+"""`python -m sla_dsl autotune`: GPU timing, the reference check of winners, and table writing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from sla_dsl.autotune.protocol import config_label, is_tunable, tuning_space, default_config
+from sla_dsl.autotune.shapes import Shape, parse_shapes
+from sla_dsl.autotune.sweep import Task, stderr_log, sweep
+from sla_dsl.autotune.table import gpu_name, source_hash, table_path, table_root, update_table
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                "float64": torch.float64}
+ARG_NAMES = ("q", "k", "v", "g", "beta", "gq", "gk")
+
+
+class Configured:
+    """A kernels object whose forward/backward run with fixed configs (None: the kernels' own choice)."""
+
+    def __init__(self, kernels, fwd: dict | None = None, bwd: dict | None = None):
+        self.kernels, self.fwd, self.bwd = kernels, fwd, bwd
+
+    def forward(self, *args):
+        return self.kernels.forward(*args, config=self.fwd)
+
+    def backward(self, *args):
+        return self.kernels.backward(*args, config=self.bwd)
+
+
+def varlen_bounds(batch: int, length: int) -> list[int]:
+    """`batch` sequences of mean length `length`, unequal (alternately shorter and longer), packed."""
+    lengths = [max(1, length + (length // 4 if i % 2 else -(length // 4))) for i in range(batch)]
+    if batch % 2:
+        lengths[-1] = length
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return bounds
+
+
+class GpuMeasure:
+    """measure(task, config, precise) -> median ms of the task's phase with `config`, on realistic inputs of
+    the task's shape (cached for consecutive tasks of one spec and shape). The first run (compilation)
+    happens before timing."""
+
+    def __init__(self, device="cuda", quick_ms=(10, 40), precise_ms=(25, 150)):
+        self.device, self.quick_ms, self.precise_ms = device, quick_ms, precise_ms
+        self._key, self._args = None, None
+
+    def _inputs(self, task: Task):
+        key = (task.spec.name, task.spec.source_sha256, task.shape)
+        if key != self._key:
+            from sla_dsl.workloads import realistic_inputs
+
+            self._args = None
+            torch.cuda.empty_cache()
+            s, rec = task.shape, task.spec.recurrence
+            dtype = TORCH_DTYPES[s.dtype]
+            if s.varlen:
+                bounds = varlen_bounds(s.B, s.T)
+                args = realistic_inputs(rec, 1, bounds[-1], s.H, s.K, s.V, dtype=dtype, device=self.device)
+                cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+                out_shape = (1, bounds[-1], s.H, s.V)
+            else:
+                args = realistic_inputs(rec, s.B, s.T, s.H, s.K, s.V, dtype=dtype, device=self.device)
+                cu_seqlens, out_shape = None, (s.B, s.T, s.H, s.V)
+            positional = [args.get(name) for name in ARG_NAMES] + [None]  # initial_state
+            scale = rec.resolved_scale(s.K)
+            do = torch.randn(out_shape, device=self.device, dtype=dtype)
+            self._args, self._key = (positional, cu_seqlens, scale, do), key
+        return self._args
+
+    def __call__(self, task: Task, config: dict, precise: bool = False) -> float:
+        import triton.testing
+
+        positional, cu_seqlens, scale, do = self._inputs(task)
+        kernels = task.kernels
+        if task.phase == "fwd":
+            fn = lambda: kernels.forward(*positional, cu_seqlens, scale, False, config=config)  # noqa: E731
+        else:
+            fn = lambda: kernels.backward(*positional, cu_seqlens, scale, do, None, config=config)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        warmup, rep = self.precise_ms if precise else self.quick_ms
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def verify_config(task: Task, config: dict, *, device="cuda", tolerance_scale: float = 1.0) -> tuple[bool, dict]:
+    """Runs `config` for the task's phase at a small shape with the task's K, V, dtype and layout (T not a
+    multiple of the chunk, an initial state, final state out) against the float64 reference."""
+    from sla_dsl.testing import TOLERANCES, compare_to_reference, make_inputs
+
+    rec, s = task.spec.recurrence, task.shape
+    dtype = TORCH_DTYPES[s.dtype]
+    chunk = int(config.get("chunk_size", 64) or 64)
+    length = 2 * chunk + 37
+    if s.varlen:
+        bounds = [0, chunk // 2 + 3, length, 2 * length]
+        inputs = make_inputs(rec, 1, bounds[-1], 2, s.K, s.V, dtype=dtype, device=device, seed=7,
+                             num_sequences=len(bounds) - 1)
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+    else:
+        inputs = make_inputs(rec, 2, length, 2, s.K, s.V, dtype=dtype, device=device, seed=7)
+        cu_seqlens = None
+    wrapped = Configured(task.kernels, fwd=config if task.phase == "fwd" else None,
+                         bwd=config if task.phase == "bwd" else None)
+    errors = compare_to_reference(rec, wrapped, inputs, cu_seqlens=cu_seqlens, backward=task.phase == "bwd")
+    tol_out, tol_grad = (tolerance_scale * t for t in TOLERANCES[dtype])
+    ok = all(err <= (tol_out if name in ("o", "final_state") else tol_grad) for name, err in errors.items())
+    return ok, {name: float(f"{err:.3g}") for name, err in errors.items()}
+
+
+def resolve_specs(names: list[str] | None):
+    """Spec paths or seed names ('gla' -> specs/gla.yaml); default: every seed spec."""
+    from sla_dsl.codegen import SEED_SPECS_DIR
+    from sla_dsl.loader import load_spec
+
+    if not names:
+        return [load_spec(p) for p in sorted(SEED_SPECS_DIR.glob("*.yaml"))]
+    specs = []
+    for name in names:
+        for part in name.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            path = Path(part)
+            if not path.exists() and (SEED_SPECS_DIR / f"{part}.yaml").exists():
+                path = SEED_SPECS_DIR / f"{part}.yaml"
+            specs.append(load_spec(path))
+    return specs
+
+
+def build_tasks(specs, backends, shapes, phases=("fwd", "bwd"), log=stderr_log):
+    """Tasks for every tunable (spec, backend), and the problems with the others."""
+    from sla_dsl.backends import build_backend
+
+    tasks, problems = [], []
+    for spec in specs:
+        for backend in backends:
+            try:
+                kernels = build_backend(backend, spec)
+            except Exception as exc:  # noqa: BLE001 -- one backend failing never stops the others
+                problems.append(f"{spec.name}/{backend}: cannot build ({type(exc).__name__}: {exc})")
+                continue
+            if not is_tunable(kernels):
+                problems.append(f"{spec.name}/{backend}: kernels have no tuning_space/default_config "
+                                f"(the tuning protocol is not implemented)")
+                continue
+            try:
+                source_hash(spec, backend)
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"{spec.name}/{backend}: cannot hash the generated source ({exc})")
+                continue
+            tasks.extend(Task(kernels, spec, backend, shape, phase) for shape in shapes for phase in phases)
+    for line in problems:
+        log(f"skipping {line}")
+    return tasks, problems
+
+
+def run_autotune(args) -> int:
+    backends = ["triton", "tilelang"] if args.backend == "all" else [args.backend]
+    shapes = parse_shapes(args.shapes, args.dtype)
+    specs = resolve_specs(args.spec)
+    if args.list:
+        tasks, problems = build_tasks(specs, backends, shapes)
+        for task in tasks:
+            space = tuning_space(task.kernels, task.shape, task.phase)
+            print(f"{task.label}: {len(space)} configs, default [{config_label(default_config(task.kernels, task.shape, task.phase))}]")
+        return 1 if problems and not tasks else 0
+    if not torch.cuda.is_available():
+        print("autotune needs a CUDA GPU (torch.cuda.is_available() is False); run it on the GPU machine. "
+              "`--list` shows the tuning spaces without one.")
+        return 2
+    gpu = gpu_name()
+    root = Path(args.out_dir) if args.out_dir else table_root()
+    started = time.time()
+    tasks, problems = build_tasks(specs, backends, shapes)
+    if not tasks:
+        print("nothing to tune:\n  " + "\n  ".join(problems))
+        return 1
+    print(f"autotune on {gpu}: {len(tasks)} task(s) ({len({(t.spec.name, t.backend) for t in tasks})} "
+          f"spec/backend pair(s) x {len(shapes)} shape(s) x fwd, bwd), budget {args.budget_seconds:.0f} s; "
+          f"tables under {root / gpu}", flush=True)
+    measure = GpuMeasure()
+    verify = lambda task, config: verify_config(task, config, tolerance_scale=args.tolerance_scale)  # noqa: E731
+    written: list[str] = []
+
+    def on_result(result):
+        if result.config is None:
+            return
+        task = result.task
+        path = table_path(gpu, task.backend, task.spec.name, root)
+        bucket = task.shape.bucket()
+        update_table(path, spec_name=task.spec.name, spec_sha256=task.spec.source_sha256, backend=task.backend,
+                     gpu=gpu, source_sha256=source_hash(task.spec, task.backend),
+                     entries={bucket.key: {"shape": task.shape.as_dict(), task.phase: result.entry()}})
+        if str(path) not in written:
+            written.append(str(path))
+
+    from tqdm import tqdm
+
+    progress = None if args.no_progress else (lambda **kw: tqdm(leave=False, dynamic_ncols=True, **kw))
+    report = sweep(tasks, measure=measure, verify=verify, budget_seconds=args.budget_seconds,
+                   on_result=on_result, progress=progress, log=stderr_log)
+    print(report.summary())
+    for line in problems:
+        print(f"  skipped: {line}")
+    print(f"wrote {len(written)} table(s):" + "".join(f"\n  {p}" for p in written))
+    print(f"autotune wall time {time.time() - started:.1f} s")
+    bad = report.aborted or any(r.config is None for r in report.results)
+    return 1 if bad else 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--spec", action="append", default=None, metavar="PATH|NAME",
+                        help="spec file or seed name (repeatable or comma-separated; default: all seed specs)")
+    parser.add_argument("--backend", choices=("triton", "tilelang", "all"), default="all")
+    parser.add_argument("--shapes", default=None, metavar="BxTxHxK[xV][:varlen],...",
+                        help="shapes to tune (default: 4x8192x16x128,8x2048x16x64,1x32768x16x128)")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of the shapes (default bfloat16)")
+    parser.add_argument("--budget-seconds", type=float, default=480.0,
+                        help="wall-time budget for the sweep, shared out over all tasks (default 480)")
+    parser.add_argument("--out-dir", default=None, help="table root (default: autotune/ or $SLA_DSL_AUTOTUNE_DIR)")
+    parser.add_argument("--tolerance-scale", type=float, default=1.0,
+                        help="multiply the reference-check tolerances of sla_dsl.testing (default 1)")
+    parser.add_argument("--list", action="store_true", help="print each task's tuning space size; no GPU needed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,0 +1,366 @@
+"""Tuned tables: `autotune/<GPU>/<backend>/<spec>.json`, written by `python -m sla_dsl autotune`, read at
+call time by `lookup()` (never benchmarks; every file is read once per process and cached).
+
+File format (keys sorted, indent 1):
+
+    {"format": 1, "spec": "gla", "spec_sha256": ..., "backend": "triton", "gpu": "NVIDIA_H100_80GB_HBM3",
+     "source_sha256": <sha256 of the generated kernel source>, "versions": {"torch": ..., "triton": ...,
+     "tilelang": ..., "sla_dsl": ..., "git": ...}, "date": "2025-...Z",
+     "entries": {"B4_T8192_H16_K128_V128_bfloat16": {"shape": {...},
+                 "fwd": {"config": {...}, "ms": 1.23, "default_ms": 1.50, "tried": 40, "verified": {...}},
+                 "bwd": {...}}}}
+
+A table whose source hash differs from the current generated kernels is ignored (one warning); a corrupt or
+truncated file gives one warning and defaults; a GPU without tables gives one warning naming the command
+that tunes it. Writers take a lock file, merge with what is there, and replace the file atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+from sla_dsl.autotune.shapes import Shape, nearest
+
+FORMAT = 1
+PHASES = ("fwd", "bwd")
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+class AutotuneWarning(UserWarning):
+    """A tuned table is missing, stale or unreadable: the kernels run with their default configs."""
+
+
+def table_root() -> Path:
+    """`$SLA_DSL_AUTOTUNE_DIR`, else the repository's autotune/."""
+    return Path(os.environ.get("SLA_DSL_AUTOTUNE_DIR") or REPO_ROOT / "autotune")
+
+
+def lookups_enabled() -> bool:
+    """SLA_DSL_AUTOTUNE=0 turns lookups off (defaults everywhere), e.g. to benchmark the heuristics."""
+    return os.environ.get("SLA_DSL_AUTOTUNE", "1") not in ("0", "false", "off", "no")
+
+
+def sanitize_gpu_name(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3' (spaces to underscores; '/' and the like too)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name.strip().replace(" ", "_")) or "unknown_gpu"
+
+
+_gpu_names: dict[int, str] = {}
+
+
+def gpu_name(device=None) -> str:
+    """The running GPU's directory name (torch.cuda.get_device_name with spaces to underscores)."""
+    import torch
+
+    if isinstance(device, int):
+        index = device
+    elif device is not None and getattr(device, "index", None) is not None:
+        index = device.index
+    else:
+        index = torch.cuda.current_device()
+    if index not in _gpu_names:
+        _gpu_names[index] = sanitize_gpu_name(torch.cuda.get_device_name(index))
+    return _gpu_names[index]
+
+
+def table_path(gpu: str, backend: str, spec_name: str, root: Path | None = None) -> Path:
+    return (root or table_root()) / gpu / backend / f"{spec_name}.json"
+
+
+_source_hashes: dict[tuple[str, str, str], str] = {}
+
+
+def source_hash(spec, backend: str) -> str:
+    """sha256 of the generated source of `spec` for `backend` (every generated file, by name)."""
+    key = (backend, spec.name, spec.source_sha256)
+    if key not in _source_hashes:
+        from sla_dsl.codegen import generator
+
+        files = generator(backend).generate(spec)
+        digest = hashlib.sha256()
+        for name in sorted(files):
+            digest.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+        _source_hashes[key] = digest.hexdigest()
+    return _source_hashes[key]
+
+
+def versions() -> dict[str, str | None]:
+    """Versions recorded with a table (read from package metadata: nothing heavy is imported)."""
+    from importlib import metadata
+
+    found = {}
+    for key, dist in (("torch", "torch"), ("triton", "triton"), ("tilelang", "tilelang"),
+                      ("sla_dsl", "sla-dsl"), ("fla", "flash-linear-attention")):
+        try:
+            found[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[key] = None
+    try:
+        found["git"] = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
+                                      capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        found["git"] = None
+    return found
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+class TableError(ValueError):
+    pass
+
+
+def _check_config(config, where: str) -> None:
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        raise TableError(f"{where}: config is not an object")
+    for name, value in config.items():
+        if not isinstance(value, (int, float, str, bool)) and value is not None:
+            raise TableError(f"{where}: config value {name!r} is not a number, string or bool")
+
+
+def parse_table(text: str) -> dict:
+    """The table in `text`, checked; raises TableError (or json.JSONDecodeError) when malformed."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise TableError("top level is not an object")
+    if data.get("format") != FORMAT:
+        raise TableError(f"format {data.get('format')!r}, expected {FORMAT}")
+    for key in ("spec", "backend", "source_sha256"):
+        if not isinstance(data.get(key), str):
+            raise TableError(f"missing {key!r}")
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        raise TableError("missing 'entries'")
+    for key, entry in entries.items():
+        try:
+            Shape.from_key(key)
+        except ValueError as exc:
+            raise TableError(str(exc)) from None
+        if not isinstance(entry, dict):
+            raise TableError(f"entry {key}: not an object")
+        for phase in PHASES:
+            if phase in entry:
+                if not isinstance(entry[phase], dict) or "config" not in entry[phase]:
+                    raise TableError(f"entry {key}.{phase}: no config")
+                _check_config(entry[phase]["config"], f"entry {key}.{phase}")
+    return data
+
+
+def read_table(path: Path) -> dict | None:
+    """The parsed table at `path`; None when absent. Raises TableError / JSONDecodeError / OSError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    return parse_table(text)
+
+
+class _Loaded:
+    """One table file as lookup() uses it: buckets per phase, or nothing (missing/stale/corrupt)."""
+
+    def __init__(self, data: dict | None):
+        self.data = data
+        self.buckets = {phase: {} for phase in PHASES}
+        for key, entry in (data or {}).get("entries", {}).items():
+            for phase in PHASES:
+                if phase in entry:
+                    self.buckets[phase][Shape.from_key(key)] = entry[phase]["config"]
+        self.resolved: dict[tuple[str, Shape], dict | None] = {}
+
+
+_lock = threading.Lock()
+_tables: dict[Path, _Loaded] = {}
+_warned: set[tuple] = set()
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, AutotuneWarning, stacklevel=4)
+
+
+def tune_command(spec, backend: str) -> str:
+    path = getattr(spec, "source_path", None) or f"specs/{spec.name}.yaml"
+    try:
+        path = Path(path).resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        pass
+    return f"python -m sla_dsl autotune --spec {path} --backend {backend}"
+
+
+def _load(spec, backend: str, gpu: str, root: Path) -> _Loaded:
+    path = table_path(gpu, backend, spec.name, root)
+    if path in _tables:
+        return _tables[path]
+    data = None
+    try:
+        data = read_table(path)
+    except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError, as is TableError
+        _warn_once(("corrupt", path), f"sla_dsl: ignoring the unreadable tuned table {path} "
+                   f"({type(exc).__name__}: {exc}); using default configs. Re-create it with "
+                   f"`{tune_command(spec, backend)}`.")
+        data = None
+    else:
+        if data is None:
+            if not (root / gpu).is_dir():
+                _warn_once(("no-gpu", root, gpu), f"sla_dsl: no tuned tables for GPU {gpu} under {root}; "
+                           f"using default configs. Tune this GPU with `{tune_command(spec, backend)}` "
+                           f"(or `python -m sla_dsl autotune --backend all` for every seed spec).")
+            else:
+                _warn_once(("no-table", path), f"sla_dsl: no tuned table {path}; using default configs. "
+                           f"Tune it with `{tune_command(spec, backend)}`.")
+        else:
+            try:
+                current = source_hash(spec, backend)
+            except Exception as exc:  # noqa: BLE001 -- a generator that fails must not break the call
+                current = f"unavailable ({type(exc).__name__}: {exc})"
+            if data["source_sha256"] != current or data["spec"] != spec.name or data["backend"] != backend:
+                _warn_once(("stale", path), f"sla_dsl: ignoring the tuned table {path}: it was tuned for other "
+                           f"generated kernels (source sha256 {data['source_sha256'][:12]}, now "
+                           f"{current[:12]}); using default configs. Re-tune with "
+                           f"`{tune_command(spec, backend)}`.")
+                data = None
+    loaded = _Loaded(data)
+    _tables[path] = loaded
+    return loaded
+
+
+def lookup(spec, backend: str, shape: Shape, *, phase: str = "fwd", gpu: str | None = None,
+           root: Path | None = None) -> dict | None:
+    """The tuned config for `shape` (nearest stored bucket with the same K, V, dtype) on the running GPU, or
+    None (no usable table, or nothing compatible: use the backend's default_config). Cached; never times."""
+    if phase not in PHASES:
+        raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
+    if not lookups_enabled():
+        return None
+    if gpu is None:
+        import torch
+
+        if not torch.cuda.is_available():  # CPU runs (interpreter, reference) have nothing to look up
+            return None
+    with _lock:
+        try:
+            loaded = _load(spec, backend, gpu or gpu_name(), Path(root) if root else table_root())
+        except Exception as exc:  # noqa: BLE001 -- lookup must never crash a forward pass
+            _warn_once(("internal", spec.name, backend), f"sla_dsl: tuned-table lookup failed "
+                       f"({type(exc).__name__}: {exc}); using default configs")
+            return None
+        cache_key = (phase, shape)
+        if cache_key not in loaded.resolved:
+            buckets = loaded.buckets[phase]
+            found = nearest(shape, buckets)
+            loaded.resolved[cache_key] = dict(buckets[found]) if found is not None else None
+        config = loaded.resolved[cache_key]
+    return dict(config) if config is not None else None
+
+
+def clear_cache() -> None:
+    """Forgets every table read and every warning given (tests; after re-tuning in-process)."""
+    with _lock:
+        _tables.clear()
+        _warned.clear()
+        _source_hashes.clear()
+        _gpu_names.clear()
+
+
+def describe(spec, backend: str, gpu: str | None = None, root: Path | None = None) -> str:
+    """One line on the table lookups will use, for reports: 'tuned (3 buckets)', 'no table', 'stale', ..."""
+    path = table_path(gpu or gpu_name(), backend, spec.name, Path(root) if root else None)
+    try:
+        data = read_table(path)
+    except (OSError, ValueError):
+        return "corrupt table: defaults"
+    if data is None:
+        return "no table: defaults"
+    try:
+        if data["source_sha256"] != source_hash(spec, backend):
+            return "stale table: defaults"
+    except Exception:  # noqa: BLE001
+        return "table (hash unavailable)"
+    return f"tuned ({len(data['entries'])} buckets)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+
+def dumps(data: dict) -> str:
+    """The canonical text of a table: keys sorted, so a re-tune diffs cleanly."""
+    return json.dumps(data, sort_keys=True, indent=1, allow_nan=False) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Writes a temporary file next to `path`, fsyncs it and renames it over `path`: a reader sees the old
+    file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on `path`.lock (POSIX flock; a no-op where unavailable)."""
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover -- Windows: atomic replace still prevents torn files
+        yield
+        return
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def update_table(path: Path, *, spec_name: str, spec_sha256: str, backend: str, gpu: str, source_sha256: str,
+                 entries: dict[str, dict], extra: dict | None = None) -> dict:
+    """Merges `entries` (bucket key -> {"shape", "fwd"?, "bwd"?}) into the table at `path` under its lock and
+    writes it atomically. Entries of an existing table for other kernels (another source hash), or of an
+    unreadable one, are dropped. Returns the table written."""
+    path = Path(path)
+    with file_lock(path):
+        try:
+            old = read_table(path)
+        except (OSError, ValueError):
+            old = None
+        merged: dict[str, dict] = {}
+        if old is not None and old["source_sha256"] == source_sha256 and old["backend"] == backend:
+            merged = {k: dict(v) for k, v in old["entries"].items()}
+        for key, entry in entries.items():
+            merged.setdefault(key, {}).update(entry)
+        data = {"format": FORMAT, "spec": spec_name, "spec_sha256": spec_sha256, "backend": backend,
+                "gpu": gpu, "source_sha256": source_sha256, "versions": versions(), "date": utc_now(),
+                "entries": merged}
+        if extra:
+            data.update(extra)
+        write_atomically(path, dumps(data))
+    with _lock:
+        _tables.pop(path, None)
+    return data

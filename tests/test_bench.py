@@ -1,0 +1,76 @@
+"""CPU tests of the benchmark harness: writers on synthetic rows, the CLI, the no-GPU exit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sla_dsl import bench
+from sla_dsl.autotune.shapes import Shape
+from sla_dsl.cli import build_parser, main
+
+
+def synthetic_rows():
+    rows = []
+    for b, t, k in ((8, 2048, 64), (4, 8192, 128), (1, 32768, 128)):
+        shape = Shape(b, t, 16, k, k)
+        for phase in ("fwd", "fwdbwd"):
+            scale = t / 2048 * (3 if phase == "fwdbwd" else 1)
+            rows.append(bench.make_row(bench.SDPA_SPEC, "sdpa", shape, phase, 0.5 * scale * t / 2048,
+                                       backbone="sdpa"))
+            for spec, backbone in (("gla", "gla"), ("sla_gla", "gla"), ("gdn", "gdn")):
+                rows.append(bench.make_row(spec, "fla", shape, phase, 1.0 * scale, backbone=backbone,
+                                           baseline_op="chunk_gla"))
+                rows.append(bench.make_row(spec, "triton", shape, phase, 0.9 * scale, baseline="fla",
+                                           baseline_ms=1.0 * scale, backbone=backbone, tuning="tuned (3 buckets)"))
+                rows.append(bench.make_row(spec, "tilelang", shape, phase, None, baseline="fla",
+                                           baseline_ms=1.0 * scale, backbone=backbone,
+                                           error="RuntimeError: not built | yet"))
+    return rows
+
+
+def test_writers_on_synthetic_rows(tmp_path):
+    rows = synthetic_rows()
+    meta = {"device": "NVIDIA H100 80GB HBM3", "date": "2025-01-01 00:00 UTC", "command": "python -m sla_dsl bench",
+            "versions": {"torch": "2.11", "triton": "3.6", "tilelang": "0.1.15", "fla": "0.6.0"}, "wall_s": 1.0}
+    paths = bench.write_all(rows, tmp_path / "out", meta)
+    assert [p.name for p in paths] == ["bench.json", "bench.md", "bench.png"]
+    loaded = json.loads(paths[0].read_text())
+    assert loaded == rows
+    for row in loaded:
+        assert set(bench.ROW_KEYS) <= set(row)
+        assert row["phase"] in ("fwd", "fwdbwd") and row["baseline"] in ("fla", "sdpa", "none")
+    md = paths[1].read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "fla 0.6.0" in md and "tilelang 0.1.15" in md
+    assert "`python -m sla_dsl bench`" in md
+    assert "| gla | triton | 4x8192x16x128x128 | fwd | 3.600 | 4.000 | 0.90x | 8.000 |" in md
+    assert "ERROR: RuntimeError: not built / yet" in md  # errors stay rows; '|' cannot break the table
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[2].stat().st_size > 10_000
+
+
+def test_plot_with_only_errors_still_writes(tmp_path):
+    rows = [bench.make_row("gla", "triton", (1, 64, 2, 16, 16, "bfloat16"), "fwd", None, error="x")]
+    bench.write_plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").exists()
+
+
+def test_cli_parses_bench_autotune_and_first_call():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "--backends", "triton", "--specs", "gla", "sla_gla", "--phases", "fwd",
+                              "--shapes", "4x8192x16x128", "--quick", "--out", "x"])
+    assert args.backends == "triton" and args.specs == ["gla", "sla_gla"] and args.quick and args.run
+    args = parser.parse_args(["autotune", "--spec", "specs/gla.yaml", "--backend", "triton", "--budget-seconds",
+                              "60", "--shapes", "4x8192x16x128"])
+    assert args.spec == ["specs/gla.yaml"] and args.budget_seconds == 60 and args.backend == "triton"
+    args = parser.parse_args(["first-call", "--spec", "specs/gla.yaml", "--backend", "triton"])
+    assert args.shape == "4x8192x16x128" and args.child is None
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "--quick"], ["autotune"],
+                                  ["first-call", "--spec", "gla"]])
+def test_without_cuda_exits_2_with_a_message(argv, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(argv) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
