@@ -194,8 +194,8 @@ def _error_text(exc: BaseException) -> str:
 
 
 class Timer:
-    def __init__(self, warmup_ms: float, rep_ms: float):
-        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+    def __init__(self, warmup_ms: float, rep_ms: float, device: str = "cuda"):
+        self.warmup_ms, self.rep_ms, self.device = warmup_ms, rep_ms, device
 
     def __call__(self, forward, phase: str, leaves, out_grad) -> float:
         """Median ms of forward() (phase fwd, under no_grad) or forward().backward(out_grad) (fwdbwd)."""
@@ -210,9 +210,18 @@ class Timer:
             def run():
                 forward().backward(out_grad)
         run()  # compilation, autotuning and table lookups: outside the timed region
-        torch.cuda.synchronize()
         for t in leaves:
             t.grad = None
+        if self.device != "cuda":  # CPU smoke runs: a plain median of a few runs
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - start) * 1e3)
+                for t in leaves:
+                    t.grad = None
+            return sorted(times)[1]
+        torch.cuda.synchronize()
         return float(triton.testing.do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms,
                                              grad_to_none=list(leaves) or None, return_mode="median"))
 
@@ -231,7 +240,8 @@ def _measure(timer, forward, phase, leaves, out_grad):
         for t in leaves:
             t.grad = None
         try:
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
         except Exception:  # noqa: BLE001 -- a dead context shows in the next rows' errors
             pass
 
@@ -239,7 +249,8 @@ def _measure(timer, forward, phase, leaves, out_grad):
 def run_bench(args) -> int:
     import torch
 
-    if not torch.cuda.is_available():
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
         print("bench needs a CUDA GPU (torch.cuda.is_available() is False); run it on the GPU machine.")
         return 2
     os.environ.setdefault("FLA_CACHE_RESULTS", "1")
@@ -250,8 +261,8 @@ def run_bench(args) -> int:
     from sla_dsl.workloads import backbone_name, fla_equivalent, realistic_inputs, sdpa, sdpa_inputs
 
     started = time.time()
-    device_name = torch.cuda.get_device_name()
-    gpu = gpu_name()
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    gpu = gpu_name() if device == "cuda" else "cpu"
     out = Path(args.out) if args.out else Path("benchmarks") / gpu
     if args.quick:
         b, t, h, k = REFERENCE_SHAPE
@@ -265,7 +276,7 @@ def run_bench(args) -> int:
         if phase not in PHASES:
             print(f"--phases: expected fwd and/or fwdbwd, got {phase!r}")
             return 2
-    timer = Timer(args.warmup_ms, args.rep_ms)
+    timer = Timer(args.warmup_ms, args.rep_ms, device)
     rows: list[dict] = []
     command = "python -m sla_dsl " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     print(f"bench on {device_name}: {len(specs)} spec(s) x {len(shapes)} shape(s) x {len(phases)} phase(s); "
@@ -275,7 +286,8 @@ def run_bench(args) -> int:
     for spec in specs:
         for backend in backends:
             try:
-                ops[(spec.name, backend)] = (sla_dsl.compile(spec, backend), None, describe(spec, backend, gpu))
+                ops[(spec.name, backend)] = (sla_dsl.compile(spec, backend), None,
+                                             describe(spec, backend, gpu) if device == "cuda" else None)
             except Exception as exc:  # noqa: BLE001
                 ops[(spec.name, backend)] = (None, _error_text(exc), None)
 
@@ -284,8 +296,9 @@ def run_bench(args) -> int:
         sdpa_ms = {}
         if not args.no_sdpa:
             try:
-                q, k, v = sdpa_inputs(shape.B, shape.T, shape.H, shape.K, shape.V, dtype=dtype, requires_grad=True)
-                grad = torch.randn(shape.B, shape.H, shape.T, shape.V, device="cuda", dtype=dtype)
+                q, k, v = sdpa_inputs(shape.B, shape.T, shape.H, shape.K, shape.V, dtype=dtype, device=device,
+                                      requires_grad=True)
+                grad = torch.randn(shape.B, shape.H, shape.T, shape.V, device=device, dtype=dtype)
             except Exception as exc:  # noqa: BLE001
                 q = k = v = grad = None
                 error = _error_text(exc)
@@ -304,8 +317,8 @@ def run_bench(args) -> int:
             backbone = {"simple_gla": "gla_scalar"}.get(backbone, backbone)
             try:
                 args_in = realistic_inputs(rec, shape.B, shape.T, shape.H, shape.K, shape.V, dtype=dtype,
-                                           requires_grad=True)
-                grad = torch.randn(shape.B, shape.T, shape.H, shape.V, device="cuda", dtype=dtype)
+                                           device=device, requires_grad=True)
+                grad = torch.randn(shape.B, shape.T, shape.H, shape.V, device=device, dtype=dtype)
             except Exception as exc:  # noqa: BLE001
                 for phase in phases:
                     for backend in backends:
@@ -352,7 +365,8 @@ def run_bench(args) -> int:
                                          backbone=backbone))
                     _progress(rows[-1])
             del args_in, leaves, grad
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
     meta = {"device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).strftime(
         "%Y-%m-%d %H:%M UTC"), "versions": versions(), "command": command, "warmup_ms": args.warmup_ms,
@@ -385,3 +399,5 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-sdpa", action="store_true", help="leave out torch SDPA")
     parser.add_argument("--warmup-ms", type=float, default=25.0)
     parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: a smoke run of the harness (e.g. with --backends reference); no real timings")

@@ -314,3 +314,27 @@ def test_configured_passes_configs_through(gla):
     args = [inputs.get(n) for n in ("q", "k", "v", "g", "beta", "gq", "gk")] + [None, None, 0.5, False]
     Configured(kernels, fwd={"block": 32, "num_warps": 2, "wrong": False}).forward(*args)
     assert kernels.calls[-1] == ("fwd", {"block": 32, "num_warps": 2, "wrong": False})
+
+
+def test_autotune_command_end_to_end_on_cpu(tables, monkeypatch, capsys):
+    """`python -m sla_dsl autotune --device cpu` with the fake kernels standing in for the triton backend:
+    sweeps, verifies, writes the table, prints the summary; a backend without the protocol is reported."""
+    import sla_dsl.backends
+    from sla_dsl.autotune import runner
+    from sla_dsl.cli import main
+
+    def fake_build(name, spec):
+        return FakeKernels(spec) if name == "triton" else ReferenceKernels(spec)
+
+    monkeypatch.setattr(sla_dsl.backends, "build_backend", fake_build)
+    monkeypatch.setattr(runner, "source_hash", lambda spec, backend: HASH)
+    code = main(["autotune", "--device", "cpu", "--backend", "all", "--spec", "gla", "--shapes", "1x32x2x8:fp32",
+                 "--budget-seconds", "60", "--out-dir", str(tables), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "tried 10, skipped 4 (compile/resources), failed 0," in out  # real CPU timings pick the winner
+    assert "gla/tilelang: kernels have no tuning_space/default_config" in out
+    data = table.read_table(table.table_path("cpu", "triton", "gla", tables))
+    (key, stored), = data["entries"].items()
+    assert key == "B1_T32_H2_K8_V8_float32" and set(stored) == {"shape", "fwd", "bwd"}
+    assert stored["fwd"]["config"]["wrong"] is False and stored["fwd"]["skipped"] == 2

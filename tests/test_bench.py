@@ -74,3 +74,18 @@ def test_without_cuda_exits_2_with_a_message(argv, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(argv) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_cpu_smoke_run_reports_failures_as_rows(tmp_path):
+    """The whole harness on CPU with the reference backend; a backend that cannot build and a missing fla
+    become rows with errors, never the end of the run."""
+    out = tmp_path / "bench"
+    code = main(["bench", "--device", "cpu", "--backends", "reference,nosuchbackend", "--specs", "sla_gla",
+                 "--shapes", "1x32x2x8", "--dtype", "float32", "--no-fla", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "bench.json").read_text())
+    ours = [r for r in rows if r["backend"] == "reference"]
+    assert len(ours) == 2 and all(r["ms"] > 0 and r["spec"] == "sla_gla" for r in ours)
+    assert all(r["ms"] is None and r["error"] for r in rows if r["backend"] == "nosuchbackend")
+    assert {r["phase"] for r in rows if r["backend"] == "sdpa"} == {"fwd", "fwdbwd"}
+    assert (out / "bench.md").exists() and (out / "bench.png").exists()

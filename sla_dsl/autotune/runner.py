@@ -83,6 +83,13 @@ class GpuMeasure:
         else:
             fn = lambda: kernels.backward(*positional, cu_seqlens, scale, do, None, config=config)  # noqa: E731
         fn()
+        if self.device != "cuda":  # CPU smoke runs of the driver: a plain median of three runs
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return sorted(times)[1]
         torch.cuda.synchronize()
         warmup, rep = self.precise_ms if precise else self.quick_ms
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
@@ -170,11 +177,12 @@ def run_autotune(args) -> int:
             space = tuning_space(task.kernels, task.shape, task.phase)
             print(f"{task.label}: {len(space)} configs, default [{config_label(default_config(task.kernels, task.shape, task.phase))}]")
         return 1 if problems and not tasks else 0
-    if not torch.cuda.is_available():
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
         print("autotune needs a CUDA GPU (torch.cuda.is_available() is False); run it on the GPU machine. "
               "`--list` shows the tuning spaces without one.")
         return 2
-    gpu = gpu_name()
+    gpu = gpu_name() if device == "cuda" else "cpu"
     root = Path(args.out_dir) if args.out_dir else table_root()
     started = time.time()
     tasks, problems = build_tasks(specs, backends, shapes)
@@ -184,8 +192,9 @@ def run_autotune(args) -> int:
     print(f"autotune on {gpu}: {len(tasks)} task(s) ({len({(t.spec.name, t.backend) for t in tasks})} "
           f"spec/backend pair(s) x {len(shapes)} shape(s) x fwd, bwd), budget {args.budget_seconds:.0f} s; "
           f"tables under {root / gpu}", flush=True)
-    measure = GpuMeasure()
-    verify = lambda task, config: verify_config(task, config, tolerance_scale=args.tolerance_scale)  # noqa: E731
+    measure = GpuMeasure(device)
+    verify = lambda task, config: verify_config(task, config, device=device,  # noqa: E731
+                                                tolerance_scale=args.tolerance_scale)
     written: list[str] = []
 
     def on_result(result):
@@ -228,3 +237,5 @@ def add_arguments(parser) -> None:
                         help="multiply the reference-check tolerances of sla_dsl.testing (default 1)")
     parser.add_argument("--list", action="store_true", help="print each task's tuning space size; no GPU needed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: a smoke run of the driver (tables go under <out-dir>/cpu/); no real timings")
