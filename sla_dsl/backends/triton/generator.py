@@ -1,0 +1,74 @@
+"""The Triton generator: one readable file per spec, `generated/triton/<spec name>.py`.
+
+The file is the spec's specialisation of the shared stage templates (tpl_*.py, used by every spec, never
+written per backbone): a FLAGS table of the spec's features (passed to every kernel as constexpr
+arguments, so dead branches compile away), the spec's feature maps and their derivatives emitted as
+@triton.jit functions (the named slots phi_q / dphi_q / phi_k / dphi_k the templates call), then the
+common helpers and the four stage kernels. The host side (launches, workspaces, configs) is
+`sla_dsl.backends.triton.runtime`, shared by all specs.
+"""
+
+from __future__ import annotations
+
+from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_main, tpl_common, tpl_fwd, tpl_intra
+from sla_dsl.codegen import header
+from sla_dsl.feature_maps import L2_NORM_EPS
+from sla_dsl.spec import Decay, FeatureMap, Spec, WriteRule
+
+DECAY_CODES = {Decay.NONE: 0, Decay.CONSTANT: 1, Decay.SCALAR: 2, Decay.VECTOR: 3}
+
+# phi(x) and phi'(x) per feature map, as Triton expressions of x (exp() arguments kept <= 0).
+FEATURE_MAP_CODE = {
+    FeatureMap.IDENTITY: ("x", "tl.full(x.shape, 1.0, tl.float32)"),
+    FeatureMap.ELU_PLUS_ONE: ("tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))",
+                              "tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))"),
+    FeatureMap.RELU: ("tl.maximum(x, 0.0)", "tl.where(x > 0, 1.0, 0.0)"),
+    FeatureMap.SILU: ("x * _sigmoid(x)", "_sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x)))"),
+    FeatureMap.SIGMOID: ("_sigmoid(x)", "_sigmoid(x) * (1.0 - _sigmoid(x))"),
+}
+
+STAGES = (tpl_common, tpl_intra, tpl_fwd, tpl_bwd_dh, tpl_bwd_main)
+
+
+def filename(spec: Spec) -> str:
+    return f"{spec.name}.py"
+
+
+def flags(spec: Spec) -> dict:
+    rec = spec.recurrence
+    return {"DECAY": DECAY_CODES[rec.decay], "IS_DELTA": rec.write is WriteRule.DELTA,
+            "READ_GATE": rec.gates.read, "KEY_GATE": rec.write_gate_scales_key,
+            "BETA_GATE": rec.write_gate_scales_beta, "L2_NORM": rec.qk_l2_norm, "EPS": L2_NORM_EPS}
+
+
+def _feature_map(name: str, fmap: FeatureMap) -> str:
+    phi, dphi = FEATURE_MAP_CODE[fmap]
+    return (f"@triton.jit\ndef phi_{name}(x):\n    \"\"\"{fmap.value}\"\"\"\n    return {phi}\n\n\n"
+            f"@triton.jit\ndef dphi_{name}(x):\n    return {dphi}\n")
+
+
+def _source(spec: Spec) -> str:
+    rec = spec.recurrence
+    flag_lines = "\n".join(f"    {key!r}: {value!r}," for key, value in flags(spec).items())
+    parts = [
+        header(spec, "triton", "chunkwise forward and backward kernels"),
+        f'"""{spec.name}: decay {rec.decay.value}, write {rec.write.value}, gates {rec.gates.value} '
+        f'(write gate on {rec.write_gate_on.value}), feature maps q {rec.feature_map_q.value} / k '
+        f'{rec.feature_map_k.value}, qk_l2_norm {rec.qk_l2_norm}.\n\n'
+        "Kernels: intra_kernel (in-chunk A and the delta rule's T), fwd_kernel (fused forward, state in\n"
+        "registers), bwd_dh_kernel (reverse state-gradient pass), bwd_main_kernel (per-chunk gradients).\n"
+        'Launched by sla_dsl.backends.triton.runtime with FLAGS as constexpr arguments.\n"""\n',
+        "import triton\nimport triton.language as tl\n",
+        f"# The spec's features, passed to every kernel as constexpr arguments.\nFLAGS = {{\n{flag_lines}\n}}\n",
+        "\n@triton.jit\ndef _sigmoid(x):\n"
+        "    e = tl.exp(-tl.abs(x))\n    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))\n",
+        _feature_map("q", rec.feature_map_q),
+        _feature_map("k", rec.feature_map_k),
+    ]
+    for stage in STAGES:
+        parts.append(f"# ---- {stage.__name__.rsplit('.', 1)[-1]} " + "-" * 60 + "\n" + stage.SOURCE.strip("\n") + "\n")
+    return "\n\n".join(p.rstrip("\n") + "\n" for p in parts)
+
+
+def generate(spec: Spec) -> dict[str, str]:
+    return {filename(spec): _source(spec)}

@@ -1,0 +1,227 @@
+'''Shared @triton.jit helpers of every chunkwise stage (pasted into each generated file).
+
+They read the spec's features only through constexpr flags (DECAY, L2_NORM, gates) and the feature-map
+functions `phi_q`, `dphi_q`, `phi_k`, `dphi_k` that the generator emits per spec. Conventions: a chunk
+holds BT tokens, rows past the sequence end are masked to zero (q = k = v = 0, g = 0, beta = 0); the key
+dimension K is padded to KP (a power of two) with masks; `b` is the in-chunk cumulative log decay, [BT, KP]
+for a vector decay and [BT, 1] otherwise; every exp() argument is <= 0.
+'''
+
+SOURCE = '''
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation. PREC 0: fp32 operands (ieee), 1: tf32, 2: fp16 operands, 3: bf16."""
+    if PREC == 0:
+        return tl.dot(a, b, input_precision="ieee")
+    elif PREC == 1:
+        return tl.dot(a, b, input_precision="tf32")
+    elif PREC == 2:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+
+
+@triton.jit
+def _load_qk(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
+             GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
+    """q' = scale * gate * l2(phi_q(q)) or k' = gate * l2(phi_k(k)) of one chunk: [BT, KP] float32."""
+    m = valid[:, None] & kmask[None, :]
+    x = tl.load(x_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], mask=m, other=0.).to(tl.float32)
+    if IS_Q:
+        y = tl.where(m, phi_q(x), 0.)
+    else:
+        y = tl.where(m, phi_k(x), 0.)
+    if L2_NORM:
+        y = y * tl.rsqrt(tl.sum(y * y, 1) + EPS)[:, None]
+    if GATED:
+        y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[:, None]
+    return y * scale
+
+
+@triton.jit
+def _qk_backward(x_ptr, gate_ptr, dx_ptr, dgate_ptr, tok, valid, i_h, H, K, cols, kmask, dy, scale,
+                 IS_Q: tl.constexpr, GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
+    """From the gradient of q' (or k') to the raw input's and the gate's; stores both."""
+    m = valid[:, None] & kmask[None, :]
+    x = tl.load(x_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], mask=m, other=0.).to(tl.float32)
+    if IS_Q:
+        y = tl.where(m, phi_q(x), 0.)
+        dphi = dphi_q(x)
+    else:
+        y = tl.where(m, phi_k(x), 0.)
+        dphi = dphi_k(x)
+    dy = dy * scale
+    if L2_NORM:
+        r = tl.rsqrt(tl.sum(y * y, 1) + EPS)
+        n = y * r[:, None]
+    else:
+        n = y
+    if GATED:
+        gate = tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
+        tl.store(dgate_ptr + tok * H + i_h, tl.sum(dy * n, 1).to(dgate_ptr.dtype.element_ty), mask=valid)
+        dy = dy * gate[:, None]
+    if L2_NORM:
+        dy = r[:, None] * dy - y * (r * r * r * tl.sum(y * dy, 1))[:, None]
+    dx = tl.where(m, dy * dphi, 0.)
+    tl.store(dx_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _load_beta(beta_ptr, gate_ptr, tok, valid, i_h, H, BETA_GATE: tl.constexpr):
+    """beta' = beta (* the write gate when it scales beta): [BT] float32, 0 past the sequence end."""
+    beta = tl.load(beta_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
+    if BETA_GATE:
+        beta = beta * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
+    return beta
+
+
+@triton.jit
+def _load_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
+    """In-chunk cumulative log decay b (<= 0): [BT, KP] for a vector decay, else [BT, 1].
+    DECAY 0: none, 1: constant per head (lg[h] = log gamma_h), 2: scalar g[B, T, H], 3: vector g[B, T, H, K]."""
+    if DECAY == 3:
+        g = tl.load(g_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], mask=valid[:, None] & kmask[None, :],
+                    other=0.).to(tl.float32)
+    elif DECAY == 2:
+        g = tl.load(g_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[:, None]
+    elif DECAY == 1:
+        g = tl.where(valid, tl.load(lg_ptr + i_h), 0.)[:, None]
+    else:
+        g = tl.zeros([BT, 1], dtype=tl.float32)
+    return tl.cumsum(g, 0)
+
+
+@triton.jit
+def _last_row(b, BT: tl.constexpr):
+    """b at the chunk's last row (the decay over the whole chunk): [KP] or [1]."""
+    return tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], b, 0.), 0)
+
+
+@triton.jit
+def _decay_matrix(b, BT: tl.constexpr, INCLUSIVE: tl.constexpr):
+    """exp(b_i - b_j) on j <= i (j < i unless INCLUSIVE), 0 above, for a decay shared by the key channels."""
+    rows = tl.arange(0, BT)
+    bb = tl.sum(b, 1)
+    if INCLUSIVE:
+        keep = rows[:, None] >= rows[None, :]
+    else:
+        keep = rows[:, None] > rows[None, :]
+    return tl.where(keep, tl.exp(tl.minimum(bb[:, None] - bb[None, :], 0.)), 0.)
+
+
+@triton.jit
+def _vec_rel(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+    """R[i, j] = sum_k x[i, k] y[j, k] exp(b[i, k] - b[j, k]) on j <= i (j < i unless INCLUSIVE), vector decay.
+    Off-diagonal sub-blocks (BC x BC) go through the tensor cores with the column block's last position as
+    reference (both factors <= 1); diagonal sub-blocks are masked elementwise products."""
+    rows = tl.arange(0, BT)
+    blk = rows // BC
+    R = tl.zeros([BT, BT], dtype=tl.float32)
+    for c in tl.static_range(BT // BC - 1):
+        ref = tl.sum(tl.where((rows == (c + 1) * BC - 1)[:, None], b, 0.), 0)
+        xr = x * tl.exp(tl.minimum(b - ref[None, :], 0.))
+        yr = tl.where((blk == c)[:, None], y * tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
+        part = _dot(xr, tl.trans(yr), PREC)
+        R += tl.where((blk[:, None] > c) & (blk[None, :] == c), part, 0.)
+    for j in range(BT):
+        sel = rows == j
+        yj = tl.sum(tl.where(sel[:, None], y, 0.), 0)
+        bj = tl.sum(tl.where(sel[:, None], b, 0.), 0)
+        col = tl.sum(x * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.)), 1)
+        if INCLUSIVE:
+            keep = (blk == j // BC) & (rows >= j)
+        else:
+            keep = (blk == j // BC) & (rows > j)
+        R += tl.where(keep[:, None] & sel[None, :], col[:, None], 0.)
+    return R
+
+
+@triton.jit
+def _vec_left(D, y, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """out[i, k] = sum_j D[i, j] y[j, k] exp(b[i, k] - b[j, k]); D is zero above the diagonal."""
+    rows = tl.arange(0, BT)
+    blk = rows // BC
+    out = tl.zeros(y.shape, dtype=tl.float32)
+    for c in tl.static_range(BT // BC - 1):
+        ref = tl.sum(tl.where((rows == (c + 1) * BC - 1)[:, None], b, 0.), 0)
+        Dc = tl.where((blk[:, None] > c) & (blk[None, :] == c), D, 0.)
+        yr = tl.where((blk == c)[:, None], y * tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
+        out += tl.exp(tl.minimum(b - ref[None, :], 0.)) * _dot(Dc, yr, PREC)
+    for j in range(BT):
+        sel = rows == j
+        yj = tl.sum(tl.where(sel[:, None], y, 0.), 0)
+        bj = tl.sum(tl.where(sel[:, None], b, 0.), 0)
+        dcol = tl.sum(tl.where(sel[None, :] & (blk == j // BC)[:, None], D, 0.), 1)
+        out += dcol[:, None] * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.))
+    return out
+
+
+@triton.jit
+def _vec_right(D, x, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """out[j, k] = sum_i D[i, j] x[i, k] exp(b[i, k] - b[j, k]); D is zero above the diagonal."""
+    rows = tl.arange(0, BT)
+    blk = rows // BC
+    out = tl.zeros(x.shape, dtype=tl.float32)
+    for c in tl.static_range(BT // BC - 1):
+        ref = tl.sum(tl.where((rows == (c + 1) * BC - 1)[:, None], b, 0.), 0)
+        Dc = tl.where((blk[:, None] > c) & (blk[None, :] == c), D, 0.)
+        xr = x * tl.exp(tl.minimum(b - ref[None, :], 0.))
+        scale_j = tl.where((blk == c)[:, None], tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
+        out += scale_j * _dot(tl.trans(Dc), xr, PREC)
+    for i in range(BT):
+        sel = rows == i
+        xi = tl.sum(tl.where(sel[:, None], x, 0.), 0)
+        bi = tl.sum(tl.where(sel[:, None], b, 0.), 0)
+        drow = tl.sum(tl.where(sel[:, None] & (blk == i // BC)[None, :], D, 0.), 0)
+        out += drow[:, None] * xi[None, :] * tl.exp(tl.minimum(bi[None, :] - b, 0.))
+    return out
+
+
+@triton.jit
+def _intra(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexpr, DECAY: tl.constexpr,
+           PREC: tl.constexpr):
+    """The in-chunk matrix sum_k x_ik y_jk exp(b_ik - b_jk), lower triangular."""
+    if DECAY == 3:
+        return _vec_rel(x, y, b, BT, BC, INCLUSIVE, PREC)
+    else:
+        return _dot(x, tl.trans(y), PREC) * _decay_matrix(b, BT, INCLUSIVE)
+
+
+@triton.jit
+def _intra_left(D, y, b, BT: tl.constexpr, BC: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of the in-chunk matrix towards x: sum_j D_ij y_jk exp(b_ik - b_jk)."""
+    if DECAY == 3:
+        return _vec_left(D, y, b, BT, BC, PREC)
+    else:
+        return _dot(D * _decay_matrix(b, BT, True), y, PREC)
+
+
+@triton.jit
+def _intra_right(D, x, b, BT: tl.constexpr, BC: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """Gradient of the in-chunk matrix towards y: sum_i D_ij x_ik exp(b_ik - b_jk)."""
+    if DECAY == 3:
+        return _vec_right(D, x, b, BT, BC, PREC)
+    else:
+        return _dot(tl.trans(D * _decay_matrix(b, BT, True)), x, PREC)
+
+
+@triton.jit
+def _solve_unit_lower(L, BT: tl.constexpr):
+    """(I + L)^-1 for a strictly lower triangular L, by forward substitution in registers."""
+    rows = tl.arange(0, BT)
+    T = tl.where(rows[:, None] == rows[None, :], 1., 0.)
+    for i in range(1, BT):
+        l_i = tl.sum(tl.where((rows == i)[:, None], L, 0.), 0)
+        t_i = -tl.sum(l_i[:, None] * T, 0)
+        T = tl.where((rows == i)[:, None], t_i[None, :] + tl.where(rows == i, 1., 0.)[None, :], T)
+    return T
+
+
+@triton.jit
+def _chunk_rows(cu_seqlens, n, c, BT: tl.constexpr):
+    """Token indices (int64) and validity of chunk c of sequence n."""
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+    tok = bos + c * BT + tl.arange(0, BT)
+    return tok, tok < eos
+'''
