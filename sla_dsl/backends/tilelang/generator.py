@@ -1,0 +1,910 @@
+"""Generates the TileLang kernels of a spec: one file `generated/tilelang/<spec>.py` per spec.
+
+The file holds three kernel factories, one per chunkwise stage, each written from templates shared by every
+spec and specialised by the recurrence's features (decay kind, write rule, gates, feature maps, L2 norm):
+
+    fwd(H, K, V, dtype, chunk, block_v, threads, num_stages, store_states)
+        fused forward: grid (V / block_v, N * H); each CTA owns one (sequence, head, V-block), loops over the
+        sequence's chunks and carries the state S[K, block_v] in an fp32 fragment. Preprocessing (feature
+        map, L2 norm, scale, head gates, chunk-local cumulative decay) is fused into the chunk loop.
+        With store_states it also writes the state entering every chunk (for the backward).
+    bwd_dh(H, K, V, dtype, chunk, block_v, threads, num_stages)
+        reverse recurrence of the state gradient: grid (V / block_v, N * H); writes dS at the end of every
+        chunk and the gradient of the initial state.
+    bwd_chunk(H, K, V, dtype, chunk, block_v, threads, num_stages)
+        every input gradient of one chunk: grid (chunks, H); loops over V-blocks accumulating the K-side
+        gradients in fp32 fragments, then chains through decay cumsum, gates, L2 norm and feature maps.
+
+Tokens are packed ([total tokens, H, D]); sequences are described by cu_seqlens and a host-built chunk table,
+so batches and varlen share one code path. Padded rows of a partial chunk are masked to zero (k = v = 0,
+no decay, beta = 0). Every exp() argument is <= 0 (relative decays b_i - b_j with j <= i, b_C - b_i, b_i).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from sla_dsl.codegen import header
+from sla_dsl.feature_maps import L2_NORM_EPS
+from sla_dsl.spec import Decay, FeatureMap, Spec, WriteRule
+
+
+def filename(spec: Spec) -> str:
+    return f"{spec.name}.py"
+
+
+# ---- feature maps: value and derivative as TileLang expressions of x (a buffer load, safe to repeat) ----
+
+def _sigmoid(x: str) -> str:
+    return f"T.if_then_else({x} >= 0.0, 1.0 / (1.0 + T.exp(-({x}))), T.exp({x}) / (1.0 + T.exp({x})))"
+
+
+def _phi(fm: FeatureMap, x: str) -> str:
+    if fm is FeatureMap.IDENTITY:
+        return x
+    if fm is FeatureMap.RELU:
+        return f"T.max({x}, 0.0)"
+    if fm is FeatureMap.ELU_PLUS_ONE:
+        return f"T.if_then_else({x} > 0.0, {x} + 1.0, T.exp(T.min({x}, 0.0)))"
+    if fm is FeatureMap.SILU:
+        return f"({x}) * {_sigmoid(x)}"
+    if fm is FeatureMap.SIGMOID:
+        return _sigmoid(x)
+    raise AssertionError(fm)
+
+
+def _dphi(fm: FeatureMap, x: str) -> str:
+    if fm is FeatureMap.IDENTITY:
+        return "1.0"
+    if fm is FeatureMap.RELU:
+        return f"T.if_then_else({x} > 0.0, 1.0, 0.0)"
+    if fm is FeatureMap.ELU_PLUS_ONE:
+        return f"T.if_then_else({x} > 0.0, 1.0, T.exp(T.min({x}, 0.0)))"
+    s = _sigmoid(x)
+    if fm is FeatureMap.SILU:
+        return f"({s}) * (1.0 + ({x}) * (1.0 - ({s})))"
+    if fm is FeatureMap.SIGMOID:
+        return f"({s}) * (1.0 - ({s}))"
+    raise AssertionError(fm)
+
+
+class _Features:
+    def __init__(self, spec: Spec):
+        rec = spec.recurrence
+        self.decay = rec.decay
+        self.delta = rec.write is WriteRule.DELTA
+        self.read = rec.gates.read
+        self.key_gate = rec.write_gate_scales_key
+        self.beta_gate = rec.write_gate_scales_beta
+        self.gk = rec.gates.write
+        self.fq, self.fk = rec.feature_map_q, rec.feature_map_k
+        self.l2 = rec.qk_l2_norm
+        self.vector = rec.decay is Decay.VECTOR
+        self.has_b = rec.decay is not Decay.NONE
+        self.dg = rec.decay in (Decay.SCALAR, Decay.VECTOR)
+
+    # b (in-chunk cumulative log decay) of row `i` as an expression; `d` is the key channel (vector decay)
+    def b(self, i: str, d: str = "d") -> str:
+        return f"b_s[{i}, {d}]" if self.vector else f"b_s[{i}]"
+
+    def exp_b(self, i: str, d: str = "d") -> str:  # exp(b_i) <= 1
+        return f"T.exp({self.b(i, d)})" if self.has_b else "1.0"
+
+    def exp_rest(self, i: str, d: str = "d") -> str:  # exp(b_C - b_i) <= 1
+        return f"T.exp({self.b('C - 1', d)} - {self.b(i, d)})" if self.has_b else "1.0"
+
+    def exp_rel(self, i: str, j: str, d: str = "d") -> str:  # exp(b_i - b_j), j <= i
+        return f"T.exp({self.b(i, d)} - {self.b(j, d)})" if self.has_b else "1.0"
+
+
+def _ind(text: str, n: int) -> str:
+    body = textwrap.dedent(text).strip("\n")
+    return textwrap.indent(body, " " * n) + "\n" if body else ""
+
+
+# ---- template pieces (bodies at the indentation of the chunk loop: 12 spaces) ----
+
+def _params(f: _Features) -> str:
+    """The kernel's input tensors after q, k, v (the host passes them in this order)."""
+    out = []
+    if f.decay is Decay.SCALAR:
+        out.append('G: T.Tensor((NT, H), "float32")')
+    if f.decay is Decay.VECTOR:
+        out.append('G: T.Tensor((NT, H, K), "float32")')
+    if f.delta:
+        out.append('BETA: T.Tensor((NT, H), "float32")')
+    if f.read:
+        out.append('GQ: T.Tensor((NT, H), "float32")')
+    if f.gk:
+        out.append('GK: T.Tensor((NT, H), "float32")')
+    if f.decay is Decay.CONSTANT:
+        out.append('LG: T.Tensor((H,), "float32")')
+    out.append('SC: T.Tensor((1,), "float32")')
+    return "".join(f"        {p},\n" for p in out)
+
+
+def _input_names(f: _Features) -> list[str]:
+    names = ["q", "k", "v"]
+    if f.has_b and f.decay is not Decay.CONSTANT:
+        names.append("g")
+    if f.delta:
+        names.append("beta")
+    if f.read:
+        names.append("gq")
+    if f.gk:
+        names.append("gk")
+    if f.decay is Decay.CONSTANT:
+        names.append("log_gamma")
+    names.append("scale")
+    return names
+
+
+def _prep_allocs(f: _Features) -> str:
+    s = """
+    qx = T.alloc_fragment((C, K), "float32")
+    kx = T.alloc_fragment((C, K), "float32")
+    qr = T.alloc_fragment((C,), "float32")
+    kr = T.alloc_fragment((C,), "float32")
+    qp_s = T.alloc_shared((C, K), "float32")
+    kp_s = T.alloc_shared((C, K), "float32")
+    """
+    if f.l2:
+        s += """
+    sq = T.alloc_fragment((C, K), "float32")
+    qn = T.alloc_fragment((C,), "float32")
+    kn = T.alloc_fragment((C,), "float32")
+    """
+    if f.delta:
+        s += """
+    bt_s = T.alloc_shared((C,), "float32")
+    """
+    if f.has_b:
+        s += ('\n    b_s = T.alloc_shared((C, K), "float32")\n' if f.vector
+              else '\n    b_s = T.alloc_shared((C,), "float32")\n')
+    return _ind(s, 0)
+
+
+def _prep(f: _Features) -> str:
+    """q' and k' (fp32, shared), beta' and the in-chunk cumulative log decay b, for the chunk at t0."""
+    s = f"""
+    for i, d in T.Parallel(C, K):
+        qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+        kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+    for i, d in T.Parallel(C, K):
+        qx[i, d] = {_phi(f.fq, "qx[i, d]")}
+        kx[i, d] = {_phi(f.fk, "kx[i, d]")}
+    """
+    if f.l2:
+        s += """
+    for i, d in T.Parallel(C, K):
+        sq[i, d] = qx[i, d] * qx[i, d]
+    T.reduce_sum(sq, qn, dim=1)
+    for i, d in T.Parallel(C, K):
+        sq[i, d] = kx[i, d] * kx[i, d]
+    T.reduce_sum(sq, kn, dim=1)
+    """
+    qf = "T.rsqrt(qn[i] + EPS)" if f.l2 else "1.0"
+    kf = "T.rsqrt(kn[i] + EPS)" if f.l2 else "1.0"
+    if f.read:
+        qf += " * GQ[t0 + i, h]"
+    if f.key_gate:
+        kf += " * GK[t0 + i, h]"
+    s += f"""
+    for i in T.Parallel(C):
+        qr[i] = T.if_then_else(t0 + i < eos, {qf} * SC[0], 0.0)
+        kr[i] = T.if_then_else(t0 + i < eos, {kf}, 0.0)
+    for i, d in T.Parallel(C, K):
+        qp_s[i, d] = qx[i, d] * qr[i]
+        kp_s[i, d] = kx[i, d] * kr[i]
+    """
+    if f.delta:
+        bf = "BETA[t0 + i, h]" + (" * GK[t0 + i, h]" if f.beta_gate else "")
+        s += f"""
+    for i in T.Parallel(C):
+        bt_s[i] = T.if_then_else(t0 + i < eos, {bf}, 0.0)
+    """
+    if f.decay is Decay.CONSTANT:
+        s += """
+    for i in T.Parallel(C):
+        b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
+    """
+    elif f.decay is Decay.SCALAR:
+        s += """
+    for i in T.Parallel(C):
+        b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+    T.cumsum(b_s, dim=0)
+    """
+    elif f.decay is Decay.VECTOR:
+        s += """
+    for i, d in T.Parallel(C, K):
+        b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
+    T.cumsum(b_s, dim=0)
+    """
+    return _ind(s, 0)
+
+
+def _chunk_allocs(f: _Features) -> str:
+    s = """
+    qe_m = T.alloc_shared((C, K), dtype)
+    ke_m = T.alloc_shared((C, K), dtype)
+    A_f = T.alloc_fragment((C, C), "float32")
+    A_m = T.alloc_shared((C, C), dtype)
+    """
+    if not f.vector:
+        s += """
+    qm_m = T.alloc_shared((C, K), dtype)
+    km_m = T.alloc_shared((C, K), dtype)
+    """
+    if f.delta:
+        s += """
+    M_f = T.alloc_fragment((C, C), "float32")
+    L_s = T.alloc_shared((C, C), "float32")
+    Tm_s = T.alloc_shared((C, C), "float32")
+    Tm_m = T.alloc_shared((C, C), dtype)
+    kb_m = T.alloc_shared((C, K), dtype)
+    W_f = T.alloc_fragment((C, K), "float32")
+    w_m = T.alloc_shared((C, K), dtype)
+    """
+    return _ind(s, 0)
+
+
+def _chunk_common(f: _Features) -> str:
+    """From q', k', beta', b: qe = q' exp(b), ke = k' exp(b_C - b), A (masked, decayed) and, for the delta
+    rule, L = beta M (strict), T = (I + L)^-1 and w = T (beta k' exp(b))."""
+    s = f"""
+    for i, d in T.Parallel(C, K):
+        qe_m[i, d] = T.cast(qp_s[i, d] * {f.exp_b("i")}, dtype)
+        ke_m[i, d] = T.cast(kp_s[i, d] * {f.exp_rest("i")}, dtype)
+    """
+    if f.vector:
+        # relative decay differs per key channel: exact elementwise form, exponents b_i - b_j <= 0
+        s += """
+    for i, j in T.Parallel(C, C):
+        A_f[i, j] = 0.0
+        for d in T.serial(K):
+            A_f[i, j] += T.if_then_else(j <= i, qp_s[i, d] * kp_s[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+    """
+        if f.delta:
+            s += """
+    for i, j in T.Parallel(C, C):
+        M_f[i, j] = 0.0
+        for d in T.serial(K):
+            M_f[i, j] += T.if_then_else(j < i, kp_s[i, d] * kp_s[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+    """
+    else:
+        s += f"""
+    for i, d in T.Parallel(C, K):
+        qm_m[i, d] = T.cast(qp_s[i, d], dtype)
+        km_m[i, d] = T.cast(kp_s[i, d], dtype)
+    T.gemm(qm_m, km_m, A_f, transpose_B=True, clear_accum=True)
+    for i, j in T.Parallel(C, C):
+        A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * {f.exp_rel("i", "j")}, 0.0)
+    """
+        if f.delta:
+            s += f"""
+    T.gemm(km_m, km_m, M_f, transpose_B=True, clear_accum=True)
+    for i, j in T.Parallel(C, C):
+        M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * {f.exp_rel("i", "j")}, 0.0)
+    """
+    s += """
+    T.copy(A_f, A_m)
+    """
+    if f.delta:
+        s += f"""
+    for i, j in T.Parallel(C, C):
+        L_s[i, j] = bt_s[i] * M_f[i, j]
+        Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
+    for j in T.serial(C - 1):
+        for i, c2 in T.Parallel(C, C):
+            if i > j and c2 <= j:
+                Tm_s[i, c2] = Tm_s[i, c2] - L_s[i, j] * Tm_s[j, c2]
+    T.copy(Tm_s, Tm_m)
+    for i, d in T.Parallel(C, K):
+        kb_m[i, d] = T.cast(bt_s[i] * kp_s[i, d] * {f.exp_b("i")}, dtype)
+    T.gemm(Tm_m, kb_m, W_f, clear_accum=True)
+    T.copy(W_f, w_m)
+    """
+    return _ind(s, 0)
+
+
+def _state_decay(f: _Features, target: str) -> str:
+    if not f.has_b:
+        return ""
+    e = "T.exp(b_s[C - 1, a])" if f.vector else "T.exp(b_s[C - 1])"
+    return _ind(f"""
+    for a, e2 in T.Parallel(K, BV):
+        {target}[a, e2] = {target}[a, e2] * {e}
+    """, 0)
+
+
+def _load_v(src: str, dst: str) -> str:
+    return _ind(f"""
+    for i, e2 in T.Parallel(C, BV):
+        {dst}[i, e2] = T.if_then_else(t0 + i < eos, {src}[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+    """, 0)
+
+
+def _u(f: _Features, vsrc: str) -> str:
+    """u = v (additive), or u = T (beta v) - w S (delta), into u_m; U_f keeps T (beta v)."""
+    if not f.delta:
+        return ""
+    return _ind(f"""
+    for i, e2 in T.Parallel(C, BV):
+        vb_m[i, e2] = T.cast(bt_s[i] * T.cast({vsrc}[i, e2], "float32"), dtype)
+    T.gemm(Tm_m, vb_m, U_f, clear_accum=True)
+    T.gemm(w_m, S_m, WS_f, clear_accum=True)
+    for i, e2 in T.Parallel(C, BV):
+        u_m[i, e2] = T.cast(U_f[i, e2] - WS_f[i, e2], dtype)
+    """, 0)
+
+
+def _u_allocs(f: _Features) -> str:
+    if not f.delta:
+        return ""
+    return _ind("""
+    vb_m = T.alloc_shared((C, BV), dtype)
+    U_f = T.alloc_fragment((C, BV), "float32")
+    WS_f = T.alloc_fragment((C, BV), "float32")
+    u_m = T.alloc_shared((C, BV), dtype)
+    """, 0)
+
+
+FWD = '''
+def fwd(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, store_states=False):
+    """Fused forward. Inputs {inputs}, cu_seqlens [N+1] int32, chunk_offsets [N] int32 (first global chunk
+    of each sequence), h0 [N, H, K, V] fp32; outputs o [NT, H, V], ht [N, H, K, V] fp32 and, with
+    store_states, hs [NC, H, K, V] fp32 (state entering every chunk)."""
+    C, BV = chunk, block_v
+    NT, N, NC = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC")
+
+    @T.prim_func
+    def kernel(
+        Q: T.Tensor((NT, H, K), dtype),
+        KK: T.Tensor((NT, H, K), dtype),
+        VV: T.Tensor((NT, H, V), dtype),
+{params}        CU: T.Tensor((N + 1,), "int32"),
+        CO: T.Tensor((N,), "int32"),
+        H0: T.Tensor((N, H, K, V), "float32"),
+        O: T.Tensor((NT, H, V), dtype),
+        HT: T.Tensor((N, H, K, V), "float32"),
+        HS: T.Tensor((NC, H, K, V), "float32"),
+    ):
+        with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
+            n = nh // H
+            h = nh % H
+            v0 = iv * BV
+            bos = CU[n]
+            eos = CU[n + 1]
+{prep_allocs}{chunk_allocs}{u_allocs}            S = T.alloc_fragment((K, BV), "float32")
+            S_m = T.alloc_shared((K, BV), dtype)
+            v_m = T.alloc_shared((C, BV), dtype)
+            O_f = T.alloc_fragment((C, BV), "float32")
+            for a, e2 in T.Parallel(K, BV):
+                S[a, e2] = H0[n, h, a, v0 + e2]
+            for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
+                t0 = bos + c * C
+{prep}{common}{load_v}                if store_states:
+                    for a, e2 in T.Parallel(K, BV):
+                        HS[CO[n] + c, h, a, v0 + e2] = S[a, e2]
+                T.copy(S, S_m)
+{u}                T.gemm(qe_m, S_m, O_f, clear_accum=True)
+                T.gemm(A_m, {u_name}, O_f)
+                for i, e2 in T.Parallel(C, BV):
+                    if t0 + i < eos:
+                        O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
+{state_decay}                T.gemm(ke_m, {u_name}, S, transpose_A=True)
+            for a, e2 in T.Parallel(K, BV):
+                HT[n, h, a, v0 + e2] = S[a, e2]
+
+    return kernel
+'''
+
+
+BWD_DH = '''
+def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """Reverse state-gradient recurrence. Inputs {inputs}, cu_seqlens, chunk_offsets, do [NT, H, V],
+    dht [N, H, K, V] fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] fp32
+    (gradient of the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
+    C, BV = chunk, block_v
+    NT, N, NC = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC")
+
+    @T.prim_func
+    def kernel(
+        Q: T.Tensor((NT, H, K), dtype),
+        KK: T.Tensor((NT, H, K), dtype),
+        VV: T.Tensor((NT, H, V), dtype),
+{params}        CU: T.Tensor((N + 1,), "int32"),
+        CO: T.Tensor((N,), "int32"),
+        DO: T.Tensor((NT, H, V), dtype),
+        DHT: T.Tensor((N, H, K, V), "float32"),
+        DH: T.Tensor((NC, H, K, V), "float32"),
+        DH0: T.Tensor((N, H, K, V), "float32"),
+    ):
+        with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
+            n = nh // H
+            h = nh % H
+            v0 = iv * BV
+            bos = CU[n]
+            eos = CU[n + 1]
+{prep_allocs}{chunk_allocs}            dS = T.alloc_fragment((K, BV), "float32")
+            dS_m = T.alloc_shared((K, BV), dtype)
+            do_m = T.alloc_shared((C, BV), dtype)
+{du_allocs}            for a, e2 in T.Parallel(K, BV):
+                dS[a, e2] = DHT[n, h, a, v0 + e2]
+            nchunks = T.ceildiv(eos - bos, C)
+            for cc in T.Pipelined(nchunks, num_stages=num_stages):
+                c = nchunks - 1 - cc
+                t0 = bos + c * C
+{prep}{common}                for a, e2 in T.Parallel(K, BV):
+                    DH[CO[n] + c, h, a, v0 + e2] = dS[a, e2]
+                T.copy(dS, dS_m)
+                for i, e2 in T.Parallel(C, BV):
+                    do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+{du}{state_decay}                T.gemm(qe_m, do_m, dS, transpose_A=True)
+{dw}            for a, e2 in T.Parallel(K, BV):
+                DH0[n, h, a, v0 + e2] = dS[a, e2]
+
+    return kernel
+'''
+
+
+def _bwd_dh_pieces(f: _Features) -> dict:
+    if not f.delta:
+        return {"du_allocs": "", "du": "", "dw": ""}
+    du_allocs = _ind("""
+    du_f = T.alloc_fragment((C, BV), "float32")
+    du_m = T.alloc_shared((C, BV), dtype)
+    wn_m = T.alloc_shared((C, K), dtype)
+    """, 0)
+    # du = A^T dO + ke dS_end;  dS_in = gC dS_end + qe^T dO - w^T du
+    du = _ind("""
+    T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
+    T.gemm(ke_m, dS_m, du_f)
+    T.copy(du_f, du_m)
+    for i, d in T.Parallel(C, K):
+        wn_m[i, d] = T.cast(-W_f[i, d], dtype)
+    """, 0)
+    dw = _ind("""
+    T.gemm(wn_m, du_m, dS, transpose_A=True)
+    """, 0)
+    return {"du_allocs": du_allocs, "du": du, "dw": dw}
+
+
+BWD_CHUNK = '''
+def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """Every input gradient of one chunk. Inputs {inputs}, cu_seqlens, chunk_table [NC, 2] int32
+    (sequence, chunk within it), hs [NC, H, K, V] fp32 (state entering each chunk), dh [NC, H, K, V] fp32
+    (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype,
+    dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
+    C, BV = chunk, block_v
+    NT, N, NC = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC")
+
+    @T.prim_func
+    def kernel(
+        Q: T.Tensor((NT, H, K), dtype),
+        KK: T.Tensor((NT, H, K), dtype),
+        VV: T.Tensor((NT, H, V), dtype),
+{params}        CU: T.Tensor((N + 1,), "int32"),
+        CI: T.Tensor((NC, 2), "int32"),
+        HS: T.Tensor((NC, H, K, V), "float32"),
+        DH: T.Tensor((NC, H, K, V), "float32"),
+        DO: T.Tensor((NT, H, V), dtype),
+        DQ: T.Tensor((NT, H, K), dtype),
+        DK: T.Tensor((NT, H, K), dtype),
+        DV: T.Tensor((NT, H, V), dtype),
+{grad_params}    ):
+        with T.Kernel(NC, H, threads=threads) as (ci, h):
+            n = CI[ci, 0]
+            bos = CU[n]
+            eos = CU[n + 1]
+            t0 = bos + CI[ci, 1] * C
+{prep_allocs}{chunk_allocs}{allocs}
+{prep}{common}{pre_loop}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
+                v0 = iv * BV
+{vloop}
+{post}
+    return kernel
+'''
+
+
+def _bwd_chunk_pieces(f: _Features) -> dict:
+    gp = []
+    if f.dg:
+        gp.append('DG: T.Tensor((NT, H, K), "float32")' if f.vector else 'DG: T.Tensor((NT, H), "float32")')
+    if f.delta:
+        gp.append('DBETA: T.Tensor((NT, H), "float32")')
+    if f.read:
+        gp.append('DGQ: T.Tensor((NT, H), "float32")')
+    if f.gk:
+        gp.append('DGK: T.Tensor((NT, H), "float32")')
+    grad_params = "".join(f"        {p},\n" for p in gp)
+    a = """
+    v_m = T.alloc_shared((C, BV), dtype)
+    do_m = T.alloc_shared((C, BV), dtype)
+    S_m = T.alloc_shared((K, BV), dtype)
+    dS_m = T.alloc_shared((K, BV), dtype)
+    du_f = T.alloc_fragment((C, BV), "float32")
+    dqe_f = T.alloc_fragment((C, K), "float32")
+    dke_f = T.alloc_fragment((C, K), "float32")
+    dA_f = T.alloc_fragment((C, C), "float32")
+    dA_s = T.alloc_shared((C, C), "float32")
+    dqA_f = T.alloc_fragment((C, K), "float32")
+    dkA_f = T.alloc_fragment((C, K), "float32")
+    dqp_s = T.alloc_shared((C, K), "float32")
+    dkp_s = T.alloc_shared((C, K), "float32")
+    """
+    if f.dg:
+        a += """
+    sd_f = T.alloc_fragment((K, BV), "float32")
+    sdr_f = T.alloc_fragment((K,), "float32")
+    bl_f = T.alloc_fragment((K,), "float32")
+    dgc_s = T.alloc_shared((K,), "float32")
+    db_s = T.alloc_shared((C, K), "float32")
+    """
+    if f.dg and not f.vector:
+        a += """
+    dbr_f = T.alloc_fragment((C,), "float32")
+    dbr_s = T.alloc_shared((C,), "float32")
+    """
+    if not f.vector:
+        a += """
+    P_m = T.alloc_shared((C, C), dtype)
+    """
+    if f.delta:
+        a += """
+    vb_m = T.alloc_shared((C, BV), dtype)
+    U_f = T.alloc_fragment((C, BV), "float32")
+    WS_f = T.alloc_fragment((C, BV), "float32")
+    u_m = T.alloc_shared((C, BV), dtype)
+    U1_m = T.alloc_shared((C, BV), dtype)
+    du_m = T.alloc_shared((C, BV), dtype)
+    dws_f = T.alloc_fragment((C, K), "float32")
+    dws_m = T.alloc_shared((C, K), dtype)
+    dvb_f = T.alloc_fragment((C, BV), "float32")
+    dvb_m = T.alloc_shared((C, BV), dtype)
+    dL_f = T.alloc_fragment((C, C), "float32")
+    X_f = T.alloc_fragment((C, C), "float32")
+    dL_s = T.alloc_shared((C, C), "float32")
+    M_s = T.alloc_shared((C, C), "float32")
+    dkb_f = T.alloc_fragment((C, K), "float32")
+    dkb_m = T.alloc_shared((C, K), dtype)
+    dkb_s = T.alloc_shared((C, K), "float32")
+    tv_f = T.alloc_fragment((C, BV), "float32")
+    tvr_f = T.alloc_fragment((C,), "float32")
+    dbv_s = T.alloc_shared((C,), "float32")
+    dbt_s = T.alloc_shared((C,), "float32")
+    Pd_f = T.alloc_fragment((C, K), "float32")
+    Pt_f = T.alloc_fragment((C, K), "float32")
+    rkr_f = T.alloc_fragment((C,), "float32")
+    xr_f = T.alloc_fragment((C,), "float32")
+    """
+    a += """
+    rk_f = T.alloc_fragment((C, K), "float32")
+    gq_f = T.alloc_fragment((C,), "float32")
+    gk_f = T.alloc_fragment((C,), "float32")
+    dgq_f = T.alloc_fragment((C,), "float32")
+    dgk_f = T.alloc_fragment((C,), "float32")
+    yq_f = T.alloc_fragment((C, K), "float32")
+    yk_f = T.alloc_fragment((C, K), "float32")
+    rq_f = T.alloc_fragment((C,), "float32")
+    rk2_f = T.alloc_fragment((C,), "float32")
+    """
+    allocs = _ind(a, 0)
+
+    pre = """
+    T.clear(dqe_f)
+    T.clear(dke_f)
+    T.clear(dA_f)
+    """
+    if f.dg:
+        pre += """
+    for d in T.Parallel(K):
+        dgc_s[d] = 0.0
+    """
+    if f.delta:
+        pre += """
+    T.clear(dws_f)
+    T.clear(dL_f)
+    for i in T.Parallel(C):
+        dbv_s[i] = 0.0
+    for i, j in T.Parallel(C, C):
+        M_s[i, j] = M_f[i, j]
+    """
+    pre_loop = _ind(pre, 0)
+
+    v = """
+    for i, e2 in T.Parallel(C, BV):
+        v_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+        do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+    for a, e2 in T.Parallel(K, BV):
+        S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
+        dS_m[a, e2] = T.cast(DH[ci, h, a, v0 + e2], dtype)
+    """
+    if f.dg:
+        v += """
+    for a, e2 in T.Parallel(K, BV):
+        sd_f[a, e2] = HS[ci, h, a, v0 + e2] * DH[ci, h, a, v0 + e2]
+    T.reduce_sum(sd_f, sdr_f, dim=1)
+    for a in T.Parallel(K):
+        dgc_s[a] = dgc_s[a] + sdr_f[a]
+    """
+    u_name = "v_m"
+    if f.delta:
+        u_name = "u_m"
+        v += """
+    for i, e2 in T.Parallel(C, BV):
+        vb_m[i, e2] = T.cast(bt_s[i] * T.cast(v_m[i, e2], "float32"), dtype)
+    T.gemm(Tm_m, vb_m, U_f, clear_accum=True)
+    T.gemm(w_m, S_m, WS_f, clear_accum=True)
+    for i, e2 in T.Parallel(C, BV):
+        u_m[i, e2] = T.cast(U_f[i, e2] - WS_f[i, e2], dtype)
+        U1_m[i, e2] = T.cast(U_f[i, e2], dtype)
+    """
+    v += f"""
+    T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
+    T.gemm(ke_m, dS_m, du_f)
+    T.gemm(do_m, S_m, dqe_f, transpose_B=True)
+    T.gemm(do_m, {u_name}, dA_f, transpose_B=True)
+    T.gemm({u_name}, dS_m, dke_f, transpose_B=True)
+    """
+    if not f.delta:
+        v += """
+    for i, e2 in T.Parallel(C, BV):
+        if t0 + i < eos:
+            DV[t0 + i, h, v0 + e2] = T.cast(du_f[i, e2], dtype)
+    """
+    else:
+        # dw = -du S^T (accumulated as +du S^T), dvb = T^T du, dL part dvb U1^T, dbeta part sum_v dvb v
+        v += """
+    T.copy(du_f, du_m)
+    T.gemm(du_m, S_m, dws_f, transpose_B=True)
+    T.gemm(Tm_m, du_m, dvb_f, transpose_A=True, clear_accum=True)
+    T.copy(dvb_f, dvb_m)
+    T.gemm(dvb_m, U1_m, dL_f, transpose_B=True)
+    for i, e2 in T.Parallel(C, BV):
+        if t0 + i < eos:
+            DV[t0 + i, h, v0 + e2] = T.cast(bt_s[i] * dvb_f[i, e2], dtype)
+    for i, e2 in T.Parallel(C, BV):
+        tv_f[i, e2] = dvb_f[i, e2] * T.cast(v_m[i, e2], "float32")
+    T.reduce_sum(tv_f, tvr_f, dim=1)
+    for i in T.Parallel(C):
+        dbv_s[i] = dbv_s[i] + tvr_f[i]
+    """
+    vloop = _ind(v, 0)
+
+    # ---- after the V loop: the K side ----
+    p = """
+    for i, j in T.Parallel(C, C):
+        dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
+    """
+    p += _pair_terms(f, "dA_s", "qp_s", "kp_s", "dqA_f", "dkA_f", strict=False)
+    p += f"""
+    for i, d in T.Parallel(C, K):
+        dqp_s[i, d] = {f.exp_b("i")} * dqe_f[i, d] + dqA_f[i, d]
+        dkp_s[i, d] = {f.exp_rest("i")} * dke_f[i, d] + dkA_f[i, d]
+    """
+    if f.dg:
+        p += f"""
+    for i, d in T.Parallel(C, K):
+        db_s[i, d] = qp_s[i, d] * ({f.exp_b("i")} * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + {f.exp_rest("i")} * dke_f[i, d])
+    """
+    if f.delta:
+        # dkb = -T^T (du S^T); dL = -strict(dvb U1^T + dkb w^T) = strict((T^T dws) w^T - dL_acc)
+        p += f"""
+    T.copy(dws_f, dws_m)
+    T.gemm(Tm_m, dws_m, dkb_f, transpose_A=True, clear_accum=True)
+    T.copy(dkb_f, dkb_m)
+    T.gemm(dkb_m, w_m, X_f, transpose_B=True, clear_accum=True)
+    for i, j in T.Parallel(C, C):
+        dL_s[i, j] = T.if_then_else(j < i, X_f[i, j] - dL_f[i, j], 0.0)
+    for i, d in T.Parallel(C, K):
+        dkb_s[i, d] = -dkb_f[i, d]
+    for i, d in T.Parallel(C, K):
+        rk_f[i, d] = dkb_s[i, d] * kp_s[i, d] * {f.exp_b("i")}
+    T.reduce_sum(rk_f, rkr_f, dim=1)
+    for i in T.Parallel(C):
+        dbt_s[i] = dbv_s[i] + rkr_f[i]
+    for i, j in T.Parallel(C, C):
+        X_f[i, j] = dL_s[i, j] * M_s[i, j]
+    T.reduce_sum(X_f, xr_f, dim=1)
+    for i in T.Parallel(C):
+        dbt_s[i] = dbt_s[i] + xr_f[i]
+    for i, j in T.Parallel(C, C):
+        dL_s[i, j] = dL_s[i, j] * bt_s[i]
+    """
+        p += _pair_terms(f, "dL_s", "kp_s", "kp_s", "Pd_f", "Pt_f", strict=True)
+        p += f"""
+    for i, d in T.Parallel(C, K):
+        dkp_s[i, d] = dkp_s[i, d] + bt_s[i] * {f.exp_b("i")} * dkb_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
+    """
+        if f.dg:
+            p += f"""
+    for i, d in T.Parallel(C, K):
+        db_s[i, d] = db_s[i, d] + bt_s[i] * kp_s[i, d] * {f.exp_b("i")} * dkb_s[i, d] + kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])
+    """
+    if f.dg:
+        # b_C enters through gC = exp(b_C) (state decay) and ke = k' exp(b_C - b)
+        p += f"""
+    for i, d in T.Parallel(C, K):
+        rk_f[i, d] = kp_s[i, d] * {f.exp_rest("i")} * dke_f[i, d]
+    T.reduce_sum(rk_f, bl_f, dim=0)
+    for d in T.Parallel(K):
+        db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * {"T.exp(b_s[C - 1, d])" if f.vector else "T.exp(b_s[C - 1])"}
+    """
+        if f.decay is Decay.VECTOR:
+            p += """
+    T.cumsum(db_s, dim=0, reverse=True)
+    for i, d in T.Parallel(C, K):
+        if t0 + i < eos:
+            DG[t0 + i, h, d] = db_s[i, d]
+    """
+        elif f.decay is Decay.SCALAR:
+            p += """
+    for i, d in T.Parallel(C, K):
+        rk_f[i, d] = db_s[i, d]
+    T.reduce_sum(rk_f, dbr_f, dim=1)
+    T.copy(dbr_f, dbr_s)
+    T.cumsum(dbr_s, dim=0, reverse=True)
+    for i in T.Parallel(C):
+        if t0 + i < eos:
+            DG[t0 + i, h] = dbr_s[i]
+    """
+    # ---- chain through gates, scale, L2 norm and feature maps ----
+    p += f"""
+    for i, d in T.Parallel(C, K):
+        yq_f[i, d] = {_phi(f.fq, "T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')")}
+        yk_f[i, d] = {_phi(f.fk, "T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')")}
+    """
+    if f.l2:
+        p += """
+    for i, d in T.Parallel(C, K):
+        rk_f[i, d] = yq_f[i, d] * yq_f[i, d]
+    T.reduce_sum(rk_f, rq_f, dim=1)
+    for i, d in T.Parallel(C, K):
+        rk_f[i, d] = yk_f[i, d] * yk_f[i, d]
+    T.reduce_sum(rk_f, rk2_f, dim=1)
+    for i in T.Parallel(C):
+        rq_f[i] = T.rsqrt(rq_f[i] + EPS)
+        rk2_f[i] = T.rsqrt(rk2_f[i] + EPS)
+    for i, d in T.Parallel(C, K):
+        yq_f[i, d] = yq_f[i, d] * rq_f[i]
+        yk_f[i, d] = yk_f[i, d] * rk2_f[i]
+    """
+    p += f"""
+    for i in T.Parallel(C):
+        gq_f[i] = {"GQ[T.min(t0 + i, NT - 1), h]" if f.read else "1.0"} * SC[0]
+        gk_f[i] = {"GK[T.min(t0 + i, NT - 1), h]" if f.key_gate else "1.0"}
+    """
+    if f.read:
+        p += """
+    for i, d in T.Parallel(C, K):
+        rk_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+    T.reduce_sum(rk_f, dgq_f, dim=1)
+    for i in T.Parallel(C):
+        if t0 + i < eos:
+            DGQ[t0 + i, h] = dgq_f[i]
+    """
+    if f.key_gate:
+        p += """
+    for i, d in T.Parallel(C, K):
+        rk_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+    T.reduce_sum(rk_f, dgk_f, dim=1)
+    """
+    if f.beta_gate:
+        p += """
+    for i in T.Parallel(C):
+        dgk_f[i] = dbt_s[i] * BETA[T.min(t0 + i, NT - 1), h]
+    """
+    if f.gk:
+        p += """
+    for i in T.Parallel(C):
+        if t0 + i < eos:
+            DGK[t0 + i, h] = dgk_f[i]
+    """
+    if f.delta:
+        bgate = " * GK[t0 + i, h]" if f.beta_gate else ""
+        p += f"""
+    for i in T.Parallel(C):
+        if t0 + i < eos:
+            DBETA[t0 + i, h] = dbt_s[i]{bgate}
+    """
+    # dy = dx' * gate * scale; L2: dx = r (dy - y sum(dy y)); then phi'
+    p += """
+    for i, d in T.Parallel(C, K):
+        dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
+        dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
+    """
+    if f.l2:
+        p += """
+    for i, d in T.Parallel(C, K):
+        rk_f[i, d] = dqp_s[i, d] * yq_f[i, d]
+    T.reduce_sum(rk_f, dgq_f, dim=1)
+    for i, d in T.Parallel(C, K):
+        rk_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+    T.reduce_sum(rk_f, dgk_f, dim=1)
+    for i, d in T.Parallel(C, K):
+        dqp_s[i, d] = rq_f[i] * (dqp_s[i, d] - yq_f[i, d] * dgq_f[i])
+        dkp_s[i, d] = rk2_f[i] * (dkp_s[i, d] - yk_f[i, d] * dgk_f[i])
+    """
+    xq = "T.cast(Q[t0 + i, h, d], 'float32')"
+    xk = "T.cast(KK[t0 + i, h, d], 'float32')"
+    p += f"""
+    for i, d in T.Parallel(C, K):
+        if t0 + i < eos:
+            DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * {_dphi(f.fq, xq)}, dtype)
+            DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * {_dphi(f.fk, xk)}, dtype)
+    """
+    post = _ind(p, 0)
+    return {"grad_params": grad_params, "allocs": allocs, "pre_loop": pre_loop, "vloop": vloop, "post": post}
+
+
+def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, strict: bool) -> str:
+    """For a masked C x C matrix P (shared fp32) and rows X, Y (shared fp32, [C, K]):
+        outx[i, d] = sum_j P[i, j] Y[j, d] exp(b_id - b_jd)      outy[j, d] = sum_i P[i, j] X[i, d] exp(b_id - b_jd)
+    (the gradients of sum_ij P_ij sum_d X_id Y_jd exp(b_id - b_jd) w.r.t. X and Y)."""
+    if f.vector:
+        return f"""
+    for i, d in T.Parallel(C, K):
+        {outx}[i, d] = 0.0
+        for j in T.serial(C):
+            {outx}[i, d] += T.if_then_else(j <= i, {P}[i, j] * {Y}[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+    for j, d in T.Parallel(C, K):
+        {outy}[j, d] = 0.0
+        for i in T.serial(C):
+            {outy}[j, d] += T.if_then_else(j <= i, {P}[i, j] * {X}[i, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+    """
+    mask = "j < i" if strict else "j <= i"
+    xm = "km_m" if strict else "qm_m"
+    ym = "km_m"
+    s = f"""
+    for i, j in T.Parallel(C, C):
+        P_m[i, j] = T.cast(T.if_then_else({mask}, {P}[i, j] * {f.exp_rel("i", "j")}, 0.0), dtype)
+    """
+    s += f"""
+    T.gemm(P_m, {ym}, {outx}, clear_accum=True)
+    T.gemm(P_m, {xm}, {outy}, transpose_A=True, clear_accum=True)
+    """
+    return s
+
+
+def generate(spec: Spec) -> dict[str, str]:
+    f = _Features(spec)
+    inputs = "(" + ", ".join(_input_names(f)) + ")"
+    allocs = {"params": _params(f), "prep_allocs": _ind(_prep_allocs(f), 12),
+              "chunk_allocs": _ind(_chunk_allocs(f), 12), "inputs": inputs}
+    fwd = FWD.format(u_allocs=_ind(_u_allocs(f), 12), prep=_ind(_prep(f), 16), common=_ind(_chunk_common(f), 16),
+                     load_v=_ind(_load_v("VV", "v_m"), 16), u=_ind(_u(f, "v_m"), 16),
+                     u_name="u_m" if f.delta else "v_m", state_decay=_ind(_state_decay(f, "S"), 16), **allocs)
+    dh = _bwd_dh_pieces(f)
+    bwd_dh = BWD_DH.format(prep=_ind(_prep(f), 16), common=_ind(_chunk_common(f), 16),
+                           du_allocs=_ind(dh["du_allocs"], 12), du=_ind(dh["du"], 16), dw=_ind(dh["dw"], 16),
+                           state_decay=_ind(_state_decay(f, "dS"), 16), **allocs)
+    pieces = _bwd_chunk_pieces(f)
+    bwd_chunk = BWD_CHUNK.format(prep=_ind(_prep(f), 12), common=_ind(_chunk_common(f), 12),
+                                 grad_params=pieces["grad_params"], allocs=_ind(pieces["allocs"], 12),
+                                 pre_loop=_ind(pieces["pre_loop"], 12), vloop=_ind(pieces["vloop"], 16),
+                                 post=_ind(pieces["post"], 12), **allocs)
+    rec = spec.recurrence
+    meta = f'''
+import tilelang
+import tilelang.language as T
+
+SPEC = {spec.name!r}
+FEATURES = {{"decay": {rec.decay.value!r}, "write": {rec.write.value!r}, "gates": {rec.gates.value!r},
+            "write_gate_on": {rec.write_gate_on.value!r}, "feature_map_q": {rec.feature_map_q.value!r},
+            "feature_map_k": {rec.feature_map_k.value!r}, "qk_l2_norm": {rec.qk_l2_norm!r}}}
+# The inputs every kernel takes after q, k, v, in this order (the host runtime passes them by these names).
+INPUTS = {tuple(_input_names(f))!r}
+# dg / dbeta / dgq / dgk outputs of bwd_chunk, in order.
+GRAD_OUTPUTS = {tuple(n for n, on in (("dg", f.has_b and f.decay is not Decay.CONSTANT), ("dbeta", f.delta),
+                                        ("dgq", f.read), ("dgk", f.gk)) if on)!r}
+EPS = {L2_NORM_EPS!r}
+# Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
+# TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).
+PASS_CONFIGS = {{
+    tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True,
+    tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
+}}
+'''
+    text = header(spec, "tilelang", "chunkwise forward and backward kernels") + meta + fwd + bwd_dh + bwd_chunk
+    return {filename(spec): text}
