@@ -24,7 +24,7 @@ from sla_dsl.spec import Spec
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GENERATED_DIR = REPO_ROOT / "generated"
 SEED_SPECS_DIR = REPO_ROOT / "specs"
-GENERATED_BACKENDS: tuple[str, ...] = ("tilelang",)
+GENERATED_BACKENDS: tuple[str, ...] = ("tilelang", "triton")
 
 
 def cache_dir() -> Path:
