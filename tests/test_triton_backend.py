@@ -1,0 +1,151 @@
+"""The Triton backend against the float64 reference, under TRITON_INTERPRET=1 on CPU (fp32 unless noted).
+
+Every decay x write x gates combination forward and backward, variable lengths with an initial state,
+non-power-of-two head dims, the write gate on beta, feature maps, fp16, strong decay, the sub-chunked
+vector-decay path (BT = 32 > BC = 16), and a new spec file compiled with no new Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import sla_dsl
+from sla_dsl import testing
+from sla_dsl.backends.triton import generator
+from sla_dsl.backends.triton.runtime import TritonKernels, default_config
+from sla_dsl.codegen import generated_module
+from sla_dsl.loader import load_spec
+from sla_dsl.spec import Decay, FeatureMap, Gates, WriteGateOn, WriteRule
+
+FP32 = testing.TOLERANCES[torch.float32]
+BASE = load_spec(sla_dsl.codegen.SEED_SPECS_DIR / "gla.yaml")
+SMALL = {"BT": 16, "BC": 16}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SLA_DSL_CACHE", str(tmp_path_factory.getbasetemp() / "sla_dsl_cache"))
+
+
+def kernels_for(rec, config=SMALL) -> TritonKernels:
+    name = "test_" + testing.combination_id(rec).replace("-", "_")
+    name += f"_{rec.feature_map_q.value}_{rec.feature_map_k.value}_{int(rec.qk_l2_norm)}"
+    spec = dataclasses.replace(BASE, name=name, recurrence=rec)
+    return TritonKernels(spec, generated_module(spec, "triton", generator.filename(spec)), config)
+
+
+def check(rec, *shape, config=SMALL, tolerance=FP32, cu_seqlens=None, **make):
+    errors = testing.compare_to_reference(rec, kernels_for(rec, config), testing.make_inputs(rec, *shape, **make),
+                                          cu_seqlens=cu_seqlens)
+    out_tol, grad_tol = tolerance
+    bad = {name: err for name, err in errors.items()
+           if not err <= (out_tol if name in ("o", "final_state") else grad_tol)}
+    assert not bad, f"{testing.combination_id(rec)}: over tolerance {bad} (all: {errors})"
+    return errors
+
+
+@pytest.mark.parametrize("rec", testing.all_combinations(), ids=testing.combination_id)
+def test_every_combination_forward_backward(rec):
+    check(rec, 2, 40, 2, 16, 16)  # T = 40: not a multiple of the chunk
+
+
+@pytest.mark.parametrize("decay", [Decay.CONSTANT, Decay.SCALAR, Decay.VECTOR])
+@pytest.mark.parametrize("write", list(WriteRule))
+def test_varlen_with_initial_state_and_odd_head_dims(decay, write):
+    cu_seqlens = torch.tensor([0, 5, 40, 41, 77])  # one shorter than a chunk, one of a single token
+    check(testing.recurrence(decay, write, Gates.BOTH), 1, 77, 2, 20, 12, cu_seqlens=cu_seqlens, num_sequences=4)
+
+
+@pytest.mark.parametrize("write", list(WriteRule))
+def test_vector_decay_sub_chunks(write):
+    """BT = 32 with BC = 16 takes the tensor-core path for the off-diagonal sub-blocks."""
+    check(testing.recurrence(Decay.VECTOR, write, Gates.BOTH), 2, 70, 2, 16, 16, config={"BT": 32, "BC": 16})
+
+
+@pytest.mark.parametrize("decay", [Decay.SCALAR, Decay.VECTOR])
+def test_write_gate_on_beta(decay):
+    rec = testing.recurrence(decay, WriteRule.DELTA, Gates.BOTH, write_gate_on=WriteGateOn.BETA)
+    assert rec.write_gate_scales_beta
+    check(rec, 2, 40, 2, 16, 16)
+
+
+@pytest.mark.parametrize("fmap", [f for f in FeatureMap if f is not FeatureMap.IDENTITY])
+def test_feature_maps(fmap):
+    rec = testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.BOTH, feature_map_q=fmap,
+                             feature_map_k=FeatureMap.SILU if fmap is not FeatureMap.SILU else FeatureMap.RELU,
+                             qk_l2_norm=fmap in (FeatureMap.ELU_PLUS_ONE, FeatureMap.SIGMOID))
+    check(rec, 2, 40, 2, 16, 16)
+
+
+def test_feature_map_with_vector_delta():
+    rec = testing.recurrence(Decay.VECTOR, WriteRule.DELTA, Gates.READ, feature_map_q=FeatureMap.ELU_PLUS_ONE,
+                             feature_map_k=FeatureMap.SILU)
+    check(rec, 2, 40, 2, 16, 16)
+
+
+@pytest.mark.parametrize("write", list(WriteRule))
+def test_fp16(write):
+    check(testing.recurrence(Decay.VECTOR, write, Gates.BOTH), 2, 40, 2, 16, 16, dtype=torch.float16,
+          tolerance=testing.TOLERANCES[torch.float16])
+
+
+@pytest.mark.parametrize("decay", [Decay.SCALAR, Decay.VECTOR])
+def test_strong_decay_stays_finite(decay):
+    rec = testing.recurrence(decay, WriteRule.DELTA, Gates.BOTH)
+    kernels = kernels_for(rec, {"BT": 32, "BC": 16})
+    inputs = testing.make_inputs(rec, 1, 160, 1, 16, 16, decay_strength=200.0)
+    errors = testing.compare_to_reference(rec, kernels, inputs)
+    assert all(math.isfinite(e) for e in errors.values()), errors
+    assert errors["o"] <= 1e-4 and errors["final_state"] <= 1e-4, errors
+
+
+def test_no_final_state_and_no_initial_state():
+    rec = testing.recurrence(Decay.SCALAR, WriteRule.DELTA, Gates.NONE)
+    inputs = testing.make_inputs(rec, 2, 40, 2, 16, 16, initial_state=False)
+    errors = testing.compare_to_reference(rec, kernels_for(rec), inputs, output_final_state=False)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_default_config_and_tuning_space():
+    from sla_dsl.backends.triton import runtime
+
+    rec = testing.recurrence(Decay.VECTOR, WriteRule.DELTA, Gates.BOTH)
+    for K, V in ((16, 16), (60, 100), (128, 128), (256, 256)):
+        cfg = default_config(rec, K, V, torch.bfloat16)
+        assert cfg["BT"] % cfg["BC"] == 0
+        for stage in runtime.STAGE_NAMES:
+            assert stage in cfg and stage in runtime.TUNING_SPACE
+    merged = runtime.merge_config(default_config(rec, 64, 64, torch.float32), {"fwd": {"BV": 16}, "BT": 32})
+    assert merged["fwd"]["BV"] == 16 and merged["BT"] == 32 and "num_warps" in merged["fwd"]
+
+
+def test_generated_files_are_deterministic_and_headed():
+    spec = load_spec(sla_dsl.codegen.SEED_SPECS_DIR / "sla_gdn.yaml")
+    first, second = generator.generate(spec), generator.generate(spec)
+    assert first == second and list(first) == ["sla_gdn.py"]
+    text = first["sla_gdn.py"]
+    assert text.startswith("# @generated by sla_dsl from spec 'sla_gdn'")
+    assert "make_block_ptr" not in text and "autotune" not in text
+
+
+def test_new_spec_file_compiles_and_runs(tmp_path):
+    path = tmp_path / "my_hybrid.yaml"
+    path.write_text(
+        "name: my_hybrid\ndescription: vector decay + delta rule + SLA read gate + elu feature map\n"
+        "decay: vector\nwrite: delta\ngates: both\nwrite_gate_on: beta\n"
+        "feature_map: {q: elu_plus_one, k: silu}\nqk_l2_norm: true\n"
+        "layer:\n  num_heads: 2\n  expand_k: 1.0\n  expand_v: 1.0\n  decay_form: logsigmoid\n")
+    op = sla_dsl.compile(str(path), backend="triton")
+    rec = op.spec.recurrence
+    inputs = testing.make_inputs(rec, 1, 24, 2, 16, 16)
+    q, k, v = (inputs[n].requires_grad_() for n in ("q", "k", "v"))
+    o, final = op(q, k, v, g=inputs["g"], beta=inputs["beta"], gq=inputs["gq"], gk=inputs["gk"],
+                  initial_state=inputs["initial_state"], output_final_state=True)
+    (o.sum() + final.sum()).backward()
+    assert torch.isfinite(o).all() and torch.isfinite(q.grad).all() and torch.isfinite(v.grad).all()
+    errors = testing.compare_to_reference(rec, op.kernels_for("triton"), inputs)
+    assert max(errors.values()) <= 1e-5, errors
