@@ -45,6 +45,12 @@ def resolve_spec(spec: Spec | str | os.PathLike) -> Spec:
     return spec if isinstance(spec, Spec) else load_spec(spec)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Gates, decays and norms are computed in float32 from 16-bit activations (range and precision), and in
+    float64 from float64 ones (a float32 cast there would round what the float64 checks compare)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class ShortConvolution(nn.Conv1d):
     """Causal depthwise convolution + SiLU over [B, T, D], with packed sequences (cu_seqlens, B = 1) and a
     carried state (the last `kernel_size - 1` inputs of every sequence: [N, kernel_size - 1, D])."""
@@ -59,7 +65,10 @@ class ShortConvolution(nn.Conv1d):
         if cu_seqlens is None:
             past = cache.to(x.dtype) if cache is not None else x.new_zeros(x.shape[0], width - 1, x.shape[2])
             extended = torch.cat([past, x], 1)  # [B, W-1+T, D]
-            y = F.conv1d(extended.transpose(1, 2), weight.unsqueeze(1), groups=x.shape[2]).transpose(1, 2)
+            # A sum of shifted products rather than F.conv1d: the convolution's backend choice guards on the
+            # batch size under torch.compile (a recompile per new B), and inductor fuses these into one kernel.
+            length = x.shape[1]
+            y = sum(extended[:, j:j + length] * weight[:, j] for j in range(width))
             final = extended[:, extended.shape[1] - (width - 1):] if output_final_state else None
             return F.silu(y), final
         # Packed sequences: gather, per token and tap, the input j tokens back within its own sequence (or from
@@ -108,7 +117,7 @@ class HeadNorm(nn.Module):
             self.bias = nn.Parameter(torch.zeros(num_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = at_least_float32(x)
         if self.kind is OutputNorm.RMSNORM:
             return h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps) * self.weight
         h = h - h.mean(-1, keepdim=True)
@@ -204,8 +213,8 @@ class SpecAttention(nn.Module):
     # -- pieces --------------------------------------------------------------------------------------------
     def head_gates(self, x: torch.Tensor):
         """(G^Q, G^K), each [B, T, H] float32 or None: softmax over heads of x W_GQ and x W_GK."""
-        gq = torch.softmax(self.gq_proj(x).float(), -1) if self.read_gate else None
-        gk = torch.softmax(self.gk_gate_proj(x).float(), -1) if self.write_gate else None
+        gq = torch.softmax(at_least_float32(self.gq_proj(x)), -1) if self.read_gate else None
+        gk = torch.softmax(at_least_float32(self.gk_gate_proj(x)), -1) if self.write_gate else None
         return gq, gk
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -213,8 +222,8 @@ class SpecAttention(nn.Module):
         if self.decay not in (Decay.SCALAR, Decay.VECTOR):
             return None
         if self.decay_form is DecayForm.GDN:
-            return -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
-        g = F.logsigmoid(self.gk_proj(x).float()) / self.decay_normalizer
+            return -at_least_float32(self.A_log).exp() * F.softplus(at_least_float32(self.a_proj(x)) + self.dt_bias)
+        g = F.logsigmoid(at_least_float32(self.gk_proj(x))) / self.decay_normalizer
         return g if self.decay is Decay.SCALAR else g.view(batch, length, self.num_heads, self.head_k_dim)
 
     def extra_repr(self) -> str:
@@ -254,7 +263,7 @@ class SpecAttention(nn.Module):
         g = self.log_decay(x)
         beta = None
         if self.beta_form is not None:
-            beta = torch.sigmoid(self.b_proj(x).float())
+            beta = torch.sigmoid(at_least_float32(self.b_proj(x)))
             if self.beta_form is BetaForm.SIGMOID2:
                 beta = beta * 2.0
         gq, gk = self.head_gates(x)
@@ -262,7 +271,7 @@ class SpecAttention(nn.Module):
         if mask is not None:  # padded tokens: no write, no decay
             m = mask.to(k.dtype).unsqueeze(-1)
             k, v = k * m, v * m
-            m = mask.float()
+            m = at_least_float32(mask.to(x.dtype))
             if g is not None:
                 g = g * (m if g.dim() == 3 else m.unsqueeze(-1))
             if beta is not None:

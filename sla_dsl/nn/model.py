@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sla_dsl.nn.layers import SpecAttention, resolve_spec
+from sla_dsl.nn.layers import SpecAttention, at_least_float32, resolve_spec
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = at_least_float32(x)
         return (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
 
 
@@ -129,7 +129,7 @@ class LanguageModel(nn.Module):
                              past_state=past_states[i] if past_states is not None else None, use_cache=use_cache)
             if use_cache:
                 states.append(state)
-        logits = self.head(self.norm(x)).float()
+        logits = at_least_float32(self.head(self.norm(x)))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
