@@ -78,6 +78,12 @@ def _add_perf_commands(commands) -> None:
         sub.set_defaults(run=run)
 
 
+def _experiment(args) -> int:
+    from sla_dsl.experiments.command import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sla-dsl", description="Gated linear attention kernels from YAML specs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--specs", nargs="*", default=None, metavar="PATH", help="spec files (default: specs/*.yaml)")
     demo.set_defaults(run=_demo)
     _add_perf_commands(commands)
+    from sla_dsl.experiments import command as experiment_command
+
+    experiment = commands.add_parser("experiment", help="small-scale retrieval experiments of the SLA gates: mqar, "
+                                                        "niah, report")
+    experiment_command.add_arguments(experiment)
+    experiment.set_defaults(run=_experiment)
     return parser
 
 

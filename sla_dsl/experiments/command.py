@@ -1,0 +1,125 @@
+"""`python -m sla_dsl experiment mqar|niah|report`: the options and what they run.
+
+    experiment mqar [--preset smoke|gpu-small|full] [--specs ...] [--seq-lens ...] [--kv-pairs ...]
+                    [--widths ...] [--heads ...] [--lrs ...] [--seeds ...] [--steps N] [--out FILE]
+                    [--device auto|cpu|cuda] [--budget-minutes M] [--compile auto|on|off] [--dry-run]
+    experiment niah   (the same, with --train-lens / --eval-lens instead of --seq-lens / --kv-pairs)
+    experiment report --results FILE [FILE ...] --out DIR
+
+List options take comma- or space-separated values and replace that axis in every sub-grid of the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sla_dsl.experiments.grid import PRESETS, TASKS
+
+
+def _list_of(kind):
+    def parse(text: str):
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from exc
+    return parse
+
+
+def _flatten(value):
+    return None if value is None else [x for part in value for x in part]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    tasks = parser.add_subparsers(dest="experiment", required=True, metavar="TASK")
+    for task, text in (("mqar", "multi-query associative recall (Zoology)"),
+                       ("niah", "synthetic needle in a haystack, with length extrapolation")):
+        sub = tasks.add_parser(task, help=f"train and score the grid of {text}")
+        sub.add_argument("--preset", choices=list(PRESETS[task]), default="full",
+                         help="grid to start from (default: full, the issue's grid); gpu-small fits ~8 min of one "
+                              "H100; smoke runs in seconds on a CPU")
+        sub.add_argument("--specs", nargs="+", type=_list_of(str), metavar="NAME|PATH",
+                         help="spec names (specs/<name>.yaml) or paths")
+        if task == "mqar":
+            sub.add_argument("--seq-lens", nargs="+", type=_list_of(int), metavar="T")
+            sub.add_argument("--kv-pairs", nargs="+", type=_list_of(int), metavar="N")
+        else:
+            sub.add_argument("--train-lens", nargs="+", type=_list_of(int), metavar="T",
+                             help="training lengths, cycled batch by batch at a fixed number of tokens per batch")
+            sub.add_argument("--eval-lens", nargs="+", type=_list_of(int), metavar="T",
+                             help="evaluated lengths (must include the training ones; longer ones: extrapolation)")
+        sub.add_argument("--widths", nargs="+", type=_list_of(int), metavar="D")
+        sub.add_argument("--heads", nargs="+", type=_list_of(int), metavar="H")
+        sub.add_argument("--lrs", nargs="+", type=_list_of(float), metavar="LR")
+        sub.add_argument("--seeds", nargs="+", type=_list_of(int), metavar="S")
+        sub.add_argument("--steps", type=int)
+        sub.add_argument("--batch-size", type=int)
+        sub.add_argument("--layers", type=int)
+        sub.add_argument("--eval-examples", type=int,
+                         help="MQAR: test examples; niah: examples per (length, depth) cell")
+        sub.add_argument("--out", type=Path, help="results file (default: results/<task>-<preset>.json); runs "
+                                                   "already in it are skipped")
+        sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+        sub.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "tilelang"),
+                         help="kernels of the spec op (auto: triton on CUDA, the reference on CPU)")
+        sub.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                         help="torch.compile the models (auto: on CUDA with the full preset only)")
+        sub.add_argument("--budget-minutes", type=float, metavar="M",
+                         help="stop cleanly before a run would end past M minutes; what finished is kept")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bars (one line per run stays)")
+        sub.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+        sub.set_defaults(task=task)
+    report = tasks.add_parser("report", help="markdown table and plots from results files")
+    report.add_argument("--results", nargs="+", type=Path, required=True, metavar="FILE")
+    report.add_argument("--out", type=Path, default=Path("results/report"), metavar="DIR")
+    report.set_defaults(task=None)
+
+
+def run(args) -> int:
+    if args.experiment == "report":
+        from sla_dsl.experiments.report import write_report
+
+        for path in write_report(args.results, args.out):
+            print(f"wrote {path}")
+        return 0
+    return _run_task(args)
+
+
+def _run_task(args) -> int:
+    import torch
+
+    from sla_dsl.autotune.runner import resolve_specs
+    from sla_dsl.experiments.grid import compile_default, expand, sub_grids
+    from sla_dsl.experiments.runner import run_grid
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: CUDA is not available on this machine")
+        return 2
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "layers": args.layers,
+                 "eval_examples": args.eval_examples, "widths": _flatten(args.widths),
+                 "heads": _flatten(args.heads), "lrs": _flatten(args.lrs), "seeds": _flatten(args.seeds)}
+    if args.task == "mqar":
+        overrides.update(seq_lens=_flatten(args.seq_lens), kv_pairs=_flatten(args.kv_pairs))
+    else:
+        overrides.update(train_lens=_flatten(args.train_lens), eval_lens=_flatten(args.eval_lens))
+    grids = sub_grids(args.task, args.preset, overrides)
+    names = _flatten(args.specs) or sorted({name for grid in grids for name in grid["specs"]})
+    specs = {spec.name: spec for spec in resolve_specs(names)}
+    if args.specs:
+        grids = [dict(grid, specs=list(specs)) for grid in grids]
+    runs, skipped = expand(grids, {name: spec.layer for name, spec in specs.items()})
+    for line in skipped:
+        print(f"left out: {line}")
+    if args.dry_run:
+        for run in runs:
+            print(run.label())
+        print(f"{len(runs)} run(s)")
+        return 0
+    compile_models = args.compile == "on" or (args.compile == "auto" and device.type == "cuda"
+                                              and compile_default(args.preset))
+    out = args.out or Path("results") / f"{args.task}-{args.preset}.json"
+    run_grid(runs, specs, out, device=device, backend=args.backend, compile_models=compile_models,
+             budget_minutes=args.budget_minutes, progress=not args.no_progress)
+    return 0
