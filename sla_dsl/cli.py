@@ -64,15 +64,22 @@ def _first_call(args) -> int:
     return run_first_call(args)
 
 
+def _gpu_check(args) -> int:
+    from sla_dsl.gpu_check import run_gpu_check
+
+    return run_gpu_check(args)
+
+
 def _add_perf_commands(commands) -> None:
-    """bench, autotune, first-call (their options live with their modules)."""
-    from sla_dsl import bench, first_call
+    """bench, autotune, first-call, gpu-check (their options live with their modules)."""
+    from sla_dsl import bench, first_call, gpu_check
     from sla_dsl.autotune import runner
 
     for name, module, run, text in (
             ("bench", bench, _bench, "time our kernels against fla and torch SDPA on the GPU"),
             ("autotune", runner, _autotune, "tune kernel configs on this GPU into autotune/<gpu>/"),
-            ("first-call", first_call, _first_call, "time the first forward+backward in a fresh process")):
+            ("first-call", first_call, _first_call, "time the first forward+backward in a fresh process"),
+            ("gpu-check", gpu_check, _gpu_check, "the correctness suite at real sizes on the GPU, both backends")):
         sub = commands.add_parser(name, help=text)
         module.add_arguments(sub)
         sub.set_defaults(run=run)
@@ -82,6 +89,19 @@ def _experiment(args) -> int:
     from sla_dsl.experiments.command import run
 
     return run(args)
+
+
+def _add_training_commands(commands) -> None:
+    """train, train-bench (their options live with their modules)."""
+    from sla_dsl import train, train_bench
+
+    for name, module, run, text in (
+            ("train", train, train.run_train, "train a language model of one spec on the standard-library corpus"),
+            ("train-bench", train_bench, train_bench.run_train_bench,
+             "train every seed spec for one token budget; tokens/s, eval loss, loss curves")):
+        sub = commands.add_parser(name, help=text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "niah, report")
     experiment_command.add_arguments(experiment)
     experiment.set_defaults(run=_experiment)
+    _add_training_commands(commands)
     return parser
 
 

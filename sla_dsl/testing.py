@@ -78,21 +78,21 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def compare_to_reference(rec: Recurrence, kernels, inputs: dict, *, cu_seqlens=None, scale=None,
-                         backward=True, output_final_state=True) -> dict[str, float]:
+                         backward=True, output_final_state=True, reference_chunk_size=16) -> dict[str, float]:
     """Runs `kernels` (a backend's build() result) forward and backward on `inputs` with poisoned outputs,
-    and returns the relative error of every output and gradient against the float64 reference."""
+    and returns the relative error of every output and gradient against the float64 reference.
+
+    The reference runs on the inputs' device (float64 on a GPU keeps real-size checks fast)."""
     names = ("q", "k", "v", "g", "beta", "gq", "gk", "initial_state")
     args = [inputs.get(n) for n in names]
     resolved = scale if scale is not None else rec.resolved_scale(inputs["q"].shape[-1])
     with poisoned_outputs():
         o, final_state = kernels.forward(*args, cu_seqlens, resolved, output_final_state)
     ref64 = [t.detach().to(torch.float64).requires_grad_() if t is not None else None for t in args]
-    ref_cu = cu_seqlens.cpu() if cu_seqlens is not None else None
-    ref_o, ref_final = reference_forward(rec, *[t.cpu() if t is not None else None for t in ref64[:3]],
-                                         **{n: (t.cpu() if t is not None else None)
-                                            for n, t in zip(names[3:], ref64[3:])},
+    ref_o, ref_final = reference_forward(rec, *ref64[:3], **dict(zip(names[3:], ref64[3:])),
                                          scale=resolved, output_final_state=output_final_state,
-                                         cu_seqlens=ref_cu, form="chunkwise", chunk_size=16)
+                                         cu_seqlens=cu_seqlens, form="chunkwise",
+                                         chunk_size=reference_chunk_size)
     errors = {"o": rel_error(o, ref_o)}
     if output_final_state:
         errors["final_state"] = rel_error(final_state, ref_final)
@@ -103,10 +103,10 @@ def compare_to_reference(rec: Recurrence, kernels, inputs: dict, *, cu_seqlens=N
     dfinal = torch.randn(final_state.shape, generator=gen).to(final_state) if output_final_state else None
     with poisoned_outputs():
         grads = kernels.backward(*args, cu_seqlens, resolved, do, dfinal)
-    outputs, seeds = [ref_o], [do.to(torch.float64).cpu()]
+    outputs, seeds = [ref_o], [do.to(torch.float64)]
     if output_final_state:
         outputs.append(ref_final)
-        seeds.append(dfinal.to(torch.float64).cpu())
+        seeds.append(dfinal.to(torch.float64))
     wanted = [t for t in ref64 if t is not None]
     ref_grads = iter(torch.autograd.grad(outputs, wanted, seeds, allow_unused=True))
     for name, t, grad in zip(GRAD_NAMES, ref64, grads):

@@ -136,7 +136,33 @@ def _load_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.con
         g = tl.where(valid, tl.load(lg_ptr + i_h), 0.)[:, None]
     else:
         g = tl.zeros([BT, 1], dtype=tl.float32)
-    return tl.cumsum(g, 0)
+    if DECAY == 3:
+        return _prefix_sum_rows(g, BT, False)
+    return _prefix_sum(tl.sum(g, 1), BT, False)[:, None]
+
+
+# Prefix sums along the chunk are written as masked sums and products rather than tl.cumsum: Triton
+# 3.6's scan lowering asserts (ScanOpToLLVM AddPartialReduce) on some of these layouts on sm_90.
+@triton.jit
+def _prefix_sum(x, BT: tl.constexpr, REVERSE: tl.constexpr):
+    """Inclusive sum of the [BT] vector x over rows j <= i (j >= i if REVERSE): [BT]."""
+    rows = tl.arange(0, BT)
+    if REVERSE:
+        keep = rows[None, :] >= rows[:, None]
+    else:
+        keep = rows[None, :] <= rows[:, None]
+    return tl.sum(tl.where(keep, x[None, :], 0.), 1)
+
+
+@triton.jit
+def _prefix_sum_rows(x, BT: tl.constexpr, REVERSE: tl.constexpr):
+    """Inclusive sum of the rows of x [BT, N] (N >= 16) over j <= i (j >= i if REVERSE), exact in fp32."""
+    rows = tl.arange(0, BT)
+    if REVERSE:
+        keep = rows[None, :] >= rows[:, None]
+    else:
+        keep = rows[None, :] <= rows[:, None]
+    return tl.dot(keep.to(tl.float32), x, input_precision="ieee")
 
 
 @triton.jit
@@ -492,12 +518,12 @@ def bwd_main_kernel(q, k, v, g, beta, gq, gk, lg, do, h_ws, dh_ws, A_ws, T_ws, c
     last = (rows == BT - 1)[:, None]
     if DECAY == 3:
         db = tl.where(last, db + db_last[None, :], db)
-        dgb = tl.sum(db, 0)[None, :] - tl.cumsum(db, 0) + db
+        dgb = _prefix_sum_rows(db, BT, True)
         tl.store(dg + (tok * H + i_h)[:, None] * K + cols[None, :], dgb.to(dg.dtype.element_ty),
                  mask=valid[:, None] & kmask[None, :])
     elif DECAY == 2:
         dbs = tl.sum(db, 1) + tl.where(rows == BT - 1, tl.sum(db_last, 0), 0.)
-        dgs = tl.sum(dbs, 0) - tl.cumsum(dbs, 0) + dbs
+        dgs = _prefix_sum(dbs, BT, True)
         tl.store(dg + tok * H + i_h, dgs.to(dg.dtype.element_ty), mask=valid)
     _qk_backward(q, gq, dq, dgq, tok, valid, i_h, H, K, cols, kmask, dqp, scale, True, READ_GATE, L2_NORM, EPS)
     _qk_backward(k, gk, dk, dgk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)

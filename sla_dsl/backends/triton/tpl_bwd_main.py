@@ -96,12 +96,12 @@ def bwd_main_kernel(q, k, v, g, beta, gq, gk, lg, do, h_ws, dh_ws, A_ws, T_ws, c
     last = (rows == BT - 1)[:, None]
     if DECAY == 3:
         db = tl.where(last, db + db_last[None, :], db)
-        dgb = tl.sum(db, 0)[None, :] - tl.cumsum(db, 0) + db
+        dgb = _prefix_sum_rows(db, BT, True)
         tl.store(dg + (tok * H + i_h)[:, None] * K + cols[None, :], dgb.to(dg.dtype.element_ty),
                  mask=valid[:, None] & kmask[None, :])
     elif DECAY == 2:
         dbs = tl.sum(db, 1) + tl.where(rows == BT - 1, tl.sum(db_last, 0), 0.)
-        dgs = tl.sum(dbs, 0) - tl.cumsum(dbs, 0) + dbs
+        dgs = _prefix_sum(dbs, BT, True)
         tl.store(dg + tok * H + i_h, dgs.to(dg.dtype.element_ty), mask=valid)
     _qk_backward(q, gq, dq, dgq, tok, valid, i_h, H, K, cols, kmask, dqp, scale, True, READ_GATE, L2_NORM, EPS)
     _qk_backward(k, gk, dk, dgk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)
