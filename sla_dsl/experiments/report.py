@@ -81,8 +81,13 @@ def select_cells(records: list[dict]) -> list[Cell]:
             return sum(values) / len(values) if values else -math.inf
         best = max(sorted(by_lr), key=mean_accuracy)  # sorted: ties go to the smallest learning rate
         cells.append(Cell(setting, spec, best, sorted(by_lr[best], key=lambda r: r["config"]["seed"]), len(by_lr)))
-    cells.sort(key=lambda c: (c.setting, c.backbone, c.sla))
+    cells.sort(key=lambda c: (sort_key(c.setting), c.backbone, c.sla))
     return cells
+
+
+def sort_key(setting: tuple) -> tuple:
+    """Settings of both tasks in one order: a field one task leaves None sorts before any value."""
+    return tuple((name, value is not None, value if value is not None else 0) for name, value in setting)
 
 
 def pairs(cells: list[Cell]) -> list[tuple[Cell | None, Cell | None]]:
@@ -202,7 +207,7 @@ def sweep_lines(records: list[dict]) -> list[str]:
     lines = ["## All runs by learning rate", "",
              "| task | setting | spec | lr | accuracy | train loss | diverged | s / run |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for (setting, spec, lr), rows in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
+    for (setting, spec, lr), rows in sorted(groups.items(), key=lambda item: (sort_key(item[0][0]), *item[0][1:])):
         cell = Cell(setting, spec, lr, rows, 1)
         loss = cell.stat(lambda r: r["train_loss"])
         wall = cell.stat(lambda r: r["timing"]["wall_s"])
