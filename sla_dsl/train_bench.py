@@ -68,7 +68,6 @@ def _run(command: list[str], timeout: float, log) -> tuple[str, int | None, str]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)  # its own group: a timeout ends its compile workers too
-    lines: list[str] = []
     try:
         output, _ = process.communicate(timeout=timeout)
         status = "ok" if process.returncode == 0 else "failed"
@@ -109,11 +108,17 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _parameters(count: int | None) -> str:
+    if not count:
+        return "-"
+    return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count:,}"
+
+
 def table_lines(rows: list[dict]) -> list[str]:
     lines = ["| spec | status | parameters | tokens | tokens/s | final train loss | final eval loss | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        params = f"{r['parameters'] / 1e6:.1f}M" if r.get("parameters") else "-"
+        params = _parameters(r.get("parameters"))
         lines.append(f"| {r['spec']} | {r['status']} | {params} | {_fmt(r.get('tokens'), ',')} | "
                      f"{_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('final_train_loss'), '.4f')} | "
                      f"{_fmt(r.get('final_eval_loss'), '.4f')} | {r['wall_s']} |")
@@ -135,7 +140,8 @@ def write_markdown(results: dict, path: Path) -> None:
              "byte vocabulary 256 (tied embeddings), SwiGLU MLP, each spec's own layer (expand_k, expand_v, "
              "decay form, short conv, output norm and gate)",
              f"- training: {config['token_budget']:,} tokens per spec ({config['batch_size']} x {config['seq_len']} "
-             f"tokens a step), AdamW lr {config['lr']} (warm-up, cosine to lr/10), bf16 autocast on the GPU, "
+             f"tokens a step), AdamW lr {config['lr']} (warm-up, cosine to lr/10), "
+             f"{'bf16 autocast' if meta['device'] != 'cpu' else 'fp32'}, "
              f"backend {config['backend']}, torch.compile(fullgraph=True) {'on' if config['compile'] else 'off'}",
              f"- eval: {config['eval_tokens']:,} held-out tokens every {config['eval_every']} steps and at the end",
              f"- corpus: {corpus.get('name', '?')} (Python {corpus.get('python', '?')}; "
@@ -157,17 +163,20 @@ def write_plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, r in enumerate(x for x in results["runs"] if x.get("train_curve")):
-        color = colors[i % len(colors)]
+    runs = [r for r in results["runs"] if r.get("train_curve")]
+    backbones = sorted({r["spec"].removeprefix("sla_") for r in runs})
+    for r in runs:  # one colour per backbone; SLA variants solid, baselines dashed
+        color = colors[backbones.index(r["spec"].removeprefix("sla_")) % len(colors)]
         style = "-" if r["spec"].startswith("sla_") else "--"
         curve = r["train_curve"]
         points = [curve[j:j + CURVE_SMOOTHING] for j in range(0, len(curve), CURVE_SMOOTHING)]
         ax.plot([p[-1][0] for p in points], [sum(v for _, v in p) / len(p) for p in points], style, color=color,
-                alpha=0.6, label=f"{r['spec']} train")
+                alpha=0.45, linewidth=1, label=f"{r['spec']} train")
         if r.get("eval_curve"):
-            ax.plot(*zip(*r["eval_curve"]), "o" + style, color=color, label=f"{r['spec']} eval")
+            ax.plot(*zip(*r["eval_curve"]), style, color=color, marker="o" if style == "-" else "s",
+                    linewidth=2, label=f"{r['spec']} eval")
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats per byte)")
     ax.set_title(f"{results['meta']['device']}: train (mean of {CURVE_SMOOTHING} steps) and eval loss")
@@ -253,7 +262,7 @@ def run_train_bench(args) -> int:
             results["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
             write_reports(results, out)
             print(f"[{index}/{len(specs)}] {name}: {row['status']}"
-                  + (f", {row['parameters'] / 1e6:.1f}M parameters, {_fmt(row.get('tokens_per_s'), ',.0f')} "
+                  + (f", {_parameters(row['parameters'])} parameters, {_fmt(row.get('tokens_per_s'), ',.0f')} "
                      f"tokens/s, eval loss {_fmt(row.get('final_eval_loss'), '.4f')}" if row.get("parameters") else "")
                   + f" ({row['wall_s']} s)" + (f"\n{row['error']}" if row["status"] != "ok" else ""), flush=True)
     print("\n".join(["", *table_lines(results["runs"]), "", f"wrote {out}/results.json, results.md, "

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from sla_dsl.nn import LanguageModel, LMConfig, ShortConvolution, SpecAttention
+from sla_dsl.testing import rel_error
 
 SPECS = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
 SPEC_IDS = [Path(p).stem for p in SPECS]
@@ -148,6 +149,25 @@ def test_fullgraph_compiled_model_equals_eager(path):
     torch.testing.assert_close(graph[0], eager[0])
     for a, b in zip(graph[1], eager[1]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=SPEC_IDS)
+def test_triton_backend_in_bf16_autocast_matches_the_reference(path):
+    """The GPU training path on the CPU (Triton's interpreter): bf16 q, k, v from autocast next to float32
+    decays, beta and gates, through the generated kernels; loss and gradients as the reference's."""
+    results = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = LanguageModel(LMConfig(spec=path, hidden_size=32, num_layers=1, num_heads=2, backend=backend))
+        ids = torch.randint(0, 256, (2, 40))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids.roll(-1, 1)).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=0)
+    for grad, ref in zip(grads, ref_grads):
+        assert rel_error(grad, ref) < 0.05
 
 
 def test_new_batch_and_sequence_lengths_do_not_recompile():
