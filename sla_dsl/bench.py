@@ -257,7 +257,7 @@ def run_bench(args) -> int:
     import sla_dsl
     from sla_dsl.autotune.runner import TORCH_DTYPES, resolve_specs
     from sla_dsl.autotune.shapes import Shape, parse_shapes
-    from sla_dsl.autotune.table import describe, gpu_name, versions
+    from sla_dsl.autotune.table import describe, forced_gpu, gpu_name, versions
     from sla_dsl.workloads import backbone_name, fla_equivalent, realistic_inputs, sdpa, sdpa_inputs
 
     started = time.time()
@@ -282,14 +282,27 @@ def run_bench(args) -> int:
     print(f"bench on {device_name}: {len(specs)} spec(s) x {len(shapes)} shape(s) x {len(phases)} phase(s); "
           f"backends {', '.join(backends)}; fla {'off' if args.no_fla else 'on'}; "
           f"SDPA {'off' if args.no_sdpa else 'on'}", flush=True)
+    # the tables our kernels read (sla_dsl.autotune.lookup): the running GPU's, or $SLA_DSL_AUTOTUNE_GPU's,
+    # the only ones a CPU run reads
+    table_gpu = forced_gpu() or (gpu if device == "cuda" else None)
     ops = {}
     for spec in specs:
         for backend in backends:
             try:
                 ops[(spec.name, backend)] = (sla_dsl.compile(spec, backend), None,
-                                             describe(spec, backend, gpu) if device == "cuda" else None)
+                                             describe(spec, backend, table_gpu) if table_gpu else None)
             except Exception as exc:  # noqa: BLE001
                 ops[(spec.name, backend)] = (None, _error_text(exc), None)
+
+    if device == "cuda":
+        from sla_dsl.autotune.precompile import compile_ahead
+
+        kernel_phases = ["fwd"] + (["bwd"] if "fwdbwd" in phases else [])
+        failures = compile_ahead([(backend, spec, shape, phase) for spec in specs for backend in backends
+                                  if ops[(spec.name, backend)][0] is not None
+                                  for shape in shapes for phase in kernel_phases])
+        for line in failures:
+            print(f"  compile ahead failed: {line}", file=sys.stderr, flush=True)
 
     for shape in shapes:
         dtype = TORCH_DTYPES[shape.dtype]

@@ -47,7 +47,7 @@ def setup(device: str | None = None) -> Distributed:
     one); under torchrun each rank takes the GPU of its LOCAL_RANK."""
     kind = torch.device(device or default_device()).type
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: expected cpu on this machine (torch.cuda.is_available() is False), got cuda")
+        raise ValueError("--device: expected cpu on this machine (torch.cuda.is_available() is False), got cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -90,15 +90,32 @@ def _tolerances(backend: str, dtype: torch.dtype) -> tuple[float, float]:
     return testing.TOLERANCES[dtype]
 
 
+def case_spec(case: Case):
+    """A seed spec with this case's recurrence: generated on demand into the user cache like any new spec."""
+    return dataclasses.replace(seed_specs()[0], recurrence=case.recurrence,
+                               name="gpu_check_" + testing.combination_id(case.recurrence).replace("-", "_"))
+
+
+def compile_jobs(backend: str, case_list: list[Case]) -> list[tuple]:
+    """(backend, spec, shape, phase) of every kernel the cases run, for compile_ahead."""
+    from sla_dsl.autotune import Shape
+
+    jobs = []
+    for case in case_list:
+        s = case.shape
+        batch = len(case.cu_seqlens) - 1 if case.cu_seqlens else s["batch"]
+        shape = Shape(batch, max(1, s["length"] // batch), s["heads"], s["dim_k"], s["dim_v"], case.dtype,
+                      case.cu_seqlens is not None)
+        jobs += [(backend, case_spec(case), shape, phase) for phase in ("fwd", "bwd")]
+    return jobs
+
+
 def run_case(backend: str, kernels_cache: dict, case: Case) -> dict:
     from sla_dsl.backends import build_backend
 
     key = case.recurrence
     if key not in kernels_cache:
-        # a seed spec with this case's recurrence: generated on demand into the user cache like any new spec
-        spec = dataclasses.replace(seed_specs()[0], recurrence=case.recurrence,
-                                   name="gpu_check_" + testing.combination_id(case.recurrence).replace("-", "_"))
-        kernels_cache[key] = build_backend(backend, spec)
+        kernels_cache[key] = build_backend(backend, case_spec(case))
     num_sequences = len(case.cu_seqlens) - 1 if case.cu_seqlens else None
     inputs = testing.make_inputs(case.recurrence, **case.shape, dtype=case.dtype, device="cuda", seed=7,
                                  num_sequences=num_sequences, decay_strength=case.decay_strength)
@@ -124,9 +141,17 @@ def run_gpu_check(args) -> int:
                  f"# torch {torch.__version__}, python {platform.python_version()}, {_versions()}"]
     print("\n".join(log_lines), flush=True)
     failures = 0
+    from sla_dsl.autotune.precompile import compile_ahead
+
     for backend in args.backends:
         rows, kernels_cache = [], {}
-        for case in cases(backend, args.quick):
+        case_list = cases(backend, args.quick)
+        for line in compile_ahead(compile_jobs(backend, case_list)):
+            print(f"# compile ahead failed: {line}", flush=True)
+        if args.compile_only:
+            print(f"# {backend}: compiled the kernels of {len(case_list)} cases", flush=True)
+            continue
+        for case in case_list:
             try:
                 row = run_case(backend, kernels_cache, case)
             except Exception as exc:  # noqa: BLE001 -- one failing case must not hide the others
@@ -142,6 +167,8 @@ def run_gpu_check(args) -> int:
         summary = f"# {backend}: {passed}/{len(rows)} cases passed"
         log_lines.append(summary)
         print(summary, flush=True)
+    if args.compile_only:
+        return 0
     (out / "gpu-check.log").write_text("\n".join(log_lines) + "\n")
     return 1 if failures else 0
 
@@ -171,4 +198,6 @@ def _versions() -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--backends", nargs="+", default=["triton", "tilelang"], choices=["triton", "tilelang"])
     parser.add_argument("--quick", action="store_true", help="only the seed specs at the real size")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile every kernel the cases run (into the disk caches) and stop")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/<gpu>/)")

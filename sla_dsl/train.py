@@ -67,14 +67,30 @@ class TrainConfig:
 DEFAULT_STEPS = 1000
 
 
+POSITIVE_FIELDS = ("batch_size", "seq_len", "hidden_size", "num_layers", "num_heads", "eval_every", "eval_tokens",
+                   "log_every", "checkpoint_every", "keep_checkpoints", "token_budget")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raises ValueError naming the first option out of range."""
+    for name in POSITIVE_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps: expected 0 or more, got {cfg.warmup_steps}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr: expected a positive number, got {cfg.lr}")
+
+
 def total_steps(cfg: TrainConfig, world_size: int) -> int:
     if cfg.steps is not None and cfg.token_budget is not None:
-        raise ValueError("steps, token_budget: expected one of them, got both")
+        raise ValueError("--steps, --token-budget: expected one of them, got both")
     if cfg.token_budget is not None:
         return max(1, math.ceil(cfg.token_budget / (cfg.batch_size * cfg.seq_len * world_size)))
     steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS
     if steps < 1:
-        raise ValueError(f"steps: expected a positive number, got {steps}")
+        raise ValueError(f"--steps: expected a positive integer, got {steps}")
     return steps
 
 
@@ -220,6 +236,7 @@ def train(cfg: TrainConfig) -> dict:
     from sla_dsl.corpus import load_corpus
 
     started = time.perf_counter()
+    check_config(cfg)
     group = distributed.setup(cfg.device)
     try:
         device = group.device

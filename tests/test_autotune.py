@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from sla_dsl.autotune import table
-from sla_dsl.autotune.protocol import ConfigRejected, resolve_config
-from sla_dsl.autotune.runner import Configured, verify_config
+from sla_dsl.autotune.protocol import ConfigRejected, config_label, resolve_config
+from sla_dsl.autotune.runner import Configured, call_arguments, verify_arguments, verify_config
 from sla_dsl.autotune.shapes import Shape, bucket, nearest, parse_shape, parse_shapes, reference_shapes
+from sla_dsl.autotune.space import Space
 from sla_dsl.autotune.sweep import Task, is_fatal, is_skippable, sweep
 from sla_dsl.backends.reference import ReferenceKernels
-from sla_dsl.codegen import SEED_SPECS_DIR
+from sla_dsl.codegen import SEED_SPECS_DIR, seed_specs
 from sla_dsl.loader import load_spec
 
 GPU = "Fake_GPU_80GB"
@@ -189,18 +190,40 @@ def test_two_processes_writing_at_once_leave_a_whole_merged_file(tables, gla):
     assert len(data["entries"]) == 30
 
 
+# --- spaces ------------------------------------------------------------------------------------------------
+
+def test_space_is_the_product_of_its_factors_and_moves_one_key_at_a_time():
+    space = Space([{"BT": 16, "BC": 16}, {"BT": 32, "BC": 16}, {"BT": 32, "BC": 32}],
+                  [{"BV": bv, "warps": w} for bv in (16, 32) for w in (4, 8)], order=("BV",))
+    assert len(space) == 12 and len(list(space)) == 12 and space.keys == ("BV", "BT", "BC", "warps")
+    config = {"BT": 32, "BC": 16, "BV": 16, "warps": 4}
+    assert config in space
+    assert {**config, "BT": 16, "BC": 32} not in space  # BC > BT: not a setting of its factor
+    assert {**config, "warps": 4.0} not in space and {**config, "extra": 1} not in space
+    assert {k: v for k, v in config.items() if k != "BC"} not in space
+    # BV first (the order), then the other keys in factor order; BT=16 with BC=16 is a setting of the first factor
+    assert space.moves(config) == [{**config, "BV": 32}, {**config, "BT": 16}, {**config, "BC": 32},
+                                   {**config, "warps": 8}]
+    assert Space.of([{"a": 1}, {"a": 2}]).moves({"a": 1}) == [{"a": 2}]
+    with pytest.raises(ValueError, match="more than one factor"):
+        Space([{"a": 1}], [{"a": 2, "b": 1}])
+    with pytest.raises(ValueError, match="do not all have the keys"):
+        Space([{"a": 1}, {"b": 1}])
+
+
 # --- the protocol and the sweep ------------------------------------------------------------------------------
 
 class FakeKernels(ReferenceKernels):
-    """The reference backend with the tuning protocol; config 'wrong' scales o, block 256 fails to compile."""
+    """The reference backend with the tuning protocol: block 256 fails to compile, 'wrong' scales the outputs
+    (fast but wrong, like 16-bit operands that miss the tolerance)."""
 
     def __init__(self, spec):
         super().__init__(spec)
         self.calls = []
 
     def tuning_space(self, shape, phase="fwd"):
-        space = [{"block": b, "num_warps": w, "wrong": False} for b in (32, 64, 256) for w in (2, 4)]
-        return space + [{"block": 128, "num_warps": 8, "wrong": True}]
+        return Space([{"block": b} for b in (32, 64, 256)], [{"num_warps": w} for w in (2, 4, 8)],
+                     [{"wrong": False}, {"wrong": True}])
 
     def default_config(self, shape, phase="fwd"):
         return {"block": 32, "num_warps": 4, "wrong": False}
@@ -224,7 +247,8 @@ class FakeKernels(ReferenceKernels):
         return tuple(g * 1.01 if g is not None and config is not None and config["wrong"] else g for g in grads)
 
 
-FAKE_MS = {(32, 2): 5.0, (32, 4): 4.0, (64, 2): 3.0, (64, 4): 2.5, (256, 2): 0.1, (256, 4): 0.1, (128, 8): 1.0}
+# fake times add up per key, like the stages of a phase: block 64 and 2 warps are faster, 'wrong' too
+BLOCK_MS, WARPS_MS, WRONG_MS = {32: 2.0, 64: 1.0}, {2: 1.5, 4: 2.0, 8: 1.8}, {False: 0.0, True: -0.5}
 
 
 def fake_measure(task, config, precise=False):
@@ -238,10 +262,14 @@ def fake_measure(task, config, precise=False):
         task.kernels.forward(*args, None, 0.5, False, config=config)
     else:
         task.kernels.backward(*args, None, 0.5, torch.randn(1, 8, 2, task.shape.V), None, config=config)
-    return FAKE_MS[(config["block"], config["num_warps"])] * (0.9 if precise else 1.0)
+    ms = BLOCK_MS[config["block"]] + WARPS_MS[config["num_warps"]] + WRONG_MS[config["wrong"]]
+    return ms * (0.9 if precise else 1.0)
 
 
-def test_sweep_skips_compile_errors_rejects_wrong_winners_and_writes_verified_configs(tables, gla):
+def test_sweep_searches_by_moves_skips_compile_errors_never_builds_on_wrong_configs(tables, gla):
+    """From the default (32, 4, ok: 4.0 ms) round 1 times every one-key move and their combination
+    (64, 2, wrong: 2.0 ms), which fails the reference check, so round 2 starts from the fastest passing move
+    (64, 4, ok: 3.0 ms) and finds (64, 2, ok: 2.5 ms); round 3 finds nothing faster."""
     kernels = FakeKernels(gla)
     shape = Shape(2, 64, 2, 8, 8, "float32")
     tasks = [Task(kernels, gla, "triton", shape, phase) for phase in ("fwd", "bwd")]
@@ -253,30 +281,31 @@ def test_sweep_skips_compile_errors_rejects_wrong_winners_and_writes_verified_co
                                                  result.task.phase: result.entry()}})
 
     report = sweep(tasks, measure=fake_measure, verify=lambda t, c: verify_config(t, c, device="cpu"),
-                   budget_seconds=60, on_result=on_result)
+                   budget_seconds=120, on_result=on_result)
     assert report.aborted is None and len(written) == 2
     for result in report.results:
-        assert result.space == 7 and result.tried == 5 and result.skipped == 2 and result.failed == 0
-        assert result.rejected == 1  # the fast-but-wrong config failed the reference check
-        assert result.config == {"block": 64, "num_warps": 4, "wrong": False}
+        assert result.space == 18 and result.rounds == 3 and result.unexplored == 0
+        assert result.tried == 9 and result.skipped == 2 and result.failed == 0
+        assert result.rejected == 1  # the fast-but-wrong combination; never timed around
+        assert result.config == {"block": 64, "num_warps": 2, "wrong": False}
         assert result.ms == pytest.approx(2.25) and result.default_ms == pytest.approx(3.6)
         assert result.verified["o"] < 1e-5
     assert set(report.results[1].verified) >= {"o", "dq", "dk", "dv", "dg"}
     assert "skipped 4 (compile/resources)" in report.summary()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert table.lookup(gla, "triton", shape, phase="bwd", gpu=GPU) == {"block": 64, "num_warps": 4,
+        assert table.lookup(gla, "triton", shape, phase="bwd", gpu=GPU) == {"block": 64, "num_warps": 2,
                                                                              "wrong": False}
 
 
-def test_sweep_budget_always_times_the_default_and_counts_the_rest_unexplored(gla):
+def test_sweep_budget_always_times_the_default_and_counts_the_moves_left_unexplored(gla):
     kernels = FakeKernels(gla)
     ticks = iter(range(0, 10_000, 100))
     report = sweep([Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")],
                    measure=fake_measure, verify=lambda t, c: (True, {}), budget_seconds=1,
                    clock=lambda: next(ticks))
     result = report.results[0]
-    assert result.tried == 1 and result.unexplored == 6 and result.config == kernels.default_config(None)
+    assert result.tried == 1 and result.unexplored == 5 and result.config == kernels.default_config(None)
 
 
 def test_sweep_reports_when_no_config_passes(gla):
@@ -284,6 +313,45 @@ def test_sweep_reports_when_no_config_passes(gla):
     report = sweep([Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")],
                    measure=fake_measure, verify=lambda t, c: (False, {"o": 1.0}), budget_seconds=30)
     assert report.results[0].config is None and "NOT WRITTEN" in report.summary()
+
+
+def test_sweep_reports_a_default_outside_the_space(gla):
+    kernels = FakeKernels(gla)
+    kernels.default_config = lambda shape, phase="fwd": {"block": 128, "num_warps": 4, "wrong": False}
+    report = sweep([Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")],
+                   measure=fake_measure, verify=lambda t, c: (True, {}), budget_seconds=30)
+    assert report.results[0].config is None and "is not in the tuning space" in report.results[0].error
+
+
+class RecordingCompiler:
+    """Stands in for the precompile pool: records what the sweep asks for, and in which order."""
+
+    def __init__(self):
+        self.events = []
+
+    def request(self, task, configs, priority):
+        self.events += [("request", task.phase, priority, config_label(c)) for c in configs]
+
+    def wait(self, task, config, timeout):
+        self.events.append(("wait", task.phase, config_label(config)))
+        return True
+
+
+def test_sweep_queues_every_first_round_up_front_and_waits_before_each_timing(gla):
+    kernels = FakeKernels(gla)
+    compiler = RecordingCompiler()
+    tasks = [Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), phase) for phase in ("fwd", "bwd")]
+    report = sweep(tasks, measure=fake_measure, verify=lambda t, c: (True, {}), budget_seconds=60, compiler=compiler)
+    first = [e for e in compiler.events[:12]]
+    default = config_label(kernels.default_config(None))
+    assert first[0] == ("request", "fwd", 0, default) and first[6] == ("request", "bwd", 1, default)
+    assert all(e[0] == "request" for e in first) and compiler.events[12] == ("wait", "fwd", default)
+    timed = [e for e in compiler.events if e[0] == "wait"]
+    # every timing (and skipped compile) of both tasks waited for its compile: per task the default, two rounds
+    # of 5 one-key moves and the combination of round one's improvements
+    attempts = [r.tried + r.skipped + r.failed for r in report.results]
+    assert attempts == [12, 12] and len(timed) == sum(attempts)
+    assert len({e[1:] for e in timed}) == len(timed)  # no config timed twice
 
 
 def test_error_classification():
@@ -297,13 +365,23 @@ def test_resolve_config_prefers_given_then_valid_table_then_default(tables, gla,
     kernels = FakeKernels(gla)
     shape = Shape(2, 64, 2, 8, 8, "float32")
     write(tables, gla, entry(shape, fwd={"block": 64, "num_warps": 2, "wrong": False},
-                             bwd={"block": 999, "num_warps": 1, "wrong": False}))
+                             bwd={"block": 999, "num_warps": 2, "wrong": False}))
     monkeypatch.setattr(table, "gpu_name", lambda device=None: GPU)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_config(kernels, gla, "triton", shape, "fwd", {"x": 1}) == {"x": 1}
     assert resolve_config(kernels, gla, "triton", shape, "fwd") == {"block": 64, "num_warps": 2, "wrong": False}
     # a tuned config outside this shape's tuning space falls back to the default
     assert resolve_config(kernels, gla, "triton", shape, "bwd") == kernels.default_config(shape)
+
+
+def test_forced_gpu_reads_that_gpus_tables_without_cuda(tables, gla, monkeypatch):
+    shape = Shape(2, 64, 2, 8, 8, "float32")
+    write(tables, gla, entry(shape, fwd={"block": 64, "num_warps": 2, "wrong": False}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert table.lookup(gla, "triton", shape) is None
+    monkeypatch.setenv("SLA_DSL_AUTOTUNE_GPU", GPU)
+    assert table.lookup(gla, "triton", shape) == {"block": 64, "num_warps": 2, "wrong": False}
+    assert table.describe(gla, "triton", root=tables) == "tuned (1 buckets)"
 
 
 def test_configured_passes_configs_through(gla):
@@ -316,25 +394,16 @@ def test_configured_passes_configs_through(gla):
     assert kernels.calls[-1] == ("fwd", {"block": 32, "num_warps": 2, "wrong": False})
 
 
-def test_autotune_command_end_to_end_on_cpu(tables, monkeypatch, capsys):
-    """`python -m sla_dsl autotune --device cpu` with the fake kernels standing in for the triton backend:
-    sweeps, verifies, writes the table, prints the summary; a backend without the protocol is reported."""
-    import sla_dsl.backends
-    from sla_dsl.autotune import runner
-    from sla_dsl.cli import main
-
-    def fake_build(name, spec):
-        return FakeKernels(spec) if name == "triton" else ReferenceKernels(spec)
-
-    monkeypatch.setattr(sla_dsl.backends, "build_backend", fake_build)
-    monkeypatch.setattr(runner, "source_hash", lambda spec, backend: HASH)
-    code = main(["autotune", "--device", "cpu", "--backend", "all", "--spec", "gla", "--shapes", "1x32x2x8:fp32",
-                 "--budget-seconds", "60", "--out-dir", str(tables), "--no-progress"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert "tried 10, skipped 4 (compile/resources), failed 0," in out  # real CPU timings pick the winner
-    assert "gla/tilelang: kernels have no tuning_space/default_config" in out
-    data = table.read_table(table.table_path("cpu", "triton", "gla", tables))
-    (key, stored), = data["entries"].items()
-    assert key == "B1_T32_H2_K8_V8_float32" and set(stored) == {"shape", "fwd", "bwd"}
-    assert stored["fwd"]["config"]["wrong"] is False and stored["fwd"]["skipped"] == 2
+def test_timing_compiling_and_checking_pass_the_same_kinds_of_arguments(gla):
+    """The kernels the sweep times are the ones its workers compiled and its reference check runs: every
+    argument has the same dtype (decays float32, the rest in the shape's dtype) and the same optional
+    tensors are there (initial state, final state's gradient)."""
+    for spec in seed_specs():
+        for varlen in (False, True):
+            shape = Shape(2, 40, 2, 16, 16, "bfloat16", varlen)
+            positional, cu_seqlens, _, do, dfinal = call_arguments(spec, shape, "cpu")
+            inputs, verify_cu_seqlens = verify_arguments(spec, shape, "cpu")
+            timed = dict(zip(("q", "k", "v", "g", "beta", "gq", "gk", "initial_state"), positional))
+            assert {n: t.dtype for n, t in timed.items() if t is not None} == {n: t.dtype for n, t in inputs.items()}
+            assert (cu_seqlens is None) == (verify_cu_seqlens is None) == (not varlen)
+            assert do.dtype == torch.bfloat16 and dfinal.dtype == torch.float32

@@ -7,6 +7,7 @@ so repeated runs are fast. Compile times are printed and recorded in <cache>/til
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -22,19 +23,24 @@ TIMES: dict[str, float] = {}
 
 
 def _variants():
-    # (kernel, extra factory arguments): fwd without and with the stored states the backward uses
-    return [("fwd", {"store_states": False}), ("fwd", {"store_states": True}), ("bwd_dh", {}), ("bwd_chunk", {})]
+    # (phase, stage, extra factory arguments): fwd without and with the stored states the backward uses
+    return [("fwd", "fwd", {"store_states": False}), ("bwd", "bwd_states", {"store_states": True}),
+            ("bwd", "bwd_dh", {}), ("bwd", "bwd_chunk", {})]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_tilelang_kernels_compile_for_sm90a(spec):
-    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel
+    from sla_dsl.autotune import Shape
+    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
 
     kernels = TileLangKernels(spec)
     total = 0.0
-    for name, extra in _variants():
-        config = kernels.kernel_config(name, DIM_K, DIM_V)
+    shape = Shape(1, 64, HEADS, DIM_K, DIM_V)
+    for phase, stage, extra in _variants():
+        name = tuning.STAGE_KERNELS[stage]
+        full_config = kernels.default_config(shape, phase)
+        config = tuning.kernel_params(full_config, stage)
         start = time.perf_counter()
         compiled = compile_kernel(kernels.module, name, HEADS, DIM_K, DIM_V, "bfloat16", config, target=SM90_TARGET,
                                   **extra)
@@ -42,6 +48,10 @@ def test_tilelang_kernels_compile_for_sm90a(spec):
         total += elapsed
         source = compiled.get_kernel_source()
         assert "__global__" in source
+        # the shared-memory accounting that picks the default agrees with the layout TileLang emitted
+        offsets = [int(o) for o in re.findall(r"buf_dyn_shmem \+ (\d+)\)", source)]
+        needed = tuning.shared_memory_bytes(kernels.module, stage, full_config, shape)
+        assert offsets and max(offsets) < needed <= tuning.SM90_SHARED_MEMORY_BYTES
         label = f"{spec.name}.{name}" + ("+states" if extra.get("store_states") else "")
         TIMES[label] = elapsed
         print(f"compiled {label} ({config}) in {elapsed:.1f} s")
@@ -52,3 +62,28 @@ def test_tilelang_kernels_compile_for_sm90a(spec):
     previous = json.loads(record.read_text()) if record.exists() else {}
     previous.update(TIMES)
     record.write_text(json.dumps(previous, indent=1, sort_keys=True))
+
+
+def test_shared_memory_accounting_rejects_what_the_h100_refused():
+    """gdn's fwd at chunk 64, block_v 64, K=V=128 in bf16 asked the H100 for 254464 bytes and failed to launch
+    ("Failed to set the allowed dynamic shared memory size to 254464"): the accounting counts exactly that,
+    rejects it before compiling, and the default of every seed spec fits for the usual head dims and dtypes."""
+    from sla_dsl.autotune import ConfigRejected, Shape
+    from sla_dsl.backends.tilelang import TileLangKernels, tuning
+
+    gdn = TileLangKernels(next(s for s in SPECS if s.name == "gdn"))
+    shape = Shape(2, 4096, 4, 128, 128, "bfloat16")
+    refused = {"chunk": 64, "fwd_block_v": 64, "fwd_threads": 128, "fwd_num_stages": 0}
+    assert tuning.shared_memory_bytes(gdn.module, "fwd", refused, shape) == 254464
+    with pytest.raises(ConfigRejected, match="needs 254464 bytes of shared memory; a CTA may have 232448"):
+        tuning.check_fits(gdn.module, "fwd", refused, shape)
+    for spec in SPECS:
+        kernels = TileLangKernels(spec)
+        for dim in (64, 128):
+            for dtype in ("bfloat16", "float16", "float32"):
+                shape = Shape(2, 4096, 4, dim, dim, dtype)
+                for phase, stages in tuning.PHASE_STAGES.items():
+                    config = kernels.default_config(shape, phase)
+                    assert config in kernels.tuning_space(shape, phase)
+                    for stage in stages:
+                        tuning.check_fits(kernels.module, stage, config, shape)

@@ -86,7 +86,10 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_losses(tmp_path):
     resumed = train(dataclasses.replace(cfg, checkpoint_dir=None, log_json=None,
                                         resume=str(tmp_path / "ck" / "step-00000003.pt")))
     assert [e["loss"] for e in resumed["train"]] == [e["loss"] for e in whole["train"]]
-    assert resumed["eval"] == whole["eval"]
+    # Inductor may compile the no-grad eval graph afresh after a resume (other dynamic-shape guards), which
+    # reorders its float sums: eval losses agree to rounding, not bit for bit; the train losses above do.
+    assert [e["step"] for e in resumed["eval"]] == [e["step"] for e in whole["eval"]]
+    assert [e["loss"] for e in resumed["eval"]] == pytest.approx([e["loss"] for e in whole["eval"]], rel=1e-6)
     assert json.loads((tmp_path / "run.json").read_text())["summary"]["steps"] == 6
 
     with pytest.raises(ValueError, match="resume: the checkpoint is of another run .*seq_len"):

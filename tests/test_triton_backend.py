@@ -23,7 +23,7 @@ from sla_dsl.spec import Decay, FeatureMap, Gates, WriteGateOn, WriteRule
 
 FP32 = testing.TOLERANCES[torch.float32]
 BASE = load_spec(sla_dsl.codegen.SEED_SPECS_DIR / "gla.yaml")
-SMALL = {"BT": 16, "BC": 16}
+SMALL = {"BT": 16}
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +35,8 @@ def kernels_for(rec, config=SMALL) -> TritonKernels:
     name = "test_" + testing.combination_id(rec).replace("-", "_")
     name += f"_{rec.feature_map_q.value}_{rec.feature_map_k.value}_{int(rec.qk_l2_norm)}"
     spec = dataclasses.replace(BASE, name=name, recurrence=rec)
+    if config is not None and rec.decay is Decay.VECTOR:
+        config = {"BC": 16, **config}  # the sub-chunk exists only for vector decays
     return TritonKernels(spec, generated_module(spec, "triton", generator.filename(spec)), config)
 
 
@@ -96,7 +98,7 @@ def test_fp16(write):
 @pytest.mark.parametrize("decay", [Decay.SCALAR, Decay.VECTOR])
 def test_strong_decay_stays_finite(decay):
     rec = testing.recurrence(decay, WriteRule.DELTA, Gates.BOTH)
-    kernels = kernels_for(rec, {"BT": 32, "BC": 16})
+    kernels = kernels_for(rec, {"BT": 32})  # kernels_for adds BC = 16 for the vector decay
     inputs = testing.make_inputs(rec, 1, 160, 1, 16, 16, decay_strength=200.0)
     errors = testing.compare_to_reference(rec, kernels, inputs)
     assert all(math.isfinite(e) for e in errors.values()), errors
@@ -111,16 +113,35 @@ def test_no_final_state_and_no_initial_state():
 
 
 def test_default_config_and_tuning_space():
+    from sla_dsl.autotune import Shape
     from sla_dsl.backends.triton import runtime
 
-    rec = testing.recurrence(Decay.VECTOR, WriteRule.DELTA, Gates.BOTH)
-    for K, V in ((16, 16), (60, 100), (128, 128), (256, 256)):
-        cfg = default_config(rec, K, V, torch.bfloat16)
-        assert cfg["BT"] % cfg["BC"] == 0
-        for stage in runtime.STAGE_NAMES:
-            assert stage in cfg and stage in runtime.TUNING_SPACE
-    merged = runtime.merge_config(default_config(rec, 64, 64, torch.float32), {"fwd": {"BV": 16}, "BT": 32})
-    assert merged["fwd"]["BV"] == 16 and merged["BT"] == 32 and "num_warps" in merged["fwd"]
+    for rec in (testing.recurrence(Decay.VECTOR, WriteRule.DELTA, Gates.BOTH),
+                testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.NONE)):
+        for K, V in ((16, 16), (60, 100), (128, 128), (256, 256)):
+            for dtype in ("bfloat16", "float32"):
+                for phase in ("fwd", "bwd"):
+                    shape = Shape(2, 256, 4, K, V, dtype)
+                    cfg = default_config(rec, shape, phase)
+                    space = runtime.tuning_space(rec, shape, phase)
+                    assert cfg in space, (rec, shape, phase, cfg)
+                    assert ("BC" in cfg) == (rec.decay is Decay.VECTOR)
+                    assert cfg["BT"] % cfg.get("BC", 1) == 0
+                    stages = runtime.phase_stages(rec, phase)
+                    assert all(f"{stage}_num_warps" in cfg for stage in stages)
+                    assert ("intra_num_warps" in cfg) == runtime.launches_intra(rec)
+                    assert all(runtime.stage_options(cfg, s)["BV"] <= runtime.padded(V) for s in stages if s != "intra")
+                    assert all(c["dot_precision"] == "ieee" for c in space) == (dtype == "float32")
+
+
+def test_config_override_names_unknown_keys_and_keeps_the_rest_default():
+    rec = testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.NONE)
+    q = torch.zeros(1, 32, 2, 16)
+    kernels = kernels_for(rec, {"BT": 32, "fwd_BV": 16})
+    cfg = kernels._config(q, q, None, "fwd", None)
+    assert cfg["BT"] == 32 and cfg["fwd_BV"] == 16 and "fwd_num_warps" in cfg
+    with pytest.raises(ValueError, match=r"triton config: unknown keys \['BC'\]"):
+        kernels_for(rec, None)._config(q, q, None, "fwd", {"BC": 16})
 
 
 def test_generated_files_are_deterministic_and_headed():

@@ -2,15 +2,24 @@
 
 A tunable kernels object provides
 
-    kernels.tuning_space(shape[, phase]) -> list[dict]   every valid config for `shape` (a `Shape`), for
-                                                          phase 'fwd' or 'bwd' when it takes `phase`
-    kernels.default_config(shape[, phase]) -> dict        the heuristic choice (must be in tuning_space)
-    kernels.forward(..., config=None)                     None: resolve_config(); else run exactly `config`
+    kernels.tuning_space(shape[, phase]) -> Space | list[dict]   every valid config for `shape` (a `Shape`), for
+                                                                   phase 'fwd' or 'bwd' when it takes `phase`
+    kernels.default_config(shape[, phase]) -> dict                the heuristic choice (must be in the space)
+    kernels.forward(..., config=None)                             None: resolve_config(); else run exactly `config`
     kernels.backward(..., config=None)
 
+and optionally
+
+    kernels.precompile(shape, phase, config)    compiles every kernel `config` needs for calls of this shape's
+                                                H, K, V and dtype without launching any (the sweep runs it in
+                                                worker processes ahead of timing; their on-disk caches serve
+                                                the sweeping process)
+
 Config values are JSON scalars (int, float, str, bool); keys are the backend's own (e.g. chunk_size,
-block_k, block_v, num_warps, num_stages, and schedule choices). A config that cannot compile or does not
-fit the GPU may raise anything when run; raising `ConfigRejected` says so explicitly (counted as skipped).
+block_v, num_warps, num_stages, and schedule choices). A `Space` (sla_dsl.autotune.space) is a product of the
+spaces that kernel templates declare; a plain list is a space of those configs. A config that cannot compile
+or does not fit the GPU may raise anything when run; raising `ConfigRejected` says so explicitly (counted
+as skipped).
 
 At call time a backend does
 
@@ -26,6 +35,7 @@ from __future__ import annotations
 import inspect
 
 from sla_dsl.autotune.shapes import Shape
+from sla_dsl.autotune.space import Space
 from sla_dsl.autotune.table import lookup
 
 
@@ -45,20 +55,14 @@ def is_tunable(kernels) -> bool:
     return all(callable(getattr(kernels, name, None)) for name in ("tuning_space", "default_config"))
 
 
-def tuning_space(kernels, shape: Shape, phase: str) -> list[dict]:
+def tuning_space(kernels, shape: Shape, phase: str) -> Space:
     method = kernels.tuning_space
-    configs = method(shape, phase=phase) if _takes_phase(method) else method(shape)
-    return [dict(c) for c in configs]
+    return Space.of(method(shape, phase=phase) if _takes_phase(method) else method(shape))
 
 
 def default_config(kernels, shape: Shape, phase: str) -> dict:
     method = kernels.default_config
     return dict(method(shape, phase=phase) if _takes_phase(method) else method(shape))
-
-
-def config_key(config: dict) -> tuple:
-    """A hashable identity of a config (order of keys does not matter)."""
-    return tuple(sorted((k, repr(v)) for k, v in config.items()))
 
 
 def config_label(config: dict) -> str:
@@ -75,10 +79,8 @@ def resolve_config(kernels, spec, backend: str, shape: Shape, phase: str, config
     if (shape, phase) in cache:
         return cache[(shape, phase)]
     chosen = lookup(spec, backend, shape, phase=phase)
-    if chosen is not None:
-        valid = {config_key(c) for c in tuning_space(kernels, shape, phase)}
-        if config_key(chosen) not in valid:
-            chosen = None
+    if chosen is not None and chosen not in tuning_space(kernels, shape, phase):
+        chosen = None
     if chosen is None:
         chosen = default_config(kernels, shape, phase)
     cache[(shape, phase)] = chosen

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from sla_dsl.autotune.protocol import config_label, is_tunable, tuning_space, default_config
+from sla_dsl.autotune.precompile import Precompiler
+from sla_dsl.autotune.protocol import config_label, default_config, is_tunable, tuning_space
 from sla_dsl.autotune.shapes import Shape, parse_shapes
 from sla_dsl.autotune.sweep import Task, stderr_log, sweep
 from sla_dsl.autotune.table import gpu_name, source_hash, table_path, table_root, update_table
@@ -41,10 +43,37 @@ def varlen_bounds(batch: int, length: int) -> list[int]:
     return bounds
 
 
+def call_arguments(spec, shape: Shape, device, seed: int = 0):
+    """(forward's positional arguments q .. initial_state, cu_seqlens, scale, do, dfinal_state) for a call of
+    `shape`: realistic inputs (sla_dsl.workloads: q, k, v, beta and gates in the shape's dtype, decays in
+    float32), an initial state, and the final state's gradient. The timings, the ahead-of-time compiles
+    and the reference check (verify_config) all pass these dtypes and optional tensors, so they run the
+    same kernel specialisations."""
+    from sla_dsl.workloads import realistic_inputs
+
+    rec = spec.recurrence
+    dtype = TORCH_DTYPES[shape.dtype]
+    if shape.varlen:
+        bounds = varlen_bounds(shape.B, shape.T)
+        args = realistic_inputs(rec, 1, bounds[-1], shape.H, shape.K, shape.V, dtype=dtype, device=device, seed=seed)
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+        out_shape = (1, bounds[-1], shape.H, shape.V)
+    else:
+        args = realistic_inputs(rec, shape.B, shape.T, shape.H, shape.K, shape.V, dtype=dtype, device=device,
+                                seed=seed)
+        cu_seqlens, out_shape = None, (shape.B, shape.T, shape.H, shape.V)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    rand = lambda *size: torch.randn(*size, generator=gen, device=device, dtype=torch.float32)  # noqa: E731
+    state_shape = (shape.B, shape.H, shape.K, shape.V)
+    positional = [args.get(name) for name in ARG_NAMES] + [0.1 * rand(*state_shape)]
+    do, dfinal_state = rand(*out_shape).to(dtype), rand(*state_shape)
+    return positional, cu_seqlens, rec.resolved_scale(shape.K), do, dfinal_state
+
+
 class GpuMeasure:
-    """measure(task, config, precise) -> median ms of the task's phase with `config`, on realistic inputs of
-    the task's shape (cached for consecutive tasks of one spec and shape). The first run (compilation)
-    happens before timing."""
+    """measure(task, config, precise) -> median ms of the task's phase with `config`, on `call_arguments` of
+    the task's shape (cached for consecutive tasks of one spec and shape). The first run (compilation, or
+    loading what a compile worker left in the disk cache) happens before timing."""
 
     def __init__(self, device="cuda", quick_ms=(10, 40), precise_ms=(25, 150)):
         self.device, self.quick_ms, self.precise_ms = device, quick_ms, precise_ms
@@ -53,35 +82,22 @@ class GpuMeasure:
     def _inputs(self, task: Task):
         key = (task.spec.name, task.spec.source_sha256, task.shape)
         if key != self._key:
-            from sla_dsl.workloads import realistic_inputs
-
             self._args = None
-            torch.cuda.empty_cache()
-            s, rec = task.shape, task.spec.recurrence
-            dtype = TORCH_DTYPES[s.dtype]
-            if s.varlen:
-                bounds = varlen_bounds(s.B, s.T)
-                args = realistic_inputs(rec, 1, bounds[-1], s.H, s.K, s.V, dtype=dtype, device=self.device)
-                cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=self.device)
-                out_shape = (1, bounds[-1], s.H, s.V)
-            else:
-                args = realistic_inputs(rec, s.B, s.T, s.H, s.K, s.V, dtype=dtype, device=self.device)
-                cu_seqlens, out_shape = None, (s.B, s.T, s.H, s.V)
-            positional = [args.get(name) for name in ARG_NAMES] + [None]  # initial_state
-            scale = rec.resolved_scale(s.K)
-            do = torch.randn(out_shape, device=self.device, dtype=dtype)
-            self._args, self._key = (positional, cu_seqlens, scale, do), key
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+            self._args, self._key = call_arguments(task.spec, task.shape, self.device), key
         return self._args
 
     def __call__(self, task: Task, config: dict, precise: bool = False) -> float:
         import triton.testing
 
-        positional, cu_seqlens, scale, do = self._inputs(task)
+        positional, cu_seqlens, scale, do, dfinal_state = self._inputs(task)
         kernels = task.kernels
         if task.phase == "fwd":
-            fn = lambda: kernels.forward(*positional, cu_seqlens, scale, False, config=config)  # noqa: E731
+            fn = lambda: kernels.forward(*positional, cu_seqlens, scale, True, config=config)  # noqa: E731
         else:
-            fn = lambda: kernels.backward(*positional, cu_seqlens, scale, do, None, config=config)  # noqa: E731
+            fn = lambda: kernels.backward(*positional, cu_seqlens, scale, do, dfinal_state,  # noqa: E731
+                                          config=config)
         fn()
         if self.device != "cuda":  # CPU smoke runs of the driver: a plain median of three runs
             times = []
@@ -95,29 +111,49 @@ class GpuMeasure:
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def verify_config(task: Task, config: dict, *, device="cuda", tolerance_scale: float = 1.0) -> tuple[bool, dict]:
-    """Runs `config` for the task's phase at a small shape with the task's K, V, dtype and layout (T not a
-    multiple of the chunk, an initial state, final state out) against the float64 reference."""
-    from sla_dsl.testing import TOLERANCES, compare_to_reference, make_inputs
+# T of the reference check: not a multiple of any chunk size up to 64, and several chunks of each
+VERIFY_LENGTH = 2 * 64 + 37
 
-    rec, s = task.spec.recurrence, task.shape
-    dtype = TORCH_DTYPES[s.dtype]
-    chunk = int(config.get("chunk_size", 64) or 64)
-    length = 2 * chunk + 37
-    if s.varlen:
-        bounds = [0, chunk // 2 + 3, length, 2 * length]
-        inputs = make_inputs(rec, 1, bounds[-1], 2, s.K, s.V, dtype=dtype, device=device, seed=7,
+
+def verify_arguments(spec, shape: Shape, device, seed: int = 7):
+    """(inputs, cu_seqlens) of the reference check: T = VERIFY_LENGTH (two sequences of it for varlen, after a
+    short one), the shape's H, K, V, dtype and layout, an initial state, and call_arguments' dtypes."""
+    from sla_dsl.testing import make_inputs
+
+    rec = spec.recurrence
+    dtype = TORCH_DTYPES[shape.dtype]
+    if shape.varlen:
+        bounds = [0, 35, VERIFY_LENGTH, 2 * VERIFY_LENGTH]
+        inputs = make_inputs(rec, 1, bounds[-1], shape.H, shape.K, shape.V, dtype=dtype, device=device, seed=seed,
                              num_sequences=len(bounds) - 1)
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
     else:
-        inputs = make_inputs(rec, 2, length, 2, s.K, s.V, dtype=dtype, device=device, seed=7)
+        inputs = make_inputs(rec, 2, VERIFY_LENGTH, shape.H, shape.K, shape.V, dtype=dtype, device=device,
+                             seed=seed)
         cu_seqlens = None
+    if "g" in inputs:
+        inputs["g"] = inputs["g"].float()
+    return inputs, cu_seqlens
+
+
+def verify_config(task: Task, config: dict, *, device="cuda", tolerance_scale: float = 1.0) -> tuple[bool, dict]:
+    """Runs `config` for the task's phase against the float64 reference on verify_arguments (final state out),
+    so it checks the kernels that were timed, and compares with the tolerances of sla_dsl.testing."""
+    from sla_dsl.testing import TOLERANCES, compare_to_reference
+
+    inputs, cu_seqlens = verify_arguments(task.spec, task.shape, device)
     wrapped = Configured(task.kernels, fwd=config if task.phase == "fwd" else None,
                          bwd=config if task.phase == "bwd" else None)
-    errors = compare_to_reference(rec, wrapped, inputs, cu_seqlens=cu_seqlens, backward=task.phase == "bwd")
-    tol_out, tol_grad = (tolerance_scale * t for t in TOLERANCES[dtype])
+    errors = compare_to_reference(task.spec.recurrence, wrapped, inputs, cu_seqlens=cu_seqlens,
+                                  backward=task.phase == "bwd")
+    tol_out, tol_grad = (tolerance_scale * t for t in TOLERANCES[TORCH_DTYPES[task.shape.dtype]])
     ok = all(err <= (tol_out if name in ("o", "final_state") else tol_grad) for name, err in errors.items())
     return ok, {name: float(f"{err:.3g}") for name, err in errors.items()}
+
+
+def default_jobs() -> int:
+    """Compile workers: every core but two (the timing process and the system), at most 16."""
+    return max(1, min(16, (os.cpu_count() or 1) - 2))
 
 
 def resolve_specs(names: list[str] | None):
@@ -175,7 +211,9 @@ def run_autotune(args) -> int:
         tasks, problems = build_tasks(specs, backends, shapes)
         for task in tasks:
             space = tuning_space(task.kernels, task.shape, task.phase)
-            print(f"{task.label}: {len(space)} configs, default [{config_label(default_config(task.kernels, task.shape, task.phase))}]")
+            default = default_config(task.kernels, task.shape, task.phase)
+            print(f"{task.label}: {len(space)} configs ({len(space.moves(default))} one key from the default), "
+                  f"default [{config_label(default)}]")
         return 1 if problems and not tasks else 0
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -195,6 +233,8 @@ def run_autotune(args) -> int:
     measure = GpuMeasure(device)
     verify = lambda task, config: verify_config(task, config, device=device,  # noqa: E731
                                                 tolerance_scale=args.tolerance_scale)
+    jobs = args.jobs if args.jobs is not None else (default_jobs() if device == "cuda" else 0)
+    compiler = Precompiler(jobs) if jobs > 0 else None
     written: list[str] = []
 
     def on_result(result):
@@ -212,9 +252,15 @@ def run_autotune(args) -> int:
     from tqdm import tqdm
 
     progress = None if args.no_progress else (lambda **kw: tqdm(leave=False, dynamic_ncols=True, **kw))
-    report = sweep(tasks, measure=measure, verify=verify, budget_seconds=args.budget_seconds,
-                   on_result=on_result, progress=progress, log=stderr_log)
+    try:
+        report = sweep(tasks, measure=measure, verify=verify, budget_seconds=args.budget_seconds,
+                       on_result=on_result, progress=progress, log=stderr_log, compiler=compiler)
+    finally:
+        if compiler is not None:
+            compiler.close()
     print(report.summary())
+    if compiler is not None:
+        print(f"  {compiler.summary()}")
     for line in problems:
         print(f"  skipped: {line}")
     print(f"wrote {len(written)} table(s):" + "".join(f"\n  {p}" for p in written))
@@ -237,5 +283,8 @@ def add_arguments(parser) -> None:
                         help="multiply the reference-check tolerances of sla_dsl.testing (default 1)")
     parser.add_argument("--list", action="store_true", help="print each task's tuning space size; no GPU needed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="processes compiling configs ahead of their timing (default: the cores less two, at "
+                             "most 16, on cuda; 0 on cpu, where the interpreter compiles nothing)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a smoke run of the driver (tables go under <out-dir>/cpu/); no real timings")

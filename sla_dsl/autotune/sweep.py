@@ -1,26 +1,33 @@
 """The sweep driver behind `python -m sla_dsl autotune`.
 
-For every task (spec, backend, shape, phase): time the default config, then the rest of the backend's
-tuning space (default first, the rest in a deterministic shuffle so a sweep cut short by the budget still
-samples the whole space), re-time the best few with longer runs, check the winner against the float64
-reference at a small shape with that config (falling back to the next best when it fails), and write it.
-Configs that fail to compile or do not fit the GPU are skipped and counted; any other error counts as failed.
+For every task (spec, backend, shape, phase): time the default config, then search the backend's tuning space
+by coordinate moves: each round times every config one key away from the best so far (the keys that matter
+most first, so a task cut short by its budget has tried them), then the combination of every improving move
+(the stages of a phase are separate kernels, so their gains add up), and starts the next round from the
+fastest config that passes the check against the float64 reference. It stops when a round finds nothing
+faster, after MAX_ROUNDS, or at the task's deadline. The best few are re-timed with longer runs, and the
+fastest that passes the reference check (at a small shape with that config) is written. Configs that fail to
+compile or do not fit the GPU are skipped and counted; any other error counts as failed.
 
-Timing and verification are injected (`measure`, `verify`), so the driver runs on CPU with fake kernels.
+Timing and verification are injected (`measure`, `verify`), so the driver runs on CPU with fake kernels; so
+is compilation ahead of timing (`compiler`, see `precompile`), which the driver feeds with the configs it is
+about to time.
 """
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 
-from sla_dsl.autotune.protocol import config_key, config_label, default_config, tuning_space
+from sla_dsl.autotune.protocol import config_label, default_config, tuning_space
 from sla_dsl.autotune.shapes import Shape
+from sla_dsl.autotune.space import config_key
 
+MAX_ROUNDS = 3  # rounds of one-key moves, each from the fastest config so far
 FINALISTS = 3  # re-timed precisely before choosing
 MAX_VERIFY = 5  # candidates tried in order of time before falling back to the default
+DEFAULT_COMPILE_WAIT_S = 600.0  # the default is always timed: wait this long for a worker, then compile here
 
 _SKIP_TYPES = {"ConfigRejected", "CompilationError", "CompileTimeAssertionFailure", "OutOfResources",
                "OutOfMemoryError", "PTXASError", "TileLangError", "TVMError"}
@@ -83,7 +90,8 @@ class TaskResult:
     skipped: int = 0
     failed: int = 0
     rejected: int = 0  # timed fine but failed the reference check
-    unexplored: int = 0  # left out by the budget
+    unexplored: int = 0  # moves the search wanted to time when the budget ran out
+    rounds: int = 0  # search rounds started
     errors: list[str] = field(default_factory=list)
     error: str | None = None  # why nothing was written
 
@@ -92,7 +100,7 @@ class TaskResult:
         return {"config": self.config, "ms": self.ms, "default_config": self.default_config,
                 "default_ms": self.default_ms, "verified": self.verified, "space": self.space,
                 "tried": self.tried, "skipped": self.skipped, "failed": self.failed + self.rejected,
-                "unexplored": self.unexplored}
+                "unexplored": self.unexplored, "rounds": self.rounds}
 
 
 @dataclass
@@ -116,22 +124,27 @@ class SweepReport:
             gain = (f", {r.default_ms / r.ms:.2f}x vs default {r.default_ms:.3f} ms"
                     if r.default_ms and r.ms else "")
             lines.append(f"  {r.task.label}: {r.ms:.3f} ms{gain} [{config_label(r.config)}] "
-                         f"({r.tried}/{r.space} timed, {r.skipped} skipped, {r.failed} failed)")
+                         f"({r.tried} of {r.space} timed in {r.rounds} round(s), {r.skipped} skipped, "
+                         f"{r.failed} failed)")
         if self.aborted:
             lines.append(f"  ABORTED: {self.aborted}")
         return "\n".join(lines)
 
 
-def ordered_space(task: Task) -> tuple[dict, list[dict]]:
-    """(default, configs): the default first, then the rest of the space shuffled by a seed of the task."""
+def start_of(task: Task):
+    """(default, space) of a task; the default must lie in the space."""
+    space = tuning_space(task.kernels, task.shape, task.phase)
     default = default_config(task.kernels, task.shape, task.phase)
-    rest, seen = [], {config_key(default)}
-    for config in tuning_space(task.kernels, task.shape, task.phase):
-        if config_key(config) not in seen:
-            seen.add(config_key(config))
-            rest.append(config)
-    random.Random(f"{task.spec.name}/{task.backend}/{task.shape.key}/{task.phase}").shuffle(rest)
-    return default, [default, *rest]
+    if default not in space:
+        raise ValueError(f"default_config [{config_label(default)}] is not in the tuning space (keys "
+                         f"{', '.join(space.keys)})")
+    return default, space
+
+
+def first_round(task: Task) -> list[dict]:
+    """The default and the configs one key away from it: what a task times first (compiled ahead)."""
+    default, space = start_of(task)
+    return [default, *space.moves(default)]
 
 
 def _short(exc: BaseException) -> str:
@@ -139,96 +152,204 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
-def run_task(task: Task, *, measure, verify, deadline: float, clock=time.monotonic, progress=None) -> TaskResult:
-    """Sweeps one task until `deadline` (the default is always timed) and picks a verified winner."""
+def _combined(current: dict, current_ms: float, moved: list[tuple[float, dict]], space) -> dict | None:
+    """`current` with the value of the fastest improving move of every key, when more than one key improved."""
+    best: dict[str, tuple[float, object]] = {}
+    for ms, config in moved:
+        (key,) = [k for k in config if config[k] != current[k]]
+        if ms < current_ms and (key not in best or ms < best[key][0]):
+            best[key] = (ms, config[key])
+    if len(best) < 2:
+        return None
+    config = {**current, **{key: value for key, (_, value) in best.items()}}
+    return config if config in space else None
+
+
+class _Search:
+    """The state of one task's search: what was timed, skipped, failed and checked against the reference."""
+
+    def __init__(self, task: Task, result: TaskResult, space, *, measure, verify, deadline, clock, compiler,
+                 priority, bar):
+        self.task, self.result, self.space = task, result, space
+        self.measure, self.verify, self.deadline, self.clock = measure, verify, deadline, clock
+        self.compiler, self.priority, self.bar = compiler, priority, bar
+        self.timed: dict[tuple, tuple[float, int, dict]] = {}  # config key -> (ms, order of timing, config)
+        self.seen: set[tuple] = set()
+        self.verdicts: dict[tuple, tuple[bool, dict]] = {}  # config key -> (passed, relative errors)
+
+    def ms(self, config: dict) -> float:
+        return self.timed.get(config_key(config), (float("inf"),))[0]
+
+    def ranked(self) -> list[tuple[float, int, dict]]:
+        """Timed configs not rejected by the reference check, fastest first (ties: the earlier timed)."""
+        return sorted((t for k, t in self.timed.items() if self.verdicts.get(k, (True,))[0]),
+                      key=lambda item: (item[0], item[1]))
+
+    def attempt(self, config: dict, always: bool = False) -> bool:
+        """Times `config` once (counting skips and failures); False when the deadline stopped it."""
+        task, result = self.task, self.result
+        if not always and self.clock() > self.deadline:
+            return False
+        if self.compiler is not None:
+            timeout = DEFAULT_COMPILE_WAIT_S if always else max(0.0, self.deadline - self.clock())
+            if not self.compiler.wait(task, config, timeout) and not always:
+                return False
+        order = len(self.seen)  # the default is 0
+        self.seen.add(config_key(config))
+        if self.bar is not None:
+            top = self.ranked()[:1]
+            self.bar.set_postfix_str(f"try [{config_label(config)}] best "
+                                     + (f"{top[0][0]:.3f} ms [{config_label(top[0][2])}]" if top else "-"))
+        try:
+            ms = float(self.measure(task, config, precise=False))
+        except Exception as exc:  # noqa: BLE001 -- a bad config never stops the sweep
+            if is_fatal(exc):
+                raise FatalDeviceError(f"{task.label} [{config_label(config)}]: {_short(exc)}") from exc
+            if is_skippable(exc):
+                result.skipped += 1
+            else:
+                result.failed += 1
+                if len(result.errors) < 5:
+                    result.errors.append(f"[{config_label(config)}] {_short(exc)}")
+        else:
+            result.tried += 1
+            self.timed[config_key(config)] = (ms, order, config)
+            if order == 0:
+                result.default_ms = ms
+        if self.bar is not None:
+            self.bar.update(1)
+        return True
+
+    def passes(self, config: dict) -> bool:
+        """The reference check of `config` (once per config)."""
+        key = config_key(config)
+        if key not in self.verdicts:
+            try:
+                self.verdicts[key] = self.verify(self.task, config)
+            except Exception as exc:  # noqa: BLE001
+                if is_fatal(exc):
+                    raise FatalDeviceError(f"{self.task.label}: verification: {_short(exc)}") from exc
+                self.verdicts[key] = (False, {"exception": _short(exc)})
+            if not self.verdicts[key][0]:
+                self.result.rejected += 1
+                if len(self.result.errors) < 5:
+                    self.result.errors.append(f"[{config_label(config)}] failed the reference check: "
+                                              f"{self.verdicts[key][1]}")
+        return self.verdicts[key][0]
+
+    def next_base(self, current: dict) -> dict:
+        """The fastest config faster than `current` that passes the reference check (so a fast but wrong
+        setting, say 16-bit operands that miss the tolerance, never becomes the base of the next round),
+        else `current`."""
+        for ms, _, config in self.ranked()[:MAX_VERIFY]:
+            if ms >= self.ms(current):
+                break
+            if self.passes(config):
+                return config
+        return current
+
+    def search(self, default: dict) -> None:
+        self.attempt(default, always=True)
+        current = default
+        for _ in range(MAX_ROUNDS):
+            moves = [c for c in self.space.moves(current) if config_key(c) not in self.seen]
+            if not moves:
+                return
+            self.result.rounds += 1
+            if self.compiler is not None:
+                self.compiler.request(self.task, moves, self.priority)
+            if self.bar is not None:
+                self.bar.total += len(moves)
+                self.bar.refresh()
+            for number, config in enumerate(moves):
+                if not self.attempt(config):
+                    self.result.unexplored += len(moves) - number
+                    return
+            moved = [(self.ms(c), c) for c in moves if config_key(c) in self.timed]
+            combined = _combined(current, self.ms(current), moved, self.space)
+            if combined is not None and config_key(combined) not in self.seen:
+                if self.compiler is not None:
+                    self.compiler.request(self.task, [combined], self.priority)
+                if not self.attempt(combined):
+                    self.result.unexplored += 1
+                    return
+            base = self.next_base(current)
+            if base is current:
+                return
+            current = base
+
+    def choose(self, default: dict) -> None:
+        """Re-times the fastest few (and the default) precisely and writes the fastest that passes the check
+        into the result (the default when none of the first MAX_VERIFY does)."""
+        result = self.result
+        ranked = self.ranked()
+        finalists = ranked[:FINALISTS]
+        if all(order != 0 for _, order, _ in finalists) and config_key(default) in self.timed:
+            finalists.append(self.timed[config_key(default)])
+        precise = []
+        for ms, order, config in finalists:
+            try:
+                precise.append((float(self.measure(self.task, config, precise=True)), order, config))
+            except Exception as exc:  # noqa: BLE001
+                if is_fatal(exc):
+                    raise FatalDeviceError(f"{self.task.label}: {_short(exc)}") from exc
+                precise.append((ms, order, config))
+            if order == 0:
+                result.default_ms = precise[-1][0]
+        precise.sort(key=lambda item: (item[0], item[1]))
+        candidates = precise + [t for t in ranked if all(t[1] != p[1] for p in precise)]
+        attempts = candidates[:MAX_VERIFY]
+        if all(order != 0 for _, order, _ in attempts):
+            attempts += [c for c in candidates if c[1] == 0]
+        for ms, _, config in attempts:
+            if self.passes(config):
+                result.config, result.ms, result.verified = config, ms, self.verdicts[config_key(config)][1]
+                return
+        result.error = "no timed config passed the reference check" + (
+            f" ({result.errors[-1]})" if result.errors else "")
+
+
+def run_task(task: Task, *, measure, verify, deadline: float, clock=time.monotonic, progress=None, compiler=None,
+             priority: int = 0) -> TaskResult:
+    """Searches one task until `deadline` (the default is always timed) and picks a verified winner.
+    `compiler` (optional) compiles configs ahead: `request(task, configs, priority)` queues them, and
+    `wait(task, config, timeout) -> bool` says whether one is ready (False: not within `timeout`)."""
     result = TaskResult(task)
     try:
-        default, configs = ordered_space(task)
+        default, space = start_of(task)
     except Exception as exc:  # noqa: BLE001
         result.error = f"tuning_space/default_config failed: {_short(exc)}"
         return result
-    result.space, result.default_config = len(configs), default
-    timed: list[tuple[float, int, dict]] = []
-    bar = progress(total=len(configs), desc=task.label) if progress else None
-    best = None
+    result.space, result.default_config = len(space), default
+    bar = progress(total=1, desc=task.label) if progress else None
+    search = _Search(task, result, space, measure=measure, verify=verify, deadline=deadline, clock=clock,
+                     compiler=compiler, priority=priority, bar=bar)
     try:
-        for index, config in enumerate(configs):
-            if index > 0 and clock() > deadline:
-                result.unexplored = len(configs) - index
-                break
-            if bar is not None:
-                bar.set_postfix_str(f"try [{config_label(config)}] best "
-                                    + (f"{best[0]:.3f} ms [{config_label(best[2])}]" if best else "-"))
-            try:
-                ms = float(measure(task, config, precise=False))
-            except Exception as exc:  # noqa: BLE001 -- a bad config never stops the sweep
-                if is_fatal(exc):
-                    raise FatalDeviceError(f"{task.label} [{config_label(config)}]: {_short(exc)}") from exc
-                if is_skippable(exc):
-                    result.skipped += 1
-                else:
-                    result.failed += 1
-                    if len(result.errors) < 5:
-                        result.errors.append(f"[{config_label(config)}] {_short(exc)}")
-            else:
-                result.tried += 1
-                timed.append((ms, index, config))
-                if index == 0:
-                    result.default_ms = ms
-                if best is None or ms < best[0]:
-                    best = (ms, index, config)
-            if bar is not None:
-                bar.update(1)
+        search.search(default)
     finally:
         if bar is not None:
             bar.close()
-    if not timed:
+    if not search.timed:
         result.error = "no config ran" + (f" (e.g. {result.errors[0]})" if result.errors else "")
         return result
-    timed.sort(key=lambda item: (item[0], item[1]))
-    finalists = timed[:FINALISTS]
-    if all(index != 0 for _, index, _ in finalists) and result.default_ms is not None:
-        finalists.append((result.default_ms, 0, default))
-    precise = []
-    for ms, index, config in finalists:
-        try:
-            precise.append((float(measure(task, config, precise=True)), index, config))
-        except Exception as exc:  # noqa: BLE001
-            if is_fatal(exc):
-                raise FatalDeviceError(f"{task.label}: {_short(exc)}") from exc
-            precise.append((ms, index, config))
-        if index == 0:
-            result.default_ms = precise[-1][0]
-    precise.sort(key=lambda item: (item[0], item[1]))
-    candidates = precise + [t for t in timed if all(t[1] != p[1] for p in precise)]
-    attempts = [c for c in candidates[:MAX_VERIFY]]
-    if all(index != 0 for _, index, _ in attempts):
-        attempts += [c for c in candidates if c[1] == 0]
-    for ms, index, config in attempts:
-        try:
-            ok, errors = verify(task, config)
-        except Exception as exc:  # noqa: BLE001
-            if is_fatal(exc):
-                raise FatalDeviceError(f"{task.label}: verification: {_short(exc)}") from exc
-            ok, errors = False, {"exception": _short(exc)}
-        if ok:
-            result.config, result.ms, result.verified = config, ms, errors
-            return result
-        result.rejected += 1
-        if len(result.errors) < 5:
-            result.errors.append(f"[{config_label(config)}] failed the reference check: {errors}")
-    result.error = "no timed config passed the reference check" + (
-        f" ({result.errors[-1]})" if result.errors else "")
+    search.choose(default)
     return result
 
 
 def sweep(tasks: list[Task], *, measure, verify, budget_seconds: float, on_result=None, clock=time.monotonic,
-          progress=None, log=None) -> SweepReport:
+          progress=None, log=None, compiler=None) -> SweepReport:
     """Runs every task within the budget (shared out evenly; time a task leaves unused goes to the rest).
-    `on_result(result)` is called after each task (the CLI writes the table there)."""
+    `on_result(result)` is called after each task (the CLI writes the table there). With a `compiler`, the
+    first round of every task is queued at once, in task order, so compiling runs ahead of timing."""
     start = clock()
     results: list[TaskResult] = []
     aborted = None
+    if compiler is not None:
+        for number, task in enumerate(tasks):
+            try:
+                compiler.request(task, first_round(task), number)
+            except Exception:  # noqa: BLE001 -- run_task reports a broken tuning space
+                pass
     for number, task in enumerate(tasks):
         remaining = budget_seconds - (clock() - start)
         share = max(remaining, 0.0) / (len(tasks) - number)
@@ -236,7 +357,7 @@ def sweep(tasks: list[Task], *, measure, verify, budget_seconds: float, on_resul
         deadline = clock() + 0.8 * share
         try:
             result = run_task(task, measure=measure, verify=verify, deadline=deadline, clock=clock,
-                              progress=progress)
+                              progress=progress, compiler=compiler, priority=number)
         except FatalDeviceError as exc:
             aborted = f"{exc} -- the CUDA context is unusable; rerun for the remaining tasks"
             results.append(TaskResult(task, error=str(exc)))

@@ -13,6 +13,7 @@ File format (keys sorted, indent 1):
 A table whose source hash differs from the current generated kernels is ignored (one warning); a corrupt or
 truncated file gives one warning and defaults; a GPU without tables gives one warning naming the command
 that tunes it. Writers take a lock file, merge with what is there, and replace the file atomically.
+`$SLA_DSL_AUTOTUNE_GPU` names the GPU directory lookups read instead of the running GPU's.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class AutotuneWarning(UserWarning):
 def table_root() -> Path:
     """`$SLA_DSL_AUTOTUNE_DIR`, else the repository's autotune/."""
     return Path(os.environ.get("SLA_DSL_AUTOTUNE_DIR") or REPO_ROOT / "autotune")
+
+
+def forced_gpu() -> str | None:
+    """`$SLA_DSL_AUTOTUNE_GPU`: read the tables of this GPU directory instead of the running GPU's (another
+    GPU's tables, or the `cpu` tables of a `--device cpu` sweep, where lookups otherwise do nothing)."""
+    return os.environ.get("SLA_DSL_AUTOTUNE_GPU") or None
 
 
 def lookups_enabled() -> bool:
@@ -251,7 +258,8 @@ def lookup(spec, backend: str, shape: Shape, *, phase: str = "fwd", gpu: str | N
     if gpu is None:
         import torch
 
-        if not torch.cuda.is_available():  # CPU runs (interpreter, reference) have nothing to look up
+        gpu = forced_gpu()
+        if gpu is None and not torch.cuda.is_available():  # CPU runs (interpreter, reference): nothing to look up
             return None
     with _lock:
         try:
@@ -280,7 +288,7 @@ def clear_cache() -> None:
 
 def describe(spec, backend: str, gpu: str | None = None, root: Path | None = None) -> str:
     """One line on the table lookups will use, for reports: 'tuned (3 buckets)', 'no table', 'stale', ..."""
-    path = table_path(gpu or gpu_name(), backend, spec.name, Path(root) if root else None)
+    path = table_path(gpu or forced_gpu() or gpu_name(), backend, spec.name, Path(root) if root else None)
     try:
         data = read_table(path)
     except (OSError, ValueError):

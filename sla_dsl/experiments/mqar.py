@@ -80,8 +80,8 @@ class MQAR:
         keys = keys + self.keys.start
         values = torch.rand(batch_size, len(self.values), generator=generator, device=device).topk(n).indices
         values = values + self.values.start
-        gaps = torch.multinomial(self.gap_probabilities(device).expand(batch_size, -1), n, replacement=False,
-                                 generator=generator)
+        gaps = torch.multinomial(self.gap_probabilities(device).expand(batch_size, -1).contiguous(), n,
+                                 replacement=False, generator=generator)
         inputs = torch.randint(self.vocab_size, (batch_size, self.seq_len), generator=generator, device=device)
         inputs[:, 0:2 * n:2] = keys
         inputs[:, 1:2 * n:2] = values

@@ -74,10 +74,11 @@ class NeedleInHaystack:
         device = generator.device
         if depth is None:
             depth = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
-        depth = torch.as_tensor(depth, dtype=torch.float64, device=device).expand(batch_size)
-        if bool(((depth < 0) | (depth > 1)).any()):
-            raise ValueError(f"depth: expected values in [0, 1], got min {depth.min().item()}, max "
-                             f"{depth.max().item()}")
+        else:  # checked only when given: a host sync per training batch would stall the GPU
+            depth = torch.as_tensor(depth, dtype=torch.float64, device=device).expand(batch_size)
+            if bool(((depth < 0) | (depth > 1)).any()):
+                raise ValueError(f"depth: expected values in [0, 1], got min {depth.min().item()}, max "
+                                 f"{depth.max().item()}")
         length = self.value_len
         context = seq_len - length
         hay = self.haystack_tokens

@@ -7,9 +7,10 @@ key is the kernel's full TIR, so a changed template or spec never reuses a stale
     forward:  fwd                                  (one fused kernel)
     backward: fwd(store_states) -> bwd_dh -> bwd_chunk
 
-Tuning parameters (per kernel, see `TileLangKernels.config`): chunk, block_v, threads, num_stages.
-They can be overridden with `kernels.config.update(...)` or the environment variable
-SLA_DSL_TILELANG_CONFIG='{"fwd": {"block_v": 32}, "bwd_chunk": {"num_stages": 0}}'.
+Configs are flat dicts per phase (`tuning`: chunk, and block_v, threads, num_stages per stage) and follow the
+tuning protocol of `sla_dsl.autotune`: a call without `config` runs the tuned table's config for the running
+GPU, else the default. Settings can be fixed for every call with `TileLangKernels(spec, config={...})` or
+the environment variable SLA_DSL_TILELANG_CONFIG='{"fwd_block_v": 32, "bwd_chunk_num_stages": 1}'.
 """
 
 from __future__ import annotations
@@ -20,76 +21,81 @@ import os
 import torch
 
 from sla_dsl.alloc import new_output
+from sla_dsl.autotune import Shape, resolve_config
+from sla_dsl.backends.tilelang import tuning
 from sla_dsl.codegen import cache_dir, generated_module
 from sla_dsl.spec import Decay, Spec
 
 os.environ.setdefault("TILELANG_CACHE_DIR", str(cache_dir() / "tilelang"))
 
-KERNELS = ("fwd", "bwd_dh", "bwd_chunk")
 EXECUTION_BACKEND = "tvm_ffi"  # compiles device code with nvcc and needs no libcuda at build time
 SM90_TARGET = {"kind": "cuda", "arch": "sm_90a"}
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def default_config(name: str, dim_k: int, dim_v: int) -> dict:
-    """Tuning parameters of one kernel for head dimensions K, V (multiples of 16)."""
-    block_v = next(b for b in (64, 32, 16) if dim_v % b == 0)
-    chunk = 64 if dim_k <= 128 else 32
-    if name == "bwd_chunk":
-        chunk = 32 if dim_k > 64 else 64
-    # num_stages=0: the chunk loop is not software-pipelined until the pipelined variants are checked on
-    # the GPU (sweep num_stages in {0, 1, 2}).
-    return {"chunk": chunk, "block_v": block_v, "threads": 128, "num_stages": 0}
-
-
-def compile_kernel(module, name: str, heads: int, dim_k: int, dim_v: int, dtype: str, config: dict, target=None,
+def compile_kernel(module, name: str, heads: int, dim_k: int, dim_v: int, dtype: str, params: dict, target=None,
                    **extra):
+    """Compiles kernel factory `name` of a generated module with `params` (tuning.kernel_params)."""
     import tilelang
 
-    func = getattr(module, name)(heads, dim_k, dim_v, dtype, **config, **extra)
+    func = getattr(module, name)(heads, dim_k, dim_v, dtype, **params, **extra)
     return tilelang.compile(func, target=target or "auto", pass_configs=dict(module.PASS_CONFIGS),
                             execution_backend=EXECUTION_BACKEND)
 
 
 class TileLangKernels:
-    def __init__(self, spec: Spec):
+    """The backend object of `sla_dsl.backends`, with the tuning protocol of `sla_dsl.autotune`.
+
+    `config` (optional, flat, keys of either phase; else $SLA_DSL_TILELANG_CONFIG) overrides the settings it
+    names in every call; a call's own `config` does the same for that call. The rest come from the default."""
+
+    def __init__(self, spec: Spec, config: dict | None = None):
         from sla_dsl.backends.tilelang.generator import filename
 
         self.spec = spec
         self.recurrence = spec.recurrence
         self.module = generated_module(spec, "tilelang", filename(spec))
-        self.config: dict[str, dict] = {}
         override = os.environ.get("SLA_DSL_TILELANG_CONFIG")
-        self._override = json.loads(override) if override else {}
+        self.config = config if config is not None else (json.loads(override) if override else None)
         self._compiled = {}
+
+    # ---- the tuning protocol ----
+
+    def tuning_space(self, shape: Shape, phase: str = "fwd"):
+        return tuning.tuning_space(shape, phase)
+
+    def default_config(self, shape: Shape, phase: str = "fwd") -> dict:
+        return tuning.default_config(self.module, shape, phase)
+
+    def _config(self, q, v, cu_seqlens, phase: str, config: dict | None) -> dict:
+        shape = Shape.of(q, v, cu_seqlens)
+        override = config if config is not None else self.config
+        if override is not None:
+            known = {k for p in tuning.PHASE_STAGES for k in self.default_config(shape, p)}
+            unknown = sorted(set(override) - known)
+            if unknown:
+                raise ValueError(f"tilelang config: unknown keys {unknown}; the keys are {sorted(known)}")
+            phase_config = self.default_config(shape, phase)
+            override = {**phase_config, **{k: v for k, v in override.items() if k in phase_config}}
+        return resolve_config(self, self.spec, "tilelang", shape, phase, override)
 
     # ---- compilation ----
 
-    def kernel_config(self, name: str, dim_k: int, dim_v: int) -> dict:
-        config = default_config(name, dim_k, dim_v)
-        if name == "bwd_dh":  # must walk the same chunks as the states that fwd stored for bwd_chunk
-            config["chunk"] = self.kernel_config("bwd_chunk", dim_k, dim_v)["chunk"]
-        config.update(self._override.get(name, {}))
-        config.update(self.config.get(name, {}))
-        return config
-
-    def kernel(self, name: str, heads: int, dim_k: int, dim_v: int, dtype: torch.dtype, chunk=None, **extra):
-        config = self.kernel_config(name, dim_k, dim_v)
-        if chunk is not None:
-            config["chunk"] = chunk
-        key = (name, heads, dim_k, dim_v, dtype, tuple(sorted(config.items())), tuple(sorted(extra.items())))
+    def kernel(self, stage: str, config: dict, heads: int, dim_k: int, dim_v: int, dtype: torch.dtype, **extra):
+        """The compiled kernel of `stage` (a key of tuning.STAGE_KERNELS) with its settings in `config`."""
+        name, params = tuning.STAGE_KERNELS[stage], tuning.kernel_params(config, stage)
+        key = (name, heads, dim_k, dim_v, dtype, tuple(sorted(params.items())), tuple(sorted(extra.items())))
         if key not in self._compiled:
-            self._compiled[key] = compile_kernel(self.module, name, heads, dim_k, dim_v, _DTYPES[dtype], config,
+            tuning.check_fits(self.module, stage, config, Shape(1, 1, heads, dim_k, dim_v, dtype))
+            self._compiled[key] = compile_kernel(self.module, name, heads, dim_k, dim_v, _DTYPES[dtype], params,
                                                  **extra)
-        return self._compiled[key], config
+        return self._compiled[key]
 
     # ---- host-side packing ----
 
     def _pack(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale):
         batch, length, heads, dim_k = q.shape
         dim_v = v.shape[-1]
-        if dim_k % 16 or dim_v % 16:
-            raise ValueError(f"tilelang backend: K and V must be multiples of 16, got K={dim_k}, V={dim_v}")
         device = q.device
         if cu_seqlens is None:
             cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * length
@@ -125,10 +131,8 @@ class TileLangKernels:
         table = torch.stack([seq, within], 1).to(torch.int32).contiguous()
         return offsets.to(torch.int32).contiguous(), table, total
 
-    def _run_fwd(self, p, dtype, store_states, out_dtype, chunk=None):
-        kern, config = self.kernel("fwd", p["heads"], p["dim_k"], p["dim_v"], dtype, chunk=chunk,
-                                   store_states=store_states)
-        offsets, table, total = self._chunks(p["cu"], config["chunk"])
+    def _run_fwd(self, p, kern, chunk: int, store_states: bool, out_dtype):
+        offsets, table, total = self._chunks(p["cu"], chunk)
         heads, dim_k, dim_v = p["heads"], p["dim_k"], p["dim_v"]
         device = p["q"].device
         o = new_output((p["nt"], heads, dim_v), out_dtype, device)
@@ -143,28 +147,47 @@ class TileLangKernels:
 
     # ---- the backend interface ----
 
-    def forward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, output_final_state):
+    def forward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, output_final_state, config=None,
+                compile_only=False):
+        """compile_only: compile (or load from TileLang's disk cache) the kernels this call would run, run
+        none, return None (the sweep's workers, with the same arguments at a tiny length)."""
         if q.dtype == torch.float64:  # no float64 tensor cores: the float64 path is the reference
+            if compile_only:
+                return None
             from sla_dsl.backends.reference import ReferenceKernels
             return ReferenceKernels(self.spec).forward(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale,
                                                        output_final_state)
+        cfg = self._config(q, v, cu_seqlens, "fwd", config)
+        heads, dim_k, dim_v = q.shape[2], q.shape[3], v.shape[3]
+        kern = self.kernel("fwd", cfg, heads, dim_k, dim_v, q.dtype, store_states=False)
+        if compile_only:
+            return None
         p = self._pack(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale)
-        o, ht, _, _, _, _ = self._run_fwd(p, q.dtype, False, v.dtype)
+        o, ht, _, _, _, _ = self._run_fwd(p, kern, cfg["chunk"], False, v.dtype)
         o = o.view(p["batch"], p["length"], p["heads"], p["dim_v"])
         return o, (ht if output_final_state else None)
 
-    def backward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, do, dfinal_state):
+    def backward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, do, dfinal_state, config=None,
+                 compile_only=False):
+        """compile_only: as in forward."""
         if q.dtype == torch.float64:
+            if compile_only:
+                return None
             from sla_dsl.backends.reference import ReferenceKernels
             return ReferenceKernels(self.spec).backward(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale,
                                                         do, dfinal_state)
         dtype = q.dtype
+        cfg = self._config(q, v, cu_seqlens, "bwd", config)
+        heads, dim_k, dim_v = q.shape[2], q.shape[3], v.shape[3]
+        kern_states = self.kernel("bwd_states", cfg, heads, dim_k, dim_v, dtype, store_states=True)
+        kern_dh = self.kernel("bwd_dh", cfg, heads, dim_k, dim_v, dtype)
+        kern_chunk = self.kernel("bwd_chunk", cfg, heads, dim_k, dim_v, dtype)
+        if compile_only:
+            return None
         p = self._pack(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale)
-        heads, dim_k, dim_v, nt, num_seq = p["heads"], p["dim_k"], p["dim_v"], p["nt"], p["num_seq"]
+        nt, num_seq = p["nt"], p["num_seq"]
         device = q.device
-        # the stored states follow bwd_chunk's chunking
-        chunk = self.kernel_config("bwd_chunk", dim_k, dim_v)["chunk"]
-        _, _, hs, offsets, table, total = self._run_fwd(p, dtype, True, dtype, chunk=chunk)
+        _, _, hs, offsets, table, total = self._run_fwd(p, kern_states, cfg["chunk"], True, dtype)
         do_flat = do.reshape(nt, heads, dim_v).to(dtype).contiguous()
         dht = (dfinal_state.float().contiguous() if dfinal_state is not None
                else torch.zeros(num_seq, heads, dim_k, dim_v, dtype=torch.float32, device=device))
@@ -178,9 +201,7 @@ class TileLangKernels:
             shape = (nt, heads, dim_k) if name == "dg" and self.recurrence.decay is Decay.VECTOR else (nt, heads)
             small[name] = new_output(shape, torch.float32, device)
         if nt > 0:
-            kern_dh, _ = self.kernel("bwd_dh", heads, dim_k, dim_v, dtype)
             kern_dh(p["q"], p["k"], p["v"], *p["extras"], p["cu"], offsets, do_flat, dht, dh, dh0)
-            kern_chunk, _ = self.kernel("bwd_chunk", heads, dim_k, dim_v, dtype)
             kern_chunk(p["q"], p["k"], p["v"], *p["extras"], p["cu"], table, hs, dh, do_flat, dq, dk, dv,
                        *small.values())
         else:

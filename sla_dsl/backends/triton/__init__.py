@@ -1,9 +1,10 @@
 """The Triton backend: chunkwise forward and backward kernels generated from a spec's recurrence.
 
 `build(spec)` imports the spec's generated file (generated/triton/<name>.py, or a user-cache copy for
-specs outside specs/) and returns a `TritonKernels` (see `runtime`). Config interface for tuning:
-`runtime.default_config(rec, K, V, dtype)`, `runtime.TUNING_SPACE`, and `build(spec, config=...)` or
-`kernels.config = {...}` (merged over the default).
+specs outside specs/) and returns a `TritonKernels` (see `runtime`), which implements the tuning protocol of
+`sla_dsl.autotune`: `tuning_space(shape, phase)`, `default_config(shape, phase)`, and forward/backward with
+`config=None` (the tuned table's config for the running GPU, else the default). `build(spec, config=...)`
+fixes settings for every call (flat keys, e.g. {"BT": 32, "fwd_BV": 16}).
 """
 
 from __future__ import annotations

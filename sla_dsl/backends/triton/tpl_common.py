@@ -88,9 +88,12 @@ def _load_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.con
         g = tl.where(valid, tl.load(lg_ptr + i_h), 0.)[:, None]
     else:
         g = tl.zeros([BT, 1], dtype=tl.float32)
+    # one return: Triton type-checks every return of a function, also those in branches a constexpr removed
     if DECAY == 3:
-        return _prefix_sum_rows(g, BT, False)
-    return _prefix_sum(tl.sum(g, 1), BT, False)[:, None]
+        b = _prefix_sum_rows(g, BT, False)
+    else:
+        b = _prefix_sum(tl.sum(g, 1), BT, False)[:, None]
+    return b
 
 
 # Prefix sums along the chunk are written as masked sums and products rather than tl.cumsum: Triton

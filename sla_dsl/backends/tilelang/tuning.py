@@ -1,0 +1,148 @@
+"""The tuning space of the TileLang kernel templates (`generator`: fwd, bwd_dh, bwd_chunk).
+
+Each kernel factory takes a chunk size, the V-block of a CTA (block_v), its thread count and the software
+pipelining depth of its main loop (num_stages; 0 leaves the loop unpipelined). Phase fwd runs `fwd`; phase bwd
+runs `fwd` storing the chunk states (stage "bwd_states"), `bwd_dh` and `bwd_chunk`, which must walk the
+same chunks (states and state gradients are stored per chunk), so a phase has one chunk size.
+
+Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage.
+Constraints: K and V are multiples of 16 (tensor-core tiles); block_v divides V (the grid has V / block_v
+CTAs, and bwd_chunk loops over V / block_v blocks). A setting whose buffers need more shared memory than a
+CTA may have is rejected before it compiles (`check_fits`); one that needs more registers than the GPU has
+fails to compile or launch, and the sweep skips it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+import torch
+
+from sla_dsl.autotune.protocol import ConfigRejected
+from sla_dsl.autotune.space import Space
+
+CHUNK_SIZES = (16, 32, 64)
+BLOCK_V = (16, 32, 64)
+THREADS = (64, 128, 256)
+NUM_STAGES = (0, 1, 2)
+PHASE_STAGES = {"fwd": ("fwd",), "bwd": ("bwd_states", "bwd_dh", "bwd_chunk")}
+STAGE_KERNELS = {"fwd": "fwd", "bwd_states": "fwd", "bwd_dh": "bwd_dh", "bwd_chunk": "bwd_chunk"}
+STAGE_PARAMS = ("block_v", "threads", "num_stages")
+# Tried first by the sweep: the chunk and the V-blocking change the work of every CTA most.
+SEARCH_ORDER = ("chunk", *(f"{stage}_{param}" for param in STAGE_PARAMS for stage in STAGE_KERNELS))
+
+
+def _stages(phase: str) -> tuple[str, ...]:
+    if phase not in PHASE_STAGES:
+        raise ValueError(f"phase: expected 'fwd' or 'bwd', got {phase!r}")
+    return PHASE_STAGES[phase]
+
+
+def _check_dims(dim_k: int, dim_v: int) -> None:
+    if dim_k % 16 or dim_v % 16:
+        raise ValueError(f"tilelang backend: K and V must be multiples of 16, got K={dim_k}, V={dim_v}")
+
+
+def tuning_space(shape, phase: str) -> Space:
+    """Every valid config of `phase` for `shape` (a sla_dsl.autotune.Shape)."""
+    _check_dims(shape.K, shape.V)
+    settings = [{"block_v": bv, "threads": t, "num_stages": s}
+                for bv in BLOCK_V if shape.V % bv == 0 for t in THREADS for s in NUM_STAGES]
+    stages = [[{f"{stage}_{k}": v for k, v in setting.items()} for setting in settings] for stage in _stages(phase)]
+    return Space([{"chunk": c} for c in CHUNK_SIZES], *stages, order=SEARCH_ORDER)
+
+
+# The opt-in shared memory of one CTA on sm_90 (H100, H200): the target CI compiles for without a GPU.
+SM90_SHARED_MEMORY_BYTES = 227 * 1024
+_SHARED_ALLOC = re.compile(r'T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)')
+
+
+@functools.cache
+def _shared_buffers(module, kernel: str) -> tuple[tuple[tuple[str, ...], bool], ...]:
+    """(dimension names, is float32) of every T.alloc_shared in the source of a generated kernel factory."""
+    source = inspect.getsource(getattr(module, kernel))
+    return tuple((tuple(d.strip() for d in dims.split(",") if d.strip()), kind == '"float32"')
+                 for dims, kind in _SHARED_ALLOC.findall(source))
+
+
+def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
+    """Shared memory of one stage's kernel under `config`: the sum of its buffers, which TileLang lays out
+    side by side (the sum matched the 254464 bytes that the H100 refused for gdn's fwd at chunk 64, K 128)."""
+    params = kernel_params(config, stage)
+    sizes = {"C": params["chunk"], "BV": params["block_v"], "K": shape.K, "V": shape.V}
+    element = 4 if shape.dtype == "float32" else 2
+    total = 0
+    for dims, is_float32 in _shared_buffers(module, STAGE_KERNELS[stage]):
+        count = 1
+        for dim in dims:
+            count *= sizes[dim]
+        total += count * (4 if is_float32 else element)
+    return total
+
+
+def shared_memory_limit() -> int:
+    """Bytes of shared memory a CTA may opt into on this machine's GPU (sm_90's when there is none)."""
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(getattr(properties, "shared_memory_per_block_optin", SM90_SHARED_MEMORY_BYTES))
+    return SM90_SHARED_MEMORY_BYTES
+
+
+def max_threads(chunk: int) -> int:
+    """T.gemm gives each warp a multiple of 16 rows and 8 columns of a tile: the chunk x chunk products cover
+    at most (chunk / 16) * (chunk / 8) warps."""
+    return 32 * (chunk // 16) * (chunk // 8)
+
+
+def check_fits(module, stage: str, config: dict, shape) -> None:
+    """Raises ConfigRejected when the stage's kernel cannot be built: more threads than its chunk's tiles
+    have warps for, or more shared memory than a CTA may have."""
+    params = kernel_params(config, stage)
+    if params["threads"] > max_threads(params["chunk"]):
+        raise ConfigRejected(f"tilelang {stage}: {params['threads']} threads at chunk {params['chunk']}; the "
+                             f"chunk's tiles have warps for at most {max_threads(params['chunk'])}")
+    needed, limit = shared_memory_bytes(module, stage, config, shape), shared_memory_limit()
+    if needed > limit:
+        raise ConfigRejected(f"tilelang {stage} at {kernel_params(config, stage)} for K={shape.K}, V={shape.V} "
+                             f"needs {needed} bytes of shared memory; a CTA may have {limit}")
+
+
+def default_config(module, shape, phase: str) -> dict:
+    """Heuristic settings for `shape` (a member of tuning_space): the largest chunk at which every stage fits
+    in shared memory, and at it each stage's largest block_v that fits. Blocks of V narrower than 32 are a
+    last resort: every V-block of a chunk recomputes the chunk's K-sized intra-chunk terms."""
+    _check_dims(shape.K, shape.V)
+    stages = _stages(phase)
+    block_sizes = [b for b in sorted(BLOCK_V, reverse=True) if shape.V % b == 0]
+    limit = shared_memory_limit()
+    for narrowest in (32, 16):
+        for chunk in sorted(CHUNK_SIZES, reverse=True):
+            config = _largest_fitting_blocks(module, shape, stages, chunk, [b for b in block_sizes if b >= narrowest],
+                                             limit)
+            if config is not None:
+                return config
+    raise ValueError(f"tilelang backend: no chunk size in {CHUNK_SIZES} and block_v in {block_sizes} fits the "
+                     f"{phase} kernels for K={shape.K}, V={shape.V} in {limit} bytes of shared memory")
+
+
+def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list[int], limit: int) -> dict | None:
+    config = {"chunk": chunk}
+    for stage in stages:
+        # num_stages=0: the pipelined variants are left to the sweep, which checks each winner against the
+        # float64 reference on the GPU
+        threads = min(128, max_threads(chunk))
+        fitting = (setting for setting in ({f"{stage}_block_v": b, f"{stage}_threads": threads,
+                                            f"{stage}_num_stages": 0} for b in block_sizes)
+                   if shared_memory_bytes(module, stage, {**config, **setting}, shape) <= limit)
+        setting = next(fitting, None)
+        if setting is None:
+            return None
+        config.update(setting)
+    return config
+
+
+def kernel_params(config: dict, stage: str) -> dict:
+    """The factory arguments of one stage's kernel (chunk, block_v, threads, num_stages) from a flat config."""
+    return {"chunk": config["chunk"], **{param: config[f"{stage}_{param}"] for param in STAGE_PARAMS}}
