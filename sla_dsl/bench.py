@@ -104,7 +104,8 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
             "- fla: the backbone's fla op doing the same work; what fla cannot fuse (the SLA gates, the silu "
             "feature map, the l2 norm when gates follow it) runs in torch around it and is timed with it "
             "(see notes). SDPA: `F.scaled_dot_product_attention(is_causal=True)` on [B, H, T, D].",
-            f"- wall time: {meta.get('wall_s', '?')} s", ""]
+            f"- wall time: {meta.get('wall_s', '?')} s"
+            + ("" if meta.get("complete", True) else " (incomplete: the run stopped before its last spec)"), ""]
     write_atomically(Path(path), "\n".join(head + table_lines(rows)) + "\n")
 
 
@@ -257,7 +258,7 @@ def run_bench(args) -> int:
     import sla_dsl
     from sla_dsl.autotune.runner import TORCH_DTYPES, resolve_specs
     from sla_dsl.autotune.shapes import Shape, parse_shapes
-    from sla_dsl.autotune.table import describe, forced_gpu, gpu_name, versions
+    from sla_dsl.autotune.table import describe, forced_gpu, gpu_name
     from sla_dsl.workloads import backbone_name, fla_equivalent, realistic_inputs, sdpa, sdpa_inputs
 
     started = time.time()
@@ -380,15 +381,23 @@ def run_bench(args) -> int:
             del args_in, leaves, grad
             if device == "cuda":
                 torch.cuda.empty_cache()
+            # after every spec, so that a run stopped by a time limit still leaves what it measured
+            paths = write_all(rows, out, _meta(device_name, command, args, started, complete=False))
 
-    meta = {"device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-        "%Y-%m-%d %H:%M UTC"), "versions": versions(), "command": command, "warmup_ms": args.warmup_ms,
-        "rep_ms": args.rep_ms, "wall_s": round(time.time() - started, 1)}
+    meta = _meta(device_name, command, args, started, complete=True)
     paths = write_all(rows, out, meta)
     print("\n".join(table_lines(rows)))
     errors = sum(1 for r in rows if r.get("error"))
     print(f"\n{len(rows)} rows ({errors} with errors) in {meta['wall_s']} s; wrote " + ", ".join(map(str, paths)))
     return 0 if any(r.get("ms") is not None for r in rows) else 1
+
+
+def _meta(device_name: str, command: str, args, started: float, complete: bool) -> dict:
+    from sla_dsl.autotune.table import versions
+
+    return {"device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC"), "versions": versions(), "command": command, "warmup_ms": args.warmup_ms,
+        "rep_ms": args.rep_ms, "wall_s": round(time.time() - started, 1), "complete": complete}
 
 
 def _progress(row: dict) -> None:
