@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from sla_dsl.backends.triton.offline import H100_SHARED_MEMORY_BYTES
+from sla_dsl.backends import SM90_SHARED_MEMORY_BYTES as H100_SHARED_MEMORY_BYTES
 from sla_dsl.codegen import seed_specs
 
 SPECS = seed_specs()

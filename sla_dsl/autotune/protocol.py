@@ -85,3 +85,18 @@ def resolve_config(kernels, spec, backend: str, shape: Shape, phase: str, config
         chosen = default_config(kernels, shape, phase)
     cache[(shape, phase)] = chosen
     return chosen
+
+
+def override_config(kernels, spec, backend: str, shape: Shape, phase: str, override: dict | None) -> dict | None:
+    """The full config of `phase` with the settings `override` names (keys of any phase; those of another
+    phase are ignored), or None without an override. Unknown keys raise a ValueError that lists the valid
+    ones. Used by backends that take a fixed config from their constructor, the environment or a call."""
+    if override is None:
+        return None
+    known = {k for p in ("fwd", "bwd") for k in default_config(kernels, shape, p)}
+    unknown = sorted(set(override) - known)
+    if unknown:
+        raise ValueError(f"{backend} config: unknown keys {unknown}; the keys of spec {spec.name!r} are "
+                         f"{sorted(known)}")
+    phase_config = default_config(kernels, shape, phase)
+    return {**phase_config, **{k: v for k, v in override.items() if k in phase_config}}

@@ -22,6 +22,7 @@ import torch
 
 from sla_dsl.alloc import new_output
 from sla_dsl.autotune import Shape, resolve_config
+from sla_dsl.autotune.protocol import override_config
 from sla_dsl.backends.tilelang import tuning
 from sla_dsl.codegen import cache_dir, generated_module
 from sla_dsl.spec import Decay, Spec
@@ -69,14 +70,8 @@ class TileLangKernels:
 
     def _config(self, q, v, cu_seqlens, phase: str, config: dict | None) -> dict:
         shape = Shape.of(q, v, cu_seqlens)
-        override = config if config is not None else self.config
-        if override is not None:
-            known = {k for p in tuning.PHASE_STAGES for k in self.default_config(shape, p)}
-            unknown = sorted(set(override) - known)
-            if unknown:
-                raise ValueError(f"tilelang config: unknown keys {unknown}; the keys are {sorted(known)}")
-            phase_config = self.default_config(shape, phase)
-            override = {**phase_config, **{k: v for k, v in override.items() if k in phase_config}}
+        override = override_config(self, self.spec, "tilelang", shape, phase,
+                                   config if config is not None else self.config)
         return resolve_config(self, self.spec, "tilelang", shape, phase, override)
 
     # ---- compilation ----

@@ -22,6 +22,7 @@ import torch
 
 from sla_dsl.autotune.protocol import ConfigRejected
 from sla_dsl.autotune.space import Space
+from sla_dsl.backends import SM90_SHARED_MEMORY_BYTES
 
 CHUNK_SIZES = (16, 32, 64)
 BLOCK_V = (16, 32, 64)
@@ -54,8 +55,6 @@ def tuning_space(shape, phase: str) -> Space:
     return Space([{"chunk": c} for c in CHUNK_SIZES], *stages, order=SEARCH_ORDER)
 
 
-# The opt-in shared memory of one CTA on sm_90 (H100, H200): the target CI compiles for without a GPU.
-SM90_SHARED_MEMORY_BYTES = 227 * 1024
 _SHARED_ALLOC = re.compile(r'T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)')
 
 

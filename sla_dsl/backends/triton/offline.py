@@ -25,11 +25,10 @@ from triton.runtime import driver
 from sla_dsl.autotune import Shape
 from sla_dsl.autotune.runner import call_arguments
 from sla_dsl.backends.triton import generator
-from sla_dsl.backends.triton.runtime import TritonKernels
+from sla_dsl.backends.triton.runtime import TritonKernels, interpreting
 from sla_dsl.codegen import generated_module
 
 KERNELS = ("intra_kernel", "fwd_kernel", "bwd_dh_kernel", "bwd_main_kernel")
-H100_SHARED_MEMORY_BYTES = 227 * 1024  # the opt-in maximum of one CTA on sm_90
 
 
 class SM90Driver:
@@ -61,7 +60,7 @@ def _registers_and_stack(cubin: bytes) -> tuple[int | None, int | None]:
 def compile_for_sm90(spec, dim: int = 128, dtype: str = "bfloat16", configs: dict | None = None) -> list[dict]:
     """Compiles every kernel of `spec` that a call at K = V = `dim` in `dtype` launches, for both phases, with
     `configs[phase]` (default: the backend's default config); one row per compiled kernel."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         raise RuntimeError("compile_for_sm90: TRITON_INTERPRET=1 in this process; run it in one without")
     driver.set_active(SM90Driver())
     kernels = TritonKernels(spec, generated_module(spec, "triton", generator.filename(spec)))

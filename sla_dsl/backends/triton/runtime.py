@@ -24,6 +24,7 @@ import triton
 
 from sla_dsl.alloc import new_output
 from sla_dsl.autotune import Shape, resolve_config
+from sla_dsl.autotune.protocol import override_config
 from sla_dsl.autotune.space import Space
 from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_main, tpl_fwd, tpl_intra
 from sla_dsl.spec import Decay, Recurrence, WriteRule
@@ -169,15 +170,8 @@ class TritonKernels:
 
     def _config(self, q, v, cu_seqlens, phase: str, config: dict | None) -> dict:
         shape = Shape.of(q, v, cu_seqlens)
-        override = config if config is not None else self.config
-        if override is not None:
-            known = {k for p in PHASE_STAGES for k in self.default_config(shape, p)}
-            unknown = sorted(set(override) - known)
-            if unknown:
-                raise ValueError(f"triton config: unknown keys {unknown}; the keys of spec "
-                                 f"{self.spec.name!r} are {sorted(known)}")
-            phase_config = self.default_config(shape, phase)
-            override = {**phase_config, **{k: v for k, v in override.items() if k in phase_config}}
+        override = override_config(self, self.spec, "triton", shape, phase,
+                                   config if config is not None else self.config)
         return resolve_config(self, self.spec, "triton", shape, phase, override)
 
     # -- launches ---------------------------------------------------------------------------------
