@@ -129,17 +129,17 @@ def test_default_config_and_tuning_space():
                     assert cfg["BT"] % cfg.get("BC", 1) == 0
                     stages = runtime.phase_stages(rec, phase)
                     assert all(f"{stage}_num_warps" in cfg for stage in stages)
-                    assert ("intra_num_warps" in cfg) == runtime.launches_intra(rec)
-                    assert all(runtime.stage_options(cfg, s)["BV"] <= runtime.padded(V) for s in stages if s != "intra")
+                    assert ("bwd_wy_num_warps" in cfg) == (phase == "bwd" and rec.write is WriteRule.DELTA)
+                    assert all(runtime.stage_options(cfg, s)["BV"] <= runtime.padded(V) for s in stages)
                     assert all(c["dot_precision"] == "ieee" for c in space) == (dtype == "float32")
 
 
 def test_config_override_names_unknown_keys_and_keeps_the_rest_default():
     rec = testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.NONE)
     q = torch.zeros(1, 32, 2, 16)
-    kernels = kernels_for(rec, {"BT": 32, "fwd_BV": 16})
+    kernels = kernels_for(rec, {"BT": 32, "states_BV": 16})
     cfg = kernels._config(q, q, None, "fwd", None)
-    assert cfg["BT"] == 32 and cfg["fwd_BV"] == 16 and "fwd_num_warps" in cfg
+    assert cfg["BT"] == 32 and cfg["states_BV"] == 16 and "states_num_warps" in cfg
     with pytest.raises(ValueError, match=r"triton config: unknown keys \['BC'\]"):
         kernels_for(rec, None)._config(q, q, None, "fwd", {"BC": 16})
 

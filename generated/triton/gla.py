@@ -4,8 +4,9 @@
 
 """gla: decay vector, write additive, gates none (write gate on key), feature maps q identity / k identity, qk_l2_norm False.
 
-Kernels: intra_kernel (in-chunk A and the delta rule's T), fwd_kernel (fused forward, state in
-registers), bwd_dh_kernel (reverse state-gradient pass), bwd_main_kernel (per-chunk gradients).
+Kernels: prep_kernel (q', k', b, the in-chunk A and the delta rule's WY form), states_kernel (the
+sequential state pass), output_kernel (outputs, parallel over chunks), bwd_dh_kernel (reverse
+state-gradient pass), bwd_dqk_kernel (per-chunk gradients), bwd_wy_kernel (the WY form's gradients).
 Launched by sla_dsl.backends.triton.runtime with FLAGS as constexpr arguments.
 """
 
@@ -60,9 +61,9 @@ def dphi_k(x):
 def _dot(a, b, PREC: tl.constexpr):
     """a @ b with fp32 accumulation. PREC 0: fp32 operands (ieee), 1: tf32, 2: fp16 operands, 3: bf16."""
     if PREC == 0:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif PREC == 1:
-        return tl.dot(a, b, input_precision="tf32")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     elif PREC == 2:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
     else:
@@ -124,8 +125,9 @@ def _load_beta(beta_ptr, gate_ptr, tok, valid, i_h, H, BETA_GATE: tl.constexpr):
 
 
 @triton.jit
-def _load_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
-    """In-chunk cumulative log decay b (<= 0): [BT, KP] for a vector decay, else [BT, 1].
+def _cumulative_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
+    """In-chunk cumulative log decay b (<= 0) from the raw decay input: [BT, KP] for a vector decay, else
+    [BT, 1]. Rows past the sequence end repeat the last valid row (their g is 0).
     DECAY 0: none, 1: constant per head (lg[h] = log gamma_h), 2: scalar g[B, T, H], 3: vector g[B, T, H, K]."""
     if DECAY == 3:
         g = tl.load(g_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], mask=valid[:, None] & kmask[None, :],
@@ -142,6 +144,48 @@ def _load_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.con
     else:
         b = _prefix_sum(tl.sum(g, 1), BT, False)[:, None]
     return b
+
+
+@triton.jit
+def _chunk_decay(b_ws, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
+    """b of one chunk as stage "prep" stored it (scalar and vector decays) or as computed from the constant:
+    [BT, KP] or [BT, 1]. Rows past the sequence end read the last valid row, so the last row is the decay
+    over the whole chunk (see _last_row)."""
+    last_tok = tl.max(tl.where(valid, tok, 0), 0)
+    tok_c = tl.minimum(tok, last_tok)
+    if DECAY == 3:
+        b = tl.load(b_ws + (tok_c * H + i_h)[:, None] * K + cols[None, :], mask=kmask[None, :], other=0.)
+    elif DECAY == 2:
+        b = tl.load(b_ws + tok_c * H + i_h)[:, None]
+    elif DECAY == 1:
+        steps = tl.minimum(tl.arange(0, BT) + 1, tl.sum(valid.to(tl.int32), 0))
+        b = (tl.load(lg_ptr + i_h) * steps.to(tl.float32))[:, None]
+    else:
+        b = tl.zeros([BT, 1], dtype=tl.float32)
+    return b
+
+
+@triton.jit
+def _fold_last(db, db_last, valid, DECAY: tl.constexpr, BT: tl.constexpr):
+    """db with the gradient of the whole-chunk decay (db_last, [KP]) added at the last valid row: what the
+    reverse cumsum of _store_decay_grad spreads over the chunk. [BT, KP] (vector decay) or [BT] (scalar)."""
+    last = tl.arange(0, BT) == tl.sum(valid.to(tl.int32), 0) - 1
+    if DECAY == 3:
+        out = tl.where(last[:, None], db + db_last[None, :], db)
+    else:
+        out = tl.sum(db, 1) + tl.where(last, tl.sum(db_last, 0), 0.)
+    return out
+
+
+@triton.jit
+def _store_decay_grad(dg_ptr, db, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
+    """dg from db (folded by _fold_last): b is the in-chunk cumsum of g, so dg is the reverse cumsum of db."""
+    if DECAY == 3:
+        dgb = _prefix_sum_rows(db, BT, True)
+        tl.store(dg_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], dgb.to(dg_ptr.dtype.element_ty),
+                 mask=valid[:, None] & kmask[None, :])
+    elif DECAY == 2:
+        tl.store(dg_ptr + tok * H + i_h, _prefix_sum(db, BT, True).to(dg_ptr.dtype.element_ty), mask=valid)
 
 
 # Prefix sums along the chunk are written as masked sums and products rather than tl.cumsum: Triton
@@ -303,12 +347,13 @@ def _chunk_rows(cu_seqlens, n, c, BT: tl.constexpr):
     return tok, tok < eos
 
 
-# ---- tpl_intra ------------------------------------------------------------
+# ---- tpl_prep ------------------------------------------------------------
 @triton.jit
-def intra_kernel(q, k, g, beta, gq, gk, lg, A_ws, T_ws, cu_seqlens, chunk_indices, scale, H, K,
-                 KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, DECAY: tl.constexpr,
-                 IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
-                 BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws, u_ws, cu_seqlens, chunk_indices,
+                scale, H, K, V, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+                DECAY: tl.constexpr, IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
+                BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
+                STORE_T: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     n = tl.load(chunk_indices + 2 * i_t)
     c = tl.load(chunk_indices + 2 * i_t + 1)
@@ -316,25 +361,39 @@ def intra_kernel(q, k, g, beta, gq, gk, lg, A_ws, T_ws, cu_seqlens, chunk_indice
     cols = tl.arange(0, KP)
     kmask = cols < K
     rows = tl.arange(0, BT)
+    m = valid[:, None] & kmask[None, :]
+    k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
     ws = (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :]
-    b = _load_decay(g, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-    kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    b = _cumulative_decay(g, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
     if DECAY == 3:
-        qp = _load_qk(q, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
+        tl.store(b_ws + k_off, b, mask=m)
+    elif DECAY == 2:
+        tl.store(b_ws + tok * H + i_h, tl.sum(b, 1), mask=valid)
+    qp = _load_qk(q, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
+    kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    tl.store(q_ws + k_off, qp.to(q_ws.dtype.element_ty), mask=m)
+    tl.store(k_ws + k_off, kp.to(k_ws.dtype.element_ty), mask=m)
+    if DECAY == 3:
         tl.store(A_ws + ws, _vec_rel(qp, kp, b, BT, BC, True, PREC))
     if IS_DELTA:
         bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
-        M = _intra(kp, kp, b, BT, BC, False, DECAY, PREC)
-        tl.store(T_ws + ws, _solve_unit_lower(bt[:, None] * M, BT))
+        Tm = _solve_unit_lower(bt[:, None] * _intra(kp, kp, b, BT, BC, False, DECAY, PREC), BT)
+        if STORE_T:
+            tl.store(T_ws + ws, Tm)
+        tl.store(w_ws + k_off, _dot(Tm, bt[:, None] * kp * tl.exp(b), PREC).to(w_ws.dtype.element_ty), mask=m)
+        for v0 in range(0, V, BV):
+            vcols = v0 + tl.arange(0, BV)
+            vm = valid[:, None] & (vcols < V)[None, :]
+            v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+            vb = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
+            tl.store(u_ws + v_off, _dot(Tm, bt[:, None] * vb, PREC).to(u_ws.dtype.element_ty), mask=vm)
 
 
-# ---- tpl_fwd ------------------------------------------------------------
+# ---- tpl_states ------------------------------------------------------------
 @triton.jit
-def fwd_kernel(q, k, v, g, beta, gq, gk, lg, h0, o, ht, h_ws, A_ws, T_ws, cu_seqlens, chunk_offsets, scale,
-               H, K, V, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
-               DECAY: tl.constexpr, IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
-               BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
-               HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_O: tl.constexpr, STORE_H: tl.constexpr):
+def states_kernel(k_ws, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens, chunk_offsets, H, K, V,
+                  KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
     length = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
@@ -344,7 +403,6 @@ def fwd_kernel(q, k, v, g, beta, gq, gk, lg, h0, o, ht, h_ws, A_ws, T_ws, cu_seq
     kmask = cols < K
     vcols = i_v * BV + tl.arange(0, BV)
     vmask = vcols < V
-    rows = tl.arange(0, BT)
     smask = kmask[:, None] & vmask[None, :]
     s_off = cols[:, None] * V + vcols[None, :]
     if HAS_H0:
@@ -353,44 +411,65 @@ def fwd_kernel(q, k, v, g, beta, gq, gk, lg, h0, o, ht, h_ws, A_ws, T_ws, cu_seq
         S = tl.zeros([KP, BV], dtype=tl.float32)
     for c in range(num_chunks):
         i_t = first_chunk + c
-        if STORE_H:
-            tl.store(h_ws + (i_t * H + i_h) * K * V + s_off, S, mask=smask)
+        tl.store(h_ws + (i_t * H + i_h) * K * V + s_off, S.to(h_ws.dtype.element_ty), mask=smask)
         tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
-        ws = (i_t * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :]
-        b = _load_decay(g, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
         b_last = _last_row(b, BT)
-        kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
-        vmask2 = valid[:, None] & vmask[None, :]
+        km = valid[:, None] & kmask[None, :]
+        k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+        kd = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32) * tl.exp(b_last[None, :] - b)
+        vm = valid[:, None] & vmask[None, :]
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
-        vb = tl.load(v + v_off, mask=vmask2, other=0.).to(tl.float32)
         if IS_DELTA:
-            bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
-            Tm = tl.load(T_ws + ws)
-            x = bt[:, None] * vb - _dot(bt[:, None] * kp * tl.exp(b), S, PREC)
-            u = _dot(Tm, x, PREC)
+            w = tl.load(w_ws + k_off, mask=km, other=0.)
+            vn = tl.load(u_ws + v_off, mask=vm, other=0.).to(tl.float32) - _dot(w, S, PREC)
+            tl.store(vn_ws + v_off, vn.to(vn_ws.dtype.element_ty), mask=vm)
         else:
-            u = vb
-        if STORE_O:
-            qp = _load_qk(q, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
-            if DECAY == 3:
-                A = tl.load(A_ws + ws)
-            else:
-                A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
-            ob = _dot(qp * tl.exp(b), S, PREC) + _dot(A, u, PREC)
-            tl.store(o + v_off, ob.to(o.dtype.element_ty), mask=vmask2)
-        kd = kp * tl.exp(tl.minimum(b_last[None, :] - b, 0.))
-        S = tl.exp(b_last)[:, None] * S + _dot(tl.trans(kd), u, PREC)
+            vn = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
+        S = tl.exp(b_last)[:, None] * S + _dot(tl.trans(kd), vn, PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, S, mask=smask)
 
 
+# ---- tpl_output ------------------------------------------------------------
+@triton.jit
+def output_kernel(q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seqlens, chunk_indices, H, K, V,
+                  KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                  IS_DELTA: tl.constexpr, PREC: tl.constexpr):
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = tl.load(chunk_indices + 2 * i_t)
+    c = tl.load(chunk_indices + 2 * i_t + 1)
+    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    cols = tl.arange(0, KP)
+    kmask = cols < K
+    rows = tl.arange(0, BT)
+    vcols = i_v * BV + tl.arange(0, BV)
+    vmask = vcols < V
+    km = valid[:, None] & kmask[None, :]
+    k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+    b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+    qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
+    if DECAY == 3:
+        A = tl.load(A_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
+    else:
+        A = _dot(qp, tl.trans(tl.load(k_ws + k_off, mask=km, other=0.)), PREC) * _decay_matrix(b, BT, True)
+    S = tl.load(h_ws + (i_t.to(tl.int64) * H + i_h) * K * V + cols[:, None] * V + vcols[None, :],
+                mask=kmask[:, None] & vmask[None, :], other=0.)
+    vm = valid[:, None] & vmask[None, :]
+    v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+    if IS_DELTA:
+        vn = tl.load(vn_ws + v_off, mask=vm, other=0.)
+    else:
+        vn = tl.load(v + v_off, mask=vm, other=0.)
+    ob = _dot(qp * tl.exp(b), S, PREC) + _dot(A, vn, PREC)
+    tl.store(o + v_off, ob.to(o.dtype.element_ty), mask=vm)
+
+
 # ---- tpl_bwd_dh ------------------------------------------------------------
 @triton.jit
-def bwd_dh_kernel(q, k, g, beta, gq, gk, lg, do, dht, dh0, dh_ws, A_ws, T_ws, cu_seqlens, chunk_offsets,
-                  scale, H, K, V, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
-                  DECAY: tl.constexpr, IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr,
-                  KEY_GATE: tl.constexpr, BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr,
-                  PREC: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr):
+def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws, cu_seqlens, chunk_offsets,
+                  H, K, V, KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
     length = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
@@ -410,38 +489,38 @@ def bwd_dh_kernel(q, k, g, beta, gq, gk, lg, do, dht, dh0, dh_ws, A_ws, T_ws, cu
     for r in range(num_chunks):
         c = num_chunks - 1 - r
         i_t = first_chunk + c
-        tl.store(dh_ws + (i_t * H + i_h) * K * V + s_off, dS, mask=smask)
+        tl.store(dh_ws + (i_t * H + i_h) * K * V + s_off, dS.to(dh_ws.dtype.element_ty), mask=smask)
         tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
-        b = _load_decay(g, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
         b_last = _last_row(b, BT)
-        qp = _load_qk(q, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
-        dob = tl.load(do + (tok * H + i_h)[:, None] * V + vcols[None, :], mask=valid[:, None] & vmask[None, :],
-                      other=0.).to(tl.float32)
+        km = valid[:, None] & kmask[None, :]
+        k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+        qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
+        vm = valid[:, None] & vmask[None, :]
+        v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+        dob = tl.load(do + v_off, mask=vm, other=0.)
         dS_in = _dot(tl.trans(qp * tl.exp(b)), dob, PREC) + tl.exp(b_last)[:, None] * dS
         if IS_DELTA:
-            ws = (i_t * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :]
-            kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
-            bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
+            kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
             if DECAY == 3:
-                A = tl.load(A_ws + ws)
+                A = tl.load(A_ws + (i_t * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
             else:
                 A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
-            kd = kp * tl.exp(tl.minimum(b_last[None, :] - b, 0.))
-            du = _dot(tl.trans(A), dob, PREC) + _dot(kd, dS, PREC)
-            dx = _dot(tl.trans(tl.load(T_ws + ws)), du, PREC)
-            dS_in -= _dot(tl.trans(bt[:, None] * kp * tl.exp(b)), dx, PREC)
+            dvn = _dot(tl.trans(A), dob, PREC) + _dot(kp * tl.exp(b_last[None, :] - b), dS, PREC)
+            tl.store(dvn_ws + v_off, dvn, mask=vm)
+            dS_in -= _dot(tl.trans(tl.load(w_ws + k_off, mask=km, other=0.)), dvn, PREC)
         dS = dS_in
     if HAS_H0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_off, dS.to(dh0.dtype.element_ty), mask=smask)
 
 
-# ---- tpl_bwd_main ------------------------------------------------------------
+# ---- tpl_bwd_dqk ------------------------------------------------------------
 @triton.jit
-def bwd_main_kernel(q, k, v, g, beta, gq, gk, lg, do, h_ws, dh_ws, A_ws, T_ws, cu_seqlens, chunk_indices,
-                    dq, dk, dv, dg, dbeta, dgq, dgk, scale, H, K, V, KP: tl.constexpr, BT: tl.constexpr,
-                    BC: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, IS_DELTA: tl.constexpr,
-                    READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr, BETA_GATE: tl.constexpr,
-                    L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_ws, dvn_ws, do, dq, dk, dv, dgq,
+                   dgk, dg, dk_ws, db_ws, dw_ws, cu_seqlens, chunk_indices, scale, H, K, V, KP: tl.constexpr,
+                   BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                   IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
+                   L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     n = tl.load(chunk_indices + 2 * i_t)
     c = tl.load(chunk_indices + 2 * i_t + 1)
@@ -449,26 +528,22 @@ def bwd_main_kernel(q, k, v, g, beta, gq, gk, lg, do, h_ws, dh_ws, A_ws, T_ws, c
     cols = tl.arange(0, KP)
     kmask = cols < K
     rows = tl.arange(0, BT)
+    km = valid[:, None] & kmask[None, :]
+    k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
     ws = (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :]
     state_base = (i_t.to(tl.int64) * H + i_h) * K * V
-    b = _load_decay(g, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+    b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
     b_last = _last_row(b, BT)
-    eb = tl.exp(b)
-    eb_tail = tl.exp(tl.minimum(b_last[None, :] - b, 0.))
-    qp = _load_qk(q, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
-    kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
-    kd = kp * eb_tail
-    if DECAY == 3:
-        A = tl.load(A_ws + ws)
+    if not IS_DELTA:
+        qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
+        kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
+        if DECAY == 3:
+            A = tl.load(A_ws + ws)
+        else:
+            A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
+        kd = kp * tl.exp(b_last[None, :] - b)
     else:
-        A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
-    if IS_DELTA:
-        bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
-        Tm = tl.load(T_ws + ws)
-        kbe = bt[:, None] * kp * eb
-        dT = tl.zeros([BT, BT], dtype=tl.float32)
-        dkbe = tl.zeros([BT, KP], dtype=tl.float32)
-        dbt = tl.zeros([BT], dtype=tl.float32)
+        dw = tl.zeros([BT, KP], dtype=tl.float32)
     dqe = tl.zeros([BT, KP], dtype=tl.float32)
     dkd = tl.zeros([BT, KP], dtype=tl.float32)
     dA = tl.zeros([BT, BT], dtype=tl.float32)
@@ -480,60 +555,98 @@ def bwd_main_kernel(q, k, v, g, beta, gq, gk, lg, do, h_ws, dh_ws, A_ws, T_ws, c
         s_off = state_base + cols[:, None] * V + vcols[None, :]
         S = tl.load(h_ws + s_off, mask=smask, other=0.)
         dS = tl.load(dh_ws + s_off, mask=smask, other=0.)
-        tmask = valid[:, None] & vmask[None, :]
+        vm = valid[:, None] & vmask[None, :]
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
-        vb = tl.load(v + v_off, mask=tmask, other=0.).to(tl.float32)
-        dob = tl.load(do + v_off, mask=tmask, other=0.).to(tl.float32)
+        dob = tl.load(do + v_off, mask=vm, other=0.)
         if IS_DELTA:
-            x = bt[:, None] * vb - _dot(kbe, S, PREC)
-            u = _dot(Tm, x, PREC)
+            vn = tl.load(vn_ws + v_off, mask=vm, other=0.)
         else:
-            u = vb
-        du = _dot(tl.trans(A), dob, PREC) + _dot(kd, dS, PREC)
+            vn = tl.load(v + v_off, mask=vm, other=0.)
         dqe += _dot(dob, tl.trans(S), PREC)
-        dkd += _dot(u, tl.trans(dS), PREC)
-        dA += _dot(dob, tl.trans(u), PREC)
-        s_ds += tl.sum(S * dS, 1)
+        dkd += _dot(vn, tl.trans(dS), PREC)
+        dA += _dot(dob, tl.trans(vn), PREC)
+        s_ds += tl.sum(S.to(tl.float32) * dS.to(tl.float32), 1)
         if IS_DELTA:
-            dx = _dot(tl.trans(Tm), du, PREC)
-            tl.store(dv + v_off, (bt[:, None] * dx).to(dv.dtype.element_ty), mask=tmask)
-            dbt += tl.sum(vb * dx, 1)
-            dkbe -= _dot(dx, tl.trans(S), PREC)
-            dT += _dot(du, tl.trans(x), PREC)
+            dw -= _dot(tl.load(dvn_ws + v_off, mask=vm, other=0.), tl.trans(S), PREC)
         else:
-            tl.store(dv + v_off, du.to(dv.dtype.element_ty), mask=tmask)
+            du = _dot(tl.trans(A), dob, PREC) + _dot(kd, dS, PREC)
+            tl.store(dv + v_off, du.to(dv.dtype.element_ty), mask=vm)
+    if IS_DELTA:
+        qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
+        kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
+        kd = kp * tl.exp(b_last[None, :] - b)
     dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.)
-    dqp = dqe * eb + _intra_left(dA, kp, b, BT, BC, DECAY, PREC)
-    dkp = dkd * eb_tail + _intra_right(dA, qp, b, BT, BC, DECAY, PREC)
-    db = qp * dqp - kp * dkp
-    db_last = tl.sum(kd * dkd, 0) + tl.exp(b_last) * s_ds
-    if IS_DELTA:
-        dL = -_dot(_dot(tl.trans(Tm), dT, PREC), tl.trans(Tm), PREC)
-        dL = tl.where(rows[:, None] > rows[None, :], dL, 0.)
-        M = _intra(kp, kp, b, BT, BC, False, DECAY, PREC)
-        dbt += tl.sum(dL * M, 1)
-        dM = bt[:, None] * dL
-        dk_row = _intra_left(dM, kp, b, BT, BC, DECAY, PREC)
-        dk_col = _intra_right(dM, kp, b, BT, BC, DECAY, PREC)
-        dkp += dk_row + dk_col + bt[:, None] * eb * dkbe
-        db += kp * (dk_row - dk_col) + kbe * dkbe
-        dbt += tl.sum(kp * eb * dkbe, 1)
-    last = (rows == BT - 1)[:, None]
-    if DECAY == 3:
-        db = tl.where(last, db + db_last[None, :], db)
-        dgb = _prefix_sum_rows(db, BT, True)
-        tl.store(dg + (tok * H + i_h)[:, None] * K + cols[None, :], dgb.to(dg.dtype.element_ty),
-                 mask=valid[:, None] & kmask[None, :])
-    elif DECAY == 2:
-        dbs = tl.sum(db, 1) + tl.where(rows == BT - 1, tl.sum(db_last, 0), 0.)
-        dgs = _prefix_sum(dbs, BT, True)
-        tl.store(dg + tok * H + i_h, dgs.to(dg.dtype.element_ty), mask=valid)
+    dqp = dqe * tl.exp(b) + _intra_left(dA, kp, b, BT, BC, DECAY, PREC)
+    dkp = dkd * tl.exp(b_last[None, :] - b) + _intra_right(dA, qp, b, BT, BC, DECAY, PREC)
     _qk_backward(q, gq, dq, dgq, tok, valid, i_h, H, K, cols, kmask, dqp, scale, True, READ_GATE, L2_NORM, EPS)
-    _qk_backward(k, gk, dk, dgk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    if DECAY >= 2:
+        db = _fold_last(qp * dqp - kp * dkp, tl.sum(kd * dkd, 0) + tl.exp(b_last) * s_ds, valid, DECAY, BT)
+        if not IS_DELTA:
+            _store_decay_grad(dg, db, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+        elif DECAY == 3:
+            tl.store(db_ws + k_off, db, mask=km)
+        else:
+            tl.store(db_ws + tok * H + i_h, db, mask=valid)
     if IS_DELTA:
-        if BETA_GATE:
-            gate = tl.load(gk + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
-            raw = tl.load(beta + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
-            tl.store(dgk + tok * H + i_h, (dbt * raw).to(dgk.dtype.element_ty), mask=valid)
-            dbt = dbt * gate
-        tl.store(dbeta + tok * H + i_h, dbt.to(dbeta.dtype.element_ty), mask=valid)
+        tl.store(dk_ws + k_off, dkp, mask=km)
+        tl.store(dw_ws + k_off, dw, mask=km)
+    else:
+        _qk_backward(k, gk, dk, dgk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)
+
+
+# ---- tpl_bwd_wy ------------------------------------------------------------
+@triton.jit
+def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, dk, dv, dbeta, dgk, dg,
+                  cu_seqlens, chunk_indices, H, K, V, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                  BV: tl.constexpr, DECAY: tl.constexpr, KEY_GATE: tl.constexpr, BETA_GATE: tl.constexpr,
+                  L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    n = tl.load(chunk_indices + 2 * i_t)
+    c = tl.load(chunk_indices + 2 * i_t + 1)
+    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    cols = tl.arange(0, KP)
+    kmask = cols < K
+    rows = tl.arange(0, BT)
+    km = valid[:, None] & kmask[None, :]
+    k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+    Tm = tl.load(T_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
+    bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
+    dT = tl.zeros([BT, BT], dtype=tl.float32)
+    dbt = tl.zeros([BT], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vcols = v0 + tl.arange(0, BV)
+        vm = valid[:, None] & (vcols < V)[None, :]
+        v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+        vb = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
+        du = tl.load(dvn_ws + v_off, mask=vm, other=0.)
+        dy = _dot(tl.trans(Tm), du, PREC)
+        tl.store(dv + v_off, (bt[:, None] * dy).to(dv.dtype.element_ty), mask=vm)
+        dbt += tl.sum(vb * dy, 1)
+        dT += _dot(du, tl.trans(bt[:, None] * vb), PREC)
+    b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+    eb = tl.exp(b)
+    kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    kbe = bt[:, None] * kp * eb
+    dw = tl.load(dw_ws + k_off, mask=km, other=0.)
+    dT += _dot(dw, tl.trans(kbe), PREC)
+    dkbe = _dot(tl.trans(Tm), dw, PREC)
+    dL = -_dot(_dot(tl.trans(Tm), dT, PREC), tl.trans(Tm), PREC)
+    dL = tl.where(rows[:, None] > rows[None, :], dL, 0.)
+    dbt += tl.sum(dL * _intra(kp, kp, b, BT, BC, False, DECAY, PREC), 1) + tl.sum(kp * eb * dkbe, 1)
+    dM = bt[:, None] * dL
+    dk_row = _intra_left(dM, kp, b, BT, BC, DECAY, PREC)
+    dk_col = _intra_right(dM, kp, b, BT, BC, DECAY, PREC)
+    dkp = tl.load(dk_ws + k_off, mask=km, other=0.) + dk_row + dk_col + bt[:, None] * eb * dkbe
+    if DECAY == 3:
+        db = tl.load(db_ws + k_off, mask=km, other=0.) + kp * (dk_row - dk_col) + kbe * dkbe
+        _store_decay_grad(dg, db, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+    elif DECAY == 2:
+        db = tl.load(db_ws + tok * H + i_h, mask=valid, other=0.) + tl.sum(kp * (dk_row - dk_col) + kbe * dkbe, 1)
+        _store_decay_grad(dg, db, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+    _qk_backward(k, gk, dk, dgk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    if BETA_GATE:
+        gate = tl.load(gk + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
+        raw = tl.load(beta + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
+        tl.store(dgk + tok * H + i_h, (dbt * raw).to(dgk.dtype.element_ty), mask=valid)
+        dbt = dbt * gate
+    tl.store(dbeta + tok * H + i_h, dbt.to(dbeta.dtype.element_ty), mask=valid)

@@ -10,7 +10,7 @@ common helpers and the four stage kernels. The host side (launches, workspaces, 
 
 from __future__ import annotations
 
-from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_main, tpl_common, tpl_fwd, tpl_intra
+from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_dqk, tpl_bwd_wy, tpl_common, tpl_output, tpl_prep, tpl_states
 from sla_dsl.codegen import header
 from sla_dsl.feature_maps import L2_NORM_EPS
 from sla_dsl.spec import Decay, FeatureMap, Spec, WriteRule
@@ -27,7 +27,7 @@ FEATURE_MAP_CODE = {
     FeatureMap.SIGMOID: ("_sigmoid(x)", "_sigmoid(x) * (1.0 - _sigmoid(x))"),
 }
 
-STAGES = (tpl_common, tpl_intra, tpl_fwd, tpl_bwd_dh, tpl_bwd_main)
+STAGES = (tpl_common, tpl_prep, tpl_states, tpl_output, tpl_bwd_dh, tpl_bwd_dqk, tpl_bwd_wy)
 
 
 def filename(spec: Spec) -> str:
@@ -55,8 +55,9 @@ def _source(spec: Spec) -> str:
         f'"""{spec.name}: decay {rec.decay.value}, write {rec.write.value}, gates {rec.gates.value} '
         f'(write gate on {rec.write_gate_on.value}), feature maps q {rec.feature_map_q.value} / k '
         f'{rec.feature_map_k.value}, qk_l2_norm {rec.qk_l2_norm}.\n\n'
-        "Kernels: intra_kernel (in-chunk A and the delta rule's T), fwd_kernel (fused forward, state in\n"
-        "registers), bwd_dh_kernel (reverse state-gradient pass), bwd_main_kernel (per-chunk gradients).\n"
+        "Kernels: prep_kernel (q', k', b, the in-chunk A and the delta rule's WY form), states_kernel (the\n"
+        "sequential state pass), output_kernel (outputs, parallel over chunks), bwd_dh_kernel (reverse\n"
+        "state-gradient pass), bwd_dqk_kernel (per-chunk gradients), bwd_wy_kernel (the WY form's gradients).\n"
         'Launched by sla_dsl.backends.triton.runtime with FLAGS as constexpr arguments.\n"""\n',
         "import triton\nimport triton.language as tl\n",
         f"# The spec's features, passed to every kernel as constexpr arguments.\nFLAGS = {{\n{flag_lines}\n}}\n",

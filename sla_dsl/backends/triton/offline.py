@@ -28,7 +28,7 @@ from sla_dsl.backends.triton import generator
 from sla_dsl.backends.triton.runtime import TritonKernels, interpreting
 from sla_dsl.codegen import generated_module
 
-KERNELS = ("intra_kernel", "fwd_kernel", "bwd_dh_kernel", "bwd_main_kernel")
+KERNELS = ("prep_kernel", "states_kernel", "output_kernel", "bwd_dh_kernel", "bwd_dqk_kernel", "bwd_wy_kernel")
 
 
 class SM90Driver:

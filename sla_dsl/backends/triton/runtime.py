@@ -1,16 +1,20 @@
 """Host side of the Triton backend: configs, workspaces and launches of the generated kernels.
 
-Schedule (per call):
-    forward:  [intra] (grid (chunks, H); only for the delta rule or a vector decay) -> fwd (grid (cdiv(V, BV), N*H))
-    backward: [intra] -> fwd with STORE_H (chunk states) -> bwd_dh (grid (cdiv(V, BV), N*H), reverse)
-              -> bwd_main (grid (chunks, H))
+Schedule (per call); only "states" and "bwd_dh" walk the chunks in sequence, everything else is parallel
+over chunks x heads (x V-blocks):
+    forward:  prep (grid (chunks, H)) -> states (grid (cdiv(V, BV), N*H)) -> output (grid (cdiv(V, BV), chunks, H))
+    backward: prep -> states (recomputed: chunk states, the delta rule's new values) -> bwd_dh (reverse,
+              grid (cdiv(V, BV), N*H)) -> bwd_dqk (grid (chunks, H)) -> bwd_wy (delta rule only, grid (chunks, H))
+
+Workspaces between the stages (q', k', w, u, the chunk states and their gradients) are float32, or the
+inputs' 16-bit dtype when the dots take 16-bit operands anyway (dot_precision "input"), as fla stores them.
 
 A config is a flat dict of JSON scalars for one phase (what the tuner sweeps and the tuned tables store):
     "BT": chunk size, "dot_precision": "ieee" | "tf32" | "input" (16-bit operands in the inputs' dtype),
     "BC": sub-chunk of the vector-decay in-chunk products (vector decay only; divides BT),
     "<stage>_<key>" for every key of the stage template's TUNING_SPACE (BV, num_warps, num_stages), for the
-    stages the phase launches: fwd: intra (delta rule or vector decay only), fwd; bwd: intra, bwd_states (the
-    fwd template storing the chunk states), bwd_dh, bwd_main.
+    stages the phase launches: fwd: prep, states, output; bwd: prep, bwd_states (the states template),
+    bwd_dh, bwd_dqk, bwd_wy (delta rule only).
 The space is the product of the shared settings and the stages' spaces (`tuning_space`); `default_config`
 is the heuristic, and a tuned table replaces it at call time (sla_dsl.autotune.resolve_config).
 """
@@ -26,21 +30,22 @@ from sla_dsl.alloc import new_output
 from sla_dsl.autotune import Shape, resolve_config
 from sla_dsl.autotune.protocol import override_config
 from sla_dsl.autotune.space import Space
-from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_main, tpl_fwd, tpl_intra
+from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_dqk, tpl_bwd_wy, tpl_output, tpl_prep, tpl_states
 from sla_dsl.spec import Decay, Recurrence, WriteRule
 
-STAGE_TEMPLATES = {"intra": tpl_intra, "fwd": tpl_fwd, "bwd_states": tpl_fwd, "bwd_dh": tpl_bwd_dh,
-                   "bwd_main": tpl_bwd_main}
-PHASE_STAGES = {"fwd": ("intra", "fwd"), "bwd": ("intra", "bwd_states", "bwd_dh", "bwd_main")}
+STAGE_TEMPLATES = {"prep": tpl_prep, "states": tpl_states, "output": tpl_output, "bwd_states": tpl_states,
+                   "bwd_dh": tpl_bwd_dh, "bwd_dqk": tpl_bwd_dqk, "bwd_wy": tpl_bwd_wy}
+PHASE_STAGES = {"fwd": ("prep", "states", "output"), "bwd": ("prep", "bwd_states", "bwd_dh", "bwd_dqk", "bwd_wy")}
 CHUNK_SIZES = (16, 32, 64)
 SUB_CHUNKS = (16, 32)
 # 16-bit inputs: tf32 keeps fp32 operands' range, "input" runs the tensor cores at 16-bit rate. fp32 and fp64
 # inputs need "ieee" to meet their 1e-5 tolerance, so they have nothing else to choose.
-PRECISIONS = {"float16": ("tf32", "input"), "bfloat16": ("tf32", "input"), "float32": ("ieee",),
+PRECISIONS = {"float16": ("input", "tf32"), "bfloat16": ("input", "tf32"), "float32": ("ieee",),
               "float64": ("ieee",)}
 # Tried first by the sweep: chunk size, operand precision and the V-blocking change every stage's work most.
-SEARCH_ORDER = ("BT", "dot_precision", "fwd_BV", "bwd_states_BV", "bwd_dh_BV", "bwd_main_BV", "fwd_num_warps",
-                "bwd_states_num_warps", "bwd_dh_num_warps", "bwd_main_num_warps", "BC")
+SEARCH_ORDER = ("BT", "dot_precision", "states_BV", "bwd_states_BV", "bwd_dh_BV", "output_BV", "bwd_dqk_BV",
+                "states_num_warps", "bwd_states_num_warps", "bwd_dh_num_warps", "output_num_warps",
+                "bwd_dqk_num_warps", "prep_num_warps", "bwd_wy_BV", "bwd_wy_num_warps", "prep_BV", "BC")
 CONSTRAINTS = ("BC <= BT and BT % BC == 0", "every stage's BV <= padded V (next power of two >= 16)",
                "dot_precision: 'tf32' or 'input' for 16-bit inputs, 'ieee' for fp32 and fp64")
 
@@ -53,15 +58,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def launches_intra(rec: Recurrence) -> bool:
-    """The intra stage computes A (vector decay) and T (delta rule); other recurrences build A in registers."""
-    return rec.decay is Decay.VECTOR or rec.write is WriteRule.DELTA
-
-
 def phase_stages(rec: Recurrence, phase: str) -> tuple[str, ...]:
     if phase not in PHASE_STAGES:
         raise ValueError(f"phase: expected 'fwd' or 'bwd', got {phase!r}")
-    return tuple(s for s in PHASE_STAGES[phase] if s != "intra" or launches_intra(rec))
+    return tuple(s for s in PHASE_STAGES[phase] if s != "bwd_wy" or rec.write is WriteRule.DELTA)
 
 
 def tuning_space(rec: Recurrence, shape: Shape, phase: str) -> Space:
@@ -80,15 +80,17 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
     KP, VP = padded(shape.K), padded(shape.V)
     # the interpreter runs every tile element by element in numpy: small chunks keep CPU tests fast
     BT = 16 if interpreting() else (64 if KP <= 128 else 32)
-    if phase == "bwd" and rec.write is WriteRule.DELTA and KP >= 128 and not interpreting():
-        BT = 32  # the delta rule's bwd_main at chunk 64 needs 319488 bytes of shared memory; an H100 CTA has 232448
-    BV = min(VP, 64 if KP <= 64 else 32)
-    main_warps = (4 if KP <= 64 else 8) if launches_intra(rec) else 4
-    stage_defaults = {"intra": {"num_warps": 4, "num_stages": 1},
-                      "fwd": {"BV": BV, "num_warps": 4, "num_stages": 2},
-                      "bwd_states": {"BV": BV, "num_warps": 4, "num_stages": 2},
-                      "bwd_dh": {"BV": BV, "num_warps": 4, "num_stages": 2},
-                      "bwd_main": {"BV": BV, "num_warps": main_warps, "num_stages": 1}}
+    # the sequential passes: V-blocks small enough for many programs, large enough for the tensor cores
+    seq_BV = min(VP, 64 if KP <= 64 else 32)
+    # the delta rule's solve and the vector decay's in-chunk products keep [BT, BT] and [BT, KP] tiles live
+    heavy_warps = 8 if KP > 64 and (rec.write is WriteRule.DELTA or rec.decay is Decay.VECTOR) else 4
+    stage_defaults = {"prep": {"BV": min(VP, 64), "num_warps": heavy_warps, "num_stages": 1},
+                      "states": {"BV": seq_BV, "num_warps": 4, "num_stages": 2},
+                      "output": {"BV": min(VP, 64), "num_warps": 4, "num_stages": 2},
+                      "bwd_states": {"BV": seq_BV, "num_warps": 4, "num_stages": 2},
+                      "bwd_dh": {"BV": seq_BV, "num_warps": 4, "num_stages": 2},
+                      "bwd_dqk": {"BV": min(VP, 64), "num_warps": 4 if KP <= 64 else 8, "num_stages": 1},
+                      "bwd_wy": {"BV": min(VP, 64), "num_warps": heavy_warps, "num_stages": 1}}
     config = {"BT": BT, "dot_precision": PRECISIONS[shape.dtype][0]}
     if rec.decay is Decay.VECTOR:
         config["BC"] = 16
@@ -120,6 +122,11 @@ def _compile_only(kernel, grid, *args, **kwargs):
     kernel.warmup(*args, grid=grid, **kwargs)
 
 
+def work_dtype(prec: int, dtype: torch.dtype) -> torch.dtype:
+    """Workspaces hold 16-bit values only where the dots read 16-bit operands anyway."""
+    return dtype if prec in (2, 3) else torch.float32
+
+
 class Launch:
     """Shapes, sequence bounds and chunk tables of one call."""
 
@@ -145,6 +152,26 @@ class Launch:
             self.lg = torch.tensor(rec.log_gammas(H), dtype=torch.float32, device=device)
         else:
             self.lg = torch.zeros(1, dtype=torch.float32, device=device)
+
+
+class Prepared:
+    """The workspaces of stages "prep" and "states": what "output" and the backward stages read."""
+
+    def __init__(self, rec: Recurrence, launch: Launch, q, v, BT: int, wdtype: torch.dtype, store_t: bool):
+        device, H, K, V = q.device, launch.H, launch.K, launch.V
+        delta = rec.write is WriteRule.DELTA
+        blocks = (max(launch.num_chunks, 1), H, BT, BT)
+        self.q = torch.empty(q.shape, dtype=wdtype, device=device)
+        self.k = torch.empty(q.shape, dtype=wdtype, device=device)
+        self.b = {Decay.VECTOR: lambda: torch.empty(q.shape, dtype=torch.float32, device=device),
+                  Decay.SCALAR: lambda: torch.empty(q.shape[:-1], dtype=torch.float32, device=device)}.get(
+                      rec.decay, lambda: launch.lg)()
+        self.A = torch.empty(blocks, dtype=torch.float32, device=device) if rec.decay is Decay.VECTOR else self.q
+        self.T = torch.empty(blocks, dtype=torch.float32, device=device) if delta and store_t else self.q
+        self.w = torch.empty(q.shape, dtype=wdtype, device=device) if delta else self.q
+        self.u = torch.empty(v.shape, dtype=wdtype, device=device) if delta else self.q
+        self.vn = torch.empty(v.shape, dtype=wdtype, device=device) if delta else self.q
+        self.h = torch.empty((max(launch.num_chunks, 1), H, K, V), dtype=wdtype, device=device)
 
 
 class TritonKernels:
@@ -176,32 +203,29 @@ class TritonKernels:
 
     # -- launches ---------------------------------------------------------------------------------
 
-    def _common(self, launch: Launch, cfg: dict, dtype: torch.dtype) -> dict:
+    def _common(self, launch: Launch, cfg: dict) -> dict:
         BT = cfg["BT"]
-        return dict(KP=launch.KP, BT=BT, BC=min(cfg.get("BC", 16), BT), PREC=_precision(cfg["dot_precision"], dtype),
-                    **self.module.FLAGS)
+        return dict(KP=launch.KP, BT=BT, DECAY=self.module.FLAGS["DECAY"], PREC=cfg["PREC"])
 
-    def _intra(self, run, launch, cfg, common, q, k, g, beta, gq, gk, scale):
-        rec = self.recurrence
-        if not launches_intra(rec) or launch.num_chunks == 0:
-            return q, q
-        shape = (max(launch.num_chunks, 1), launch.H, cfg["BT"], cfg["BT"])
-        A_ws = torch.empty(shape, dtype=torch.float32, device=q.device) if rec.decay is Decay.VECTOR else q
-        T_ws = torch.empty(shape, dtype=torch.float32, device=q.device) if rec.write is WriteRule.DELTA else q
-        run(self.module.intra_kernel, (launch.num_chunks, launch.H),
-            q, k, g, beta, gq, gk, launch.lg, A_ws, T_ws, launch.cu, launch.chunk_indices, scale,
-            launch.H, launch.K, **common, **stage_options(cfg, "intra"))
-        return A_ws, T_ws
-
-    def _fwd(self, run, launch, cfg, stage, common, q, k, v, g, beta, gq, gk, h0, o, ht, h_ws, A_ws, T_ws, scale,
-             store_o, store_h):
-        st = stage_options(cfg, stage)
-        BV = min(st.pop("BV"), padded(launch.V))
-        run(self.module.fwd_kernel, (triton.cdiv(launch.V, BV), launch.N * launch.H),
-            q, k, v, g, beta, gq, gk, launch.lg, h0 if h0 is not None else q, o if o is not None else q,
-            ht if ht is not None else q, h_ws if h_ws is not None else q, A_ws, T_ws, launch.cu,
-            launch.chunk_offsets, scale, launch.H, launch.K, launch.V, BV=BV, HAS_H0=h0 is not None,
-            STORE_HT=ht is not None, STORE_O=store_o, STORE_H=store_h, **common, **st)
+    def _prepare(self, run, launch, cfg, phase, q, k, v, g, beta, gq, gk, h0, ht, scale) -> Prepared:
+        """Stages "prep" and "states" (the latter as "bwd_states" in the backward)."""
+        flags, BT, V = self.module.FLAGS, cfg["BT"], launch.V
+        ws = Prepared(self.recurrence, launch, q, v, BT, work_dtype(cfg["PREC"], q.dtype), phase == "bwd")
+        common = self._common(launch, cfg)
+        if launch.num_chunks > 0:
+            st = stage_options(cfg, "prep")
+            run(self.module.prep_kernel, (launch.num_chunks, launch.H),
+                q, k, v, g, beta, gq, gk, launch.lg, ws.q, ws.k, ws.b, ws.A, ws.T, ws.w, ws.u, launch.cu,
+                launch.chunk_indices, scale, launch.H, launch.K, V, BC=min(cfg.get("BC", 16), BT),
+                BV=min(st.pop("BV"), padded(V)), STORE_T=phase == "bwd", **common,
+                **{name: value for name, value in flags.items() if name != "DECAY"}, **st)
+        st = stage_options(cfg, "states" if phase == "fwd" else "bwd_states")
+        BV = min(st.pop("BV"), padded(V))
+        run(self.module.states_kernel, (triton.cdiv(V, BV), launch.N * launch.H),
+            ws.k, v, ws.b, launch.lg, ws.w, ws.u, h0 if h0 is not None else q, ht if ht is not None else q,
+            ws.h, ws.vn, launch.cu, launch.chunk_offsets, launch.H, launch.K, V, BV=BV,
+            IS_DELTA=flags["IS_DELTA"], HAS_H0=h0 is not None, STORE_HT=ht is not None, **common, **st)
+        return ws
 
     @staticmethod
     def _inputs(q, k, v, g, beta, gq, gk, initial_state):
@@ -214,22 +238,30 @@ class TritonKernels:
         pick = lambda t: t if t is not None else q  # noqa: E731
         return pick(g), pick(beta), pick(gq), pick(gk)
 
+    def _resolved(self, q, v, cu_seqlens, phase, config) -> tuple[dict, Launch]:
+        cfg = self._config(q, v, cu_seqlens, phase, config)
+        launch = Launch(self.recurrence, q, v, cu_seqlens, cfg["BT"])
+        return {**cfg, "PREC": _precision(cfg["dot_precision"], q.dtype)}, launch
+
     def forward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, output_final_state, config=None,
                 compile_only=False):
         """compile_only: compile (or load from Triton's disk cache) every kernel this call would launch, launch
         none, return None (the sweep's workers, with the same arguments at a tiny length)."""
         run = _compile_only if compile_only else _launch
         q, k, v, g, beta, gq, gk, initial_state = self._inputs(q, k, v, g, beta, gq, gk, initial_state)
-        cfg = self._config(q, v, cu_seqlens, "fwd", config)
-        launch = Launch(self.recurrence, q, v, cu_seqlens, cfg["BT"])
-        common = self._common(launch, cfg, q.dtype)
+        cfg, launch = self._resolved(q, v, cu_seqlens, "fwd", config)
         g_, beta_, gq_, gk_ = self._dummies(q, g, beta, gq, gk)
         o = new_output(v.shape, v.dtype, v.device)
         ht = new_output((launch.N, launch.H, launch.K, launch.V), torch.float32, q.device) \
             if output_final_state else None
-        A_ws, T_ws = self._intra(run, launch, cfg, common, q, k, g_, beta_, gq_, gk_, scale)
-        self._fwd(run, launch, cfg, "fwd", common, q, k, v, g_, beta_, gq_, gk_, initial_state, o, ht, None,
-                  A_ws, T_ws, scale, True, False)
+        ws = self._prepare(run, launch, cfg, "fwd", q, k, v, g_, beta_, gq_, gk_, initial_state, ht, scale)
+        if launch.num_chunks > 0:
+            st = stage_options(cfg, "output")
+            BV = min(st.pop("BV"), padded(launch.V))
+            run(self.module.output_kernel, (triton.cdiv(launch.V, BV), launch.num_chunks, launch.H),
+                ws.q, ws.k, v, ws.b, launch.lg, ws.A, ws.h, ws.vn, o, launch.cu, launch.chunk_indices, launch.H,
+                launch.K, launch.V, BV=BV, IS_DELTA=self.module.FLAGS["IS_DELTA"], **self._common(launch, cfg),
+                **st)
         return None if compile_only else (o, ht)
 
     def backward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, do, dfinal_state, config=None,
@@ -239,31 +271,40 @@ class TritonKernels:
         q, k, v, g, beta, gq, gk, initial_state = self._inputs(q, k, v, g, beta, gq, gk, initial_state)
         do = do.contiguous()
         dfinal_state = dfinal_state.contiguous() if dfinal_state is not None else None
-        cfg = self._config(q, v, cu_seqlens, "bwd", config)
-        launch = Launch(self.recurrence, q, v, cu_seqlens, cfg["BT"])
-        common = self._common(launch, cfg, q.dtype)
+        cfg, launch = self._resolved(q, v, cu_seqlens, "bwd", config)
+        flags, common = self.module.FLAGS, self._common(launch, cfg)
+        rec, H, K, V = self.recurrence, launch.H, launch.K, launch.V
+        delta = rec.write is WriteRule.DELTA
         g_, beta_, gq_, gk_ = self._dummies(q, g, beta, gq, gk)
         out = lambda t: new_output(t.shape, t.dtype, t.device) if t is not None else None  # noqa: E731
         dq, dk, dv, dg, dbeta, dgq, dgk, dh0 = (out(t) for t in (q, k, v, g, beta, gq, gk, initial_state))
-        H, K, V = launch.H, launch.K, launch.V
-        ws_shape = (max(launch.num_chunks, 1), H, K, V)
-        h_ws = torch.empty(ws_shape, dtype=torch.float32, device=q.device)
-        dh_ws = torch.empty(ws_shape, dtype=torch.float32, device=q.device)
-        A_ws, T_ws = self._intra(run, launch, cfg, common, q, k, g_, beta_, gq_, gk_, scale)
-        self._fwd(run, launch, cfg, "bwd_states", common, q, k, v, g_, beta_, gq_, gk_, initial_state, None, None,
-                  h_ws, A_ws, T_ws, scale, False, True)
+        ws = self._prepare(run, launch, cfg, "bwd", q, k, v, g_, beta_, gq_, gk_, initial_state, None, scale)
+        dh_ws = torch.empty_like(ws.h)
+        f32 = lambda shape: torch.empty(shape, dtype=torch.float32, device=q.device)  # noqa: E731
+        dvn_ws = f32(v.shape) if delta else q
+        dk_ws, dw_ws = (f32(q.shape), f32(q.shape)) if delta else (q, q)
+        db_ws = f32(q.shape if rec.decay is Decay.VECTOR else q.shape[:-1]) \
+            if delta and rec.decay in (Decay.SCALAR, Decay.VECTOR) else q
         st = stage_options(cfg, "bwd_dh")
         BV = min(st.pop("BV"), padded(V))
         run(self.module.bwd_dh_kernel, (triton.cdiv(V, BV), launch.N * H),
-            q, k, g_, beta_, gq_, gk_, launch.lg, do, dfinal_state if dfinal_state is not None else q,
-            dh0 if dh0 is not None else q, dh_ws, A_ws, T_ws, launch.cu, launch.chunk_offsets, scale, H, K, V,
-            BV=BV, HAS_DHT=dfinal_state is not None, HAS_H0=dh0 is not None, **common, **st)
+            ws.q, ws.k, ws.b, launch.lg, ws.w, ws.A, do, dfinal_state if dfinal_state is not None else q,
+            dh0 if dh0 is not None else q, dh_ws, dvn_ws, launch.cu, launch.chunk_offsets, H, K, V, BV=BV,
+            IS_DELTA=delta, HAS_DHT=dfinal_state is not None, HAS_H0=dh0 is not None, **common, **st)
         if launch.num_chunks > 0:
-            st = stage_options(cfg, "bwd_main")
-            BV = min(st.pop("BV"), padded(V))
             pick = lambda t: t if t is not None else dq  # noqa: E731
-            run(self.module.bwd_main_kernel, (launch.num_chunks, H),
-                q, k, v, g_, beta_, gq_, gk_, launch.lg, do, h_ws, dh_ws, A_ws, T_ws, launch.cu,
-                launch.chunk_indices, dq, dk, dv, pick(dg), pick(dbeta), pick(dgq), pick(dgk), scale, H, K, V,
-                BV=BV, **common, **st)
+            BC = min(cfg.get("BC", 16), cfg["BT"])
+            st = stage_options(cfg, "bwd_dqk")
+            run(self.module.bwd_dqk_kernel, (launch.num_chunks, H),
+                q, k, gq_, gk_, ws.q, ws.k, v, ws.b, launch.lg, ws.A, ws.h, dh_ws, ws.vn, dvn_ws, do, dq, dk, dv,
+                pick(dgq), pick(dgk), pick(dg), dk_ws, db_ws, dw_ws, launch.cu, launch.chunk_indices, scale, H, K,
+                V, BC=BC, BV=min(st.pop("BV"), padded(V)), IS_DELTA=delta, READ_GATE=flags["READ_GATE"],
+                KEY_GATE=flags["KEY_GATE"], L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **st)
+            if delta:
+                st = stage_options(cfg, "bwd_wy")
+                run(self.module.bwd_wy_kernel, (launch.num_chunks, H),
+                    k, v, beta_, gk_, launch.lg, ws.b, ws.T, dvn_ws, dw_ws, dk_ws, db_ws, dk, dv, dbeta,
+                    pick(dgk), pick(dg), launch.cu, launch.chunk_indices, H, K, V, BC=BC,
+                    BV=min(st.pop("BV"), padded(V)), KEY_GATE=flags["KEY_GATE"], BETA_GATE=flags["BETA_GATE"],
+                    L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **st)
         return None if compile_only else (dq, dk, dv, dg, dbeta, dgq, dgk, dh0)

@@ -1,19 +1,18 @@
 '''Stage "bwd_dh": the reverse pass over the chunks carrying dS [KP, BV] (gradient of the state leaving the
 current chunk) in float32 registers. Grid (cdiv(V, BV), N * H): the V columns of dS are independent.
-Stores dS per chunk into a workspace for stage "bwd_main", and dinitial_state at the end:
+Stores dS per chunk for stage "bwd_dqk", and dinitial_state at the end:
     additive: dS_in = (q' e^b)^T do + e^{b_C} dS
-    delta:    du = A^T do + (k' e^{b_C - b}) dS;  dX = T^T du;  dS_in = ... - (beta' k' e^b)^T dX'''
+    delta:    dv_new = A^T do + (k' e^{b_C - b}) dS (stored: the gradient of the chunk's new values)
+              dS_in = (q' e^b)^T do + e^{b_C} dS - w^T dv_new'''
 
 TUNING_SPACE = [{"BV": bv, "num_warps": w, "num_stages": s}
-                for bv in (16, 32, 64, 128) for w in (2, 4, 8) for s in (1, 2, 3)]
+                for bv in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2, 3)]
 
 SOURCE = '''
 @triton.jit
-def bwd_dh_kernel(q, k, g, beta, gq, gk, lg, do, dht, dh0, dh_ws, A_ws, T_ws, cu_seqlens, chunk_offsets,
-                  scale, H, K, V, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
-                  DECAY: tl.constexpr, IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr,
-                  KEY_GATE: tl.constexpr, BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr,
-                  PREC: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr):
+def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws, cu_seqlens, chunk_offsets,
+                  H, K, V, KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
     length = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
@@ -33,26 +32,26 @@ def bwd_dh_kernel(q, k, g, beta, gq, gk, lg, do, dht, dh0, dh_ws, A_ws, T_ws, cu
     for r in range(num_chunks):
         c = num_chunks - 1 - r
         i_t = first_chunk + c
-        tl.store(dh_ws + (i_t * H + i_h) * K * V + s_off, dS, mask=smask)
+        tl.store(dh_ws + (i_t * H + i_h) * K * V + s_off, dS.to(dh_ws.dtype.element_ty), mask=smask)
         tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
-        b = _load_decay(g, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
         b_last = _last_row(b, BT)
-        qp = _load_qk(q, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
-        dob = tl.load(do + (tok * H + i_h)[:, None] * V + vcols[None, :], mask=valid[:, None] & vmask[None, :],
-                      other=0.).to(tl.float32)
+        km = valid[:, None] & kmask[None, :]
+        k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+        qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
+        vm = valid[:, None] & vmask[None, :]
+        v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+        dob = tl.load(do + v_off, mask=vm, other=0.)
         dS_in = _dot(tl.trans(qp * tl.exp(b)), dob, PREC) + tl.exp(b_last)[:, None] * dS
         if IS_DELTA:
-            ws = (i_t * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :]
-            kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
-            bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
+            kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
             if DECAY == 3:
-                A = tl.load(A_ws + ws)
+                A = tl.load(A_ws + (i_t * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
             else:
                 A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
-            kd = kp * tl.exp(tl.minimum(b_last[None, :] - b, 0.))
-            du = _dot(tl.trans(A), dob, PREC) + _dot(kd, dS, PREC)
-            dx = _dot(tl.trans(tl.load(T_ws + ws)), du, PREC)
-            dS_in -= _dot(tl.trans(bt[:, None] * kp * tl.exp(b)), dx, PREC)
+            dvn = _dot(tl.trans(A), dob, PREC) + _dot(kp * tl.exp(b_last[None, :] - b), dS, PREC)
+            tl.store(dvn_ws + v_off, dvn, mask=vm)
+            dS_in -= _dot(tl.trans(tl.load(w_ws + k_off, mask=km, other=0.)), dvn, PREC)
         dS = dS_in
     if HAS_H0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_off, dS.to(dh0.dtype.element_ty), mask=smask)

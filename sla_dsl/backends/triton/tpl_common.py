@@ -12,9 +12,9 @@ SOURCE = '''
 def _dot(a, b, PREC: tl.constexpr):
     """a @ b with fp32 accumulation. PREC 0: fp32 operands (ieee), 1: tf32, 2: fp16 operands, 3: bf16."""
     if PREC == 0:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif PREC == 1:
-        return tl.dot(a, b, input_precision="tf32")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     elif PREC == 2:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
     else:
@@ -76,8 +76,9 @@ def _load_beta(beta_ptr, gate_ptr, tok, valid, i_h, H, BETA_GATE: tl.constexpr):
 
 
 @triton.jit
-def _load_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
-    """In-chunk cumulative log decay b (<= 0): [BT, KP] for a vector decay, else [BT, 1].
+def _cumulative_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
+    """In-chunk cumulative log decay b (<= 0) from the raw decay input: [BT, KP] for a vector decay, else
+    [BT, 1]. Rows past the sequence end repeat the last valid row (their g is 0).
     DECAY 0: none, 1: constant per head (lg[h] = log gamma_h), 2: scalar g[B, T, H], 3: vector g[B, T, H, K]."""
     if DECAY == 3:
         g = tl.load(g_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], mask=valid[:, None] & kmask[None, :],
@@ -94,6 +95,48 @@ def _load_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.con
     else:
         b = _prefix_sum(tl.sum(g, 1), BT, False)[:, None]
     return b
+
+
+@triton.jit
+def _chunk_decay(b_ws, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
+    """b of one chunk as stage "prep" stored it (scalar and vector decays) or as computed from the constant:
+    [BT, KP] or [BT, 1]. Rows past the sequence end read the last valid row, so the last row is the decay
+    over the whole chunk (see _last_row)."""
+    last_tok = tl.max(tl.where(valid, tok, 0), 0)
+    tok_c = tl.minimum(tok, last_tok)
+    if DECAY == 3:
+        b = tl.load(b_ws + (tok_c * H + i_h)[:, None] * K + cols[None, :], mask=kmask[None, :], other=0.)
+    elif DECAY == 2:
+        b = tl.load(b_ws + tok_c * H + i_h)[:, None]
+    elif DECAY == 1:
+        steps = tl.minimum(tl.arange(0, BT) + 1, tl.sum(valid.to(tl.int32), 0))
+        b = (tl.load(lg_ptr + i_h) * steps.to(tl.float32))[:, None]
+    else:
+        b = tl.zeros([BT, 1], dtype=tl.float32)
+    return b
+
+
+@triton.jit
+def _fold_last(db, db_last, valid, DECAY: tl.constexpr, BT: tl.constexpr):
+    """db with the gradient of the whole-chunk decay (db_last, [KP]) added at the last valid row: what the
+    reverse cumsum of _store_decay_grad spreads over the chunk. [BT, KP] (vector decay) or [BT] (scalar)."""
+    last = tl.arange(0, BT) == tl.sum(valid.to(tl.int32), 0) - 1
+    if DECAY == 3:
+        out = tl.where(last[:, None], db + db_last[None, :], db)
+    else:
+        out = tl.sum(db, 1) + tl.where(last, tl.sum(db_last, 0), 0.)
+    return out
+
+
+@triton.jit
+def _store_decay_grad(dg_ptr, db, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
+    """dg from db (folded by _fold_last): b is the in-chunk cumsum of g, so dg is the reverse cumsum of db."""
+    if DECAY == 3:
+        dgb = _prefix_sum_rows(db, BT, True)
+        tl.store(dg_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], dgb.to(dg_ptr.dtype.element_ty),
+                 mask=valid[:, None] & kmask[None, :])
+    elif DECAY == 2:
+        tl.store(dg_ptr + tok * H + i_h, _prefix_sum(db, BT, True).to(dg_ptr.dtype.element_ty), mask=valid)
 
 
 # Prefix sums along the chunk are written as masked sums and products rather than tl.cumsum: Triton

@@ -1,0 +1,53 @@
+'''Stage "prep": per chunk (grid (number of chunks, H), fully parallel), everything the sequential state pass
+would otherwise recompute per V-block, written once to workspaces:
+    q' = scale * gate_q * l2(phi_q(q)), k' = gate_k * l2(phi_k(k))      [tokens, H, K] (workspace dtype)
+    b  = the in-chunk cumulative log decay                               [tokens, H] or [tokens, H, K] fp32
+    A  = (q' k'^T) with the vector decay's relative factors, j <= i       [chunks, H, BT, BT] fp32 (vector)
+    delta rule: T = (I + L)^-1, L[i, j] = beta'_i sum_k k'_ik k'_jk e^{b_ik - b_jk} (j < i),
+                w = T (beta' k' e^b), u = T (beta' v) (the WY form: the chunk's new values are u - w S)
+The workspace dtype is float32, or the inputs' 16-bit dtype when the dots run on 16-bit operands anyway.'''
+
+TUNING_SPACE = [{"BV": bv, "num_warps": w, "num_stages": s}
+                for bv in (16, 32, 64, 128) for w in (2, 4, 8) for s in (1, 2)]
+
+SOURCE = '''
+@triton.jit
+def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws, u_ws, cu_seqlens, chunk_indices,
+                scale, H, K, V, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+                DECAY: tl.constexpr, IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
+                BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
+                STORE_T: tl.constexpr):
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    n = tl.load(chunk_indices + 2 * i_t)
+    c = tl.load(chunk_indices + 2 * i_t + 1)
+    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    cols = tl.arange(0, KP)
+    kmask = cols < K
+    rows = tl.arange(0, BT)
+    m = valid[:, None] & kmask[None, :]
+    k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+    ws = (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :]
+    b = _cumulative_decay(g, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+    if DECAY == 3:
+        tl.store(b_ws + k_off, b, mask=m)
+    elif DECAY == 2:
+        tl.store(b_ws + tok * H + i_h, tl.sum(b, 1), mask=valid)
+    qp = _load_qk(q, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
+    kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    tl.store(q_ws + k_off, qp.to(q_ws.dtype.element_ty), mask=m)
+    tl.store(k_ws + k_off, kp.to(k_ws.dtype.element_ty), mask=m)
+    if DECAY == 3:
+        tl.store(A_ws + ws, _vec_rel(qp, kp, b, BT, BC, True, PREC))
+    if IS_DELTA:
+        bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
+        Tm = _solve_unit_lower(bt[:, None] * _intra(kp, kp, b, BT, BC, False, DECAY, PREC), BT)
+        if STORE_T:
+            tl.store(T_ws + ws, Tm)
+        tl.store(w_ws + k_off, _dot(Tm, bt[:, None] * kp * tl.exp(b), PREC).to(w_ws.dtype.element_ty), mask=m)
+        for v0 in range(0, V, BV):
+            vcols = v0 + tl.arange(0, BV)
+            vm = valid[:, None] & (vcols < V)[None, :]
+            v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+            vb = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
+            tl.store(u_ws + v_off, _dot(Tm, bt[:, None] * vb, PREC).to(u_ws.dtype.element_ty), mask=vm)
+'''

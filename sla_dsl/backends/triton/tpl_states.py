@@ -1,0 +1,52 @@
+'''Stage "states": the only sequential pass of the forward. Grid (cdiv(V, BV), N * H): each program owns a
+V-block of one head of one sequence and walks its chunks in order with the state S [KP, BV] in float32
+registers, storing the state entering every chunk (for stage "output" and the backward):
+    v_new = v (additive) or u - w S (delta; u, w from stage "prep"), stored for the delta rule
+    S <- e^{b_C} S + (k' e^{b_C - b})^T v_new
+Per chunk that is one or two [BT, KP] x [KP, BV]-sized products; everything parallel over the chunks
+(the outputs, the in-chunk attention) is left to the stages around it.'''
+
+TUNING_SPACE = [{"BV": bv, "num_warps": w, "num_stages": s}
+                for bv in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2, 3)]
+
+SOURCE = '''
+@triton.jit
+def states_kernel(k_ws, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens, chunk_offsets, H, K, V,
+                  KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    n, i_h = i_nh // H, i_nh % H
+    length = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
+    num_chunks = tl.cdiv(length, BT)
+    first_chunk = tl.load(chunk_offsets + n).to(tl.int64)
+    cols = tl.arange(0, KP)
+    kmask = cols < K
+    vcols = i_v * BV + tl.arange(0, BV)
+    vmask = vcols < V
+    smask = kmask[:, None] & vmask[None, :]
+    s_off = cols[:, None] * V + vcols[None, :]
+    if HAS_H0:
+        S = tl.load(h0 + i_nh.to(tl.int64) * K * V + s_off, mask=smask, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([KP, BV], dtype=tl.float32)
+    for c in range(num_chunks):
+        i_t = first_chunk + c
+        tl.store(h_ws + (i_t * H + i_h) * K * V + s_off, S.to(h_ws.dtype.element_ty), mask=smask)
+        tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+        b_last = _last_row(b, BT)
+        km = valid[:, None] & kmask[None, :]
+        k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+        kd = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32) * tl.exp(b_last[None, :] - b)
+        vm = valid[:, None] & vmask[None, :]
+        v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+        if IS_DELTA:
+            w = tl.load(w_ws + k_off, mask=km, other=0.)
+            vn = tl.load(u_ws + v_off, mask=vm, other=0.).to(tl.float32) - _dot(w, S, PREC)
+            tl.store(vn_ws + v_off, vn.to(vn_ws.dtype.element_ty), mask=vm)
+        else:
+            vn = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
+        S = tl.exp(b_last)[:, None] * S + _dot(tl.trans(kd), vn, PREC)
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, S, mask=smask)
+'''
