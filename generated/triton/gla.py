@@ -231,10 +231,33 @@ def _decay_matrix(b, BT: tl.constexpr, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
+def _blocks(x, BT: tl.constexpr, BC: tl.constexpr):
+    """The rows of x [BT, N] as BT // BC sub-chunks: [BT // BC, BC, N]."""
+    return tl.reshape(x, [BT // BC, BC, x.shape[1]])
+
+
+@triton.jit
+def _diagonal_blocks(D, BT: tl.constexpr, BC: tl.constexpr):
+    """The BC x BC diagonal blocks of D [BT, BT]: [BT // BC, BC, BC]."""
+    D4 = tl.reshape(D, [BT // BC, BC, BT // BC, BC])
+    c = tl.arange(0, BT // BC)
+    return tl.sum(tl.where(c[:, None, None, None] == c[None, None, :, None], D4, 0.), 2)
+
+
+@triton.jit
+def _block_diagonal(R3, BT: tl.constexpr, BC: tl.constexpr):
+    """The [BT, BT] matrix with the blocks R3 [BT // BC, BC, BC] on its diagonal and zeros elsewhere."""
+    c = tl.arange(0, BT // BC)
+    R4 = tl.where(c[:, None, None, None] == c[None, None, :, None], R3[:, :, None, :], 0.)
+    return tl.reshape(R4, [BT, BT])
+
+
+@triton.jit
 def _vec_rel(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexpr, PREC: tl.constexpr):
     """R[i, j] = sum_k x[i, k] y[j, k] exp(b[i, k] - b[j, k]) on j <= i (j < i unless INCLUSIVE), vector decay.
     Off-diagonal sub-blocks (BC x BC) go through the tensor cores with the column block's last position as
-    reference (both factors <= 1); diagonal sub-blocks are masked elementwise products."""
+    reference (both factors <= 1); diagonal sub-blocks are masked elementwise products (no common reference
+    keeps both factors of exp(b_i - b_j) bounded there)."""
     rows = tl.arange(0, BT)
     blk = rows // BC
     R = tl.zeros([BT, BT], dtype=tl.float32)
@@ -244,16 +267,21 @@ def _vec_rel(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexp
         yr = tl.where((blk == c)[:, None], y * tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
         part = _dot(xr, tl.trans(yr), PREC)
         R += tl.where((blk[:, None] > c) & (blk[None, :] == c), part, 0.)
-    for j in range(BT):
-        sel = rows == j
-        yj = tl.sum(tl.where(sel[:, None], y, 0.), 0)
-        bj = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-        col = tl.sum(x * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.)), 1)
+    # diagonal blocks, all BT // BC of them at once as [BT // BC, BC, KP]: BC steps instead of BT
+    x3, y3, b3 = _blocks(x, BT, BC), _blocks(y, BT, BC), _blocks(b, BT, BC)
+    sub = tl.arange(0, BC)
+    R3 = tl.zeros([BT // BC, BC, BC], dtype=tl.float32)
+    for j in range(BC):
+        sel = (sub == j)[None, :, None]
+        yj = tl.sum(tl.where(sel, y3, 0.), 1)
+        bj = tl.sum(tl.where(sel, b3, 0.), 1)
+        col = tl.sum(x3 * yj[:, None, :] * tl.exp(tl.minimum(b3 - bj[:, None, :], 0.)), 2)
         if INCLUSIVE:
-            keep = (blk == j // BC) & (rows >= j)
+            keep = sub >= j
         else:
-            keep = (blk == j // BC) & (rows > j)
-        R += tl.where(keep[:, None] & sel[None, :], col[:, None], 0.)
+            keep = sub > j
+        R3 += tl.where(keep[None, :, None] & (sub == j)[None, None, :], col[:, :, None], 0.)
+    R += _block_diagonal(R3, BT, BC)
     return R
 
 
@@ -268,13 +296,16 @@ def _vec_left(D, y, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
         Dc = tl.where((blk[:, None] > c) & (blk[None, :] == c), D, 0.)
         yr = tl.where((blk == c)[:, None], y * tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
         out += tl.exp(tl.minimum(b - ref[None, :], 0.)) * _dot(Dc, yr, PREC)
-    for j in range(BT):
-        sel = rows == j
-        yj = tl.sum(tl.where(sel[:, None], y, 0.), 0)
-        bj = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-        dcol = tl.sum(tl.where(sel[None, :] & (blk == j // BC)[:, None], D, 0.), 1)
-        out += dcol[:, None] * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.))
-    return out
+    y3, b3, Dd = _blocks(y, BT, BC), _blocks(b, BT, BC), _diagonal_blocks(D, BT, BC)
+    sub = tl.arange(0, BC)
+    out3 = tl.zeros([BT // BC, BC, y.shape[1]], dtype=tl.float32)
+    for j in range(BC):
+        sel = sub == j
+        yj = tl.sum(tl.where(sel[None, :, None], y3, 0.), 1)
+        bj = tl.sum(tl.where(sel[None, :, None], b3, 0.), 1)
+        dcol = tl.sum(tl.where(sel[None, None, :], Dd, 0.), 2)
+        out3 += dcol[:, :, None] * yj[:, None, :] * tl.exp(tl.minimum(b3 - bj[:, None, :], 0.))
+    return out + tl.reshape(out3, [BT, y.shape[1]])
 
 
 @triton.jit
@@ -289,13 +320,16 @@ def _vec_right(D, x, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
         xr = x * tl.exp(tl.minimum(b - ref[None, :], 0.))
         scale_j = tl.where((blk == c)[:, None], tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
         out += scale_j * _dot(tl.trans(Dc), xr, PREC)
-    for i in range(BT):
-        sel = rows == i
-        xi = tl.sum(tl.where(sel[:, None], x, 0.), 0)
-        bi = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-        drow = tl.sum(tl.where(sel[:, None] & (blk == i // BC)[None, :], D, 0.), 0)
-        out += drow[:, None] * xi[None, :] * tl.exp(tl.minimum(bi[None, :] - b, 0.))
-    return out
+    x3, b3, Dd = _blocks(x, BT, BC), _blocks(b, BT, BC), _diagonal_blocks(D, BT, BC)
+    sub = tl.arange(0, BC)
+    out3 = tl.zeros([BT // BC, BC, x.shape[1]], dtype=tl.float32)
+    for i in range(BC):
+        sel = (sub == i)[None, :, None]
+        xi = tl.sum(tl.where(sel, x3, 0.), 1)
+        bi = tl.sum(tl.where(sel, b3, 0.), 1)
+        drow = tl.sum(tl.where(sel, Dd, 0.), 1)
+        out3 += drow[:, :, None] * xi[:, None, :] * tl.exp(tl.minimum(bi[:, None, :] - b3, 0.))
+    return out + tl.reshape(out3, [BT, x.shape[1]])
 
 
 @triton.jit
@@ -508,7 +542,11 @@ def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws,
                 A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
             dvn = _dot(tl.trans(A), dob, PREC) + _dot(kp * tl.exp(b_last[None, :] - b), dS, PREC)
             tl.store(dvn_ws + v_off, dvn, mask=vm)
-            dS_in -= _dot(tl.trans(tl.load(w_ws + k_off, mask=km, other=0.)), dvn, PREC)
+            # w^T loaded as [KP, BT] by its strides: tl.trans of a loaded 16-bit tile as a dot's first operand
+            # is miscompiled by Triton 3.6 on sm_90 (illegal memory access in this kernel on an H100)
+            wT = tl.load(w_ws + (tok * H + i_h)[None, :] * K + cols[:, None], mask=kmask[:, None] & valid[None, :],
+                         other=0.)
+            dS_in -= _dot(wT, dvn, PREC)
         dS = dS_in
     if HAS_H0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_off, dS.to(dh0.dtype.element_ty), mask=smask)
@@ -576,11 +614,14 @@ def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_
         kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
         kd = kp * tl.exp(b_last[None, :] - b)
     dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.)
+    # q's gradient is finished and stored before k's is built: fewer [BT, KP] tiles live at once
     dqp = dqe * tl.exp(b) + _intra_left(dA, kp, b, BT, BC, DECAY, PREC)
-    dkp = dkd * tl.exp(b_last[None, :] - b) + _intra_right(dA, qp, b, BT, BC, DECAY, PREC)
     _qk_backward(q, gq, dq, dgq, tok, valid, i_h, H, K, cols, kmask, dqp, scale, True, READ_GATE, L2_NORM, EPS)
+    db = qp * dqp
+    db_last = tl.sum(kd * dkd, 0) + tl.exp(b_last) * s_ds
+    dkp = dkd * tl.exp(b_last[None, :] - b) + _intra_right(dA, qp, b, BT, BC, DECAY, PREC)
     if DECAY >= 2:
-        db = _fold_last(qp * dqp - kp * dkp, tl.sum(kd * dkd, 0) + tl.exp(b_last) * s_ds, valid, DECAY, BT)
+        db = _fold_last(db - kp * dkp, db_last, valid, DECAY, BT)
         if not IS_DELTA:
             _store_decay_grad(dg, db, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
         elif DECAY == 3:
@@ -609,7 +650,9 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
     rows = tl.arange(0, BT)
     km = valid[:, None] & kmask[None, :]
     k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
-    Tm = tl.load(T_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
+    # only T^T is used: loaded by its strides, since tl.trans of a loaded tile as a dot's first operand is
+    # miscompiled by Triton 3.6 on sm_90 with 16-bit operands (see stage "bwd_dh")
+    TmT = tl.load(T_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[None, :] * BT + rows[:, None])
     bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
     dT = tl.zeros([BT, BT], dtype=tl.float32)
     dbt = tl.zeros([BT], dtype=tl.float32)
@@ -619,7 +662,7 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
         vb = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
         du = tl.load(dvn_ws + v_off, mask=vm, other=0.)
-        dy = _dot(tl.trans(Tm), du, PREC)
+        dy = _dot(TmT, du, PREC)
         tl.store(dv + v_off, (bt[:, None] * dy).to(dv.dtype.element_ty), mask=vm)
         dbt += tl.sum(vb * dy, 1)
         dT += _dot(du, tl.trans(bt[:, None] * vb), PREC)
@@ -629,8 +672,8 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
     kbe = bt[:, None] * kp * eb
     dw = tl.load(dw_ws + k_off, mask=km, other=0.)
     dT += _dot(dw, tl.trans(kbe), PREC)
-    dkbe = _dot(tl.trans(Tm), dw, PREC)
-    dL = -_dot(_dot(tl.trans(Tm), dT, PREC), tl.trans(Tm), PREC)
+    dkbe = _dot(TmT, dw, PREC)
+    dL = -_dot(_dot(TmT, dT, PREC), TmT, PREC)
     dL = tl.where(rows[:, None] > rows[None, :], dL, 0.)
     dbt += tl.sum(dL * _intra(kp, kp, b, BT, BC, False, DECAY, PREC), 1) + tl.sum(kp * eb * dkbe, 1)
     dM = bt[:, None] * dL

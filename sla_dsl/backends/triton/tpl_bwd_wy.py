@@ -24,7 +24,9 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
     rows = tl.arange(0, BT)
     km = valid[:, None] & kmask[None, :]
     k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
-    Tm = tl.load(T_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
+    # only T^T is used: loaded by its strides, since tl.trans of a loaded tile as a dot's first operand is
+    # miscompiled by Triton 3.6 on sm_90 with 16-bit operands (see stage "bwd_dh")
+    TmT = tl.load(T_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[None, :] * BT + rows[:, None])
     bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
     dT = tl.zeros([BT, BT], dtype=tl.float32)
     dbt = tl.zeros([BT], dtype=tl.float32)
@@ -34,7 +36,7 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
         vb = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
         du = tl.load(dvn_ws + v_off, mask=vm, other=0.)
-        dy = _dot(tl.trans(Tm), du, PREC)
+        dy = _dot(TmT, du, PREC)
         tl.store(dv + v_off, (bt[:, None] * dy).to(dv.dtype.element_ty), mask=vm)
         dbt += tl.sum(vb * dy, 1)
         dT += _dot(du, tl.trans(bt[:, None] * vb), PREC)
@@ -44,8 +46,8 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
     kbe = bt[:, None] * kp * eb
     dw = tl.load(dw_ws + k_off, mask=km, other=0.)
     dT += _dot(dw, tl.trans(kbe), PREC)
-    dkbe = _dot(tl.trans(Tm), dw, PREC)
-    dL = -_dot(_dot(tl.trans(Tm), dT, PREC), tl.trans(Tm), PREC)
+    dkbe = _dot(TmT, dw, PREC)
+    dL = -_dot(_dot(TmT, dT, PREC), TmT, PREC)
     dL = tl.where(rows[:, None] > rows[None, :], dL, 0.)
     dbt += tl.sum(dL * _intra(kp, kp, b, BT, BC, False, DECAY, PREC), 1) + tl.sum(kp * eb * dkbe, 1)
     dM = bt[:, None] * dL

@@ -182,10 +182,33 @@ def _decay_matrix(b, BT: tl.constexpr, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
+def _blocks(x, BT: tl.constexpr, BC: tl.constexpr):
+    """The rows of x [BT, N] as BT // BC sub-chunks: [BT // BC, BC, N]."""
+    return tl.reshape(x, [BT // BC, BC, x.shape[1]])
+
+
+@triton.jit
+def _diagonal_blocks(D, BT: tl.constexpr, BC: tl.constexpr):
+    """The BC x BC diagonal blocks of D [BT, BT]: [BT // BC, BC, BC]."""
+    D4 = tl.reshape(D, [BT // BC, BC, BT // BC, BC])
+    c = tl.arange(0, BT // BC)
+    return tl.sum(tl.where(c[:, None, None, None] == c[None, None, :, None], D4, 0.), 2)
+
+
+@triton.jit
+def _block_diagonal(R3, BT: tl.constexpr, BC: tl.constexpr):
+    """The [BT, BT] matrix with the blocks R3 [BT // BC, BC, BC] on its diagonal and zeros elsewhere."""
+    c = tl.arange(0, BT // BC)
+    R4 = tl.where(c[:, None, None, None] == c[None, None, :, None], R3[:, :, None, :], 0.)
+    return tl.reshape(R4, [BT, BT])
+
+
+@triton.jit
 def _vec_rel(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexpr, PREC: tl.constexpr):
     """R[i, j] = sum_k x[i, k] y[j, k] exp(b[i, k] - b[j, k]) on j <= i (j < i unless INCLUSIVE), vector decay.
     Off-diagonal sub-blocks (BC x BC) go through the tensor cores with the column block's last position as
-    reference (both factors <= 1); diagonal sub-blocks are masked elementwise products."""
+    reference (both factors <= 1); diagonal sub-blocks are masked elementwise products (no common reference
+    keeps both factors of exp(b_i - b_j) bounded there)."""
     rows = tl.arange(0, BT)
     blk = rows // BC
     R = tl.zeros([BT, BT], dtype=tl.float32)
@@ -195,16 +218,21 @@ def _vec_rel(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexp
         yr = tl.where((blk == c)[:, None], y * tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
         part = _dot(xr, tl.trans(yr), PREC)
         R += tl.where((blk[:, None] > c) & (blk[None, :] == c), part, 0.)
-    for j in range(BT):
-        sel = rows == j
-        yj = tl.sum(tl.where(sel[:, None], y, 0.), 0)
-        bj = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-        col = tl.sum(x * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.)), 1)
+    # diagonal blocks, all BT // BC of them at once as [BT // BC, BC, KP]: BC steps instead of BT
+    x3, y3, b3 = _blocks(x, BT, BC), _blocks(y, BT, BC), _blocks(b, BT, BC)
+    sub = tl.arange(0, BC)
+    R3 = tl.zeros([BT // BC, BC, BC], dtype=tl.float32)
+    for j in range(BC):
+        sel = (sub == j)[None, :, None]
+        yj = tl.sum(tl.where(sel, y3, 0.), 1)
+        bj = tl.sum(tl.where(sel, b3, 0.), 1)
+        col = tl.sum(x3 * yj[:, None, :] * tl.exp(tl.minimum(b3 - bj[:, None, :], 0.)), 2)
         if INCLUSIVE:
-            keep = (blk == j // BC) & (rows >= j)
+            keep = sub >= j
         else:
-            keep = (blk == j // BC) & (rows > j)
-        R += tl.where(keep[:, None] & sel[None, :], col[:, None], 0.)
+            keep = sub > j
+        R3 += tl.where(keep[None, :, None] & (sub == j)[None, None, :], col[:, :, None], 0.)
+    R += _block_diagonal(R3, BT, BC)
     return R
 
 
@@ -219,13 +247,16 @@ def _vec_left(D, y, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
         Dc = tl.where((blk[:, None] > c) & (blk[None, :] == c), D, 0.)
         yr = tl.where((blk == c)[:, None], y * tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
         out += tl.exp(tl.minimum(b - ref[None, :], 0.)) * _dot(Dc, yr, PREC)
-    for j in range(BT):
-        sel = rows == j
-        yj = tl.sum(tl.where(sel[:, None], y, 0.), 0)
-        bj = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-        dcol = tl.sum(tl.where(sel[None, :] & (blk == j // BC)[:, None], D, 0.), 1)
-        out += dcol[:, None] * yj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.))
-    return out
+    y3, b3, Dd = _blocks(y, BT, BC), _blocks(b, BT, BC), _diagonal_blocks(D, BT, BC)
+    sub = tl.arange(0, BC)
+    out3 = tl.zeros([BT // BC, BC, y.shape[1]], dtype=tl.float32)
+    for j in range(BC):
+        sel = sub == j
+        yj = tl.sum(tl.where(sel[None, :, None], y3, 0.), 1)
+        bj = tl.sum(tl.where(sel[None, :, None], b3, 0.), 1)
+        dcol = tl.sum(tl.where(sel[None, None, :], Dd, 0.), 2)
+        out3 += dcol[:, :, None] * yj[:, None, :] * tl.exp(tl.minimum(b3 - bj[:, None, :], 0.))
+    return out + tl.reshape(out3, [BT, y.shape[1]])
 
 
 @triton.jit
@@ -240,13 +271,16 @@ def _vec_right(D, x, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
         xr = x * tl.exp(tl.minimum(b - ref[None, :], 0.))
         scale_j = tl.where((blk == c)[:, None], tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
         out += scale_j * _dot(tl.trans(Dc), xr, PREC)
-    for i in range(BT):
-        sel = rows == i
-        xi = tl.sum(tl.where(sel[:, None], x, 0.), 0)
-        bi = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-        drow = tl.sum(tl.where(sel[:, None] & (blk == i // BC)[None, :], D, 0.), 0)
-        out += drow[:, None] * xi[None, :] * tl.exp(tl.minimum(bi[None, :] - b, 0.))
-    return out
+    x3, b3, Dd = _blocks(x, BT, BC), _blocks(b, BT, BC), _diagonal_blocks(D, BT, BC)
+    sub = tl.arange(0, BC)
+    out3 = tl.zeros([BT // BC, BC, x.shape[1]], dtype=tl.float32)
+    for i in range(BC):
+        sel = (sub == i)[None, :, None]
+        xi = tl.sum(tl.where(sel, x3, 0.), 1)
+        bi = tl.sum(tl.where(sel, b3, 0.), 1)
+        drow = tl.sum(tl.where(sel, Dd, 0.), 1)
+        out3 += drow[:, :, None] * xi[:, None, :] * tl.exp(tl.minimum(bi[:, None, :] - b3, 0.))
+    return out + tl.reshape(out3, [BT, x.shape[1]])
 
 
 @triton.jit
