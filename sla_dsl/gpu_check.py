@@ -83,13 +83,6 @@ def _shape_text(shape: dict) -> str:
     return "B{batch} T{length} H{heads} K{dim_k} V{dim_v}".format(**shape)
 
 
-def _tolerances(backend: str, dtype: torch.dtype) -> tuple[float, float]:
-    if backend == "tilelang" and dtype == torch.float32:
-        # T.gemm on fp32 operands runs tf32 tensor cores: the tf32 bound applies.
-        return testing.TF32_TOLERANCE, testing.TF32_TOLERANCE
-    return testing.TOLERANCES[dtype]
-
-
 def case_spec(case: Case):
     """A seed spec with this case's recurrence: generated on demand into the user cache like any new spec."""
     return dataclasses.replace(seed_specs()[0], recurrence=case.recurrence,
@@ -123,7 +116,7 @@ def run_case(backend: str, kernels_cache: dict, case: Case) -> dict:
     start = time.perf_counter()
     errors = testing.compare_to_reference(case.recurrence, kernels_cache[key], inputs, cu_seqlens=cu,
                                           reference_chunk_size=case.reference_chunk_size)
-    out_tol, grad_tol = _tolerances(backend, case.dtype)
+    out_tol, grad_tol = testing.TOLERANCES[case.dtype]
     failed = {n: e for n, e in errors.items() if not e <= (out_tol if n in ("o", "final_state") else grad_tol)}
     return {"case": case.name, "backend": backend, "ok": not failed, "errors": errors,
             "tolerance": {"outputs": out_tol, "gradients": grad_tol}, "seconds": round(time.perf_counter() - start, 2)}

@@ -18,7 +18,6 @@ from sla_dsl.spec import Decay, FeatureMap, Gates, Recurrence, WriteGateOn, Writ
 
 # Relative error ||out - ref|| / ||ref|| allowed, per input dtype: (outputs, gradients).
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 1e-2), torch.bfloat16: (5e-3, 1e-2)}
-TF32_TOLERANCE = 1e-3
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dgq", "dgk", "dinitial_state")
 
 

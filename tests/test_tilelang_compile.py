@@ -1,4 +1,5 @@
-"""Every generated TileLang kernel of the six seed specs lowers and compiles for sm_90a (nvcc, no GPU needed).
+"""Every generated TileLang kernel of the six seed specs lowers and compiles for sm_90a (nvcc, no GPU needed), in
+bfloat16 and in float32 (whose gemms are error-compensated, `tf32x3`, with scratch in shared memory).
 
 Compiled binaries go to TileLang's cache under the sla_dsl cache directory (keyed by the kernel's full TIR),
 so repeated runs are fast. Compile times are printed and recorded in <cache>/tilelang_compile_times.json.
@@ -29,20 +30,21 @@ def _variants():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
-def test_tilelang_kernels_compile_for_sm90a(spec):
+def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
     from sla_dsl.autotune import Shape
     from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
 
     kernels = TileLangKernels(spec)
     total = 0.0
-    shape = Shape(1, 64, HEADS, DIM_K, DIM_V)
+    shape = Shape(1, 64, HEADS, DIM_K, DIM_V, dtype)
     for phase, stage, extra in _variants():
         name = tuning.STAGE_KERNELS[stage]
         full_config = kernels.default_config(shape, phase)
         config = tuning.kernel_params(full_config, stage)
         start = time.perf_counter()
-        compiled = compile_kernel(kernels.module, name, HEADS, DIM_K, DIM_V, "bfloat16", config, target=SM90_TARGET,
+        compiled = compile_kernel(kernels.module, name, HEADS, DIM_K, DIM_V, dtype, config, target=SM90_TARGET,
                                   **extra)
         elapsed = time.perf_counter() - start
         total += elapsed
@@ -52,11 +54,11 @@ def test_tilelang_kernels_compile_for_sm90a(spec):
         offsets = [int(o) for o in re.findall(r"buf_dyn_shmem \+ (\d+)\)", source)]
         needed = tuning.shared_memory_bytes(kernels.module, stage, full_config, shape)
         assert offsets and max(offsets) < needed <= tuning.SM90_SHARED_MEMORY_BYTES
-        label = f"{spec.name}.{name}" + ("+states" if extra.get("store_states") else "")
+        label = f"{spec.name}.{name}" + ("+states" if extra.get("store_states") else "") + f".{dtype}"
         TIMES[label] = elapsed
         print(f"compiled {label} ({config}) in {elapsed:.1f} s")
-    TIMES[f"{spec.name}.total"] = total
-    print(f"{spec.name}: all TileLang kernels compiled in {total:.1f} s")
+    TIMES[f"{spec.name}.{dtype}.total"] = total
+    print(f"{spec.name}: all {dtype} TileLang kernels compiled in {total:.1f} s")
     record = cache_dir() / "tilelang_compile_times.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(record.read_text()) if record.exists() else {}

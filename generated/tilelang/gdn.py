@@ -20,6 +20,43 @@ PASS_CONFIGS = {
     tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
 }
 
+# 3xTF32 (sla_dsl/backends/tilelang/tf32x3.py): fp32 accuracy from tf32 tensor cores for float32 operands.
+@T.macro
+def compensated_gemm(A, B, C, A_part, B_part, transpose_A=False, transpose_B=False, clear_accum=False):
+    """T.gemm(A, B, C) for 16-bit operands (A_part, B_part None). For float32 operands, with scratch A_part and
+    B_part of their shapes: C (+)= A_hi B_lo + A_hi B_hi + A_lo B_hi, accumulated in fp32."""
+    if A_part is None:
+        T.gemm(A, B, C, transpose_A=transpose_A, transpose_B=transpose_B, clear_accum=clear_accum)
+    else:
+        tf32_hi(A, A_part)
+        tf32_lo(B, B_part)
+        T.gemm(A_part, B_part, C, transpose_A=transpose_A, transpose_B=transpose_B, clear_accum=clear_accum)
+        tf32_hi(B, B_part)
+        T.gemm(A_part, B_part, C, transpose_A=transpose_A, transpose_B=transpose_B)
+        tf32_lo(A, A_part)
+        T.gemm(A_part, B_part, C, transpose_A=transpose_A, transpose_B=transpose_B)
+
+
+def tf32_round(x):
+    """x rounded to tf32's 10 mantissa bits, to nearest with ties away from zero: half a tf32 ulp added to the
+    bit pattern, the 13 low bits cleared (a carry into the exponent is the right rounding)."""
+    return T.reinterpret(T.bitwise_and(T.reinterpret(x, "uint32") + T.uint32(0x1000), T.uint32(0xFFFFE000)),
+                         "float32")
+
+
+@T.macro
+def tf32_hi(x, part):
+    """part = x_hi, exact in tf32: the tensor cores read all of it."""
+    for i, j in T.Parallel(*x.shape):
+        part[i, j] = tf32_round(x[i, j])
+
+
+@T.macro
+def tf32_lo(x, part):
+    """part = x_lo = x - x_hi, exact in fp32 (x_hi is within a factor of 2 of x), at most half a tf32 ulp of x."""
+    for i, j in T.Parallel(*x.shape):
+        part[i, j] = x[i, j] - tf32_round(x[i, j])
+
 def fwd(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, store_states=False):
     """Fused forward. Inputs (q, k, v, g, beta, scale), cu_seqlens [N+1] int32, chunk_offsets [N] int32 (first global chunk
     of each sequence), h0 [N, H, K, V] fp32; outputs o [NT, H, V], ht [N, H, K, V] fp32 and, with
@@ -85,6 +122,12 @@ def fwd(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, store_s
             S_m = T.alloc_shared((K, BV), dtype)
             v_m = T.alloc_shared((C, BV), dtype)
             O_f = T.alloc_fragment((C, BV), "float32")
+            # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
+            tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
+            tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
+            tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             for a, e2 in T.Parallel(K, BV):
                 S[a, e2] = H0[n, h, a, v0 + e2]
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
@@ -123,11 +166,11 @@ def fwd(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, store_s
                 for i, d in T.Parallel(C, K):
                     qm_m[i, d] = T.cast(qp_s[i, d], dtype)
                     km_m[i, d] = T.cast(kp_s[i, d], dtype)
-                T.gemm(qm_m, km_m, A_f, transpose_B=True, clear_accum=True)
+                compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
                     A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
 
-                T.gemm(km_m, km_m, M_f, transpose_B=True, clear_accum=True)
+                compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
                     M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
 
@@ -143,7 +186,7 @@ def fwd(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, store_s
                 T.copy(Tm_s, Tm_m)
                 for i, d in T.Parallel(C, K):
                     kb_m[i, d] = T.cast(bt_s[i] * kp_s[i, d] * T.exp(b_s[i]), dtype)
-                T.gemm(Tm_m, kb_m, W_f, clear_accum=True)
+                compensated_gemm(Tm_m, kb_m, W_f, tf32_C_C, tf32_C_K, clear_accum=True)
                 T.copy(W_f, w_m)
                 for i, e2 in T.Parallel(C, BV):
                     v_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
@@ -153,18 +196,18 @@ def fwd(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, store_s
                 T.copy(S, S_m)
                 for i, e2 in T.Parallel(C, BV):
                     vb_m[i, e2] = T.cast(bt_s[i] * T.cast(v_m[i, e2], "float32"), dtype)
-                T.gemm(Tm_m, vb_m, U_f, clear_accum=True)
-                T.gemm(w_m, S_m, WS_f, clear_accum=True)
+                compensated_gemm(Tm_m, vb_m, U_f, tf32_C_C, tf32_C_BV, clear_accum=True)
+                compensated_gemm(w_m, S_m, WS_f, tf32_C_K, tf32_K_BV, clear_accum=True)
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.cast(U_f[i, e2] - WS_f[i, e2], dtype)
-                T.gemm(qe_m, S_m, O_f, clear_accum=True)
-                T.gemm(A_m, u_m, O_f)
+                compensated_gemm(qe_m, S_m, O_f, tf32_C_K, tf32_K_BV, clear_accum=True)
+                compensated_gemm(A_m, u_m, O_f, tf32_C_C, tf32_C_BV)
                 for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
                         O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
                 for a, e2 in T.Parallel(K, BV):
                     S[a, e2] = S[a, e2] * T.exp(b_s[C - 1])
-                T.gemm(ke_m, u_m, S, transpose_A=True)
+                compensated_gemm(ke_m, u_m, S, tf32_C_K, tf32_C_BV, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
 
@@ -233,6 +276,12 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             du_f = T.alloc_fragment((C, BV), "float32")
             du_m = T.alloc_shared((C, BV), dtype)
             wn_m = T.alloc_shared((C, K), dtype)
+            # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
+            tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
+            tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
+            tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             for a, e2 in T.Parallel(K, BV):
                 dS[a, e2] = DHT[n, h, a, v0 + e2]
             nchunks = T.ceildiv(eos - bos, C)
@@ -273,11 +322,11 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     qm_m[i, d] = T.cast(qp_s[i, d], dtype)
                     km_m[i, d] = T.cast(kp_s[i, d], dtype)
-                T.gemm(qm_m, km_m, A_f, transpose_B=True, clear_accum=True)
+                compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
                     A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
 
-                T.gemm(km_m, km_m, M_f, transpose_B=True, clear_accum=True)
+                compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
                     M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
 
@@ -293,22 +342,22 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 T.copy(Tm_s, Tm_m)
                 for i, d in T.Parallel(C, K):
                     kb_m[i, d] = T.cast(bt_s[i] * kp_s[i, d] * T.exp(b_s[i]), dtype)
-                T.gemm(Tm_m, kb_m, W_f, clear_accum=True)
+                compensated_gemm(Tm_m, kb_m, W_f, tf32_C_C, tf32_C_K, clear_accum=True)
                 T.copy(W_f, w_m)
                 for a, e2 in T.Parallel(K, BV):
                     DH[CO[n] + c, h, a, v0 + e2] = dS[a, e2]
                 T.copy(dS, dS_m)
                 for i, e2 in T.Parallel(C, BV):
                     do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
-                T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
-                T.gemm(ke_m, dS_m, du_f)
+                compensated_gemm(A_m, do_m, du_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
+                compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)
                 T.copy(du_f, du_m)
                 for i, d in T.Parallel(C, K):
                     wn_m[i, d] = T.cast(-W_f[i, d], dtype)
                 for a, e2 in T.Parallel(K, BV):
                     dS[a, e2] = dS[a, e2] * T.exp(b_s[C - 1])
-                T.gemm(qe_m, do_m, dS, transpose_A=True)
-                T.gemm(wn_m, du_m, dS, transpose_A=True)
+                compensated_gemm(qe_m, do_m, dS, tf32_C_K, tf32_C_BV, transpose_A=True)
+                compensated_gemm(wn_m, du_m, dS, tf32_C_K, tf32_C_BV, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]
 
@@ -435,6 +484,13 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             yk_f = T.alloc_fragment((C, K), "float32")
             rq_f = T.alloc_fragment((C,), "float32")
             rk2_f = T.alloc_fragment((C,), "float32")
+            # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
+            tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
+            tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
+            tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
+            tf32_C_BV_2 = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
 
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
@@ -470,11 +526,11 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qm_m[i, d] = T.cast(qp_s[i, d], dtype)
                 km_m[i, d] = T.cast(kp_s[i, d], dtype)
-            T.gemm(qm_m, km_m, A_f, transpose_B=True, clear_accum=True)
+            compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
 
-            T.gemm(km_m, km_m, M_f, transpose_B=True, clear_accum=True)
+            compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
 
@@ -490,7 +546,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             T.copy(Tm_s, Tm_m)
             for i, d in T.Parallel(C, K):
                 kb_m[i, d] = T.cast(bt_s[i] * kp_s[i, d] * T.exp(b_s[i]), dtype)
-            T.gemm(Tm_m, kb_m, W_f, clear_accum=True)
+            compensated_gemm(Tm_m, kb_m, W_f, tf32_C_C, tf32_C_K, clear_accum=True)
             T.copy(W_f, w_m)
             T.clear(dqe_f)
             T.clear(dke_f)
@@ -522,23 +578,23 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
                 for i, e2 in T.Parallel(C, BV):
                     vb_m[i, e2] = T.cast(bt_s[i] * T.cast(v_m[i, e2], "float32"), dtype)
-                T.gemm(Tm_m, vb_m, U_f, clear_accum=True)
-                T.gemm(w_m, S_m, WS_f, clear_accum=True)
+                compensated_gemm(Tm_m, vb_m, U_f, tf32_C_C, tf32_C_BV, clear_accum=True)
+                compensated_gemm(w_m, S_m, WS_f, tf32_C_K, tf32_K_BV, clear_accum=True)
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.cast(U_f[i, e2] - WS_f[i, e2], dtype)
                     U1_m[i, e2] = T.cast(U_f[i, e2], dtype)
 
-                T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
-                T.gemm(ke_m, dS_m, du_f)
-                T.gemm(do_m, S_m, dqe_f, transpose_B=True)
-                T.gemm(do_m, u_m, dA_f, transpose_B=True)
-                T.gemm(u_m, dS_m, dke_f, transpose_B=True)
+                compensated_gemm(A_m, do_m, du_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
+                compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)
+                compensated_gemm(do_m, S_m, dqe_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
+                compensated_gemm(do_m, u_m, dA_f, tf32_C_BV, tf32_C_BV_2, transpose_B=True)
+                compensated_gemm(u_m, dS_m, dke_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
 
                 T.copy(du_f, du_m)
-                T.gemm(du_m, S_m, dws_f, transpose_B=True)
-                T.gemm(Tm_m, du_m, dvb_f, transpose_A=True, clear_accum=True)
+                compensated_gemm(du_m, S_m, dws_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
+                compensated_gemm(Tm_m, du_m, dvb_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
                 T.copy(dvb_f, dvb_m)
-                T.gemm(dvb_m, U1_m, dL_f, transpose_B=True)
+                compensated_gemm(dvb_m, U1_m, dL_f, tf32_C_BV, tf32_C_BV_2, transpose_B=True)
                 for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
                         DV[t0 + i, h, v0 + e2] = T.cast(bt_s[i] * dvb_f[i, e2], dtype)
@@ -554,8 +610,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, j in T.Parallel(C, C):
                 P_m[i, j] = T.cast(T.if_then_else(j <= i, dA_s[i, j] * T.exp(b_s[i] - b_s[j]), 0.0), dtype)
 
-            T.gemm(P_m, km_m, dqA_f, clear_accum=True)
-            T.gemm(P_m, qm_m, dkA_f, transpose_A=True, clear_accum=True)
+            compensated_gemm(P_m, km_m, dqA_f, tf32_C_C, tf32_C_K, clear_accum=True)
+            compensated_gemm(P_m, qm_m, dkA_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
 
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]
@@ -565,9 +621,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 db_s[i, d] = qp_s[i, d] * (T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d])
 
             T.copy(dws_f, dws_m)
-            T.gemm(Tm_m, dws_m, dkb_f, transpose_A=True, clear_accum=True)
+            compensated_gemm(Tm_m, dws_m, dkb_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
             T.copy(dkb_f, dkb_m)
-            T.gemm(dkb_m, w_m, X_f, transpose_B=True, clear_accum=True)
+            compensated_gemm(dkb_m, w_m, X_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 dL_s[i, j] = T.if_then_else(j < i, X_f[i, j] - dL_f[i, j], 0.0)
             for i, d in T.Parallel(C, K):
@@ -588,8 +644,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, j in T.Parallel(C, C):
                 P_m[i, j] = T.cast(T.if_then_else(j < i, dL_s[i, j] * T.exp(b_s[i] - b_s[j]), 0.0), dtype)
 
-            T.gemm(P_m, km_m, Pd_f, clear_accum=True)
-            T.gemm(P_m, km_m, Pt_f, transpose_A=True, clear_accum=True)
+            compensated_gemm(P_m, km_m, Pd_f, tf32_C_C, tf32_C_K, clear_accum=True)
+            compensated_gemm(P_m, km_m, Pt_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
 
             for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = dkp_s[i, d] + bt_s[i] * T.exp(b_s[i]) * dkb_s[i, d] + Pd_f[i, d] + Pt_f[i, d]

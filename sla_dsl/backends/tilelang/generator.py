@@ -15,6 +15,9 @@ spec and specialised by the recurrence's features (decay kind, write rule, gates
         every input gradient of one chunk: grid (chunks, H); loops over V-blocks accumulating the K-side
         gradients in fp32 fragments, then chains through decay cumsum, gates, L2 norm and feature maps.
 
+Every T.gemm of the templates is emitted as `compensated_gemm` (`tf32x3`): the plain T.gemm for 16-bit
+dtypes, and for float32 an error-compensated product (3xTF32) that keeps fp32 accuracy on tf32 tensor cores.
+
 Tokens are packed ([total tokens, H, D]); sequences are described by cu_seqlens and a host-built chunk table,
 so batches and varlen share one code path. Padded rows of a partial chunk are masked to zero (k = v = 0,
 no decay, beta = 0). Every exp() argument is <= 0 (relative decays b_i - b_j with j <= i, b_C - b_i, b_i).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import textwrap
 
+from sla_dsl.backends.tilelang.tf32x3 import MACROS, compensate
 from sla_dsl.codegen import header
 from sla_dsl.feature_maps import L2_NORM_EPS
 from sla_dsl.spec import Decay, FeatureMap, Spec, WriteRule
@@ -905,6 +909,7 @@ PASS_CONFIGS = {{
     tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True,
     tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
 }}
-'''
-    text = header(spec, "tilelang", "chunkwise forward and backward kernels") + meta + fwd + bwd_dh + bwd_chunk
+''' + MACROS
+    text = (header(spec, "tilelang", "chunkwise forward and backward kernels") + meta
+            + "".join(compensate(factory) for factory in (fwd, bwd_dh, bwd_chunk)))
     return {filename(spec): text}

@@ -23,6 +23,7 @@ import torch
 from sla_dsl.autotune.protocol import ConfigRejected
 from sla_dsl.autotune.space import Space
 from sla_dsl.backends import SM90_SHARED_MEMORY_BYTES
+from sla_dsl.backends.tilelang.tf32x3 import FP32_ONLY
 
 CHUNK_SIZES = (16, 32, 64)
 BLOCK_V = (16, 32, 64)
@@ -55,25 +56,30 @@ def tuning_space(shape, phase: str) -> Space:
     return Space([{"chunk": c} for c in CHUNK_SIZES], *stages, order=SEARCH_ORDER)
 
 
-_SHARED_ALLOC = re.compile(r'T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)')
+_SHARED_ALLOC = re.compile(r'T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)(' + re.escape(FP32_ONLY) + ')?')
 
 
 @functools.cache
-def _shared_buffers(module, kernel: str) -> tuple[tuple[tuple[str, ...], bool], ...]:
-    """(dimension names, is float32) of every T.alloc_shared in the source of a generated kernel factory."""
+def _shared_buffers(module, kernel: str) -> tuple[tuple[tuple[str, ...], bool, bool], ...]:
+    """(dimension names, is float32, exists only for float32 inputs) of every T.alloc_shared in the source of a
+    generated kernel factory."""
     source = inspect.getsource(getattr(module, kernel))
-    return tuple((tuple(d.strip() for d in dims.split(",") if d.strip()), kind == '"float32"')
-                 for dims, kind in _SHARED_ALLOC.findall(source))
+    return tuple((tuple(d.strip() for d in dims.split(",") if d.strip()), kind == '"float32"', bool(fp32_only))
+                 for dims, kind, fp32_only in _SHARED_ALLOC.findall(source))
 
 
 def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
     """Shared memory of one stage's kernel under `config`: the sum of its buffers, which TileLang lays out
-    side by side (the sum matched the 254464 bytes that the H100 refused for gdn's fwd at chunk 64, K 128)."""
+    side by side (the sum matched the 254464 bytes that the H100 refused for gdn's fwd at chunk 64, K 128).
+    Float32 inputs add the scratch of their error-compensated gemms (`tf32x3`)."""
     params = kernel_params(config, stage)
     sizes = {"C": params["chunk"], "BV": params["block_v"], "K": shape.K, "V": shape.V}
-    element = 4 if shape.dtype == "float32" else 2
+    fp32_inputs = shape.dtype == "float32"
+    element = 4 if fp32_inputs else 2
     total = 0
-    for dims, is_float32 in _shared_buffers(module, STAGE_KERNELS[stage]):
+    for dims, is_float32, fp32_only in _shared_buffers(module, STAGE_KERNELS[stage]):
+        if fp32_only and not fp32_inputs:
+            continue
         count = 1
         for dim in dims:
             count *= sizes[dim]

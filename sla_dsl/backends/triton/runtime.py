@@ -80,6 +80,13 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
     KP, VP = padded(shape.K), padded(shape.V)
     # the interpreter runs every tile element by element in numpy: small chunks keep CPU tests fast
     BT = 16 if interpreting() else (64 if KP <= 128 else 32)
+    precision = PRECISIONS[shape.dtype][0]
+    if phase == "bwd" and rec.write is WriteRule.DELTA and "tf32" in PRECISIONS[shape.dtype]:
+        # measured on the H100 (gdn, T=4096, fp16 and bf16 alike): with 16-bit operands the delta rule's
+        # dinitial_state misses the 1e-2 gradient bound (2.1e-2); tf32 with float32 workspaces meets it
+        precision = "tf32"
+        if KP >= 128 and not interpreting():
+            BT = 32  # bwd_wy's float32 [64, 128] tiles need 233472 bytes of shared memory; an H100 CTA has 232448
     # the sequential passes: V-blocks small enough for many programs, large enough for the tensor cores
     seq_BV = min(VP, 64 if KP <= 64 else 32)
     # the delta rule's solve and the vector decay's in-chunk products keep [BT, BT] and [BT, KP] tiles live
@@ -91,7 +98,7 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
                       "bwd_dh": {"BV": seq_BV, "num_warps": 4, "num_stages": 2},
                       "bwd_dqk": {"BV": min(VP, 64), "num_warps": 4 if KP <= 64 else 8, "num_stages": 1},
                       "bwd_wy": {"BV": min(VP, 64), "num_warps": heavy_warps, "num_stages": 1}}
-    config = {"BT": BT, "dot_precision": PRECISIONS[shape.dtype][0]}
+    config = {"BT": BT, "dot_precision": precision}
     if rec.decay is Decay.VECTOR:
         config["BC"] = 16
     for stage in phase_stages(rec, phase):
