@@ -170,3 +170,8 @@ def test_new_spec_file_compiles_and_runs(tmp_path):
     assert torch.isfinite(o).all() and torch.isfinite(q.grad).all() and torch.isfinite(v.grad).all()
     errors = testing.compare_to_reference(rec, op.kernels_for("triton"), inputs)
     assert max(errors.values()) <= 1e-5, errors
+
+
+def test_delta_rule_block_solve_at_chunk_64():
+    """At BT = 64 the WY inverse solves four 16 x 16 diagonal blocks and three block rows below them."""
+    check(testing.recurrence(Decay.SCALAR, WriteRule.DELTA, Gates.BOTH), 1, 70, 1, 16, 16, config={"BT": 64})

@@ -80,6 +80,8 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
     KP, VP = padded(shape.K), padded(shape.V)
     # the interpreter runs every tile element by element in numpy: small chunks keep CPU tests fast
     BT = 16 if interpreting() else (64 if KP <= 128 else 32)
+    if rec.decay is Decay.VECTOR and KP >= 128 and not interpreting():
+        BT = 32  # measured offline: gla's bwd_dqk spills 3744 B of stack per thread at chunk 64, 504 at 32
     precision = PRECISIONS[shape.dtype][0]
     if phase == "bwd" and rec.write is WriteRule.DELTA and "tf32" in PRECISIONS[shape.dtype]:
         # measured on the H100 (gdn, T=4096, fp16 and bf16 alike): with 16-bit operands the delta rule's
