@@ -172,6 +172,6 @@ def test_new_spec_file_compiles_and_runs(tmp_path):
     assert max(errors.values()) <= 1e-5, errors
 
 
-def test_delta_rule_block_solve_at_chunk_64():
-    """At BT = 64 the WY inverse solves four 16 x 16 diagonal blocks and three block rows below them."""
+def test_delta_rule_at_chunk_64():
+    """The GPU's default chunk for the delta rule's forward: the WY inverse over 64 rows."""
     check(testing.recurrence(Decay.SCALAR, WriteRule.DELTA, Gates.BOTH), 1, 70, 1, 16, 16, config={"BT": 64})

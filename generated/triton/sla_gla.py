@@ -362,22 +362,13 @@ def _intra_right(D, x, b, BT: tl.constexpr, BC: tl.constexpr, DECAY: tl.constexp
 
 @triton.jit
 def _solve_unit_lower(L, BT: tl.constexpr):
-    """(I + L)^-1 for a strictly lower triangular L [BT, BT] (BT a multiple of 16), in float32: the 16 x 16
-    diagonal blocks by forward substitution, all blocks at once as [BT // 16, 16, 16] (15 steps, not BT - 1
-    over the whole tile), then the blocks below them by block forward substitution,
-    T_ij = -T_ii sum_{j <= k < i} L_ik T_kj, one block row per step."""
-    sub = tl.arange(0, 16)
-    Ld = _diagonal_blocks(L, BT, 16)
-    Td = tl.where((sub[:, None] == sub[None, :])[None, :, :], 1., 0.) + tl.zeros([BT // 16, 16, 16], dtype=tl.float32)
-    for i in range(1, 16):
-        sel = (sub == i)[None, :, None]
-        t_i = -tl.sum(tl.sum(tl.where(sel, Ld, 0.), 1)[:, :, None] * Td, 1)
-        Td = tl.where(sel, t_i[:, None, :] + tl.where(sub == i, 1., 0.)[None, None, :], Td)
-    T = _block_diagonal(Td, BT, 16)
-    blk = tl.arange(0, BT) // 16
-    for i in tl.static_range(1, BT // 16):
-        below = tl.dot(tl.where((blk[:, None] == i) & (blk[None, :] < i), L, 0.), T, input_precision="ieee")
-        T -= tl.dot(tl.where((blk[:, None] == i) & (blk[None, :] == i), T, 0.), below, input_precision="ieee")
+    """(I + L)^-1 for a strictly lower triangular L, by forward substitution in registers."""
+    rows = tl.arange(0, BT)
+    T = tl.where(rows[:, None] == rows[None, :], 1., 0.)
+    for i in range(1, BT):
+        l_i = tl.sum(tl.where((rows == i)[:, None], L, 0.), 0)
+        t_i = -tl.sum(l_i[:, None] * T, 0)
+        T = tl.where((rows == i)[:, None], t_i[None, :] + tl.where(rows == i, 1., 0.)[None, :], T)
     return T
 
 
