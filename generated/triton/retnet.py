@@ -372,6 +372,14 @@ def _solve_unit_lower(L, BT: tl.constexpr):
     return T
 
 
+# Triton 3.6 on sm_90 miscompiles tl.trans of a loaded 16-bit tile that feeds a dot (illegal memory accesses on
+# an H100, depending on the tile sizes): transposed operands that come from memory are loaded by their strides.
+@triton.jit
+def _load_rows_t(x_ptr, tok, valid, i_h, H, D, cols, cmask):
+    """x^T of one chunk's rows of a [tokens, H, D] tensor: [DP, BT], zero past the sequence end and past D."""
+    return tl.load(x_ptr + (tok * H + i_h)[None, :] * D + cols[:, None], mask=cmask[:, None] & valid[None, :], other=0.)
+
+
 @triton.jit
 def _chunk_rows(cu_seqlens, n, c, BT: tl.constexpr):
     """Token indices (int64) and validity of chunk c of sequence n."""
@@ -486,7 +494,7 @@ def output_kernel(q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seqlens, chu
     if DECAY == 3:
         A = tl.load(A_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
     else:
-        A = _dot(qp, tl.trans(tl.load(k_ws + k_off, mask=km, other=0.)), PREC) * _decay_matrix(b, BT, True)
+        A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
     S = tl.load(h_ws + (i_t.to(tl.int64) * H + i_h) * K * V + cols[:, None] * V + vcols[None, :],
                 mask=kmask[:, None] & vmask[None, :], other=0.)
     vm = valid[:, None] & vmask[None, :]
@@ -539,14 +547,10 @@ def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws,
             if DECAY == 3:
                 A = tl.load(A_ws + (i_t * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
             else:
-                A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
+                A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
             dvn = _dot(tl.trans(A), dob, PREC) + _dot(kp * tl.exp(b_last[None, :] - b), dS, PREC)
             tl.store(dvn_ws + v_off, dvn, mask=vm)
-            # w^T loaded as [KP, BT] by its strides: tl.trans of a loaded 16-bit tile as a dot's first operand
-            # is miscompiled by Triton 3.6 on sm_90 (illegal memory access in this kernel on an H100)
-            wT = tl.load(w_ws + (tok * H + i_h)[None, :] * K + cols[:, None], mask=kmask[:, None] & valid[None, :],
-                         other=0.)
-            dS_in -= _dot(wT, dvn, PREC)
+            dS_in -= _dot(_load_rows_t(w_ws, tok, valid, i_h, H, K, cols, kmask), dvn, PREC)
         dS = dS_in
     if HAS_H0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_off, dS.to(dh0.dtype.element_ty), mask=smask)
@@ -578,7 +582,7 @@ def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_
         if DECAY == 3:
             A = tl.load(A_ws + ws)
         else:
-            A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
+            A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
         kd = kp * tl.exp(b_last[None, :] - b)
     else:
         dw = tl.zeros([BT, KP], dtype=tl.float32)
@@ -590,23 +594,27 @@ def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_
         vcols = v0 + tl.arange(0, BV)
         vmask = vcols < V
         smask = kmask[:, None] & vmask[None, :]
-        s_off = state_base + cols[:, None] * V + vcols[None, :]
-        S = tl.load(h_ws + s_off, mask=smask, other=0.)
-        dS = tl.load(dh_ws + s_off, mask=smask, other=0.)
+        # the states transposed, [BV, KP], loaded by their strides (see _load_rows_t)
+        st_off = state_base + cols[None, :] * V + vcols[:, None]
+        St = tl.load(h_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
+        dSt = tl.load(dh_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
         vm = valid[:, None] & vmask[None, :]
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
         dob = tl.load(do + v_off, mask=vm, other=0.)
         if IS_DELTA:
             vn = tl.load(vn_ws + v_off, mask=vm, other=0.)
+            vnt = _load_rows_t(vn_ws, tok, valid, i_h, H, V, vcols, vmask)
         else:
             vn = tl.load(v + v_off, mask=vm, other=0.)
-        dqe += _dot(dob, tl.trans(S), PREC)
-        dkd += _dot(vn, tl.trans(dS), PREC)
-        dA += _dot(dob, tl.trans(vn), PREC)
-        s_ds += tl.sum(S.to(tl.float32) * dS.to(tl.float32), 1)
+            vnt = _load_rows_t(v, tok, valid, i_h, H, V, vcols, vmask)
+        dqe += _dot(dob, St, PREC)
+        dkd += _dot(vn, dSt, PREC)
+        dA += _dot(dob, vnt, PREC)
+        s_ds += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), 0)
         if IS_DELTA:
-            dw -= _dot(tl.load(dvn_ws + v_off, mask=vm, other=0.), tl.trans(S), PREC)
+            dw -= _dot(tl.load(dvn_ws + v_off, mask=vm, other=0.), St, PREC)
         else:
+            dS = tl.load(dh_ws + state_base + cols[:, None] * V + vcols[None, :], mask=smask, other=0.)
             du = _dot(tl.trans(A), dob, PREC) + _dot(kd, dS, PREC)
             tl.store(dv + v_off, du.to(dv.dtype.element_ty), mask=vm)
     if IS_DELTA:
@@ -650,8 +658,7 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
     rows = tl.arange(0, BT)
     km = valid[:, None] & kmask[None, :]
     k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
-    # only T^T is used: loaded by its strides, since tl.trans of a loaded tile as a dot's first operand is
-    # miscompiled by Triton 3.6 on sm_90 with 16-bit operands (see stage "bwd_dh")
+    # only T^T is used: loaded by its strides (see _load_rows_t)
     TmT = tl.load(T_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[None, :] * BT + rows[:, None])
     bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
     dT = tl.zeros([BT, BT], dtype=tl.float32)

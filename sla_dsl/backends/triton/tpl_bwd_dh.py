@@ -48,14 +48,10 @@ def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws,
             if DECAY == 3:
                 A = tl.load(A_ws + (i_t * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
             else:
-                A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
+                A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
             dvn = _dot(tl.trans(A), dob, PREC) + _dot(kp * tl.exp(b_last[None, :] - b), dS, PREC)
             tl.store(dvn_ws + v_off, dvn, mask=vm)
-            # w^T loaded as [KP, BT] by its strides: tl.trans of a loaded 16-bit tile as a dot's first operand
-            # is miscompiled by Triton 3.6 on sm_90 (illegal memory access in this kernel on an H100)
-            wT = tl.load(w_ws + (tok * H + i_h)[None, :] * K + cols[:, None], mask=kmask[:, None] & valid[None, :],
-                         other=0.)
-            dS_in -= _dot(wT, dvn, PREC)
+            dS_in -= _dot(_load_rows_t(w_ws, tok, valid, i_h, H, K, cols, kmask), dvn, PREC)
         dS = dS_in
     if HAS_H0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_off, dS.to(dh0.dtype.element_ty), mask=smask)

@@ -38,7 +38,7 @@ def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_
         if DECAY == 3:
             A = tl.load(A_ws + ws)
         else:
-            A = _dot(qp, tl.trans(kp), PREC) * _decay_matrix(b, BT, True)
+            A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
         kd = kp * tl.exp(b_last[None, :] - b)
     else:
         dw = tl.zeros([BT, KP], dtype=tl.float32)
@@ -50,23 +50,27 @@ def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_
         vcols = v0 + tl.arange(0, BV)
         vmask = vcols < V
         smask = kmask[:, None] & vmask[None, :]
-        s_off = state_base + cols[:, None] * V + vcols[None, :]
-        S = tl.load(h_ws + s_off, mask=smask, other=0.)
-        dS = tl.load(dh_ws + s_off, mask=smask, other=0.)
+        # the states transposed, [BV, KP], loaded by their strides (see _load_rows_t)
+        st_off = state_base + cols[None, :] * V + vcols[:, None]
+        St = tl.load(h_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
+        dSt = tl.load(dh_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
         vm = valid[:, None] & vmask[None, :]
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
         dob = tl.load(do + v_off, mask=vm, other=0.)
         if IS_DELTA:
             vn = tl.load(vn_ws + v_off, mask=vm, other=0.)
+            vnt = _load_rows_t(vn_ws, tok, valid, i_h, H, V, vcols, vmask)
         else:
             vn = tl.load(v + v_off, mask=vm, other=0.)
-        dqe += _dot(dob, tl.trans(S), PREC)
-        dkd += _dot(vn, tl.trans(dS), PREC)
-        dA += _dot(dob, tl.trans(vn), PREC)
-        s_ds += tl.sum(S.to(tl.float32) * dS.to(tl.float32), 1)
+            vnt = _load_rows_t(v, tok, valid, i_h, H, V, vcols, vmask)
+        dqe += _dot(dob, St, PREC)
+        dkd += _dot(vn, dSt, PREC)
+        dA += _dot(dob, vnt, PREC)
+        s_ds += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), 0)
         if IS_DELTA:
-            dw -= _dot(tl.load(dvn_ws + v_off, mask=vm, other=0.), tl.trans(S), PREC)
+            dw -= _dot(tl.load(dvn_ws + v_off, mask=vm, other=0.), St, PREC)
         else:
+            dS = tl.load(dh_ws + state_base + cols[:, None] * V + vcols[None, :], mask=smask, other=0.)
             du = _dot(tl.trans(A), dob, PREC) + _dot(kd, dS, PREC)
             tl.store(dv + v_off, du.to(dv.dtype.element_ty), mask=vm)
     if IS_DELTA:

@@ -24,8 +24,7 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
     rows = tl.arange(0, BT)
     km = valid[:, None] & kmask[None, :]
     k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
-    # only T^T is used: loaded by its strides, since tl.trans of a loaded tile as a dot's first operand is
-    # miscompiled by Triton 3.6 on sm_90 with 16-bit operands (see stage "bwd_dh")
+    # only T^T is used: loaded by its strides (see _load_rows_t)
     TmT = tl.load(T_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[None, :] * BT + rows[:, None])
     bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
     dT = tl.zeros([BT, BT], dtype=tl.float32)

@@ -323,6 +323,14 @@ def _solve_unit_lower(L, BT: tl.constexpr):
     return T
 
 
+# Triton 3.6 on sm_90 miscompiles tl.trans of a loaded 16-bit tile that feeds a dot (illegal memory accesses on
+# an H100, depending on the tile sizes): transposed operands that come from memory are loaded by their strides.
+@triton.jit
+def _load_rows_t(x_ptr, tok, valid, i_h, H, D, cols, cmask):
+    """x^T of one chunk's rows of a [tokens, H, D] tensor: [DP, BT], zero past the sequence end and past D."""
+    return tl.load(x_ptr + (tok * H + i_h)[None, :] * D + cols[:, None], mask=cmask[:, None] & valid[None, :], other=0.)
+
+
 @triton.jit
 def _chunk_rows(cu_seqlens, n, c, BT: tl.constexpr):
     """Token indices (int64) and validity of chunk c of sequence n."""

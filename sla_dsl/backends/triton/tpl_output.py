@@ -27,7 +27,7 @@ def output_kernel(q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seqlens, chu
     if DECAY == 3:
         A = tl.load(A_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
     else:
-        A = _dot(qp, tl.trans(tl.load(k_ws + k_off, mask=km, other=0.)), PREC) * _decay_matrix(b, BT, True)
+        A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
     S = tl.load(h_ws + (i_t.to(tl.int64) * H + i_h) * K * V + cols[:, None] * V + vcols[None, :],
                 mask=kmask[:, None] & vmask[None, :], other=0.)
     vm = valid[:, None] & vmask[None, :]
