@@ -4,7 +4,7 @@
 specs outside specs/) and returns a `TritonKernels` (see `runtime`), which implements the tuning protocol of
 `sla_dsl.autotune`: `tuning_space(shape, phase)`, `default_config(shape, phase)`, and forward/backward with
 `config=None` (the tuned table's config for the running GPU, else the default). `build(spec, config=...)`
-fixes settings for every call (flat keys, e.g. {"BT": 32, "fwd_BV": 16}).
+fixes settings for every call (flat keys, e.g. {"BT": 32, "states_BV": 16}).
 """
 
 from __future__ import annotations
