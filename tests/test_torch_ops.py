@@ -146,3 +146,22 @@ def test_backward_of_unused_final_state_and_autograd_through_op():
     torch.testing.assert_close(o, o2)
     for a, b in zip(grads, grads2):
         torch.testing.assert_close(a, b)
+
+
+GPU_BACKENDS = ("triton", "tilelang")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: both backends' ops on CUDA tensors")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("path", SPECS, ids=SPEC_IDS)
+def test_opcheck_and_compile_on_gpu(path, backend):
+    """On CUDA: opcheck of the op built from the generated kernels, and torch.compile(fullgraph=True) of a loss
+    through it giving eager's gradients (same kernels either way, so exactly)."""
+    op = sla_dsl.compile(path, backend=backend)
+    rec = op.spec.recurrence
+    args = [a.detach().cuda().requires_grad_(a.requires_grad) if a is not None else None
+            for a in _op_args(rec, 2, 70, dim_k=64, dim_v=64)]
+    torch.library.opcheck(op.torch_op(torch.device("cuda")).forward_op, (*args, None, 0.3, True))
+    loss = _loss_fn(op)
+    torch._dynamo.reset()
+    _assert_close(_grads(loss, args), _grads(torch.compile(loss, fullgraph=True), args))
