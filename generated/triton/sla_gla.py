@@ -381,6 +381,15 @@ def _load_rows_t(x_ptr, tok, valid, i_h, H, D, cols, cmask):
 
 
 @triton.jit
+def _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT: tl.constexpr):
+    """Token indices and validity of the i_t-th chunk of the whole batch (chunk_indices: its sequence and
+    the chunk's position in it), for the stages parallel over chunks."""
+    n = tl.load(chunk_indices + 2 * i_t)
+    c = tl.load(chunk_indices + 2 * i_t + 1)
+    return _chunk_rows(cu_seqlens, n, c, BT)
+
+
+@triton.jit
 def _chunk_rows(cu_seqlens, n, c, BT: tl.constexpr):
     """Token indices (int64) and validity of chunk c of sequence n."""
     bos = tl.load(cu_seqlens + n).to(tl.int64)
@@ -397,9 +406,7 @@ def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws
                 BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                 STORE_T: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    n = tl.load(chunk_indices + 2 * i_t)
-    c = tl.load(chunk_indices + 2 * i_t + 1)
-    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
     cols = tl.arange(0, KP)
     kmask = cols < K
     rows = tl.arange(0, BT)
@@ -479,9 +486,7 @@ def output_kernel(q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seqlens, chu
                   KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                   IS_DELTA: tl.constexpr, PREC: tl.constexpr):
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = tl.load(chunk_indices + 2 * i_t)
-    c = tl.load(chunk_indices + 2 * i_t + 1)
-    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
     cols = tl.arange(0, KP)
     kmask = cols < K
     rows = tl.arange(0, BT)
@@ -564,9 +569,7 @@ def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_
                    IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
                    L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    n = tl.load(chunk_indices + 2 * i_t)
-    c = tl.load(chunk_indices + 2 * i_t + 1)
-    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
     cols = tl.arange(0, KP)
     kmask = cols < K
     rows = tl.arange(0, BT)
@@ -650,9 +653,7 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
                   BV: tl.constexpr, DECAY: tl.constexpr, KEY_GATE: tl.constexpr, BETA_GATE: tl.constexpr,
                   L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    n = tl.load(chunk_indices + 2 * i_t)
-    c = tl.load(chunk_indices + 2 * i_t + 1)
-    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
     cols = tl.arange(0, KP)
     kmask = cols < K
     rows = tl.arange(0, BT)

@@ -116,6 +116,12 @@ def stage_options(config: dict, stage: str) -> dict:
     return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
 
 
+def _launch_options(config: dict, stage: str, V: int) -> dict:
+    """stage_options with BV no wider than the padded V (a tuned BV may exceed a smaller head's V)."""
+    options = stage_options(config, stage)
+    return {**options, "BV": min(options["BV"], padded(V))}
+
+
 def _precision(name: str, dtype: torch.dtype) -> int:
     if name == "ieee" or dtype == torch.float32:
         return 0 if name != "tf32" else 1
@@ -174,9 +180,12 @@ class Prepared:
         blocks = (max(launch.num_chunks, 1), H, BT, BT)
         self.q = torch.empty(q.shape, dtype=wdtype, device=device)
         self.k = torch.empty(q.shape, dtype=wdtype, device=device)
-        self.b = {Decay.VECTOR: lambda: torch.empty(q.shape, dtype=torch.float32, device=device),
-                  Decay.SCALAR: lambda: torch.empty(q.shape[:-1], dtype=torch.float32, device=device)}.get(
-                      rec.decay, lambda: launch.lg)()
+        if rec.decay is Decay.VECTOR:
+            self.b = torch.empty(q.shape, dtype=torch.float32, device=device)
+        elif rec.decay is Decay.SCALAR:
+            self.b = torch.empty(q.shape[:-1], dtype=torch.float32, device=device)
+        else:
+            self.b = launch.lg  # no decay workspace: the kernels compute b from the constant (or none)
         self.A = torch.empty(blocks, dtype=torch.float32, device=device) if rec.decay is Decay.VECTOR else self.q
         self.T = torch.empty(blocks, dtype=torch.float32, device=device) if delta and store_t else self.q
         self.w = torch.empty(q.shape, dtype=wdtype, device=device) if delta else self.q
@@ -215,27 +224,24 @@ class TritonKernels:
     # -- launches ---------------------------------------------------------------------------------
 
     def _common(self, launch: Launch, cfg: dict) -> dict:
-        BT = cfg["BT"]
-        return dict(KP=launch.KP, BT=BT, DECAY=self.module.FLAGS["DECAY"], PREC=cfg["PREC"])
+        return dict(KP=launch.KP, BT=cfg["BT"], DECAY=self.module.FLAGS["DECAY"], PREC=cfg["PREC"])
 
     def _prepare(self, run, launch, cfg, phase, q, k, v, g, beta, gq, gk, h0, ht, scale) -> Prepared:
         """Stages "prep" and "states" (the latter as "bwd_states" in the backward)."""
-        flags, BT, V = self.module.FLAGS, cfg["BT"], launch.V
-        ws = Prepared(self.recurrence, launch, q, v, BT, work_dtype(cfg["PREC"], q.dtype), phase == "bwd")
+        flags, V = self.module.FLAGS, launch.V
+        ws = Prepared(self.recurrence, launch, q, v, cfg["BT"], work_dtype(cfg["PREC"], q.dtype), phase == "bwd")
         common = self._common(launch, cfg)
         if launch.num_chunks > 0:
-            st = stage_options(cfg, "prep")
             run(self.module.prep_kernel, (launch.num_chunks, launch.H),
                 q, k, v, g, beta, gq, gk, launch.lg, ws.q, ws.k, ws.b, ws.A, ws.T, ws.w, ws.u, launch.cu,
-                launch.chunk_indices, scale, launch.H, launch.K, V, BC=min(cfg.get("BC", 16), BT),
-                BV=min(st.pop("BV"), padded(V)), STORE_T=phase == "bwd", **common,
-                **{name: value for name, value in flags.items() if name != "DECAY"}, **st)
-        st = stage_options(cfg, "states" if phase == "fwd" else "bwd_states")
-        BV = min(st.pop("BV"), padded(V))
-        run(self.module.states_kernel, (triton.cdiv(V, BV), launch.N * launch.H),
+                launch.chunk_indices, scale, launch.H, launch.K, V, BC=cfg["BC"], STORE_T=phase == "bwd",
+                **common, **{name: value for name, value in flags.items() if name != "DECAY"},
+                **_launch_options(cfg, "prep", V))
+        st = _launch_options(cfg, "states" if phase == "fwd" else "bwd_states", V)
+        run(self.module.states_kernel, (triton.cdiv(V, st["BV"]), launch.N * launch.H),
             ws.k, v, ws.b, launch.lg, ws.w, ws.u, h0 if h0 is not None else q, ht if ht is not None else q,
-            ws.h, ws.vn, launch.cu, launch.chunk_offsets, launch.H, launch.K, V, BV=BV,
-            IS_DELTA=flags["IS_DELTA"], HAS_H0=h0 is not None, STORE_HT=ht is not None, **common, **st)
+            ws.h, ws.vn, launch.cu, launch.chunk_offsets, launch.H, launch.K, V, IS_DELTA=flags["IS_DELTA"],
+            HAS_H0=h0 is not None, STORE_HT=ht is not None, **common, **st)
         return ws
 
     @staticmethod
@@ -252,7 +258,9 @@ class TritonKernels:
     def _resolved(self, q, v, cu_seqlens, phase, config) -> tuple[dict, Launch]:
         cfg = self._config(q, v, cu_seqlens, phase, config)
         launch = Launch(self.recurrence, q, v, cu_seqlens, cfg["BT"])
-        return {**cfg, "PREC": _precision(cfg["dot_precision"], q.dtype)}, launch
+        # BC, the vector decay's sub-chunk, is a constexpr of every kernel with in-chunk products: 16 otherwise
+        return {**cfg, "BC": min(cfg.get("BC", 16), cfg["BT"]), "PREC": _precision(cfg["dot_precision"], q.dtype)}, \
+            launch
 
     def forward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, output_final_state, config=None,
                 compile_only=False):
@@ -267,12 +275,10 @@ class TritonKernels:
             if output_final_state else None
         ws = self._prepare(run, launch, cfg, "fwd", q, k, v, g_, beta_, gq_, gk_, initial_state, ht, scale)
         if launch.num_chunks > 0:
-            st = stage_options(cfg, "output")
-            BV = min(st.pop("BV"), padded(launch.V))
-            run(self.module.output_kernel, (triton.cdiv(launch.V, BV), launch.num_chunks, launch.H),
+            st = _launch_options(cfg, "output", launch.V)
+            run(self.module.output_kernel, (triton.cdiv(launch.V, st["BV"]), launch.num_chunks, launch.H),
                 ws.q, ws.k, v, ws.b, launch.lg, ws.A, ws.h, ws.vn, o, launch.cu, launch.chunk_indices, launch.H,
-                launch.K, launch.V, BV=BV, IS_DELTA=self.module.FLAGS["IS_DELTA"], **self._common(launch, cfg),
-                **st)
+                launch.K, launch.V, IS_DELTA=self.module.FLAGS["IS_DELTA"], **self._common(launch, cfg), **st)
         return None if compile_only else (o, ht)
 
     def backward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, do, dfinal_state, config=None,
@@ -296,26 +302,23 @@ class TritonKernels:
         dk_ws, dw_ws = (f32(q.shape), f32(q.shape)) if delta else (q, q)
         db_ws = f32(q.shape if rec.decay is Decay.VECTOR else q.shape[:-1]) \
             if delta and rec.decay in (Decay.SCALAR, Decay.VECTOR) else q
-        st = stage_options(cfg, "bwd_dh")
-        BV = min(st.pop("BV"), padded(V))
-        run(self.module.bwd_dh_kernel, (triton.cdiv(V, BV), launch.N * H),
+        st = _launch_options(cfg, "bwd_dh", V)
+        run(self.module.bwd_dh_kernel, (triton.cdiv(V, st["BV"]), launch.N * H),
             ws.q, ws.k, ws.b, launch.lg, ws.w, ws.A, do, dfinal_state if dfinal_state is not None else q,
-            dh0 if dh0 is not None else q, dh_ws, dvn_ws, launch.cu, launch.chunk_offsets, H, K, V, BV=BV,
+            dh0 if dh0 is not None else q, dh_ws, dvn_ws, launch.cu, launch.chunk_offsets, H, K, V,
             IS_DELTA=delta, HAS_DHT=dfinal_state is not None, HAS_H0=dh0 is not None, **common, **st)
         if launch.num_chunks > 0:
             pick = lambda t: t if t is not None else dq  # noqa: E731
-            BC = min(cfg.get("BC", 16), cfg["BT"])
-            st = stage_options(cfg, "bwd_dqk")
             run(self.module.bwd_dqk_kernel, (launch.num_chunks, H),
                 q, k, gq_, gk_, ws.q, ws.k, v, ws.b, launch.lg, ws.A, ws.h, dh_ws, ws.vn, dvn_ws, do, dq, dk, dv,
                 pick(dgq), pick(dgk), pick(dg), dk_ws, db_ws, dw_ws, launch.cu, launch.chunk_indices, scale, H, K,
-                V, BC=BC, BV=min(st.pop("BV"), padded(V)), IS_DELTA=delta, READ_GATE=flags["READ_GATE"],
-                KEY_GATE=flags["KEY_GATE"], L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **st)
+                V, BC=cfg["BC"], IS_DELTA=delta, READ_GATE=flags["READ_GATE"],
+                KEY_GATE=flags["KEY_GATE"], L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common,
+                **_launch_options(cfg, "bwd_dqk", V))
             if delta:
-                st = stage_options(cfg, "bwd_wy")
                 run(self.module.bwd_wy_kernel, (launch.num_chunks, H),
                     k, v, beta_, gk_, launch.lg, ws.b, ws.T, dvn_ws, dw_ws, dk_ws, db_ws, dk, dv, dbeta,
-                    pick(dgk), pick(dg), launch.cu, launch.chunk_indices, H, K, V, BC=BC,
-                    BV=min(st.pop("BV"), padded(V)), KEY_GATE=flags["KEY_GATE"], BETA_GATE=flags["BETA_GATE"],
-                    L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **st)
+                    pick(dgk), pick(dg), launch.cu, launch.chunk_indices, H, K, V, BC=cfg["BC"],
+                    KEY_GATE=flags["KEY_GATE"], BETA_GATE=flags["BETA_GATE"],
+                    L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **_launch_options(cfg, "bwd_wy", V))
         return None if compile_only else (dq, dk, dv, dg, dbeta, dgq, dgk, dh0)

@@ -20,9 +20,7 @@ def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_
                    IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
                    L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    n = tl.load(chunk_indices + 2 * i_t)
-    c = tl.load(chunk_indices + 2 * i_t + 1)
-    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
     cols = tl.arange(0, KP)
     kmask = cols < K
     rows = tl.arange(0, BT)

@@ -332,6 +332,15 @@ def _load_rows_t(x_ptr, tok, valid, i_h, H, D, cols, cmask):
 
 
 @triton.jit
+def _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT: tl.constexpr):
+    """Token indices and validity of the i_t-th chunk of the whole batch (chunk_indices: its sequence and
+    the chunk's position in it), for the stages parallel over chunks."""
+    n = tl.load(chunk_indices + 2 * i_t)
+    c = tl.load(chunk_indices + 2 * i_t + 1)
+    return _chunk_rows(cu_seqlens, n, c, BT)
+
+
+@triton.jit
 def _chunk_rows(cu_seqlens, n, c, BT: tl.constexpr):
     """Token indices (int64) and validity of chunk c of sequence n."""
     bos = tl.load(cu_seqlens + n).to(tl.int64)

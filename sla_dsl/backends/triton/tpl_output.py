@@ -12,9 +12,7 @@ def output_kernel(q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seqlens, chu
                   KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                   IS_DELTA: tl.constexpr, PREC: tl.constexpr):
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = tl.load(chunk_indices + 2 * i_t)
-    c = tl.load(chunk_indices + 2 * i_t + 1)
-    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
     cols = tl.arange(0, KP)
     kmask = cols < K
     rows = tl.arange(0, BT)

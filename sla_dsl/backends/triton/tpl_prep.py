@@ -18,9 +18,7 @@ def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws
                 BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
                 STORE_T: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    n = tl.load(chunk_indices + 2 * i_t)
-    c = tl.load(chunk_indices + 2 * i_t + 1)
-    tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
+    tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
     cols = tl.arange(0, KP)
     kmask = cols < K
     rows = tl.arange(0, BT)
