@@ -317,7 +317,7 @@ class TritonKernels:
                 **_launch_options(cfg, "bwd_dqk", V))
             if delta:
                 run(self.module.bwd_wy_kernel, (launch.num_chunks, H),
-                    k, v, beta_, gk_, launch.lg, ws.b, ws.T, dvn_ws, dw_ws, dk_ws, db_ws, dk, dv, dbeta,
+                    k, v, beta_, gk_, launch.lg, ws.k, ws.b, ws.T, dvn_ws, dw_ws, dk_ws, db_ws, dk, dv, dbeta,
                     pick(dgk), pick(dg), launch.cu, launch.chunk_indices, H, K, V, BC=cfg["BC"],
                     KEY_GATE=flags["KEY_GATE"], BETA_GATE=flags["BETA_GATE"],
                     L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **_launch_options(cfg, "bwd_wy", V))

@@ -77,11 +77,13 @@ def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_
         kd = kp * tl.exp(b_last[None, :] - b)
     dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.)
     # q's gradient is finished and stored before k's is built: fewer [BT, KP] tiles live at once
-    dqp = dqe * tl.exp(b) + _intra_left(dA, kp, b, BT, BC, DECAY, PREC)
+    dqp = dqe * tl.exp(b) + _intra_left(dA, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC,
+                                             DECAY, PREC)
     _qk_backward(q, gq, dq, dgq, tok, valid, i_h, H, K, cols, kmask, dqp, scale, True, READ_GATE, L2_NORM, EPS)
     db = qp * dqp
     db_last = tl.sum(kd * dkd, 0) + tl.exp(b_last) * s_ds
-    dkp = dkd * tl.exp(b_last[None, :] - b) + _intra_right(dA, qp, b, BT, BC, DECAY, PREC)
+    dkp = dkd * tl.exp(b_last[None, :] - b) + _intra_right(dA, qp, q_ws, b, b_ws, tok, valid, i_h, H, K, cols,
+                                                                  kmask, BT, BC, DECAY, PREC)
     if DECAY >= 2:
         db = _fold_last(db - kp * dkp, db_last, valid, DECAY, BT)
         if not IS_DELTA:

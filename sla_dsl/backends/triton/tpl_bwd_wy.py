@@ -11,7 +11,7 @@ TUNING_SPACE = [{"BV": bv, "num_warps": w, "num_stages": s}
 
 SOURCE = '''
 @triton.jit
-def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, dk, dv, dbeta, dgk, dg,
+def bwd_wy_kernel(k, v, beta, gk, lg, k_ws, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, dk, dv, dbeta, dgk, dg,
                   cu_seqlens, chunk_indices, H, K, V, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                   BV: tl.constexpr, DECAY: tl.constexpr, KEY_GATE: tl.constexpr, BETA_GATE: tl.constexpr,
                   L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
@@ -46,10 +46,11 @@ def bwd_wy_kernel(k, v, beta, gk, lg, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db_ws, d
     dkbe = _dot(TmT, dw, PREC)
     dL = -_dot(_dot(TmT, dT, PREC), TmT, PREC)
     dL = tl.where(rows[:, None] > rows[None, :], dL, 0.)
-    dbt += tl.sum(dL * _intra(kp, kp, b, BT, BC, False, DECAY, PREC), 1) + tl.sum(kp * eb * dkbe, 1)
+    dbt += tl.sum(dL * _intra(kp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, False, DECAY,
+                           PREC), 1) + tl.sum(kp * eb * dkbe, 1)
     dM = bt[:, None] * dL
-    dk_row = _intra_left(dM, kp, b, BT, BC, DECAY, PREC)
-    dk_col = _intra_right(dM, kp, b, BT, BC, DECAY, PREC)
+    dk_row = _intra_left(dM, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, DECAY, PREC)
+    dk_col = _intra_right(dM, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, DECAY, PREC)
     dkp = tl.load(dk_ws + k_off, mask=km, other=0.) + dk_row + dk_col + bt[:, None] * eb * dkbe
     if DECAY == 3:
         db = tl.load(db_ws + k_off, mask=km, other=0.) + kp * (dk_row - dk_col) + kbe * dkbe

@@ -204,11 +204,34 @@ def _block_diagonal(R3, BT: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _vec_rel(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexpr, PREC: tl.constexpr):
+def _block_rows(ptr, tok, valid, j, i_h, H, K, cols, kmask, BT: tl.constexpr, BC: tl.constexpr):
+    """Row j of each sub-chunk of one chunk of a [tokens, H, K] tensor: [BT // BC, KP] float32, zero past the
+    sequence end. Loaded from memory: pulling a row out of a register tile takes a reduction over the tile."""
+    first = tl.min(tok, 0)
+    n = tl.sum(valid.to(tl.int32), 0)
+    r = tl.arange(0, BT // BC) * BC + j
+    return tl.load(ptr + ((first + r) * H + i_h)[:, None] * K + cols[None, :],
+                   mask=(r < n)[:, None] & kmask[None, :], other=0.).to(tl.float32)
+
+
+@triton.jit
+def _block_decay_rows(b_ws, tok, valid, j, i_h, H, K, cols, kmask, BT: tl.constexpr, BC: tl.constexpr):
+    """Row j of each sub-chunk of the vector decay b (stage "prep"'s workspace): [BT // BC, KP]; rows past the
+    sequence end read the last valid row, as _chunk_decay does."""
+    first = tl.min(tok, 0)
+    n = tl.sum(valid.to(tl.int32), 0)
+    r = tl.minimum(tl.arange(0, BT // BC) * BC + j, n - 1)
+    return tl.load(b_ws + ((first + r) * H + i_h)[:, None] * K + cols[None, :], mask=kmask[None, :], other=0.)
+
+
+@triton.jit
+def _vec_rel(x, y, y_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT: tl.constexpr, BC: tl.constexpr,
+             INCLUSIVE: tl.constexpr, PREC: tl.constexpr):
     """R[i, j] = sum_k x[i, k] y[j, k] exp(b[i, k] - b[j, k]) on j <= i (j < i unless INCLUSIVE), vector decay.
     Off-diagonal sub-blocks (BC x BC) go through the tensor cores with the column block's last position as
     reference (both factors <= 1); diagonal sub-blocks are masked elementwise products (no common reference
-    keeps both factors of exp(b_i - b_j) bounded there)."""
+    keeps both factors of exp(b_i - b_j) bounded there), one column per step for all sub-chunks at once, its
+    y and b rows read from memory (y_ws, b_ws hold this chunk's y and b)."""
     rows = tl.arange(0, BT)
     blk = rows // BC
     R = tl.zeros([BT, BT], dtype=tl.float32)
@@ -218,14 +241,12 @@ def _vec_rel(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexp
         yr = tl.where((blk == c)[:, None], y * tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
         part = _dot(xr, tl.trans(yr), PREC)
         R += tl.where((blk[:, None] > c) & (blk[None, :] == c), part, 0.)
-    # diagonal blocks, all BT // BC of them at once as [BT // BC, BC, KP]: BC steps instead of BT
-    x3, y3, b3 = _blocks(x, BT, BC), _blocks(y, BT, BC), _blocks(b, BT, BC)
+    x3, b3 = _blocks(x, BT, BC), _blocks(b, BT, BC)
     sub = tl.arange(0, BC)
     R3 = tl.zeros([BT // BC, BC, BC], dtype=tl.float32)
     for j in range(BC):
-        sel = (sub == j)[None, :, None]
-        yj = tl.sum(tl.where(sel, y3, 0.), 1)
-        bj = tl.sum(tl.where(sel, b3, 0.), 1)
+        yj = _block_rows(y_ws, tok, valid, j, i_h, H, K, cols, kmask, BT, BC)
+        bj = _block_decay_rows(b_ws, tok, valid, j, i_h, H, K, cols, kmask, BT, BC)
         col = tl.sum(x3 * yj[:, None, :] * tl.exp(tl.minimum(b3 - bj[:, None, :], 0.)), 2)
         if INCLUSIVE:
             keep = sub >= j
@@ -237,8 +258,10 @@ def _vec_rel(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexp
 
 
 @triton.jit
-def _vec_left(D, y, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    """out[i, k] = sum_j D[i, j] y[j, k] exp(b[i, k] - b[j, k]); D is zero above the diagonal."""
+def _vec_left(D, y, y_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT: tl.constexpr, BC: tl.constexpr,
+              PREC: tl.constexpr):
+    """out[i, k] = sum_j D[i, j] y[j, k] exp(b[i, k] - b[j, k]); D is zero above the diagonal. The diagonal
+    sub-blocks as in _vec_rel (y and b rows from y_ws, b_ws)."""
     rows = tl.arange(0, BT)
     blk = rows // BC
     out = tl.zeros(y.shape, dtype=tl.float32)
@@ -247,21 +270,22 @@ def _vec_left(D, y, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
         Dc = tl.where((blk[:, None] > c) & (blk[None, :] == c), D, 0.)
         yr = tl.where((blk == c)[:, None], y * tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
         out += tl.exp(tl.minimum(b - ref[None, :], 0.)) * _dot(Dc, yr, PREC)
-    y3, b3, Dd = _blocks(y, BT, BC), _blocks(b, BT, BC), _diagonal_blocks(D, BT, BC)
+    b3, Dd = _blocks(b, BT, BC), _diagonal_blocks(D, BT, BC)
     sub = tl.arange(0, BC)
     out3 = tl.zeros([BT // BC, BC, y.shape[1]], dtype=tl.float32)
     for j in range(BC):
-        sel = sub == j
-        yj = tl.sum(tl.where(sel[None, :, None], y3, 0.), 1)
-        bj = tl.sum(tl.where(sel[None, :, None], b3, 0.), 1)
-        dcol = tl.sum(tl.where(sel[None, None, :], Dd, 0.), 2)
+        yj = _block_rows(y_ws, tok, valid, j, i_h, H, K, cols, kmask, BT, BC)
+        bj = _block_decay_rows(b_ws, tok, valid, j, i_h, H, K, cols, kmask, BT, BC)
+        dcol = tl.sum(tl.where((sub == j)[None, None, :], Dd, 0.), 2)
         out3 += dcol[:, :, None] * yj[:, None, :] * tl.exp(tl.minimum(b3 - bj[:, None, :], 0.))
     return out + tl.reshape(out3, [BT, y.shape[1]])
 
 
 @triton.jit
-def _vec_right(D, x, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    """out[j, k] = sum_i D[i, j] x[i, k] exp(b[i, k] - b[j, k]); D is zero above the diagonal."""
+def _vec_right(D, x, x_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT: tl.constexpr, BC: tl.constexpr,
+               PREC: tl.constexpr):
+    """out[j, k] = sum_i D[i, j] x[i, k] exp(b[i, k] - b[j, k]); D is zero above the diagonal. The diagonal
+    sub-blocks as in _vec_rel (x and b rows from x_ws, b_ws)."""
     rows = tl.arange(0, BT)
     blk = rows // BC
     out = tl.zeros(x.shape, dtype=tl.float32)
@@ -271,42 +295,44 @@ def _vec_right(D, x, b, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
         xr = x * tl.exp(tl.minimum(b - ref[None, :], 0.))
         scale_j = tl.where((blk == c)[:, None], tl.exp(tl.minimum(ref[None, :] - b, 0.)), 0.)
         out += scale_j * _dot(tl.trans(Dc), xr, PREC)
-    x3, b3, Dd = _blocks(x, BT, BC), _blocks(b, BT, BC), _diagonal_blocks(D, BT, BC)
+    b3, Dd = _blocks(b, BT, BC), _diagonal_blocks(D, BT, BC)
     sub = tl.arange(0, BC)
     out3 = tl.zeros([BT // BC, BC, x.shape[1]], dtype=tl.float32)
     for i in range(BC):
-        sel = (sub == i)[None, :, None]
-        xi = tl.sum(tl.where(sel, x3, 0.), 1)
-        bi = tl.sum(tl.where(sel, b3, 0.), 1)
-        drow = tl.sum(tl.where(sel, Dd, 0.), 1)
+        xi = _block_rows(x_ws, tok, valid, i, i_h, H, K, cols, kmask, BT, BC)
+        bi = _block_decay_rows(b_ws, tok, valid, i, i_h, H, K, cols, kmask, BT, BC)
+        drow = tl.sum(tl.where((sub == i)[None, :, None], Dd, 0.), 1)
         out3 += drow[:, :, None] * xi[:, None, :] * tl.exp(tl.minimum(bi[:, None, :] - b3, 0.))
     return out + tl.reshape(out3, [BT, x.shape[1]])
 
 
 @triton.jit
-def _intra(x, y, b, BT: tl.constexpr, BC: tl.constexpr, INCLUSIVE: tl.constexpr, DECAY: tl.constexpr,
-           PREC: tl.constexpr):
-    """The in-chunk matrix sum_k x_ik y_jk exp(b_ik - b_jk), lower triangular."""
+def _intra(x, y, y_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT: tl.constexpr, BC: tl.constexpr,
+           INCLUSIVE: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """The in-chunk matrix sum_k x_ik y_jk exp(b_ik - b_jk), lower triangular. y_ws and b_ws hold y and b of
+    this chunk in memory (read by the vector decay's diagonal sub-blocks only)."""
     if DECAY == 3:
-        return _vec_rel(x, y, b, BT, BC, INCLUSIVE, PREC)
+        return _vec_rel(x, y, y_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, INCLUSIVE, PREC)
     else:
         return _dot(x, tl.trans(y), PREC) * _decay_matrix(b, BT, INCLUSIVE)
 
 
 @triton.jit
-def _intra_left(D, y, b, BT: tl.constexpr, BC: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+def _intra_left(D, y, y_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT: tl.constexpr, BC: tl.constexpr,
+                DECAY: tl.constexpr, PREC: tl.constexpr):
     """Gradient of the in-chunk matrix towards x: sum_j D_ij y_jk exp(b_ik - b_jk)."""
     if DECAY == 3:
-        return _vec_left(D, y, b, BT, BC, PREC)
+        return _vec_left(D, y, y_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, PREC)
     else:
         return _dot(D * _decay_matrix(b, BT, True), y, PREC)
 
 
 @triton.jit
-def _intra_right(D, x, b, BT: tl.constexpr, BC: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+def _intra_right(D, x, x_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT: tl.constexpr, BC: tl.constexpr,
+                 DECAY: tl.constexpr, PREC: tl.constexpr):
     """Gradient of the in-chunk matrix towards y: sum_i D_ij x_ik exp(b_ik - b_jk)."""
     if DECAY == 3:
-        return _vec_right(D, x, b, BT, BC, PREC)
+        return _vec_right(D, x, x_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, PREC)
     else:
         return _dot(tl.trans(D * _decay_matrix(b, BT, True)), x, PREC)
 

@@ -35,10 +35,13 @@ def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws
     tl.store(q_ws + k_off, qp.to(q_ws.dtype.element_ty), mask=m)
     tl.store(k_ws + k_off, kp.to(k_ws.dtype.element_ty), mask=m)
     if DECAY == 3:
-        tl.store(A_ws + ws, _vec_rel(qp, kp, b, BT, BC, True, PREC))
+        tl.debug_barrier()  # the in-chunk products read rows of k' and b back from the workspaces just written
+        A = _vec_rel(qp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, True, PREC)
+        tl.store(A_ws + ws, A)
     if IS_DELTA:
         bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
-        Tm = _solve_unit_lower(bt[:, None] * _intra(kp, kp, b, BT, BC, False, DECAY, PREC), BT)
+        L = bt[:, None] * _intra(kp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, False, DECAY, PREC)
+        Tm = _solve_unit_lower(L, BT)
         if STORE_T:
             tl.store(T_ws + ws, Tm)
         tl.store(w_ws + k_off, _dot(Tm, bt[:, None] * kp * tl.exp(b), PREC).to(w_ws.dtype.element_ty), mask=m)
