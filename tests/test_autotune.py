@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from sla_dsl.autotune import table
+from sla_dsl.autotune import isolate, table
+from sla_dsl.autotune.isolate import IsolatedDevice
+from sla_dsl.autotune.precompile import Precompiler
 from sla_dsl.autotune.protocol import ConfigRejected, config_label, resolve_config
-from sla_dsl.autotune.runner import Configured, call_arguments, verify_arguments, verify_config
+from sla_dsl.autotune.runner import Configured, DeviceWork, call_arguments, verify_arguments, verify_config
 from sla_dsl.autotune.shapes import Shape, bucket, nearest, parse_shape, parse_shapes, reference_shapes
 from sla_dsl.autotune.space import Space
-from sla_dsl.autotune.sweep import Task, is_fatal, is_skippable, sweep
+from sla_dsl.autotune.sweep import ConfigCrashed, RemoteError, Task, is_fatal, is_skippable, sweep
 from sla_dsl.backends.reference import ReferenceKernels
 from sla_dsl.codegen import SEED_SPECS_DIR, seed_specs
 from sla_dsl.loader import load_spec
@@ -359,6 +364,203 @@ def test_error_classification():
     assert is_skippable(RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory"))
     assert not is_skippable(ValueError("shape mismatch"))
     assert is_fatal(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    # an error from the worker process keeps the classification it got there
+    assert is_skippable(RemoteError("CompilationError", "at 12:4: bad", True))
+    assert not is_skippable(RemoteError("ValueError", "compiled fine, wrong shape", False))
+
+
+def test_sweep_counts_configs_that_crash_their_precise_timing_or_reference_check(gla):
+    """ConfigCrashed from measure or verify (what IsolatedDevice raises once it replaced its worker) is counted
+    as crashed, listed in the summary, and that config is never written."""
+    kernels = FakeKernels(gla)
+    fastest = {"block": 64, "num_warps": 2, "wrong": False}
+
+    def measure(task, config, precise=False):
+        if precise and config == {"block": 64, "num_warps": 4, "wrong": False}:
+            raise ConfigCrashed("crashed the worker process (killed by SIGSEGV)")
+        return fake_measure(task, config, precise)
+
+    def verify(task, config):
+        if config == fastest:
+            raise ConfigCrashed("crashed the CUDA context: AcceleratorError: CUDA error: an illegal memory access")
+        return not config["wrong"], {}
+
+    report = sweep([Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")], measure=measure,
+                   verify=verify, budget_seconds=60)
+    result = report.results[0]
+    # (64, 2, ok) never becomes a base, so the search goes on from (64, 4, ok) and ends at (64, 8, ok), which
+    # wins once (64, 4, ok) crashed its precise timing
+    assert result.crashed == 2 and result.entry()["crashed"] == 2 and result.failed == 0
+    assert result.config == {"block": 64, "num_warps": 8, "wrong": False}
+    summary = report.summary()
+    assert "crashed 2 (killed the worker process" in summary and "0 failed, 2 crashed)" in summary
+    assert "crashed: [block=64 num_warps=2 wrong=False] reference check: crashed the CUDA context" in summary
+    assert "crashed: [block=64 num_warps=4 wrong=False] precise timing: crashed the worker process" in summary
+
+
+# --- the worker process the sweep outlives (isolate) --------------------------------------------------------
+
+class CrashingWork(DeviceWork):
+    """Worker work for FakeKernels on CPU: fake_measure's times and the real reference check, each request
+    logged as '<pid> <kind> <config>' to `log`; the configs labelled in `crashes` crash the worker: 'cuda'
+    raises what an illegal memory access raises, 'exit' ends the process, 'hang' never answers."""
+
+    def __init__(self, log, crashes):
+        super().__init__("cpu")
+        self.log, self.crashes = str(log), crashes
+
+    def build(self, backend, spec):
+        return FakeKernels(spec)
+
+    def _request(self, kind, config):
+        with open(self.log, "a") as handle:
+            handle.write(f"{os.getpid()} {kind} {config_label(config)}\n")
+        crash = self.crashes.get(config_label(config))
+        if crash == "cuda":
+            raise type("AcceleratorError", (RuntimeError,), {})("CUDA error: an illegal memory access was "
+                                                                "encountered")
+        if crash == "exit":
+            os._exit(1)
+        if crash == "hang":
+            time.sleep(600)
+
+    def measure(self, task, config, precise):
+        self._request("measure", config)
+        return fake_measure(task, config, precise)
+
+    def verify(self, task, config):
+        self._request("verify", config)
+        return super().verify(task, config)
+
+
+def test_a_config_that_crashes_its_worker_is_counted_and_the_sweep_goes_on_in_a_fresh_one(tables, gla, tmp_path):
+    """Round 1 from the default (32, 4, ok) meets a CUDA error that kills the context, then a worker that
+    exits; round 2 meets a hang. Each is counted as crashed, the next config runs in a new worker process,
+    and the search still finds (64, 2, ok) and writes it."""
+    label = lambda **kw: config_label({"block": 32, "num_warps": 4, "wrong": False, **kw})  # noqa: E731
+    crashes = {label(num_warps=8): "cuda", label(wrong=True): "exit", label(block=64, num_warps=8): "hang"}
+    log = tmp_path / "requests.log"
+    device = IsolatedDevice(CrashingWork(log, crashes), timeout_s=4)
+    shape = Shape(2, 64, 2, 8, 8, "float32")
+    kernels = FakeKernels(gla)  # the sweep's own copy: tuning space and default only, never run here
+
+    def on_result(result):
+        write(tables, gla, {shape.bucket().key: {"shape": shape.as_dict(), result.task.phase: result.entry()}})
+
+    try:
+        report = sweep([Task(kernels, gla, "triton", shape, "fwd")], measure=device.measure, verify=device.verify,
+                       budget_seconds=120, on_result=on_result)
+    finally:
+        device.close()
+    assert kernels.calls == []
+    result = report.results[0]
+    assert report.aborted is None and result.config == {"block": 64, "num_warps": 2, "wrong": False}
+    assert result.crashed == 3 and result.failed == 0 and result.skipped == 2 and result.tried == 5
+    assert device.started == 4 and device.crashes == 3
+    summary = report.summary()
+    assert "crashed 3 (killed the worker process, which was replaced)" in summary
+    assert f"crashed: [{label(num_warps=8)}] timing: crashed the CUDA context: AcceleratorError: CUDA error: an " \
+           "illegal memory access was encountered" in summary
+    assert f"crashed: [{label(wrong=True)}] timing: crashed the worker process (exit code 1)" in summary
+    assert f"crashed: [{label(block=64, num_warps=8)}] timing: hung: no answer within 4 s" in summary
+    # every crash ended its worker: the next request came from another process
+    lines = [line.split(" ", 2) for line in log.read_text().splitlines()]
+    assert len({pid for pid, _, _ in lines}) == 4
+    for number, (pid, _, config) in enumerate(lines[:-1]):
+        assert (lines[number + 1][0] != pid) == (config in crashes)
+    assert any(kind == "verify" for _, kind, _ in lines)  # the reference check ran in the worker too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert table.lookup(gla, "triton", shape, gpu=GPU) == {"block": 64, "num_warps": 2, "wrong": False}
+    data = table.read_table(table.table_path(GPU, "triton", "gla", tables))
+    assert data["entries"][shape.bucket().key]["fwd"]["crashed"] == 3
+
+
+class NeverStarts:
+    """Work whose unpickling ends the worker process before it is ready."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_worker_that_cannot_start_stops_the_sweep_with_the_reason(gla, monkeypatch):
+    kernels = FakeKernels(gla)
+    tasks = [Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), phase) for phase in ("fwd", "bwd")]
+    device = IsolatedDevice(NeverStarts())
+    try:
+        report = sweep(tasks, measure=device.measure, verify=device.verify, budget_seconds=60)
+    finally:
+        device.close()
+    assert len(report.results) == 1 and report.results[0].config is None
+    assert report.aborted == "the worker process exited before it was ready (exit code 3; its error, if any, is " \
+                             "printed above) (1 later task(s) not run)"
+    assert "ABORTED: the worker process exited before it was ready" in report.summary()
+
+
+def test_a_device_that_crashes_every_request_stops_the_sweep(gla, tmp_path, monkeypatch):
+    """Crash after crash (the GPU itself is gone): after MAX_CRASHES_IN_A_ROW the sweep stops. (Forked workers:
+    the test above spawns them.)"""
+    monkeypatch.setattr(isolate, "MAX_CRASHES_IN_A_ROW", 2)
+    kernels = FakeKernels(gla)
+    default = config_label(kernels.default_config(None))
+    device = IsolatedDevice(CrashingWork(tmp_path / "log", {default: "cuda", config_label(
+        {"block": 64, "num_warps": 4, "wrong": False}): "exit"}), start_method="fork")
+    try:
+        report = sweep([Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")],
+                       measure=device.measure, verify=device.verify, budget_seconds=60)
+    finally:
+        device.close()
+    assert report.aborted.startswith("2 requests in a row crashed the worker process, the device looks unusable "
+                                     "(the last one crashed the worker process (exit code 1))")
+
+
+def _compile_or_die(backend, spec, shape, phase, config):
+    """A compile job of a pool worker: block 256 kills its worker, the others take a moment."""
+    if config["block"] == 256:
+        os._exit(7)
+    time.sleep(0.2)
+
+
+def test_a_dead_compile_worker_loses_only_its_config_and_the_pool_is_replaced(gla):
+    kernels = FakeKernels(gla)
+    task = Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")
+    configs = [c for c in Space.of(kernels.tuning_space(task.shape)) if not c["wrong"]]  # 3 with block 256
+    assert len(configs) == 9
+    pools = []
+
+    def make_pool(workers):
+        pools.append(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")))
+        return pools[-1]
+
+    compiler = Precompiler(3, make_pool=make_pool, job=_compile_or_die)
+    try:
+        compiler.request(task, configs, 0)
+        assert all(compiler.wait(task, config, 60) for config in configs)
+    finally:
+        compiler.close()
+    assert compiler.failed == 3 and compiler.compiled == 6 and 1 <= compiler.pool_deaths == len(pools) - 1
+    assert compiler.errors == ["BrokenProcessPool: its compile worker died (exit code 7)"] * 3
+    assert "a compile worker died" in compiler.summary()
+
+
+def _compile_slowly(*args):
+    time.sleep(30)
+
+
+def test_closing_the_precompiler_does_not_count_the_compiles_it_ends(gla):
+    """The H100 sweep's summary counted every compile that close() ended as failed, "a compile worker died"."""
+    kernels = FakeKernels(gla)
+    task = Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")
+    compiler = Precompiler(2, make_pool=lambda workers: ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork")), job=_compile_slowly)
+    compiler.request(task, [kernels.default_config(None), {**kernels.default_config(None), "block": 64}], 0)
+    time.sleep(0.5)
+    compiler.close()
+    deadline = time.monotonic() + 10
+    while compiler._running and time.monotonic() < deadline:  # the ended jobs' callbacks
+        time.sleep(0.05)
+    assert compiler._running == 0
+    assert compiler.failed == 0 and compiler.errors == [] and compiler.summary().endswith("0 failed there")
 
 
 def test_resolve_config_prefers_given_then_valid_table_then_default(tables, gla, monkeypatch):

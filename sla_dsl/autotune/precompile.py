@@ -7,7 +7,9 @@ the same kernel specialisations), which compiles without launching anything, so 
 timings, and leaves the binaries in Triton's and TileLang's on-disk caches, where the sweeping process loads
 them in milliseconds. Jobs start in order of priority (the task being timed first, then the first round of
 the tasks after it), each (backend, spec, H, K, V, dtype, phase, config) once. Failures cost only time: a
-config a worker could not compile is compiled again by the sweeping process, which reports the real error.
+config a worker could not compile is compiled again by the sweeping process (in its timing worker), which
+reports the real error. A worker that dies breaks the whole pool: the pool is replaced, the config that
+worker was compiling counts as failed, and the others that were running go back to the queue.
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ import heapq
 import itertools
 import multiprocessing
 import os
+import shutil
+import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait
 from dataclasses import dataclass, field
 
+from sla_dsl.autotune.isolate import describe_exit
 from sla_dsl.autotune.space import config_key
 
 URGENT = -1  # the priority of a job the sweep waits for
@@ -64,8 +71,22 @@ def compile_config(backend: str, spec, shape, phase: str, config: dict | None) -
         kernels.backward(*positional, cu_seqlens, scale, do, dfinal, config=config, compile_only=True)
 
 
+def spawn_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+
+
+def _marked(marks: str, number: int, job, *args) -> None:
+    """Runs `job` in a pool worker after writing its number to marks/<pid> (so the job a dead worker was
+    running is known)."""
+    with open(os.path.join(marks, str(os.getpid())), "w") as handle:
+        handle.write(str(number))
+    job(*args)
+
+
 @dataclass
 class _Job:
+    number: int
+    key: tuple
     args: tuple
     priority: int
     started: bool = False
@@ -73,20 +94,30 @@ class _Job:
 
 
 class Precompiler:
-    """A pool of `workers` compile processes fed by priority (see the module docstring). `executor` and `job`
-    replace the process pool and `compile_config` (tests)."""
+    """A pool of `workers` compile processes fed by priority (see the module docstring). `make_pool(workers)`
+    and `job` replace the process pool and `compile_config` (tests).
 
-    def __init__(self, workers: int, *, executor=None, job=compile_config):
-        self._executor = executor or ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                         initializer=_init_worker)
-        self._job, self._slots = job, workers
+    A worker that dies (a crash in a compiler) breaks the whole pool: every job in it fails with
+    BrokenProcessPool. The pool is replaced; the job the dead worker was running (each worker writes the
+    number of its job to a file named by its pid) counts as failed, the others go back to the queue. After
+    MAX_POOL_DEATHS broken pools no more are started (the sweep compiles what is left)."""
+
+    MAX_POOL_DEATHS = 5
+
+    def __init__(self, workers: int, *, make_pool=spawn_pool, job=compile_config):
+        self._make_pool, self._job, self._slots = make_pool, job, workers
+        self._marks = tempfile.mkdtemp(prefix="sla_dsl-compile-")
+        self._executor = make_pool(workers)
+        self._generation = 0  # of the pool: a broken one is replaced once
+        self._dead: dict[int, dict[int, str]] = {}  # generation of a broken pool -> {job number: how it died}
         self._lock = threading.RLock()
         self._queue: list[tuple[int, int, tuple]] = []  # (priority, sequence, job key)
         self._sequence = itertools.count()
         self._jobs: dict[tuple, _Job] = {}
         self._running = 0
-        self._stopped: str | None = None
-        self.compiled = self.failed = 0
+        self._stopped: str | None = None  # why no more jobs start (the summary says it)
+        self._closed = False
+        self.compiled = self.failed = self.pool_deaths = 0
         self.errors: list[str] = []
 
     @staticmethod
@@ -102,8 +133,8 @@ class Precompiler:
                 key = self.job_key(task, config)
                 job = self._jobs.get(key)
                 if job is None:
-                    job = self._jobs[key] = _Job((task.backend, task.spec, task.shape, task.phase, dict(config)),
-                                                 priority)
+                    job = self._jobs[key] = _Job(len(self._jobs), key, (task.backend, task.spec, task.shape,
+                                                                        task.phase, dict(config)), priority)
                 elif job.started or job.priority <= priority:
                     continue
                 job.priority = priority
@@ -112,38 +143,89 @@ class Precompiler:
 
     def _start(self) -> None:
         with self._lock:
-            while self._running < self._slots and self._queue and self._stopped is None:
+            while self._running < self._slots and self._queue and self._stopped is None and not self._closed:
                 priority, _, key = heapq.heappop(self._queue)
                 job = self._jobs[key]
                 if job.started or job.priority != priority:  # started already, or re-queued at a higher priority
                     continue
+                generation, pool = self._generation, self._executor
                 try:
-                    future = self._executor.submit(self._job, *job.args)
-                except Exception as exc:  # noqa: BLE001 -- a broken pool: the sweep compiles by itself
+                    future = pool.submit(_marked, self._marks, job.number, self._job, *job.args)
+                except BrokenProcessPool:  # a worker died since the last job started: a new pool, then again
+                    self._replace_pool(generation)
+                    heapq.heappush(self._queue, (priority, next(self._sequence), key))
+                    continue
+                except Exception as exc:  # noqa: BLE001 -- the sweep compiles by itself
                     self._stop(f"the compile pool stopped ({type(exc).__name__}: {exc})")
                     return
                 job.started = True
                 self._running += 1
-                future.add_done_callback(lambda f, job=job: self._finished(f, job))
+                future.add_done_callback(lambda f, job=job, pool=pool, generation=generation:
+                                         self._finished(f, job, pool, generation))
 
-    def _finished(self, future, job: _Job) -> None:
+    def _replace_pool(self, generation: int) -> None:
+        """A new pool for the broken one of `generation` (once; not after MAX_POOL_DEATHS)."""
+        if generation != self._generation or self._stopped is not None or self._closed:
+            return
+        self.pool_deaths += 1
+        if self.pool_deaths > self.MAX_POOL_DEATHS:
+            self._stop(f"compile workers died {self.pool_deaths} times: no more were started")
+            return
+        # the broken pool ends its own workers
+        self._generation += 1
+        self._executor = self._make_pool(self._slots)
+
+    def _dead_workers(self, pool, generation: int) -> dict[int, str]:
+        """{job number: how its worker ended} for the workers of the broken pool `pool` that died, read once (the
+        jobs' callbacks run before the broken pool ends its other workers)."""
+        if generation not in self._dead:
+            dead = {}
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            ended = set(wait([process.sentinel for process in processes], timeout=0)) if processes else set()
+            for process in processes:
+                if process.sentinel not in ended:
+                    continue
+                process.join(1.0)  # it has ended: its exit code
+                try:
+                    with open(os.path.join(self._marks, str(process.pid))) as handle:
+                        dead[int(handle.read())] = describe_exit(process.exitcode)
+                except (OSError, ValueError):  # died before its first job
+                    continue
+            self._dead[generation] = dead
+        return self._dead[generation]
+
+    def _fail(self, why: str) -> None:
+        self.failed += 1
+        if len(self.errors) < 5:
+            self.errors.append(why)
+
+    def _finished(self, future, job: _Job, pool, generation: int) -> None:
         with self._lock:
             self._running -= 1
+            if self._closed:  # ended by close(): no result wanted, not a failure
+                job.done.set()
+                return
             try:
                 future.result()
+            except BrokenProcessPool:
+                died = self._dead_workers(pool, generation).get(job.number)
+                self._replace_pool(generation)
+                if died is None and self._stopped is None:  # another job's worker died: again, in the new pool
+                    job.started = False
+                    heapq.heappush(self._queue, (job.priority, next(self._sequence), job.key))
+                    self._start()
+                    return
+                self._fail(f"BrokenProcessPool: its compile worker died ({died})" if died else
+                           "BrokenProcessPool: a compile worker died while it compiled")
             except Exception as exc:  # noqa: BLE001 -- counted; the sweep recompiles and reports it
-                self.failed += 1
-                if len(self.errors) < 5:
-                    self.errors.append(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
-                if type(exc).__name__ == "BrokenProcessPool":
-                    self._stop("a compile worker died (BrokenProcessPool)")
+                self._fail(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
             else:
                 self.compiled += 1
             job.done.set()
             self._start()
 
     def _stop(self, why: str) -> None:
-        self._stopped = why
+        self._stopped = self._stopped or why
         self._queue.clear()
         for job in self._jobs.values():
             job.done.set()
@@ -157,21 +239,27 @@ class Precompiler:
                 return True
             if not job.started and job.priority != URGENT:
                 job.priority = URGENT
-                heapq.heappush(self._queue, (URGENT, next(self._sequence), self.job_key(task, config)))
+                heapq.heappush(self._queue, (URGENT, next(self._sequence), job.key))
                 self._start()
         return job.done.wait(timeout)
 
     def summary(self) -> str:
         text = f"precompiled {self.compiled} config(s) in {self._slots} worker(s), {self.failed} failed there"
+        if self.pool_deaths:
+            text += f"; a compile worker died {self.pool_deaths} time(s), each time the pool was replaced"
         if self._stopped:
             text += f"; {self._stopped}"
         return text + "".join(f"\n    {e}" for e in self.errors)
 
     def close(self) -> None:
         """Drops queued jobs and ends the workers, including any still compiling (their results are no longer
-        wanted; Triton and TileLang write their caches atomically, so nothing half-written stays behind)."""
+        wanted, and not counted; Triton and TileLang write their caches atomically, so nothing half-written
+        stays behind)."""
         with self._lock:
-            self._stop(self._stopped or "closed")
+            self._closed = True
+            self._queue.clear()
+            for job in self._jobs.values():
+                job.done.set()
         # ProcessPoolExecutor has no public way to end running jobs before Python 3.14 (terminate_workers);
         # without ending them, exiting would wait for the slowest compile in flight. Its worker table is
         # dropped by shutdown(), so it is read first.
@@ -179,6 +267,7 @@ class Precompiler:
         self._executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.terminate()
+        shutil.rmtree(self._marks, ignore_errors=True)
 
 
 def compile_ahead(jobs: list[tuple], workers: int | None = None) -> list[str]:
@@ -194,8 +283,7 @@ def compile_ahead(jobs: list[tuple], workers: int | None = None) -> list[str]:
         return []
     workers = workers or max(1, min(len(unique), (os.cpu_count() or 2) - 1))
     failures = []
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker) as pool:
+    with spawn_pool(workers) as pool:
         futures = {pool.submit(compile_config, backend, spec, shape, phase, None): (backend, spec.name, shape, phase)
                    for backend, spec, shape, phase in unique}
         for future in tqdm(as_completed(futures), total=len(futures), desc=f"compiling ahead ({workers} workers)",

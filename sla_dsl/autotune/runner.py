@@ -1,4 +1,5 @@
-"""`python -m sla_dsl autotune`: GPU timing, the reference check of winners, and table writing."""
+"""`python -m sla_dsl autotune`: GPU timing and the reference check of winners (in a worker process, see
+`isolate`), and table writing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sla_dsl.autotune.isolate import DEFAULT_TIMEOUT_S, IsolatedDevice
 from sla_dsl.autotune.precompile import Precompiler
 from sla_dsl.autotune.protocol import config_label, default_config, is_tunable, tuning_space
 from sla_dsl.autotune.shapes import Shape, parse_shapes
@@ -151,6 +153,32 @@ def verify_config(task: Task, config: dict, *, device="cuda", tolerance_scale: f
     return ok, {name: float(f"{err:.3g}") for name, err in errors.items()}
 
 
+class DeviceWork:
+    """What the sweep's worker process runs (`isolate.IsolatedDevice`): builds a backend's kernels, times
+    configs with a GpuMeasure (its inputs cached between requests) and runs verify_config. Sent to the
+    worker by pickling, before it has run anything."""
+
+    def __init__(self, device: str = "cuda", tolerance_scale: float = 1.0):
+        self.device, self.tolerance_scale = device, tolerance_scale
+        self.gpu_measure = GpuMeasure(device)
+
+    def build(self, backend: str, spec):
+        from sla_dsl.backends import build_backend
+
+        return build_backend(backend, spec)
+
+    def measure(self, task: Task, config: dict, precise: bool) -> float:
+        return self.gpu_measure(task, config, precise=precise)
+
+    def verify(self, task: Task, config: dict) -> tuple[bool, dict]:
+        return verify_config(task, config, device=self.device, tolerance_scale=self.tolerance_scale)
+
+    def check(self) -> None:
+        """Raises if the device is unusable (a CUDA error that poisoned the context surfaces here)."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
 def default_jobs() -> int:
     """Compile workers: every core but two (the timing process and the system), at most 16."""
     return max(1, min(16, (os.cpu_count() or 1) - 2))
@@ -230,9 +258,9 @@ def run_autotune(args) -> int:
     print(f"autotune on {gpu}: {len(tasks)} task(s) ({len({(t.spec.name, t.backend) for t in tasks})} "
           f"spec/backend pair(s) x {len(shapes)} shape(s) x fwd, bwd), budget {args.budget_seconds:.0f} s; "
           f"tables under {root / gpu}", flush=True)
-    measure = GpuMeasure(device)
-    verify = lambda task, config: verify_config(task, config, device=device,  # noqa: E731
-                                                tolerance_scale=args.tolerance_scale)
+    # every timing and reference check runs in a worker process: a config that crashes it is counted, and
+    # the next one gets a fresh worker
+    worker = IsolatedDevice(DeviceWork(device, args.tolerance_scale), timeout_s=args.worker_timeout)
     jobs = args.jobs if args.jobs is not None else (default_jobs() if device == "cuda" else 0)
     compiler = Precompiler(jobs) if jobs > 0 else None
     written: list[str] = []
@@ -253,12 +281,14 @@ def run_autotune(args) -> int:
 
     progress = None if args.no_progress else (lambda **kw: tqdm(leave=False, dynamic_ncols=True, **kw))
     try:
-        report = sweep(tasks, measure=measure, verify=verify, budget_seconds=args.budget_seconds,
+        report = sweep(tasks, measure=worker.measure, verify=worker.verify, budget_seconds=args.budget_seconds,
                        on_result=on_result, progress=progress, log=stderr_log, compiler=compiler)
     finally:
+        worker.close()
         if compiler is not None:
             compiler.close()
     print(report.summary())
+    print(f"  {worker.summary()}")
     if compiler is not None:
         print(f"  {compiler.summary()}")
     for line in problems:
@@ -286,5 +316,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="processes compiling configs ahead of their timing (default: the cores less two, at "
                              "most 16, on cuda; 0 on cpu, where the interpreter compiles nothing)")
+    parser.add_argument("--worker-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                        help="seconds one timing or reference check (a first compile included) may take in the "
+                             "worker process before the config counts as crashed and the worker is replaced "
+                             f"(default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a smoke run of the driver (tables go under <out-dir>/cpu/); no real timings")

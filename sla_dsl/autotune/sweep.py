@@ -7,11 +7,13 @@ most first, so a task cut short by its budget has tried them), then the combinat
 fastest config that passes the check against the float64 reference. It stops when a round finds nothing
 faster, after MAX_ROUNDS, or at the task's deadline. The best few are re-timed with longer runs, and the
 fastest that passes the reference check (at a small shape with that config) is written. Configs that fail to
-compile or do not fit the GPU are skipped and counted; any other error counts as failed.
+compile or do not fit the GPU are skipped and counted; one that crashes the process timing it (`ConfigCrashed`)
+is counted as crashed and never chosen; any other error counts as failed.
 
-Timing and verification are injected (`measure`, `verify`), so the driver runs on CPU with fake kernels; so
-is compilation ahead of timing (`compiler`, see `precompile`), which the driver feeds with the configs it is
-about to time.
+Timing and verification are injected (`measure`, `verify`), so the driver runs on CPU with fake kernels; the
+CLI passes those of `isolate.IsolatedDevice`, which run them in a worker process that a crashing config may
+kill. Compilation ahead of timing is injected too (`compiler`, see `precompile`); the driver feeds it with the
+configs it is about to time.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def _chain(exc: BaseException):
 def is_skippable(exc: BaseException) -> bool:
     """A config that does not compile or does not fit: expected while sweeping, counted as skipped."""
     for e in _chain(exc):
+        if isinstance(e, RemoteError):
+            return e.skippable  # classified where it was raised, with its whole chain
         if type(e).__name__ in _SKIP_TYPES:
             return True
         if any(word in str(e).lower() for word in _SKIP_WORDS):
@@ -56,12 +60,29 @@ def is_skippable(exc: BaseException) -> bool:
 
 
 def is_fatal(exc: BaseException) -> bool:
-    """An error that leaves the CUDA context unusable: the sweep stops (results so far are kept)."""
+    """An error that leaves the CUDA context unusable: the worker process that raised it is replaced and the
+    config counts as crashed (see `isolate`)."""
     return any(word in str(e).lower() for e in _chain(exc) for word in _FATAL_WORDS)
 
 
-class FatalDeviceError(RuntimeError):
-    pass
+class RemoteError(RuntimeError):
+    """An error raised in the worker process that ran measure/verify, carried back as its type name, message and
+    whether it was skippable there (the exception itself need not be picklable)."""
+
+    def __init__(self, type_name: str, message: str, skippable: bool):
+        super().__init__(message)
+        self.type_name, self.skippable = type_name, skippable
+
+
+class ConfigCrashed(RuntimeError):
+    """Raised by measure/verify for a config that killed the process running it (a CUDA error that leaves the
+    context unusable, a segfault, a hang) once that process has been replaced: counted as crashed, the sweep
+    goes on."""
+
+
+class SweepAborted(RuntimeError):
+    """Raised by measure/verify when nothing can run any more (the worker process cannot start, or config after
+    config kills it): the sweep stops and keeps what it has written."""
 
 
 @dataclass
@@ -93,14 +114,19 @@ class TaskResult:
     unexplored: int = 0  # moves the search wanted to time when the budget ran out
     rounds: int = 0  # search rounds started
     errors: list[str] = field(default_factory=list)
+    crashes: list[str] = field(default_factory=list)  # configs that crashed the process timing or checking them
     error: str | None = None  # why nothing was written
+
+    @property
+    def crashed(self) -> int:
+        return len(self.crashes)
 
     def entry(self) -> dict:
         """This phase's part of a table entry."""
         return {"config": self.config, "ms": self.ms, "default_config": self.default_config,
                 "default_ms": self.default_ms, "verified": self.verified, "space": self.space,
                 "tried": self.tried, "skipped": self.skipped, "failed": self.failed + self.rejected,
-                "unexplored": self.unexplored, "rounds": self.rounds}
+                "crashed": self.crashed, "unexplored": self.unexplored, "rounds": self.rounds}
 
 
 @dataclass
@@ -115,17 +141,19 @@ class SweepReport:
     def summary(self) -> str:
         lines = [f"autotune: {len(self.results)} task(s) in {self.wall_s:.1f} s: tried {self.total('tried')}, "
                  f"skipped {self.total('skipped')} (compile/resources), failed {self.total('failed')}, "
+                 f"crashed {self.total('crashed')} (killed the worker process, which was replaced), "
                  f"rejected by the reference check {self.total('rejected')}, unexplored (budget) "
                  f"{self.total('unexplored')}"]
         for r in self.results:
             if r.config is None:
                 lines.append(f"  {r.task.label}: NOT WRITTEN ({r.error})")
-                continue
-            gain = (f", {r.default_ms / r.ms:.2f}x vs default {r.default_ms:.3f} ms"
-                    if r.default_ms and r.ms else "")
-            lines.append(f"  {r.task.label}: {r.ms:.3f} ms{gain} [{config_label(r.config)}] "
-                         f"({r.tried} of {r.space} timed in {r.rounds} round(s), {r.skipped} skipped, "
-                         f"{r.failed} failed)")
+            else:
+                gain = (f", {r.default_ms / r.ms:.2f}x vs default {r.default_ms:.3f} ms"
+                        if r.default_ms and r.ms else "")
+                lines.append(f"  {r.task.label}: {r.ms:.3f} ms{gain} [{config_label(r.config)}] "
+                             f"({r.tried} of {r.space} timed in {r.rounds} round(s), {r.skipped} skipped, "
+                             f"{r.failed} failed, {r.crashed} crashed)")
+            lines.extend(f"    crashed: {line}" for line in r.crashes)
         if self.aborted:
             lines.append(f"  ABORTED: {self.aborted}")
         return "\n".join(lines)
@@ -149,7 +177,8 @@ def first_round(task: Task) -> list[dict]:
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+    name = exc.type_name if isinstance(exc, RemoteError) else type(exc).__name__
+    return f"{name}: {text[0][:200] if text else ''}"
 
 
 def _combined(current: dict, current_ms: float, moved: list[tuple[float, dict]], space) -> dict | None:
@@ -185,8 +214,13 @@ class _Search:
         return sorted((t for k, t in self.timed.items() if self.verdicts.get(k, (True,))[0]),
                       key=lambda item: (item[0], item[1]))
 
+    def crash(self, config: dict, exc: ConfigCrashed, during: str) -> None:
+        """Counts a config that crashed the process running it; it is never chosen."""
+        self.verdicts[config_key(config)] = (False, {"exception": f"crashed: {exc}"})
+        self.result.crashes.append(f"[{config_label(config)}] {during}: {exc}")
+
     def attempt(self, config: dict, always: bool = False) -> bool:
-        """Times `config` once (counting skips and failures); False when the deadline stopped it."""
+        """Times `config` once (counting skips, failures and crashes); False when the deadline stopped it."""
         task, result = self.task, self.result
         if not always and self.clock() > self.deadline:
             return False
@@ -202,9 +236,11 @@ class _Search:
                                      + (f"{top[0][0]:.3f} ms [{config_label(top[0][2])}]" if top else "-"))
         try:
             ms = float(self.measure(task, config, precise=False))
+        except SweepAborted:
+            raise
+        except ConfigCrashed as exc:
+            self.crash(config, exc, "timing")
         except Exception as exc:  # noqa: BLE001 -- a bad config never stops the sweep
-            if is_fatal(exc):
-                raise FatalDeviceError(f"{task.label} [{config_label(config)}]: {_short(exc)}") from exc
             if is_skippable(exc):
                 result.skipped += 1
             else:
@@ -226,9 +262,12 @@ class _Search:
         if key not in self.verdicts:
             try:
                 self.verdicts[key] = self.verify(self.task, config)
+            except SweepAborted:
+                raise
+            except ConfigCrashed as exc:
+                self.crash(config, exc, "reference check")
+                return False
             except Exception as exc:  # noqa: BLE001
-                if is_fatal(exc):
-                    raise FatalDeviceError(f"{self.task.label}: verification: {_short(exc)}") from exc
                 self.verdicts[key] = (False, {"exception": _short(exc)})
             if not self.verdicts[key][0]:
                 self.result.rejected += 1
@@ -282,22 +321,24 @@ class _Search:
         """Re-times the fastest few (and the default) precisely and writes the fastest that passes the check
         into the result (the default when none of the first MAX_VERIFY does)."""
         result = self.result
-        ranked = self.ranked()
-        finalists = ranked[:FINALISTS]
+        finalists = self.ranked()[:FINALISTS]
         if all(order != 0 for _, order, _ in finalists) and config_key(default) in self.timed:
             finalists.append(self.timed[config_key(default)])
         precise = []
         for ms, order, config in finalists:
             try:
                 precise.append((float(self.measure(self.task, config, precise=True)), order, config))
-            except Exception as exc:  # noqa: BLE001
-                if is_fatal(exc):
-                    raise FatalDeviceError(f"{self.task.label}: {_short(exc)}") from exc
+            except SweepAborted:
+                raise
+            except ConfigCrashed as exc:
+                self.crash(config, exc, "precise timing")
+                continue
+            except Exception:  # noqa: BLE001 -- the quick time stands
                 precise.append((ms, order, config))
             if order == 0:
                 result.default_ms = precise[-1][0]
         precise.sort(key=lambda item: (item[0], item[1]))
-        candidates = precise + [t for t in ranked if all(t[1] != p[1] for p in precise)]
+        candidates = precise + [t for t in self.ranked() if all(t[1] != p[1] for p in precise)]
         attempts = candidates[:MAX_VERIFY]
         if all(order != 0 for _, order, _ in attempts):
             attempts += [c for c in candidates if c[1] == 0]
@@ -330,7 +371,8 @@ def run_task(task: Task, *, measure, verify, deadline: float, clock=time.monoton
         if bar is not None:
             bar.close()
     if not search.timed:
-        result.error = "no config ran" + (f" (e.g. {result.errors[0]})" if result.errors else "")
+        problems = result.errors + result.crashes
+        result.error = "no config ran" + (f" (e.g. {problems[0]})" if problems else "")
         return result
     search.choose(default)
     return result
@@ -358,9 +400,9 @@ def sweep(tasks: list[Task], *, measure, verify, budget_seconds: float, on_resul
         try:
             result = run_task(task, measure=measure, verify=verify, deadline=deadline, clock=clock,
                               progress=progress, compiler=compiler, priority=number)
-        except FatalDeviceError as exc:
-            aborted = f"{exc} -- the CUDA context is unusable; rerun for the remaining tasks"
-            results.append(TaskResult(task, error=str(exc)))
+        except SweepAborted as exc:
+            aborted = f"{exc} ({len(tasks) - number - 1} later task(s) not run)"
+            results.append(TaskResult(task, error=f"stopped: {exc}"))
             break
         results.append(result)
         if log is not None:

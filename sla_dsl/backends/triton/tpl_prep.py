@@ -44,11 +44,11 @@ def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws
         Tm = _solve_unit_lower(L, BT)
         if STORE_T:
             tl.store(T_ws + ws, Tm)
-        tl.store(w_ws + k_off, _dot(Tm, bt[:, None] * kp * tl.exp(b), PREC).to(w_ws.dtype.element_ty), mask=m)
+        tl.store(w_ws + k_off, _dot_tf32(Tm, bt[:, None] * kp * tl.exp(b), PREC).to(w_ws.dtype.element_ty), mask=m)
         for v0 in range(0, V, BV):
             vcols = v0 + tl.arange(0, BV)
             vm = valid[:, None] & (vcols < V)[None, :]
             v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
             vb = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
-            tl.store(u_ws + v_off, _dot(Tm, bt[:, None] * vb, PREC).to(u_ws.dtype.element_ty), mask=vm)
+            tl.store(u_ws + v_off, _dot_tf32(Tm, bt[:, None] * vb, PREC).to(u_ws.dtype.element_ty), mask=vm)
 '''

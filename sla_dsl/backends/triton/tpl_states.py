@@ -42,7 +42,7 @@ def states_kernel(k_ws, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
         if IS_DELTA:
             w = tl.load(w_ws + k_off, mask=km, other=0.)
-            vn = tl.load(u_ws + v_off, mask=vm, other=0.).to(tl.float32) - _dot(w, S, PREC)
+            vn = tl.load(u_ws + v_off, mask=vm, other=0.).to(tl.float32) - _dot_tf32(w, S, PREC)
             tl.store(vn_ws + v_off, vn.to(vn_ws.dtype.element_ty), mask=vm)
         else:
             vn = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
