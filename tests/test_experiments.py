@@ -10,12 +10,14 @@ import torch
 from sla_dsl.cli import main
 from sla_dsl.experiments import results
 from sla_dsl.experiments.diagnostics import entropy_fraction, failure_signs, gate_diagnostics
-from sla_dsl.experiments.grid import Run, expand, sub_grids
+from sla_dsl.experiments.grid import GPU_SMALL_MQAR_BUDGET, SEED_SPECS, Run, expand, sub_grids
 from sla_dsl.experiments.mqar import IGNORE, MQAR
 from sla_dsl.experiments.niah import NeedleInHaystack
 from sla_dsl.experiments.report import select_cells, write_report
 from sla_dsl.experiments.runner import run_grid
-from sla_dsl.experiments.training import BudgetExhausted, ModelPool, PooledModel, _train_step, train_and_evaluate
+from sla_dsl.experiments.tasks import score
+from sla_dsl.experiments.training import (BudgetExhausted, ModelPool, PooledModel, _train_step, make_optimizer,
+                                          train_and_evaluate)
 from sla_dsl.loader import load_spec
 from sla_dsl.nn import LanguageModel, LMConfig
 
@@ -77,6 +79,77 @@ def test_mqar_same_seed_same_batch_and_bad_configs_raise():
         MQAR(seq_len=64, num_kv_pairs=17)
     with pytest.raises(ValueError, match="seq_len"):
         MQAR(seq_len=63, num_kv_pairs=4)
+
+
+def causal_lookup_logits(inputs: torch.Tensor, num_kv_pairs: int, vocab_size: int, shift: int = 0):
+    """Logits of a perfect MQAR solver that reads only inputs[:, :t + 1] to predict at t (with `shift`, the
+    prediction meant for t - shift sits at t): the value bound to the key inputs[:, t], if that key is bound."""
+    batch, length = inputs.shape
+    logits = torch.zeros(batch, length, vocab_size)
+    for b in range(batch):
+        bound = {}
+        for t in range(length):
+            if t < 2 * num_kv_pairs and t % 2 == 1:
+                bound[int(inputs[b, t - 1])] = int(inputs[b, t])  # the pair (t-1, t) is complete at t
+            value = bound.get(int(inputs[b, t]))
+            if value is not None and t >= 2 * num_kv_pairs and t + shift < length:
+                logits[b, t + shift, value] = 1.0
+    return logits
+
+
+def test_mqar_labels_and_scoring_line_up_with_a_causal_solver_and_the_model_loss():
+    """The target at an answer position t is predicted from inputs[:, :t + 1] (no shift by the model or the
+    scorer): a causal lookup scores 1.0, the same lookup off by one position in either direction ~0, and the
+    model's loss is the cross entropy of its logits at exactly the labelled positions."""
+    task = MQAR(seq_len=64, num_kv_pairs=8, vocab_size=256)
+    batch = task.sample(16, generator(5))
+    for shift, expected in ((0, 1.0), (1, 0.0), (-1, 0.0)):
+        correct, labelled, _ = score(causal_lookup_logits(batch.inputs, 8, 256, shift), batch.labels)
+        assert int(labelled.sum()) == 16 * 8  # every query, nothing else
+        assert float(correct.sum() / labelled.sum()) == pytest.approx(expected, abs=0.02), shift
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(spec="specs/gla.yaml", vocab_size=256, hidden_size=32, num_layers=1,
+                                   num_heads=4, backend="reference"))
+    out = model(batch.inputs, labels=batch.labels)
+    mask = batch.labels != IGNORE
+    expected = torch.nn.functional.cross_entropy(out.logits[mask], batch.labels[mask])
+    assert torch.allclose(out.loss, expected)
+    _, _, summed = score(out.logits.detach(), batch.labels)
+    assert float(summed) / int(mask.sum()) == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_learning_rate_schedule_and_weight_decay_groups():
+    run = Run(task="mqar", spec="gla", width=16, heads=2, layers=1, lr=1e-2, seed=0, steps=100, batch_size=2,
+              vocab_size=64, eval_examples=2, seq_len=16, kv_pairs=2, weight_decay=0.1, warmup_fraction=0.1)
+    model = LanguageModel(LMConfig(spec="specs/gla.yaml", vocab_size=64, hidden_size=16, num_layers=1,
+                                   num_heads=2, backend="reference"))
+    optimizer, schedule = make_optimizer(model, run, CPU)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert not any(p.dim() < 2 for p in decayed["params"])  # norms and biases are not decayed
+    assert {id(p) for p in decayed["params"] + plain["params"]} == {id(p) for p in model.parameters()}
+    lrs = []
+    for _ in range(run.steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)  # linear warm-up over 10 steps
+    assert max(lrs) == pytest.approx(1e-2) and lrs[-1] < 1e-4  # then cosine decay to ~0
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_gpu_small_mqar_trains_long_enough_and_fits_its_budget():
+    """The first gpu-small (400 steps x batch 64 = 25,600 sequences a run, 30 runs) learned nothing in any run
+    on the H100; a run must see far more sequences, and the preset still has to fit ~8 minutes there."""
+    specs = {name: load_spec(f"specs/{name}.yaml") for name in SEED_SPECS}
+    runs, skipped = expand(sub_grids("mqar", "gpu-small", {}), {n: s.layer for n, s in specs.items()})
+    assert not skipped
+    assert {run.spec for run in runs} == set(SEED_SPECS) and {run.seed for run in runs} == {0, 1}
+    for run in runs:
+        assert run.steps * run.batch_size >= 100_000, run.label()  # Zoology's train set: 100k sequences
+        assert run.steps >= 800 and run.lr >= 1e-3
+    seconds = sum(run.steps for run in runs) / GPU_SMALL_MQAR_BUDGET["steps_per_s"]
+    assert seconds <= GPU_SMALL_MQAR_BUDGET["seconds"]
 
 
 # ---------------------------------------------------------------------------------------------------------

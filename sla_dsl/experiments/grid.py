@@ -90,13 +90,20 @@ PRESETS: dict[str, dict[str, list[dict]]] = {
         # Seconds on a CPU: the whole pipeline, nothing learned.
         "smoke": [dict(_MQAR_BASE, specs=["gla", "sla_gla"], seq_lens=[64], kv_pairs=[4], widths=[32], heads=[4],
                        lrs=[3e-3], seeds=[0], steps=20, batch_size=8, eval_examples=32)],
-        # About 8 minutes of one H100 (eager; see `compile_default`): the headline comparison first (every
-        # backbone with and without SLA, two seeds), then the head-count trend on GLA.
+        # About 7 minutes of one H100, eager (see `compile_default`): the headline comparison only, every
+        # backbone with and without SLA, two seeds. The first version (30 runs of 400 steps x batch 64 = 25,600
+        # sequences each, kv 16 and 64, lr 2e-3) learned nothing in any run: accuracy 0.000 and loss ln(4096),
+        # the plateau of "the answer is some value token". MQAR sits on such plateaus for hundreds to thousands of
+        # steps before its phase transition (Zoology trains ~20k steps of batch 256), and a short run needs a
+        # high learning rate to get there: on a CPU (GLA, width 64, 4 heads, T=32, kv=4, vocab 64, batch 64, 1000
+        # steps) lr 3e-3 ended on the next plateau (accuracy 0.27, one of the 4 bound values) and lr 1e-2 reached
+        # 0.77 (0.56 at step 500). So: fewer cells, lr 1e-2, 8x the sequences and 2x the steps of a first-version
+        # run (`GPU_SMALL_MQAR_BUDGET` below has the time). Try `--lrs 3e-3,1e-2` where a spec diverges.
+        # On the H100, lr 3e-3 x 3000 steps x batch 64 (kv 16) taught RetNet (0.92) but not GLA or GDN (<0.01):
+        # benchmarks/NVIDIA_H100_80GB_HBM3/retrieval/. This preset itself has not run on a GPU yet.
         "gpu-small": [
-            dict(_MQAR_BASE, specs=list(SEED_SPECS), seq_lens=[256], kv_pairs=[16, 64], widths=[128], heads=[8],
-                 lrs=[2e-3], seeds=[0, 1], steps=400),
-            dict(_MQAR_BASE, specs=["gla", "sla_gla"], seq_lens=[256], kv_pairs=[16, 64], widths=[128],
-                 heads=[4, 16], lrs=[2e-3], seeds=[0, 1], steps=400),
+            dict(_MQAR_BASE, specs=list(SEED_SPECS), seq_lens=[256], kv_pairs=[32], widths=[128], heads=[8],
+                 lrs=[1e-2], seeds=[0, 1], steps=800, batch_size=256),
         ],
         # The issue's grid (combinations with kv_pairs > seq_len / 4 are left out).
         "full": [
@@ -118,6 +125,19 @@ PRESETS: dict[str, dict[str, list[dict]]] = {
     },
 }
 
+# The time of MQAR gpu-small, eager on one H100 (tests/test_experiments.py holds the preset to it):
+#   12 runs (6 specs x 1 setting x 2 seeds) x 800 steps = 9,600 steps; at 22 steps/s = 436 s = 7.3 min.
+# 22-24 steps/s is what the first version's runs took all in (400 steps in 16.8-18.2 s, kernel builds and the
+# evaluation included) at batch 64 x T 256. That step, ~40 ms for a 2-layer width-128 model whose GPU work is a
+# few ms (the head's 16k x 128 x 8192 product and its cross entropy dominate), is bound by launching hundreds of
+# small kernels from Python, not by the GPU: a compiled 43M-parameter GLA does the same 16k tokens a step at ~22
+# steps/s (benchmarks/NVIDIA_H100_80GB_HBM3/training/results.md). So batch 256 (Zoology's batch at T=256, ~4x
+# the GPU work, est. ~15 ms) should cost about the same per step and gives 4x the sequences. Not yet measured at
+# batch 256: if a run reports fewer than ~20 steps/s, pass `--batch-size 128`, or `--budget-minutes 8` (the
+# runner stops cleanly between runs; running the command again resumes).
+GPU_SMALL_MQAR_BUDGET = dict(steps_per_s=22.0, seconds=8 * 60)
+
+
 # Axes a sub-grid may list (each becomes one `Run` field) and the scalar settings it may fix.
 LIST_AXES = {"specs": "spec", "seq_lens": "seq_len", "kv_pairs": "kv_pairs", "widths": "width", "heads": "heads",
              "lrs": "lr", "seeds": "seed"}
@@ -126,8 +146,9 @@ SCALARS = ("task", "layers", "vocab_size", "batch_size", "eval_examples", "steps
 
 
 def compile_default(preset: str) -> bool:
-    """torch.compile on CUDA unless the preset is short: it costs ~20-40 s per distinct model and shape, more
-    than it saves over a few hundred steps of a model this small (gpu-small trains 10 models x 4 short runs)."""
+    """torch.compile on CUDA unless the preset is short: it costs ~20-40 s per distinct model and shape (gpu-small
+    trains 6 models x 2 runs of 800 steps: 2-4 of its ~7 minutes). The eager step of these small models is
+    launch-bound (see `GPU_SMALL_MQAR_BUDGET`), so compiling may well pay off even there; unmeasured, so off."""
     return preset == "full"
 
 
