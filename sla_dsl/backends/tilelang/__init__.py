@@ -25,6 +25,7 @@ from sla_dsl.autotune import Shape, resolve_config
 from sla_dsl.autotune.protocol import override_config
 from sla_dsl.backends.tilelang import tuning
 from sla_dsl.codegen import cache_dir, generated_module
+from sla_dsl.launch_tables import chunk_table, log_gammas, scalar
 from sla_dsl.spec import Decay, Spec
 
 os.environ.setdefault("TILELANG_CACHE_DIR", str(cache_dir() / "tilelang"))
@@ -105,29 +106,25 @@ class TileLangKernels:
             elif name in ("beta", "gq", "gk"):
                 extras[name] = flat({"beta": beta, "gq": gq, "gk": gk}[name]).float()
             elif name == "log_gamma":
-                extras[name] = torch.tensor(self.recurrence.log_gammas(heads), dtype=torch.float32, device=device)
+                extras[name] = log_gammas(self.recurrence, heads, device)
             elif name == "scale":
-                extras[name] = torch.tensor([scale], dtype=torch.float32, device=device)
+                extras[name] = scalar(scale, device)
         num_seq = cu.numel() - 1
         h0 = (initial_state.float().contiguous() if initial_state is not None
               else torch.zeros(num_seq, heads, dim_k, dim_v, dtype=torch.float32, device=device))
-        return dict(batch=batch, length=length, heads=heads, dim_k=dim_k, dim_v=dim_v, nt=nt, cu=cu,
+        return dict(batch=batch, length=length, heads=heads, dim_k=dim_k, dim_v=dim_v, nt=nt, cu=cu, cu_seqlens=cu_seqlens,
                     num_seq=num_seq, q=flat(q), k=flat(k), v=flat(v), extras=[extras[n] for n in self.module.INPUTS[3:]],
                     h0=h0)
 
     @staticmethod
-    def _chunks(cu: torch.Tensor, chunk: int):
-        lengths = (cu[1:] - cu[:-1]).long()
-        per_seq = (lengths + chunk - 1) // chunk
-        offsets = torch.cumsum(per_seq, 0) - per_seq
-        total = int(per_seq.sum().item())
-        seq = torch.repeat_interleave(torch.arange(per_seq.numel(), device=cu.device), per_seq)
-        within = torch.arange(total, device=cu.device) - offsets[seq]
-        table = torch.stack([seq, within], 1).to(torch.int32).contiguous()
-        return offsets.to(torch.int32).contiguous(), table, total
+    def _chunks(p, chunk: int):
+        """Each sequence's first chunk (int32), the (sequence, chunk) table of the chunk-parallel kernels, and
+        the number of chunks: see sla_dsl.chunking (no host sync for equal lengths)."""
+        table = chunk_table(p["batch"], p["length"], p["cu_seqlens"], chunk, p["q"].device)
+        return table.chunk_offsets[:-1].to(torch.int32), table.chunk_indices, table.num_chunks
 
     def _run_fwd(self, p, kern, chunk: int, store_states: bool, out_dtype):
-        offsets, table, total = self._chunks(p["cu"], chunk)
+        offsets, table, total = self._chunks(p, chunk)
         heads, dim_k, dim_v = p["heads"], p["dim_k"], p["dim_v"]
         device = p["q"].device
         o = new_output((p["nt"], heads, dim_v), out_dtype, device)

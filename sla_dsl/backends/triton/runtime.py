@@ -31,6 +31,7 @@ from sla_dsl.autotune import Shape, resolve_config
 from sla_dsl.autotune.protocol import override_config
 from sla_dsl.autotune.space import Space
 from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_dqk, tpl_bwd_wy, tpl_output, tpl_prep, tpl_states
+from sla_dsl.launch_tables import chunk_table, log_gammas, scalar
 from sla_dsl.spec import Decay, Recurrence, WriteRule
 
 STAGE_TEMPLATES = {"prep": tpl_prep, "states": tpl_states, "output": tpl_output, "bwd_states": tpl_states,
@@ -161,24 +162,11 @@ class Launch:
         B, T, H, K = q.shape
         self.B, self.T, self.H, self.K, self.V = B, T, H, K, v.shape[-1]
         self.KP = padded(K)
-        device = q.device
-        if cu_seqlens is None:
-            self.cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int64, device=device)[:B + 1]
-        else:
-            self.cu = cu_seqlens.to(device=device, dtype=torch.int64).contiguous()
-        self.N = self.cu.numel() - 1
-        lengths = self.cu[1:] - self.cu[:-1]
-        counts = (lengths + BT - 1) // BT
-        self.chunk_offsets = torch.zeros(self.N + 1, dtype=torch.int64, device=device)
-        self.chunk_offsets[1:] = counts.cumsum(0)
-        self.num_chunks = int(self.chunk_offsets[-1].item())
-        seq = torch.repeat_interleave(torch.arange(self.N, device=device), counts)
-        local = torch.arange(self.num_chunks, device=device) - self.chunk_offsets[seq]
-        self.chunk_indices = torch.stack([seq, local], 1).to(torch.int32).contiguous()
-        if rec.decay is Decay.CONSTANT:
-            self.lg = torch.tensor(rec.log_gammas(H), dtype=torch.float32, device=device)
-        else:
-            self.lg = torch.zeros(1, dtype=torch.float32, device=device)
+        table = chunk_table(B, T, cu_seqlens, BT, q.device)
+        self.cu, self.chunk_offsets, self.chunk_indices = table.cu_seqlens, table.chunk_offsets, table.chunk_indices
+        self.N, self.num_chunks = table.num_sequences, table.num_chunks
+        # kernels without a constant decay get a placeholder they never read
+        self.lg = log_gammas(rec, H, q.device) if rec.decay is Decay.CONSTANT else scalar(0.0, q.device)
 
 
 class Prepared:
