@@ -24,6 +24,7 @@ FLAGS = {
     'BETA_GATE': False,
     'L2_NORM': False,
     'EPS': 1e-06,
+    'FUSED_QK': False,
 }
 
 
@@ -95,6 +96,23 @@ def _load_qk(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: t
         y = y * tl.rsqrt(tl.sum(y * y, 1) + EPS)[:, None]
     if GATED:
         y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[:, None]
+    return y * scale
+
+
+@triton.jit
+def _load_qk_t(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
+               GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
+    """_load_qk transposed, [KP, BT] float32, loaded by its strides (no register transpose)."""
+    m = kmask[:, None] & valid[None, :]
+    x = tl.load(x_ptr + (tok * H + i_h)[None, :] * K + cols[:, None], mask=m, other=0.).to(tl.float32)
+    if IS_Q:
+        y = tl.where(m, phi_q(x), 0.)
+    else:
+        y = tl.where(m, phi_k(x), 0.)
+    if L2_NORM:
+        y = y * tl.rsqrt(tl.sum(y * y, 0) + EPS)[None, :]
+    if GATED:
+        y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[None, :]
     return y * scale
 
 
@@ -177,6 +195,17 @@ def _chunk_decay(b_ws, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.con
 
 
 @triton.jit
+def _chunk_decay_t(b_ws, tok, valid, i_h, H, K, cols, kmask):
+    """A vector decay's b of one chunk transposed, [KP, BT], and its last valid row b_C, [KP], both loaded
+    by their strides from stage "prep"'s workspace (rows past the sequence end read the last valid row)."""
+    last_tok = tl.max(tl.where(valid, tok, 0), 0)
+    tok_c = tl.minimum(tok, last_tok)
+    bT = tl.load(b_ws + (tok_c * H + i_h)[None, :] * K + cols[:, None], mask=kmask[:, None], other=0.)
+    b_last = tl.load(b_ws + (last_tok * H + i_h) * K + cols, mask=kmask, other=0.)
+    return bT, b_last
+
+
+@triton.jit
 def _fold_last(db, db_last, valid, DECAY: tl.constexpr, BT: tl.constexpr):
     """db with the gradient of the whole-chunk decay (db_last, [KP]) added at the last valid row: what the
     reverse cumsum of _store_decay_grad spreads over the chunk. [BT, KP] (vector decay) or [BT] (scalar)."""
@@ -239,6 +268,14 @@ def _decay_matrix(b, BT: tl.constexpr, INCLUSIVE: tl.constexpr):
     else:
         keep = rows[:, None] > rows[None, :]
     return tl.where(keep, tl.exp(tl.minimum(bb[:, None] - bb[None, :], 0.)), 0.)
+
+
+@triton.jit
+def _decay_matrix_t(b, BT: tl.constexpr):
+    """The transpose of _decay_matrix(b, BT, True), built as such: exp(b_j - b_i) on j >= i, 0 below."""
+    rows = tl.arange(0, BT)
+    bb = tl.sum(b, 1)
+    return tl.where(rows[:, None] <= rows[None, :], tl.exp(tl.minimum(bb[None, :] - bb[:, None], 0.)), 0.)
 
 
 @triton.jit
@@ -480,9 +517,10 @@ def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws
 
 # ---- tpl_states ------------------------------------------------------------
 @triton.jit
-def states_kernel(k_ws, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens, chunk_offsets, H, K, V,
+def states_kernel(k_ws, gk, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens, chunk_offsets, H, K, V,
                   KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                  FUSED_QK: tl.constexpr, KEY_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
     length = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
@@ -502,29 +540,40 @@ def states_kernel(k_ws, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens
         i_t = first_chunk + c
         tl.store(h_ws + (i_t * H + i_h) * K * V + s_off, S.to(h_ws.dtype.element_ty), mask=smask)
         tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
-        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-        b_last = _last_row(b, BT)
-        km = valid[:, None] & kmask[None, :]
-        k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
-        kd = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32) * tl.exp(b_last[None, :] - b)
+        # k'^T loaded by its strides: a register transpose of k' costs a trip through shared memory per chunk
+        if FUSED_QK:  # k_ws is the raw k: k' made here
+            kT = _load_qk_t(k_ws, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+        else:
+            kT = _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask)
         vm = valid[:, None] & vmask[None, :]
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
         if IS_DELTA:
-            w = tl.load(w_ws + k_off, mask=km, other=0.)
+            w = tl.load(w_ws + (tok * H + i_h)[:, None] * K + cols[None, :], mask=valid[:, None] & kmask[None, :],
+                        other=0.)
             vn = tl.load(u_ws + v_off, mask=vm, other=0.).to(tl.float32) - _dot_tf32(w, S, PREC)
             tl.store(vn_ws + v_off, vn.to(vn_ws.dtype.element_ty), mask=vm)
         else:
             vn = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
-        S = tl.exp(b_last)[:, None] * S + _dot(tl.trans(kd), vn, PREC)
+        if DECAY == 3:
+            bT, b_last = _chunk_decay_t(b_ws, tok, valid, i_h, H, K, cols, kmask)
+            S = tl.exp(b_last)[:, None] * S + _dot(kT.to(tl.float32) * tl.exp(b_last[:, None] - bT), vn, PREC)
+        elif DECAY != 0:
+            # a decay shared by the key channels scales the chunk's rows of v_new ([BT, BV]) instead of k'
+            b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+            b_last = _last_row(b, BT)
+            S = tl.exp(b_last)[:, None] * S + _dot(kT, vn * tl.exp(b_last[None, :] - b), PREC)
+        else:
+            S = S + _dot(kT, vn, PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, S, mask=smask)
 
 
 # ---- tpl_output ------------------------------------------------------------
 @triton.jit
-def output_kernel(q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seqlens, chunk_indices, H, K, V,
+def output_kernel(q_ws, k_ws, gq, gk, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seqlens, chunk_indices, scale, H, K, V,
                   KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                  IS_DELTA: tl.constexpr, PREC: tl.constexpr):
+                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, FUSED_QK: tl.constexpr, READ_GATE: tl.constexpr,
+                  KEY_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
     cols = tl.arange(0, KP)
@@ -535,11 +584,18 @@ def output_kernel(q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seqlens, chu
     km = valid[:, None] & kmask[None, :]
     k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
     b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-    qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
+    if FUSED_QK:  # q_ws, k_ws are the raw q, k: q' and k' made here
+        qp = _load_qk(q_ws, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
+    else:
+        qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
     if DECAY == 3:
         A = tl.load(A_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
     else:
-        A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
+        if FUSED_QK:
+            kT = _load_qk_t(k_ws, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+        else:
+            kT = _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask)
+        A = _dot(qp, kT, PREC) * _decay_matrix(b, BT, True)
     S = tl.load(h_ws + (i_t.to(tl.int64) * H + i_h) * K * V + cols[:, None] * V + vcols[None, :],
                 mask=kmask[:, None] & vmask[None, :], other=0.)
     vm = valid[:, None] & vmask[None, :]
@@ -578,22 +634,26 @@ def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws,
         i_t = first_chunk + c
         tl.store(dh_ws + (i_t * H + i_h) * K * V + s_off, dS.to(dh_ws.dtype.element_ty), mask=smask)
         tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
-        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-        b_last = _last_row(b, BT)
-        km = valid[:, None] & kmask[None, :]
-        k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
-        qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
         vm = valid[:, None] & vmask[None, :]
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
         dob = tl.load(do + v_off, mask=vm, other=0.)
-        dS_in = _dot(tl.trans(qp * tl.exp(b)), dob, PREC) + tl.exp(b_last)[:, None] * dS
+        # q'^T loaded by its strides (no register transpose); a decay shared by the key channels scales do's rows
+        qT = _load_rows_t(q_ws, tok, valid, i_h, H, K, cols, kmask)
+        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+        if DECAY == 3:
+            bT, b_last = _chunk_decay_t(b_ws, tok, valid, i_h, H, K, cols, kmask)
+            dS_in = _dot(qT.to(tl.float32) * tl.exp(bT), dob, PREC) + tl.exp(b_last)[:, None] * dS
+        else:
+            b_last = _last_row(b, BT)
+            dS_in = _dot(qT, dob.to(tl.float32) * tl.exp(b), PREC) + tl.exp(b_last)[:, None] * dS
         if IS_DELTA:
-            kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
-            if DECAY == 3:
-                A = tl.load(A_ws + (i_t * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
+            km = valid[:, None] & kmask[None, :]
+            kp = tl.load(k_ws + (tok * H + i_h)[:, None] * K + cols[None, :], mask=km, other=0.).to(tl.float32)
+            if DECAY == 3:  # A^T by its strides
+                AT = tl.load(A_ws + (i_t * H + i_h) * BT * BT + rows[None, :] * BT + rows[:, None])
             else:
-                A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
-            dvn = _dot(tl.trans(A), dob, PREC) + _dot(kp * tl.exp(b_last[None, :] - b), dS, PREC)
+                AT = _dot(kp, qT, PREC) * _decay_matrix_t(b, BT)
+            dvn = _dot(AT, dob, PREC) + _dot(kp * tl.exp(b_last[None, :] - b), dS, PREC)
             tl.store(dvn_ws + v_off, dvn, mask=vm)
             dS_in -= _dot(_load_rows_t(w_ws, tok, valid, i_h, H, K, cols, kmask), dvn, PREC)
         dS = dS_in

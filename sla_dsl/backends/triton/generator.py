@@ -13,7 +13,7 @@ from __future__ import annotations
 from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_dqk, tpl_bwd_wy, tpl_common, tpl_output, tpl_prep, tpl_states
 from sla_dsl.codegen import header
 from sla_dsl.feature_maps import L2_NORM_EPS
-from sla_dsl.spec import Decay, FeatureMap, Spec, WriteRule
+from sla_dsl.spec import Decay, FeatureMap, Recurrence, Spec, WriteRule
 
 DECAY_CODES = {Decay.NONE: 0, Decay.CONSTANT: 1, Decay.SCALAR: 2, Decay.VECTOR: 3}
 
@@ -38,7 +38,15 @@ def flags(spec: Spec) -> dict:
     rec = spec.recurrence
     return {"DECAY": DECAY_CODES[rec.decay], "IS_DELTA": rec.write is WriteRule.DELTA,
             "READ_GATE": rec.gates.read, "KEY_GATE": rec.write_gate_scales_key,
-            "BETA_GATE": rec.write_gate_scales_beta, "L2_NORM": rec.qk_l2_norm, "EPS": L2_NORM_EPS}
+            "BETA_GATE": rec.write_gate_scales_beta, "L2_NORM": rec.qk_l2_norm, "EPS": L2_NORM_EPS,
+            "FUSED_QK": fused_qk(rec)}
+
+
+def fused_qk(rec: Recurrence) -> bool:
+    """Whether the forward skips stage "prep": with an additive write and a decay known without a workspace
+    (none or constant), prep would only write q' and k', which the states and output stages then compute in
+    registers from the raw q, k and gates instead (one pass over q and k fewer; the SLA gates cost no pass)."""
+    return rec.write is WriteRule.ADDITIVE and rec.decay in (Decay.NONE, Decay.CONSTANT)
 
 
 def _feature_map(name: str, fmap: FeatureMap) -> str:

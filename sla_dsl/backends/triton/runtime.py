@@ -5,6 +5,8 @@ over chunks x heads (x V-blocks):
     forward:  prep (grid (chunks, H)) -> states (grid (cdiv(V, BV), N*H)) -> output (grid (cdiv(V, BV), chunks, H))
     backward: prep -> states (recomputed: chunk states, the delta rule's new values) -> bwd_dh (reverse,
               grid (cdiv(V, BV), N*H)) -> bwd_dqk (grid (chunks, H)) -> bwd_wy (delta rule only, grid (chunks, H))
+The forward of an additive write with no decay workspace (generator.fused_qk: RetNet and its SLA variant)
+launches no prep: states and output make q' and k' from the raw q, k and gates in registers.
 
 Workspaces between the stages (q', k', w, u, the chunk states and their gradients) are float32, or the
 inputs' 16-bit dtype when the dots take 16-bit operands anyway (dot_precision "input"), as fla stores them.
@@ -13,7 +15,7 @@ A config is a flat dict of JSON scalars for one phase (what the tuner sweeps and
     "BT": chunk size, "dot_precision": "ieee" | "tf32" | "input" (16-bit operands in the inputs' dtype),
     "BC": sub-chunk of the vector-decay in-chunk products (vector decay only; divides BT),
     "<stage>_<key>" for every key of the stage template's TUNING_SPACE (BV, num_warps, num_stages), for the
-    stages the phase launches: fwd: prep, states, output; bwd: prep, bwd_states (the states template),
+    stages the phase launches: fwd: prep (unless fused_qk), states, output; bwd: prep, bwd_states (the states template),
     bwd_dh, bwd_dqk, bwd_wy (delta rule only).
 The space is the product of the shared settings and the stages' spaces (`tuning_space`); `default_config`
 is the heuristic, and a tuned table replaces it at call time (sla_dsl.autotune.resolve_config).
@@ -30,6 +32,7 @@ from sla_dsl.alloc import new_output
 from sla_dsl.autotune import Shape, resolve_config
 from sla_dsl.autotune.protocol import override_config
 from sla_dsl.autotune.space import Space
+from sla_dsl.backends.triton.generator import fused_qk
 from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_dqk, tpl_bwd_wy, tpl_output, tpl_prep, tpl_states
 from sla_dsl.launch_tables import chunk_table, log_gammas, scalar
 from sla_dsl.spec import Decay, Recurrence, WriteRule
@@ -67,7 +70,8 @@ def interpreting() -> bool:
 def phase_stages(rec: Recurrence, phase: str) -> tuple[str, ...]:
     if phase not in PHASE_STAGES:
         raise ValueError(f"phase: expected 'fwd' or 'bwd', got {phase!r}")
-    return tuple(s for s in PHASE_STAGES[phase] if s != "bwd_wy" or rec.write is WriteRule.DELTA)
+    return tuple(s for s in PHASE_STAGES[phase] if (s != "bwd_wy" or rec.write is WriteRule.DELTA)
+                 and (s != "prep" or phase == "bwd" or not fused_qk(rec)))
 
 
 def tuning_space(rec: Recurrence, shape: Shape, phase: str) -> Space:
@@ -172,12 +176,14 @@ class Launch:
 class Prepared:
     """The workspaces of stages "prep" and "states": what "output" and the backward stages read."""
 
-    def __init__(self, rec: Recurrence, launch: Launch, q, v, BT: int, wdtype: torch.dtype, store_t: bool):
+    def __init__(self, rec: Recurrence, launch: Launch, q, k, v, BT: int, wdtype: torch.dtype, store_t: bool,
+                 with_prep: bool):
         device, H, K, V = q.device, launch.H, launch.K, launch.V
         delta = rec.write is WriteRule.DELTA
         blocks = (max(launch.num_chunks, 1), H, BT, BT)
-        self.q = torch.empty(q.shape, dtype=wdtype, device=device)
-        self.k = torch.empty(q.shape, dtype=wdtype, device=device)
+        # without stage "prep" (FUSED_QK forward) the stages read the raw q and k in place of q' and k'
+        self.q = torch.empty(q.shape, dtype=wdtype, device=device) if with_prep else q
+        self.k = torch.empty(q.shape, dtype=wdtype, device=device) if with_prep else k
         if rec.decay is Decay.VECTOR:
             self.b = torch.empty(q.shape, dtype=torch.float32, device=device)
         elif rec.decay is Decay.SCALAR:
@@ -227,19 +233,22 @@ class TritonKernels:
     def _prepare(self, run, launch, cfg, phase, q, k, v, g, beta, gq, gk, h0, ht, scale) -> Prepared:
         """Stages "prep" and "states" (the latter as "bwd_states" in the backward)."""
         flags, V = self.module.FLAGS, launch.V
-        ws = Prepared(self.recurrence, launch, q, v, cfg["BT"], work_dtype(cfg["PREC"], q.dtype), phase == "bwd")
+        with_prep = "prep" in phase_stages(self.recurrence, phase)
+        ws = Prepared(self.recurrence, launch, q, k, v, cfg["BT"], work_dtype(cfg["PREC"], q.dtype), phase == "bwd",
+                      with_prep)
         common = self._common(launch, cfg)
-        if launch.num_chunks > 0:
+        if launch.num_chunks > 0 and with_prep:
             run(self.module.prep_kernel, (launch.num_chunks, launch.H),
                 q, k, v, g, beta, gq, gk, launch.lg, ws.q, ws.k, ws.b, ws.A, ws.T, ws.w, ws.u, launch.cu,
                 launch.chunk_indices, scale, launch.H, launch.K, V, BC=cfg["BC"], STORE_T=phase == "bwd",
-                **common, **{name: value for name, value in flags.items() if name != "DECAY"},
+                **common, **{name: value for name, value in flags.items() if name not in ("DECAY", "FUSED_QK")},
                 **_launch_options(cfg, "prep", V))
         st = _launch_options(cfg, "states" if phase == "fwd" else "bwd_states", V)
         run(self.module.states_kernel, (triton.cdiv(V, st["BV"]), launch.N * launch.H),
-            ws.k, v, ws.b, launch.lg, ws.w, ws.u, h0 if h0 is not None else q, ht if ht is not None else q,
+            ws.k, gk, v, ws.b, launch.lg, ws.w, ws.u, h0 if h0 is not None else q, ht if ht is not None else q,
             ws.h, ws.vn, launch.cu, launch.chunk_offsets, launch.H, launch.K, V, IS_DELTA=flags["IS_DELTA"],
-            HAS_H0=h0 is not None, STORE_HT=ht is not None, **common, **st)
+            HAS_H0=h0 is not None, STORE_HT=ht is not None, FUSED_QK=not with_prep, KEY_GATE=flags["KEY_GATE"],
+            L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **st)
         return ws
 
     @staticmethod
@@ -274,9 +283,13 @@ class TritonKernels:
         ws = self._prepare(run, launch, cfg, "fwd", q, k, v, g_, beta_, gq_, gk_, initial_state, ht, scale)
         if launch.num_chunks > 0:
             st = _launch_options(cfg, "output", launch.V)
+            flags = self.module.FLAGS
             run(self.module.output_kernel, (triton.cdiv(launch.V, st["BV"]), launch.num_chunks, launch.H),
-                ws.q, ws.k, v, ws.b, launch.lg, ws.A, ws.h, ws.vn, o, launch.cu, launch.chunk_indices, launch.H,
-                launch.K, launch.V, IS_DELTA=self.module.FLAGS["IS_DELTA"], **self._common(launch, cfg), **st)
+                ws.q, ws.k, gq_, gk_, v, ws.b, launch.lg, ws.A, ws.h, ws.vn, o, launch.cu, launch.chunk_indices,
+                scale, launch.H, launch.K, launch.V, IS_DELTA=flags["IS_DELTA"],
+                FUSED_QK="prep" not in phase_stages(self.recurrence, "fwd"), READ_GATE=flags["READ_GATE"],
+                KEY_GATE=flags["KEY_GATE"], L2_NORM=flags["L2_NORM"], EPS=flags["EPS"],
+                **self._common(launch, cfg), **st)
         return None if compile_only else (o, ht)
 
     def backward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, do, dfinal_state, config=None,

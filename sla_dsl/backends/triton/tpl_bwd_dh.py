@@ -34,22 +34,26 @@ def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws,
         i_t = first_chunk + c
         tl.store(dh_ws + (i_t * H + i_h) * K * V + s_off, dS.to(dh_ws.dtype.element_ty), mask=smask)
         tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
-        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-        b_last = _last_row(b, BT)
-        km = valid[:, None] & kmask[None, :]
-        k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
-        qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
         vm = valid[:, None] & vmask[None, :]
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
         dob = tl.load(do + v_off, mask=vm, other=0.)
-        dS_in = _dot(tl.trans(qp * tl.exp(b)), dob, PREC) + tl.exp(b_last)[:, None] * dS
+        # q'^T loaded by its strides (no register transpose); a decay shared by the key channels scales do's rows
+        qT = _load_rows_t(q_ws, tok, valid, i_h, H, K, cols, kmask)
+        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+        if DECAY == 3:
+            bT, b_last = _chunk_decay_t(b_ws, tok, valid, i_h, H, K, cols, kmask)
+            dS_in = _dot(qT.to(tl.float32) * tl.exp(bT), dob, PREC) + tl.exp(b_last)[:, None] * dS
+        else:
+            b_last = _last_row(b, BT)
+            dS_in = _dot(qT, dob.to(tl.float32) * tl.exp(b), PREC) + tl.exp(b_last)[:, None] * dS
         if IS_DELTA:
-            kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
-            if DECAY == 3:
-                A = tl.load(A_ws + (i_t * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
+            km = valid[:, None] & kmask[None, :]
+            kp = tl.load(k_ws + (tok * H + i_h)[:, None] * K + cols[None, :], mask=km, other=0.).to(tl.float32)
+            if DECAY == 3:  # A^T by its strides
+                AT = tl.load(A_ws + (i_t * H + i_h) * BT * BT + rows[None, :] * BT + rows[:, None])
             else:
-                A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
-            dvn = _dot(tl.trans(A), dob, PREC) + _dot(kp * tl.exp(b_last[None, :] - b), dS, PREC)
+                AT = _dot(kp, qT, PREC) * _decay_matrix_t(b, BT)
+            dvn = _dot(AT, dob, PREC) + _dot(kp * tl.exp(b_last[None, :] - b), dS, PREC)
             tl.store(dvn_ws + v_off, dvn, mask=vm)
             dS_in -= _dot(_load_rows_t(w_ws, tok, valid, i_h, H, K, cols, kmask), dvn, PREC)
         dS = dS_in

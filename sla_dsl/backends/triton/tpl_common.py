@@ -50,6 +50,23 @@ def _load_qk(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: t
 
 
 @triton.jit
+def _load_qk_t(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
+               GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
+    """_load_qk transposed, [KP, BT] float32, loaded by its strides (no register transpose)."""
+    m = kmask[:, None] & valid[None, :]
+    x = tl.load(x_ptr + (tok * H + i_h)[None, :] * K + cols[:, None], mask=m, other=0.).to(tl.float32)
+    if IS_Q:
+        y = tl.where(m, phi_q(x), 0.)
+    else:
+        y = tl.where(m, phi_k(x), 0.)
+    if L2_NORM:
+        y = y * tl.rsqrt(tl.sum(y * y, 0) + EPS)[None, :]
+    if GATED:
+        y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[None, :]
+    return y * scale
+
+
+@triton.jit
 def _qk_backward(x_ptr, gate_ptr, dx_ptr, dgate_ptr, tok, valid, i_h, H, K, cols, kmask, dy, scale,
                  IS_Q: tl.constexpr, GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
     """From the gradient of q' (or k') to the raw input's and the gate's; stores both."""
@@ -128,6 +145,17 @@ def _chunk_decay(b_ws, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.con
 
 
 @triton.jit
+def _chunk_decay_t(b_ws, tok, valid, i_h, H, K, cols, kmask):
+    """A vector decay's b of one chunk transposed, [KP, BT], and its last valid row b_C, [KP], both loaded
+    by their strides from stage "prep"'s workspace (rows past the sequence end read the last valid row)."""
+    last_tok = tl.max(tl.where(valid, tok, 0), 0)
+    tok_c = tl.minimum(tok, last_tok)
+    bT = tl.load(b_ws + (tok_c * H + i_h)[None, :] * K + cols[:, None], mask=kmask[:, None], other=0.)
+    b_last = tl.load(b_ws + (last_tok * H + i_h) * K + cols, mask=kmask, other=0.)
+    return bT, b_last
+
+
+@triton.jit
 def _fold_last(db, db_last, valid, DECAY: tl.constexpr, BT: tl.constexpr):
     """db with the gradient of the whole-chunk decay (db_last, [KP]) added at the last valid row: what the
     reverse cumsum of _store_decay_grad spreads over the chunk. [BT, KP] (vector decay) or [BT] (scalar)."""
@@ -190,6 +218,14 @@ def _decay_matrix(b, BT: tl.constexpr, INCLUSIVE: tl.constexpr):
     else:
         keep = rows[:, None] > rows[None, :]
     return tl.where(keep, tl.exp(tl.minimum(bb[:, None] - bb[None, :], 0.)), 0.)
+
+
+@triton.jit
+def _decay_matrix_t(b, BT: tl.constexpr):
+    """The transpose of _decay_matrix(b, BT, True), built as such: exp(b_j - b_i) on j >= i, 0 below."""
+    rows = tl.arange(0, BT)
+    bb = tl.sum(b, 1)
+    return tl.where(rows[:, None] <= rows[None, :], tl.exp(tl.minimum(bb[None, :] - bb[:, None], 0.)), 0.)
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 V-block of one head of one sequence and walks its chunks in order with the state S [KP, BV] in float32
 registers, storing the state entering every chunk (for stage "output" and the backward):
     v_new = v (additive) or u - w S (delta; u, w from stage "prep"), stored for the delta rule
-    S <- e^{b_C} S + (k' e^{b_C - b})^T v_new
+    S <- e^{b_C} S + (k' e^{b_C - b})^T v_new   (b_C: b at the chunk's last row)
+k' is read transposed from memory (FUSED_QK: made from the raw k and gate in registers), and a decay shared by the key channels is applied to the rows of v_new.
 Per chunk that is one or two [BT, KP] x [KP, BV]-sized products; everything parallel over the chunks
 (the outputs, the in-chunk attention) is left to the stages around it.'''
 
@@ -11,9 +12,10 @@ TUNING_SPACE = [{"BV": bv, "num_warps": w, "num_stages": s}
 
 SOURCE = '''
 @triton.jit
-def states_kernel(k_ws, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens, chunk_offsets, H, K, V,
+def states_kernel(k_ws, gk, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens, chunk_offsets, H, K, V,
                   KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                  FUSED_QK: tl.constexpr, KEY_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
     length = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
@@ -33,20 +35,30 @@ def states_kernel(k_ws, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens
         i_t = first_chunk + c
         tl.store(h_ws + (i_t * H + i_h) * K * V + s_off, S.to(h_ws.dtype.element_ty), mask=smask)
         tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
-        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-        b_last = _last_row(b, BT)
-        km = valid[:, None] & kmask[None, :]
-        k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
-        kd = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32) * tl.exp(b_last[None, :] - b)
+        # k'^T loaded by its strides: a register transpose of k' costs a trip through shared memory per chunk
+        if FUSED_QK:  # k_ws is the raw k: k' made here
+            kT = _load_qk_t(k_ws, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+        else:
+            kT = _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask)
         vm = valid[:, None] & vmask[None, :]
         v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
         if IS_DELTA:
-            w = tl.load(w_ws + k_off, mask=km, other=0.)
+            w = tl.load(w_ws + (tok * H + i_h)[:, None] * K + cols[None, :], mask=valid[:, None] & kmask[None, :],
+                        other=0.)
             vn = tl.load(u_ws + v_off, mask=vm, other=0.).to(tl.float32) - _dot_tf32(w, S, PREC)
             tl.store(vn_ws + v_off, vn.to(vn_ws.dtype.element_ty), mask=vm)
         else:
             vn = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
-        S = tl.exp(b_last)[:, None] * S + _dot(tl.trans(kd), vn, PREC)
+        if DECAY == 3:
+            bT, b_last = _chunk_decay_t(b_ws, tok, valid, i_h, H, K, cols, kmask)
+            S = tl.exp(b_last)[:, None] * S + _dot(kT.to(tl.float32) * tl.exp(b_last[:, None] - bT), vn, PREC)
+        elif DECAY != 0:
+            # a decay shared by the key channels scales the chunk's rows of v_new ([BT, BV]) instead of k'
+            b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+            b_last = _last_row(b, BT)
+            S = tl.exp(b_last)[:, None] * S + _dot(kT, vn * tl.exp(b_last[None, :] - b), PREC)
+        else:
+            S = S + _dot(kT, vn, PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, S, mask=smask)
 '''
