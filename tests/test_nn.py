@@ -185,3 +185,19 @@ def test_new_batch_and_sequence_lengths_do_not_recompile():
         eager, graph = _loss_and_grads(model, ids), _loss_and_grads(compiled, ids)
         torch.testing.assert_close(graph[0], eager[0])
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_labelled_logits_only_gives_the_same_loss_and_the_labelled_rows():
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(spec="specs/sla_gla.yaml", vocab_size=64, hidden_size=32, num_layers=1,
+                                   num_heads=4, backend="reference")).double()
+    inputs = torch.randint(64, (2, 12))
+    labels = torch.full((2, 12), -100)
+    labels[0, 3], labels[1, 7], labels[1, 11] = 5, 9, 60
+    full = model(inputs, labels=labels)
+    only = model(inputs, labels=labels, labelled_logits_only=True)
+    assert only.logits.shape == (3, 64)
+    torch.testing.assert_close(only.logits, full.logits[labels != -100])
+    torch.testing.assert_close(only.loss, full.loss)
+    with pytest.raises(ValueError, match="labelled_logits_only"):
+        model(inputs, labelled_logits_only=True)

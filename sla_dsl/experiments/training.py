@@ -89,7 +89,7 @@ def _train_step(pooled: PooledModel, batch, device: torch.device) -> torch.Tenso
     if pooled.compiled is not None:
         try:
             with autocast(device):
-                loss = pooled.compiled(batch.inputs, labels=batch.labels).loss
+                loss = pooled.compiled(batch.inputs, labels=batch.labels, labelled_logits_only=True).loss
             loss.backward()
             return loss.detach()
         except Exception as exc:  # noqa: BLE001 -- reported, recorded with the run, and eager mode takes over
@@ -99,7 +99,7 @@ def _train_step(pooled: PooledModel, batch, device: torch.device) -> torch.Tenso
                           stacklevel=2)
             pooled.module.zero_grad(set_to_none=True)
     with autocast(device):
-        loss = pooled.module(batch.inputs, labels=batch.labels).loss
+        loss = pooled.module(batch.inputs, labels=batch.labels, labelled_logits_only=True).loss
     loss.backward()
     return loss.detach()
 
