@@ -435,14 +435,34 @@ def _intra_right(D, x, x_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT: tl
 
 
 @triton.jit
-def _solve_unit_lower(L, BT: tl.constexpr):
-    """(I + L)^-1 for a strictly lower triangular L, by forward substitution in registers."""
+def _solve_unit_lower(L, BT: tl.constexpr, PREC: tl.constexpr):
+    """(I + L)^-1 for a strictly lower triangular L [BT, BT] (BT = 16, 32 or 64), blocked by 16 rows.
+    Forward substitution over the whole tile takes BT - 1 dependent steps, each a reduction across the tile in
+    which the warps meet in shared memory. Here it only inverts the 16 x 16 diagonal blocks, all at once on
+    [BT // 16, 16, 16] tiles: 15 steps. They are kept transposed (X[b, c, r] = T[b, r, c]) so that each step's
+    dependent reduction runs along the last axis: compiled for sm_90 at chunk 64, the loop is then warp
+    shuffles with no barrier (the row of L a step reads does not depend on the step before).
+    Dots then double the blocks up to BT: with T the inverse of (I + L)'s diagonal blocks of s rows and C the
+    part of L coupling two of them inside a block of 2s rows ([A 0; C B] there), T - T C T is the inverse of
+    (I + L)'s diagonal blocks of 2s rows ([A^-1 0; -B^-1 C A^-1 B^-1]). The dots take at least tf32 operands
+    (fp32 ones for PREC 0): the delta rule amplifies 16-bit rounding of T."""
+    sub = tl.arange(0, 16)
+    L3 = _diagonal_blocks(L, BT, 16)
+    eye = tl.where(sub[:, None] == sub[None, :], 1., 0.)
+    X = tl.zeros([BT // 16, 16, 16], dtype=tl.float32) + eye[None, :, :]
+    for i in range(1, 16):
+        l_i = tl.sum(tl.where((sub == i)[None, :, None], L3, 0.), 1)
+        t_i = -tl.sum(l_i[:, None, :] * X, 2)
+        X = tl.where((sub == i)[None, None, :], t_i[:, :, None] + tl.where(sub == i, 1., 0.)[None, :, None], X)
+    T = _block_diagonal(tl.permute(X, (0, 2, 1)), BT, 16)
     rows = tl.arange(0, BT)
-    T = tl.where(rows[:, None] == rows[None, :], 1., 0.)
-    for i in range(1, BT):
-        l_i = tl.sum(tl.where((rows == i)[:, None], L, 0.), 0)
-        t_i = -tl.sum(l_i[:, None] * T, 0)
-        T = tl.where((rows == i)[:, None], t_i[None, :] + tl.where(rows == i, 1., 0.)[None, :], T)
+    # block sizes s = 16, 32, ... below BT, log2(BT // 16) of them: static_range takes a count, not a log
+    for level in tl.static_range(BT // 16 - 1):
+        s = 16 << level
+        if s < BT:
+            C = tl.where((rows[:, None] // (2 * s) == rows[None, :] // (2 * s))
+                         & (rows[:, None] // s > rows[None, :] // s), L, 0.)
+            T -= _dot_tf32(T, _dot_tf32(C, T, PREC), PREC)
     return T
 
 
@@ -503,7 +523,7 @@ def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws
     if IS_DELTA:
         bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
         L = bt[:, None] * _intra(kp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, False, DECAY, PREC)
-        Tm = _solve_unit_lower(L, BT)
+        Tm = _solve_unit_lower(L, BT, PREC)
         if STORE_T:
             tl.store(T_ws + ws, Tm)
         tl.store(w_ws + k_off, _dot_tf32(Tm, bt[:, None] * kp * tl.exp(b), PREC).to(w_ws.dtype.element_ty), mask=m)

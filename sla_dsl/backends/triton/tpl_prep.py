@@ -4,7 +4,9 @@ would otherwise recompute per V-block, written once to workspaces:
     b  = the in-chunk cumulative log decay                               [tokens, H] or [tokens, H, K] fp32
     A  = (q' k'^T) with the vector decay's relative factors, j <= i       [chunks, H, BT, BT] fp32 (vector)
     delta rule: T = (I + L)^-1, L[i, j] = beta'_i sum_k k'_ik k'_jk e^{b_ik - b_jk} (j < i),
-                w = T (beta' k' e^b), u = T (beta' v) (the WY form: the chunk's new values are u - w S)
+                w = T (beta' k' e^b), u = T (beta' v) (the WY form: the chunk's new values are u - w S);
+                T is solved blockwise (_solve_unit_lower): the 16 x 16 diagonal blocks by forward substitution,
+                all at once, then doubled up to BT with dots; stored to T_ws for stage "bwd_wy" (STORE_T)
 The workspace dtype is float32, or the inputs' 16-bit dtype when the dots run on 16-bit operands anyway.'''
 
 TUNING_SPACE = [{"BV": bv, "num_warps": w, "num_stages": s}
@@ -41,7 +43,7 @@ def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws
     if IS_DELTA:
         bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
         L = bt[:, None] * _intra(kp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, False, DECAY, PREC)
-        Tm = _solve_unit_lower(L, BT)
+        Tm = _solve_unit_lower(L, BT, PREC)
         if STORE_T:
             tl.store(T_ws + ws, Tm)
         tl.store(w_ws + k_off, _dot_tf32(Tm, bt[:, None] * kp * tl.exp(b), PREC).to(w_ws.dtype.element_ty), mask=m)
