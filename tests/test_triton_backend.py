@@ -173,5 +173,6 @@ def test_new_spec_file_compiles_and_runs(tmp_path):
 
 
 def test_delta_rule_at_chunk_64():
-    """The GPU's default chunk for the delta rule's forward: the WY inverse over 64 rows."""
+    """The blocked WY inverse over 64 rows (four 16-row blocks, two doubling steps). Right under the interpreter;
+    kept out of the GPU's space by runtime.MAX_DELTA_BT, where Triton 3.6 computes it wrongly."""
     check(testing.recurrence(Decay.SCALAR, WriteRule.DELTA, Gates.BOTH), 1, 70, 1, 16, 16, config={"BT": 64})

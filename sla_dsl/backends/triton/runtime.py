@@ -54,8 +54,12 @@ SEARCH_ORDER = ("BT", "dot_precision", "states_BV", "bwd_states_BV", "bwd_dh_BV"
 # than V computes wrong outputs (retnet o 7.4e-1, gdn 1.6e-1; sometimes an illegal memory access), while the
 # interpreter and compute-sanitizer find nothing: a compiler fault. Its V-block is kept at least this wide.
 MIN_BV = {"output": 64}
+# Measured on the H100 (Triton 3.6, 2026-11-23): the delta rule's blocked (I + L)^-1 of stage "prep" at chunk 64
+# gives wrong outputs (gdn bf16/fp16 o 2.9e-1, final_state 1.2 at T=4096) while chunk 32 passes and the
+# interpreter is right at every chunk size: a compiler fault at that tile size. The delta rule's chunk stays <= 32.
+MAX_DELTA_BT = 32
 CONSTRAINTS = ("BC <= BT and BT % BC == 0", "every stage's BV <= padded V (next power of two >= 16)",
-               "output_BV >= min(64, padded V) (MIN_BV)",
+               "output_BV >= min(64, padded V) (MIN_BV)", "delta rule: BT <= 32 (MAX_DELTA_BT)",
                "dot_precision: 'tf32' or 'input' for 16-bit inputs, 'ieee' for fp32 and fp64")
 
 
@@ -76,7 +80,8 @@ def phase_stages(rec: Recurrence, phase: str) -> tuple[str, ...]:
 
 def tuning_space(rec: Recurrence, shape: Shape, phase: str) -> Space:
     """Every valid config of `phase` for `shape`: shared settings x each launched stage's template space."""
-    shared = [{"BT": bt, "dot_precision": p} for bt in CHUNK_SIZES for p in PRECISIONS[shape.dtype]]
+    shared = [{"BT": bt, "dot_precision": p} for bt in CHUNK_SIZES for p in PRECISIONS[shape.dtype]
+              if rec.write is not WriteRule.DELTA or bt <= MAX_DELTA_BT]
     if rec.decay is Decay.VECTOR:
         shared = [{**s, "BC": bc} for s in shared for bc in SUB_CHUNKS if bc <= s["BT"] and s["BT"] % bc == 0]
     stages = [[{f"{stage}_{k}": v for k, v in setting.items()} for setting in STAGE_TEMPLATES[stage].TUNING_SPACE
@@ -90,6 +95,8 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
     KP, VP = padded(shape.K), padded(shape.V)
     # the interpreter runs every tile element by element in numpy: small chunks keep CPU tests fast
     BT = 16 if interpreting() else (64 if KP <= 128 else 32)
+    if rec.write is WriteRule.DELTA:
+        BT = min(BT, MAX_DELTA_BT)
     if rec.decay is Decay.VECTOR and KP >= 128 and not interpreting():
         BT = 32  # measured offline: gla's bwd_dqk spills 3744 B of stack per thread at chunk 64, 504 at 32
     precision = PRECISIONS[shape.dtype][0]
