@@ -112,14 +112,14 @@ class TileLangKernels:
         num_seq = cu.numel() - 1
         h0 = (initial_state.float().contiguous() if initial_state is not None
               else torch.zeros(num_seq, heads, dim_k, dim_v, dtype=torch.float32, device=device))
-        return dict(batch=batch, length=length, heads=heads, dim_k=dim_k, dim_v=dim_v, nt=nt, cu=cu, cu_seqlens=cu_seqlens,
-                    num_seq=num_seq, q=flat(q), k=flat(k), v=flat(v), extras=[extras[n] for n in self.module.INPUTS[3:]],
-                    h0=h0)
+        return dict(batch=batch, length=length, heads=heads, dim_k=dim_k, dim_v=dim_v, nt=nt, cu=cu,
+                    cu_seqlens=cu_seqlens, num_seq=num_seq, q=flat(q), k=flat(k), v=flat(v),
+                    extras=[extras[n] for n in self.module.INPUTS[3:]], h0=h0)
 
     @staticmethod
     def _chunks(p, chunk: int):
         """Each sequence's first chunk (int32), the (sequence, chunk) table of the chunk-parallel kernels, and
-        the number of chunks: see sla_dsl.chunking (no host sync for equal lengths)."""
+        the number of chunks: see sla_dsl.launch_tables (no host sync for equal lengths)."""
         table = chunk_table(p["batch"], p["length"], p["cu_seqlens"], chunk, p["q"].device)
         return table.chunk_offsets[:-1].to(torch.int32), table.chunk_indices, table.num_chunks
 

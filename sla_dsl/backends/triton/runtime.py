@@ -188,7 +188,8 @@ class Prepared:
         device, H, K, V = q.device, launch.H, launch.K, launch.V
         delta = rec.write is WriteRule.DELTA
         blocks = (max(launch.num_chunks, 1), H, BT, BT)
-        # without stage "prep" (FUSED_QK forward) the stages read the raw q and k in place of q' and k'
+        # without stage "prep" (a fused_qk forward) the stages read the raw q and k in place of q' and k'
+        self.fused_qk = not with_prep
         self.q = torch.empty(q.shape, dtype=wdtype, device=device) if with_prep else q
         self.k = torch.empty(q.shape, dtype=wdtype, device=device) if with_prep else k
         if rec.decay is Decay.VECTOR:
@@ -254,7 +255,7 @@ class TritonKernels:
         run(self.module.states_kernel, (triton.cdiv(V, st["BV"]), launch.N * launch.H),
             ws.k, gk, v, ws.b, launch.lg, ws.w, ws.u, h0 if h0 is not None else q, ht if ht is not None else q,
             ws.h, ws.vn, launch.cu, launch.chunk_offsets, launch.H, launch.K, V, IS_DELTA=flags["IS_DELTA"],
-            HAS_H0=h0 is not None, STORE_HT=ht is not None, FUSED_QK=not with_prep, KEY_GATE=flags["KEY_GATE"],
+            HAS_H0=h0 is not None, STORE_HT=ht is not None, FUSED_QK=ws.fused_qk, KEY_GATE=flags["KEY_GATE"],
             L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **st)
         return ws
 
@@ -294,7 +295,7 @@ class TritonKernels:
             run(self.module.output_kernel, (triton.cdiv(launch.V, st["BV"]), launch.num_chunks, launch.H),
                 ws.q, ws.k, gq_, gk_, v, ws.b, launch.lg, ws.A, ws.h, ws.vn, o, launch.cu, launch.chunk_indices,
                 scale, launch.H, launch.K, launch.V, IS_DELTA=flags["IS_DELTA"],
-                FUSED_QK="prep" not in phase_stages(self.recurrence, "fwd"), READ_GATE=flags["READ_GATE"],
+                FUSED_QK=ws.fused_qk, READ_GATE=flags["READ_GATE"],
                 KEY_GATE=flags["KEY_GATE"], L2_NORM=flags["L2_NORM"], EPS=flags["EPS"],
                 **self._common(launch, cfg), **st)
         return None if compile_only else (o, ht)

@@ -3,7 +3,8 @@ V-block of one head of one sequence and walks its chunks in order with the state
 registers, storing the state entering every chunk (for stage "output" and the backward):
     v_new = v (additive) or u - w S (delta; u, w from stage "prep"), stored for the delta rule
     S <- e^{b_C} S + (k' e^{b_C - b})^T v_new   (b_C: b at the chunk's last row)
-k' is read transposed from memory (FUSED_QK: made from the raw k and gate in registers), and a decay shared by the key channels is applied to the rows of v_new.
+k' is read transposed from memory (FUSED_QK: made from the raw k and gate in registers), and a decay shared by
+the key channels is applied to the rows of v_new.
 Per chunk that is one or two [BT, KP] x [KP, BV]-sized products; everything parallel over the chunks
 (the outputs, the in-chunk attention) is left to the stages around it.'''
 
