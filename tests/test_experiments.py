@@ -357,7 +357,18 @@ def test_report_selects_the_best_learning_rate_and_pairs_baseline_with_sla(tmp_p
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| 256 | 16 | 128 | 8 | gla | 0.700 ± 0.100 (2) | 0.850 ± 0.050 (2) | +0.150 | 0.003 / 0.001 | 100 |" in text
     assert "| gla | 128 | 8 | 1024 | 1.00 / 1.00 (+0.000) | 0.50 / 0.50 (+0.000) |" in text
+    assert "## Needle in a haystack: accuracy per value token" in text
     assert "G^Q near uniform 2/2" in text  # the SLA cell at kv=16 has two seeds, each one layer at 0.95
+
+
+def test_report_compares_learning_rates_on_the_seeds_they_share():
+    # seed 1 ran only at 1e-3 (the seed-0 winner) and did worse: on all seeds 1e-3 (mean 0.4) would lose to 3e-3
+    # (0.5, one seed); on the shared seed 0 it wins (0.6 > 0.5), and its cell keeps both seeds
+    records = [synthetic_record("gla", 1e-3, 0, 0.6), synthetic_record("gla", 1e-3, 1, 0.2),
+               synthetic_record("gla", 3e-3, 0, 0.5)]
+    (cell,) = select_cells(records)
+    assert cell.lr == 1e-3 and [r["config"]["seed"] for r in cell.records] == [0, 1]
+    assert cell.stat(lambda r: r["accuracy"]) == pytest.approx((0.4, 0.2, 2))
 
 
 def test_report_rejects_a_file_that_is_not_a_results_file(tmp_path):

@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "tilelang"),
                          help="kernels of the spec op (auto: triton on CUDA, the reference on CPU)")
         sub.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                         help="torch.compile the models (auto: on CUDA with the full preset only)")
+                         help="torch.compile the models (auto: on CUDA, except the smoke preset)")
         sub.add_argument("--budget-minutes", type=float, metavar="M",
                          help="stop cleanly before a run would end past M minutes; what finished is kept")
         sub.add_argument("--no-progress", action="store_true", help="no progress bars (one line per run stays)")

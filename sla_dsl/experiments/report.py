@@ -1,9 +1,9 @@
 """`experiment report`: results files -> a markdown report (report.md) and plots (PNG) in one folder.
 
 Selection (Zoology-style): for every setting (a run's config without spec, lr and seed) and spec, the learning
-rate with the best mean accuracy over seeds is chosen, on the scored accuracy (MQAR: the test set; needle:
-the training lengths, never the extrapolation lengths). Cells show mean ± half the range over those seeds,
-and the seed count. An SLA spec is paired with the baseline named like it without the `sla_` prefix
+rate with the best mean accuracy over the seeds that every learning rate ran (all seeds where they share none) is
+chosen, on the scored accuracy (MQAR: the test set; needle: the training lengths, never the extrapolation
+lengths). Cells show mean ± half the range over all seeds run at that learning rate, and the seed count. An SLA spec is paired with the baseline named like it without the `sla_` prefix
 (sla_gla with gla); Δ is SLA minus baseline.
 """
 
@@ -76,8 +76,13 @@ def select_cells(records: list[dict]) -> list[Cell]:
         groups[(setting_of(record), record["config"]["spec"])][record["config"]["lr"]].append(record)
     cells = []
     for (setting, spec), by_lr in groups.items():
+        # Learning rates are compared on the seeds every one of them ran: a second seed run only at the first
+        # sweep's winner would otherwise pull its mean down against single-seed rivals (seed spread is large)
+        shared = set.intersection(*({r["config"]["seed"] for r in runs} for runs in by_lr.values()))
+
         def mean_accuracy(lr):
-            values = [r["accuracy"] for r in by_lr[lr] if r["accuracy"] is not None]
+            values = [r["accuracy"] for r in by_lr[lr] if r["accuracy"] is not None
+                      and (not shared or r["config"]["seed"] in shared)]
             return sum(values) / len(values) if values else -math.inf
         best = max(sorted(by_lr), key=mean_accuracy)  # sorted: ties go to the smallest learning rate
         cells.append(Cell(setting, spec, best, sorted(by_lr[best], key=lambda r: r["config"]["seed"]), len(by_lr)))
@@ -115,11 +120,12 @@ def accuracy(record):
     return record["accuracy"]
 
 
-def cell_accuracy(length, depth=None):
-    """Reader of a needle record's accuracy at one length (one depth, or the mean over depths)."""
+def cell_accuracy(length, depth=None, metric="accuracy"):
+    """Reader of a needle record's accuracy (exact match; metric "token_accuracy": per value token) at one length
+    (one depth, or the mean over depths)."""
     def read(record):
         rows = [c for c in record["metrics"]["cells"] if c["length"] == length and (depth is None or c["depth"] == depth)]
-        return sum(c["accuracy"] for c in rows) / len(rows) if rows else None
+        return sum(c[metric] for c in rows) / len(rows) if rows else None
     return read
 
 
@@ -140,12 +146,16 @@ def mqar_lines(cells: list[Cell]) -> list[str]:
     return lines + [""]
 
 
-def needle_lines(cells: list[Cell]) -> list[str]:
+NEEDLE_METRICS = {"accuracy": "exact match of the whole value",
+                  "token_accuracy": "accuracy per value token (teacher forced; 1/16 is chance)"}
+
+
+def needle_lines(cells: list[Cell], metric: str = "accuracy") -> list[str]:
     needle = [c for c in cells if c.field("task") == "niah"]
     lengths = sorted({length for c in needle for length in c.field("eval_lens")})
     head = "| backbone | width | heads | train T | " + " | ".join(f"T={n} base / SLA" for n in lengths) + \
         " | lr (base / SLA) |"
-    lines = ["## Needle in a haystack: exact match of the whole value (mean over depths)", "",
+    lines = [f"## Needle in a haystack: {NEEDLE_METRICS[metric]} (mean over depths)", "",
              "Lengths beyond the training lengths are extrapolation.", "", head,
              "|---|---:|---:|---|" + "---|" * len(lengths) + "---|"]
     for base, sla in pairs(needle):
@@ -153,7 +163,7 @@ def needle_lines(cells: list[Cell]) -> list[str]:
         f = any_cell.field
         cols = []
         for length in lengths:
-            b, s = (c.stat(cell_accuracy(length)) if c else None for c in (base, sla))
+            b, s = (c.stat(cell_accuracy(length, metric=metric)) if c else None for c in (base, sla))
             cols.append(f"{_short(b)} / {_short(s)} ({fmt_delta(b, s)})")
         lines.append(f"| {any_cell.backbone} | {f('width')} | {f('heads')} | {','.join(map(str, f('train_lens')))} | "
                      + " | ".join(cols) + f" | {_lr_text(base, sla)} |")
@@ -248,7 +258,7 @@ def write_report(paths: list[Path], out: Path) -> list[Path]:
     if "mqar" in tasks:
         lines += mqar_lines(cells)
     if "niah" in tasks:
-        lines += needle_lines(cells)
+        lines += needle_lines(cells) + needle_lines(cells, "token_accuracy")
     lines += gate_lines(cells) + sweep_lines(records)
     plots = write_plots(cells, out)
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
