@@ -134,6 +134,19 @@ def test_default_config_and_tuning_space():
                     assert all(c["dot_precision"] == "ieee" for c in space) == (dtype == "float32")
 
 
+def test_default_sequential_v_blocks_narrow_when_few_sequences_would_leave_sms_idle(monkeypatch):
+    from sla_dsl.autotune import Shape
+    from sla_dsl.backends.triton import runtime
+
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)  # the rule is for GPUs; the interpreter keeps BV
+    rec = testing.recurrence(Decay.SCALAR, WriteRule.DELTA, Gates.NONE)
+    wide = default_config(rec, Shape(4, 8192, 16, 128, 128, "bfloat16"), "bwd")
+    narrow = default_config(rec, Shape(1, 32768, 16, 128, 128, "bfloat16"), "bwd")
+    assert (wide["bwd_dh_BV"], wide["bwd_states_BV"]) == (32, 32)  # 4 * 16 * 4 = 256 programs
+    assert (narrow["bwd_dh_BV"], narrow["bwd_states_BV"]) == (16, 16)  # 1 * 16 * 8 = 128: as many as it gets
+    assert narrow in runtime.tuning_space(rec, Shape(1, 32768, 16, 128, 128, "bfloat16"), "bwd")
+
+
 def test_config_override_names_unknown_keys_and_keeps_the_rest_default():
     rec = testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.NONE)
     q = torch.zeros(1, 32, 2, 16)

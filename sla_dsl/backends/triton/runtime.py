@@ -54,10 +54,15 @@ SEARCH_ORDER = ("BT", "dot_precision", "states_BV", "bwd_states_BV", "bwd_dh_BV"
 # than V computes wrong outputs (retnet o 7.4e-1, gdn 1.6e-1; sometimes an illegal memory access), while the
 # interpreter and compute-sanitizer find nothing: a compiler fault. Its V-block is kept at least this wide.
 MIN_BV = {"output": 64}
-# Measured on the H100 (Triton 3.6, 2026-11-23): the delta rule's blocked (I + L)^-1 of stage "prep" at chunk 64
-# gives wrong outputs (gdn bf16/fp16 o 2.9e-1, final_state 1.2 at T=4096) while chunk 32 passes and the
-# interpreter is right at every chunk size: a compiler fault at that tile size. The delta rule's chunk stays <= 32.
+# Measured on the H100 (Triton 3.6, 2026-11-23): the delta rule at chunk 64 computes wrongly (gdn bf16/fp16 o 2.9e-1,
+# final_state 1.2) while chunk 32 passes and the interpreter is right at every chunk size: a compiler fault at that
+# tile size. With prep on 2 or 4 warps it raises a CUDA error; on 8 warps the backward, whose prep runs the same
+# blocked (I + L)^-1, is right and only the forward is wrong (states or output; benchmarks/NVIDIA_H100_80GB_HBM3/
+# 2026-11-23-session4/delta-chunk64.txt). Chunk 64 was also slower there. The delta rule's chunk stays <= 32.
 MAX_DELTA_BT = 32
+# Programs the sequential passes aim for: the H100's 132 SMs (a GPU with fewer only gets narrower V-blocks than it
+# needs; its own sweep replaces the default anyway)
+SEQUENTIAL_PROGRAMS = 132
 CONSTRAINTS = ("BC <= BT and BT % BC == 0", "every stage's BV <= padded V (next power of two >= 16)",
                "output_BV >= min(64, padded V) (MIN_BV)", "delta rule: BT <= 32 (MAX_DELTA_BT)",
                "dot_precision: 'tf32' or 'input' for 16-bit inputs, 'ieee' for fp32 and fp64")
@@ -115,6 +120,11 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
             BT = 32  # bwd_wy's float32 [64, 128] tiles need 233472 bytes of shared memory; an H100 CTA has 232448
     # the sequential passes: V-blocks small enough for many programs, large enough for the tensor cores
     seq_BV = min(VP, 64 if KP <= 64 else 32)
+    # ... and narrower where B * H * cdiv(V, BV) programs would leave SMs idle. On the H100 at (1, 32768, 16, 128)
+    # the sweep chose BV 16 for every sequential pass of all six specs (retnet fwd 1.05 ms; 1.47 with BV 32-64)
+    while not interpreting() and seq_BV > 16 \
+            and shape.B * shape.H * triton.cdiv(shape.V, seq_BV) < SEQUENTIAL_PROGRAMS:
+        seq_BV //= 2
     # the delta rule's solve and the vector decay's in-chunk products keep [BT, BT] and [BT, KP] tiles live
     heavy_warps = 8 if KP > 64 and (rec.write is WriteRule.DELTA or rec.decay is Decay.VECTOR) else 4
     stage_defaults = {"prep": {"BV": min(VP, 64), "num_warps": heavy_warps, "num_stages": 1},
