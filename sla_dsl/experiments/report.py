@@ -3,8 +3,9 @@
 Selection (Zoology-style): for every setting (a run's config without spec, lr and seed) and spec, the learning
 rate with the best mean accuracy over the seeds that every learning rate ran (all seeds where they share none) is
 chosen, on the scored accuracy (MQAR: the test set; needle: the training lengths, never the extrapolation
-lengths). Cells show mean ± half the range over all seeds run at that learning rate, and the seed count. An SLA spec is paired with the baseline named like it without the `sla_` prefix
-(sla_gla with gla); Δ is SLA minus baseline.
+lengths). Cells show mean ± half the range over all seeds run at that learning rate, and the seed count. An SLA
+spec is paired with the baseline named like it without the `sla_` prefix (sla_gla with gla); Δ is SLA minus
+baseline.
 """
 
 from __future__ import annotations
