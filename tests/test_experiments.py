@@ -318,6 +318,26 @@ def test_cli_runs_a_grid_and_writes_a_report(tmp_path, capsys):
     assert "finished 2 run(s)" in capsys.readouterr().out
 
 
+def test_cli_workers_share_the_grid_and_the_results_file(tmp_path, capfd):
+    out = tmp_path / "mqar.json"
+    argv = ["experiment", "mqar", "--preset", "smoke", "--specs", "gla,sla_gla", "--seq-lens", "32",
+            "--kv-pairs", "4", "--widths", "16", "--heads", "2", "--seeds", "0,1", "--steps", "2", "--batch-size",
+            "2", "--eval-examples", "4", "--layers", "1", "--out", str(out), "--workers", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    records = results.load(out)
+    keys = {Run.from_dict(r["config"]).key() for r in records}
+    assert len(records) == len(keys) == 4  # each of the four runs once, from two processes appending in turn
+    printed = capfd.readouterr().out
+    assert "[worker 0] finished 2 run(s)" in printed and "[worker 1] finished 2 run(s)" in printed
+    assert main(argv) == 0 and len(results.load(out)) == 4  # run again: everything is already there
+
+
+def test_cli_rejects_a_worker_count_below_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "mqar", "--preset", "smoke", "--workers", "0"])
+    assert "--workers: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Report
 

@@ -2,7 +2,8 @@
 
     experiment mqar [--preset smoke|gpu-small|full] [--specs ...] [--seq-lens ...] [--kv-pairs ...]
                     [--widths ...] [--heads ...] [--lrs ...] [--seeds ...] [--steps N] [--out FILE]
-                    [--device auto|cpu|cuda] [--budget-minutes M] [--compile auto|on|off] [--dry-run]
+                    [--device auto|cpu|cuda] [--budget-minutes M] [--compile auto|on|off] [--workers N]
+                    [--dry-run]
     experiment niah   (the same, with --train-lens / --eval-lens instead of --seq-lens / --kv-pairs)
     experiment report --results FILE [FILE ...] --out DIR
 
@@ -24,6 +25,12 @@ def _list_of(kind):
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from exc
     return parse
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _flatten(value):
@@ -67,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--budget-minutes", type=float, metavar="M",
                          help="stop cleanly before a run would end past M minutes; what finished is kept")
         sub.add_argument("--no-progress", action="store_true", help="no progress bars (one line per run stays)")
+        sub.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                         help="processes side by side on the device, process k training runs k, k+N, ... into the "
+                              "same results file (these small models leave a GPU mostly idle: on the H100, 12 "
+                              "processes trained ~6x the steps per second of one)")
         sub.add_argument("--dry-run", action="store_true", help="list the runs and exit")
         sub.set_defaults(task=task)
     report = tasks.add_parser("report", help="markdown table and plots from results files")
@@ -85,7 +96,8 @@ def run(args) -> int:
     return _run_task(args)
 
 
-def _run_task(args) -> int:
+def _run_task(args, worker: tuple[int, int] | None = None) -> int:
+    """Expands the grid and trains it; `worker` (k, N): only runs k, k+N, ... of it (one of --workers)."""
     import torch
 
     from sla_dsl.autotune.runner import resolve_specs
@@ -117,9 +129,40 @@ def _run_task(args) -> int:
             print(run.label())
         print(f"{len(runs)} run(s)")
         return 0
+    out = args.out or Path("results") / f"{args.task}-{args.preset}.json"
+    if worker is None and args.workers > 1:
+        return _run_workers(args, out)
+    if worker is not None:
+        runs = runs[worker[0]::worker[1]]
     compile_models = args.compile == "on" or (args.compile == "auto" and device.type == "cuda"
                                               and compile_default(args.preset))
-    out = args.out or Path("results") / f"{args.task}-{args.preset}.json"
     run_grid(runs, specs, out, device=device, backend=args.backend, compile_models=compile_models,
-             budget_minutes=args.budget_minutes, progress=not args.no_progress)
+             budget_minutes=args.budget_minutes, progress=not args.no_progress and worker is None,
+             log=print if worker is None else lambda line: print(f"[worker {worker[0]}] {line}", flush=True))
     return 0
+
+
+def _run_workers(args, out: Path) -> int:
+    """--workers N: N processes, each expanding the same grid and training its share into `out` (appends are
+    serialised by a lock file next to it). Exit code 1 if any worker failed; what finished is kept."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be initialised again in a forked child
+    workers = [context.Process(target=_worker, args=(args, (k, args.workers))) for k in range(args.workers)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join()
+    failed = {k: process.exitcode for k, process in enumerate(workers) if process.exitcode != 0}
+    if failed:
+        print(f"worker(s) failed (index: exit code) {failed}; the finished runs are in {out}; the same command "
+              "resumes the rest")
+        return 1
+    print(f"{args.workers} workers finished; results in {out}")
+    return 0
+
+
+def _worker(args, worker: tuple[int, int]) -> None:
+    import sys
+
+    sys.exit(_run_task(args, worker))

@@ -1,5 +1,5 @@
 """The results file: {"runs": [record, ...]}, one record per finished run, rewritten whole and atomically
-after each run (a crash leaves the previous file, never a torn one). A record's "config" is its `Run`;
+after each run under a lock (a crash leaves the previous file, never a torn one; processes sharing it take turns). A record's "config" is its `Run`;
 runs whose config is already in the file are finished and skipped when a grid is run again."""
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def finished_keys(records: list[dict]) -> set[str]:
 
 
 def append(path: Path, record: dict) -> None:
-    from sla_dsl.autotune.table import write_atomically
+    """Adds `record` to the file; processes appending to one file at once (--workers) take turns by a lock file."""
+    from sla_dsl.autotune.table import file_lock, write_atomically
 
-    records = load(path)
-    records.append(record)
-    write_atomically(Path(path), json.dumps({"runs": records}, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    with file_lock(Path(path)):
+        records = load(path)
+        records.append(record)
+        write_atomically(Path(path), json.dumps({"runs": records}, indent=1, sort_keys=True, allow_nan=False) + "\n")
