@@ -76,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--no-progress", action="store_true", help="no progress bars (one line per run stays)")
         sub.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                          help="processes side by side on the device, process k training runs k, k+N, ... into the "
-                              "same results file (these small models leave a GPU mostly idle: on the H100, 12 "
-                              "processes trained ~6x the steps per second of one)")
+                              "same results file (these small models leave a GPU mostly idle: on the H100, twelve MQAR "
+                              "processes ran at 12-15 steps/s each, one alone at ~22)")
         sub.add_argument("--dry-run", action="store_true", help="list the runs and exit")
         sub.set_defaults(task=task)
     report = tasks.add_parser("report", help="markdown table and plots from results files")
