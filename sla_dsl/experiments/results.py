@@ -1,6 +1,7 @@
 """The results file: {"runs": [record, ...]}, one record per finished run, rewritten whole and atomically
-after each run under a lock (a crash leaves the previous file, never a torn one; processes sharing it take turns). A record's "config" is its `Run`;
-runs whose config is already in the file are finished and skipped when a grid is run again."""
+after each run under a lock (a crash leaves the previous file, never a torn one; processes sharing it take
+turns). A record's "config" is its `Run`; runs whose config is already in the file are finished and skipped
+when a grid is run again."""
 
 from __future__ import annotations
 
