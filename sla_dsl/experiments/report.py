@@ -155,10 +155,10 @@ def needle_lines(cells: list[Cell], metric: str = "accuracy") -> list[str]:
     needle = [c for c in cells if c.field("task") == "niah"]
     lengths = sorted({length for c in needle for length in c.field("eval_lens")})
     head = "| backbone | width | heads | train T | " + " | ".join(f"T={n} base / SLA" for n in lengths) + \
-        " | lr (base / SLA) |"
+        " | lr (base / SLA) | seeds (base / SLA) |"
     lines = [f"## Needle in a haystack: {NEEDLE_METRICS[metric]} (mean over depths)", "",
-             "Lengths beyond the training lengths are extrapolation.", "", head,
-             "|---|---:|---:|---|" + "---|" * len(lengths) + "---|"]
+             "Lengths beyond the training lengths are extrapolation. Cells are mean±half range over the seeds.", "",
+             head, "|---|---:|---:|---|" + "---|" * len(lengths) + "---|---|"]
     for base, sla in pairs(needle):
         any_cell = base or sla
         f = any_cell.field
@@ -167,12 +167,16 @@ def needle_lines(cells: list[Cell], metric: str = "accuracy") -> list[str]:
             b, s = (c.stat(cell_accuracy(length, metric=metric)) if c else None for c in (base, sla))
             cols.append(f"{_short(b)} / {_short(s)} ({fmt_delta(b, s)})")
         lines.append(f"| {any_cell.backbone} | {f('width')} | {f('heads')} | {','.join(map(str, f('train_lens')))} | "
-                     + " | ".join(cols) + f" | {_lr_text(base, sla)} |")
+                     + " | ".join(cols) + f" | {_lr_text(base, sla)} | {_seeds_text(base, sla)} |")
     return lines + [""]
 
 
 def _short(stat) -> str:
-    return "-" if stat is None else f"{stat[0]:.2f}"
+    return "-" if stat is None else f"{stat[0]:.2f}±{stat[1]:.2f}"
+
+
+def _seeds_text(base, sla) -> str:
+    return " / ".join("-" if c is None else str(len(c.records)) for c in (base, sla))
 
 
 def gate_lines(cells: list[Cell]) -> list[str]:
