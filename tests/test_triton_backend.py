@@ -68,6 +68,15 @@ def test_vector_decay_sub_chunks(write):
     check(testing.recurrence(Decay.VECTOR, write, Gates.BOTH), 2, 70, 2, 16, 16, config={"BT": 32, "BC": 16})
 
 
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_vector_decay_key_blocks(l2_norm):
+    """Stage "prep" of a vector decay with an additive write sums A over column blocks of K (tpl_prep.K_BLOCK):
+    K = 40 spans two blocks, the second partly past K; L2 normalisation needs the whole row first."""
+    rec = testing.recurrence(Decay.VECTOR, WriteRule.ADDITIVE, Gates.BOTH, qk_l2_norm=l2_norm,
+                             feature_map_q=FeatureMap.ELU_PLUS_ONE, feature_map_k=FeatureMap.SILU)
+    check(rec, 1, 70, 2, 40, 24, config={"BT": 64, "BC": 16})
+
+
 @pytest.mark.parametrize("decay", [Decay.SCALAR, Decay.VECTOR])
 def test_write_gate_on_beta(decay):
     rec = testing.recurrence(decay, WriteRule.DELTA, Gates.BOTH, write_gate_on=WriteGateOn.BETA)

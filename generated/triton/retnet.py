@@ -83,17 +83,51 @@ def _dot_tf32(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _load_qk(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
-             GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
-    """q' = scale * gate * l2(phi_q(q)) or k' = gate * l2(phi_k(k)) of one chunk: [BT, KP] float32."""
+def _phi_cols(x_ptr, tok, valid, i_h, H, K, cols, kmask, IS_Q: tl.constexpr):
+    """phi_q(q) (IS_Q) or phi_k(k) on the columns `cols` of one chunk of a [tokens, H, K] input:
+    [BT, len(cols)] float32, 0 past the sequence end and past K."""
     m = valid[:, None] & kmask[None, :]
     x = tl.load(x_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], mask=m, other=0.).to(tl.float32)
     if IS_Q:
         y = tl.where(m, phi_q(x), 0.)
     else:
         y = tl.where(m, phi_k(x), 0.)
+    return y
+
+
+@triton.jit
+def _load_qk(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
+             GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
+    """q' = scale * gate * l2(phi_q(q)) or k' = gate * l2(phi_k(k)) of one chunk: [BT, KP] float32."""
+    y = _phi_cols(x_ptr, tok, valid, i_h, H, K, cols, kmask, IS_Q)
     if L2_NORM:
         y = y * tl.rsqrt(tl.sum(y * y, 1) + EPS)[:, None]
+    if GATED:
+        y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[:, None]
+    return y * scale
+
+
+@triton.jit
+def _qk_inv_norm(x_ptr, tok, valid, i_h, H, K, IS_Q: tl.constexpr, EPS: tl.constexpr, KP: tl.constexpr,
+                 BK: tl.constexpr):
+    """l2()'s factor 1 / sqrt(sum_k phi(x)_k^2 + EPS) for each row of one chunk, the sum over the whole key
+    row taken by column blocks of BK (for _load_qk_cols): [BT]."""
+    ss = tl.zeros([tok.shape[0]], dtype=tl.float32)
+    for k0 in range(0, KP, BK):
+        cols = k0 + tl.arange(0, BK)
+        y = _phi_cols(x_ptr, tok, valid, i_h, H, K, cols, cols < K, IS_Q)
+        ss += tl.sum(y * y, 1)
+    return tl.rsqrt(ss + EPS)
+
+
+@triton.jit
+def _load_qk_cols(x_ptr, gate_ptr, inv_norm, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
+                  GATED: tl.constexpr, L2_NORM: tl.constexpr):
+    """_load_qk on the columns `cols` only: [BT, len(cols)] float32. l2() needs the whole row, so its factor
+    comes in as inv_norm ([BT], from _qk_inv_norm; unread without L2_NORM)."""
+    y = _phi_cols(x_ptr, tok, valid, i_h, H, K, cols, kmask, IS_Q)
+    if L2_NORM:
+        y = y * inv_norm[:, None]
     if GATED:
         y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[:, None]
     return y * scale
@@ -172,6 +206,24 @@ def _cumulative_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: 
         b = _prefix_sum_rows(g, BT, False)
     else:
         b = _prefix_sum(tl.sum(g, 1), BT, False)[:, None]
+    return b
+
+
+@triton.jit
+def _vec_cumulative_decay(g_ptr, tok, valid, i_h, H, K, cols, kmask, BT: tl.constexpr):
+    """_cumulative_decay of a vector decay on the columns `cols` only: [BT, len(cols)], the same prefix-sum dot
+    chained through its accumulator 16 rows of g at a time (read from memory). A float32 dot runs on the FMA
+    units with each thread holding its whole slice of both operands: over all BT rows at once, at chunk 64,
+    that alone took stage "prep" at K = 128 from 179 registers to 255 and a spill (sm_90, 8 warps, BK 32)."""
+    rows = tl.arange(0, BT)
+    first = tl.min(tok, 0)
+    n = tl.sum(valid.to(tl.int32), 0)
+    b = tl.zeros([BT, cols.shape[0]], dtype=tl.float32)
+    for j0 in range(0, BT, 16):
+        r = j0 + tl.arange(0, 16)
+        g = tl.load(g_ptr + ((first + r) * H + i_h)[:, None] * K + cols[None, :],
+                    mask=(r < n)[:, None] & kmask[None, :], other=0.).to(tl.float32)
+        b = tl.dot((r[None, :] <= rows[:, None]).to(tl.float32), g, b, input_precision="ieee")
     return b
 
 
@@ -495,44 +547,73 @@ def _chunk_rows(cu_seqlens, n, c, BT: tl.constexpr):
 # ---- tpl_prep ------------------------------------------------------------
 @triton.jit
 def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws, u_ws, cu_seqlens, chunk_indices,
-                scale, H, K, V, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
-                DECAY: tl.constexpr, IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
-                BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr,
-                STORE_T: tl.constexpr):
+                scale, H, K, V, KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                BV: tl.constexpr, DECAY: tl.constexpr, IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr,
+                KEY_GATE: tl.constexpr, BETA_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr,
+                PREC: tl.constexpr, STORE_T: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
-    cols = tl.arange(0, KP)
-    kmask = cols < K
     rows = tl.arange(0, BT)
-    m = valid[:, None] & kmask[None, :]
-    k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
     ws = (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :]
-    b = _cumulative_decay(g, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-    if DECAY == 3:
-        tl.store(b_ws + k_off, b, mask=m)
-    elif DECAY == 2:
-        tl.store(b_ws + tok * H + i_h, tl.sum(b, 1), mask=valid)
-    qp = _load_qk(q, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
-    kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
-    tl.store(q_ws + k_off, qp.to(q_ws.dtype.element_ty), mask=m)
-    tl.store(k_ws + k_off, kp.to(k_ws.dtype.element_ty), mask=m)
-    if DECAY == 3:
-        tl.debug_barrier()  # the in-chunk products read rows of k' and b back from the workspaces just written
-        A = _vec_rel(qp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, True, PREC)
+    if DECAY == 3 and not IS_DELTA:
+        # A is a sum over the key channels: accumulated over column blocks of BK, so that [BT, BK] tiles are
+        # live instead of [BT, KP] ones (whole rows of K = 128 took all 255 registers at chunk 64, and spilled
+        # on 4 warps). The delta rule needs the whole k' and b again after its solve (w = T (beta' k' e^b)) and
+        # keeps the unblocked path below.
+        if L2_NORM:  # l2() divides by the norm of the whole row: one pass over the column blocks first
+            q_norm = _qk_inv_norm(q, tok, valid, i_h, H, K, True, EPS, KP, BK)
+            k_norm = _qk_inv_norm(k, tok, valid, i_h, H, K, False, EPS, KP, BK)
+        else:
+            q_norm = tl.zeros([BT], dtype=tl.float32)  # unread
+            k_norm = q_norm
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        for k0 in range(0, KP, BK):
+            cols = k0 + tl.arange(0, BK)
+            kmask = cols < K
+            m = valid[:, None] & kmask[None, :]
+            k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+            b = _vec_cumulative_decay(g, tok, valid, i_h, H, K, cols, kmask, BT)
+            qp = _load_qk_cols(q, gq, q_norm, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM)
+            kp = _load_qk_cols(k, gk, k_norm, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM)
+            tl.store(b_ws + k_off, b, mask=m)
+            tl.store(q_ws + k_off, qp.to(q_ws.dtype.element_ty), mask=m)
+            tl.store(k_ws + k_off, kp.to(k_ws.dtype.element_ty), mask=m)
+            tl.debug_barrier()  # the diagonal sub-blocks read rows of this block's k' and b back from memory
+            A += _vec_rel(qp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, True, PREC)
         tl.store(A_ws + ws, A)
-    if IS_DELTA:
-        bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
-        L = bt[:, None] * _intra(kp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, False, DECAY, PREC)
-        Tm = _solve_unit_lower(L, BT, PREC)
-        if STORE_T:
-            tl.store(T_ws + ws, Tm)
-        tl.store(w_ws + k_off, _dot_tf32(Tm, bt[:, None] * kp * tl.exp(b), PREC).to(w_ws.dtype.element_ty), mask=m)
-        for v0 in range(0, V, BV):
-            vcols = v0 + tl.arange(0, BV)
-            vm = valid[:, None] & (vcols < V)[None, :]
-            v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
-            vb = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
-            tl.store(u_ws + v_off, _dot_tf32(Tm, bt[:, None] * vb, PREC).to(u_ws.dtype.element_ty), mask=vm)
+    else:
+        cols = tl.arange(0, KP)
+        kmask = cols < K
+        m = valid[:, None] & kmask[None, :]
+        k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+        b = _cumulative_decay(g, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+        if DECAY == 3:
+            tl.store(b_ws + k_off, b, mask=m)
+        elif DECAY == 2:
+            tl.store(b_ws + tok * H + i_h, tl.sum(b, 1), mask=valid)
+        qp = _load_qk(q, gq, tok, valid, i_h, H, K, cols, kmask, scale, True, READ_GATE, L2_NORM, EPS)
+        kp = _load_qk(k, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+        tl.store(q_ws + k_off, qp.to(q_ws.dtype.element_ty), mask=m)
+        tl.store(k_ws + k_off, kp.to(k_ws.dtype.element_ty), mask=m)
+        if DECAY == 3:
+            tl.debug_barrier()  # the in-chunk products read rows of k' and b back from the workspaces just written
+            A = _vec_rel(qp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, True, PREC)
+            tl.store(A_ws + ws, A)
+        if IS_DELTA:
+            bt = _load_beta(beta, gk, tok, valid, i_h, H, BETA_GATE)
+            L = bt[:, None] * _intra(kp, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, False, DECAY,
+                                     PREC)
+            Tm = _solve_unit_lower(L, BT, PREC)
+            if STORE_T:
+                tl.store(T_ws + ws, Tm)
+            tl.store(w_ws + k_off, _dot_tf32(Tm, bt[:, None] * kp * tl.exp(b), PREC).to(w_ws.dtype.element_ty),
+                     mask=m)
+            for v0 in range(0, V, BV):
+                vcols = v0 + tl.arange(0, BV)
+                vm = valid[:, None] & (vcols < V)[None, :]
+                v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+                vb = tl.load(v + v_off, mask=vm, other=0.).to(tl.float32)
+                tl.store(u_ws + v_off, _dot_tf32(Tm, bt[:, None] * vb, PREC).to(u_ws.dtype.element_ty), mask=vm)
 
 
 # ---- tpl_states ------------------------------------------------------------

@@ -258,7 +258,8 @@ class TritonKernels:
         if launch.num_chunks > 0 and with_prep:
             run(self.module.prep_kernel, (launch.num_chunks, launch.H),
                 q, k, v, g, beta, gq, gk, launch.lg, ws.q, ws.k, ws.b, ws.A, ws.T, ws.w, ws.u, launch.cu,
-                launch.chunk_indices, scale, launch.H, launch.K, V, BC=cfg["BC"], STORE_T=phase == "bwd",
+                launch.chunk_indices, scale, launch.H, launch.K, V, BK=min(launch.KP, tpl_prep.K_BLOCK),
+                BC=cfg["BC"], STORE_T=phase == "bwd",
                 **common, **{name: value for name, value in flags.items() if name not in ("DECAY", "FUSED_QK")},
                 **_launch_options(cfg, "prep", V))
         st = _launch_options(cfg, "states" if phase == "fwd" else "bwd_states", V)

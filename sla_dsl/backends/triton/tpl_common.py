@@ -33,17 +33,51 @@ def _dot_tf32(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _load_qk(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
-             GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
-    """q' = scale * gate * l2(phi_q(q)) or k' = gate * l2(phi_k(k)) of one chunk: [BT, KP] float32."""
+def _phi_cols(x_ptr, tok, valid, i_h, H, K, cols, kmask, IS_Q: tl.constexpr):
+    """phi_q(q) (IS_Q) or phi_k(k) on the columns `cols` of one chunk of a [tokens, H, K] input:
+    [BT, len(cols)] float32, 0 past the sequence end and past K."""
     m = valid[:, None] & kmask[None, :]
     x = tl.load(x_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], mask=m, other=0.).to(tl.float32)
     if IS_Q:
         y = tl.where(m, phi_q(x), 0.)
     else:
         y = tl.where(m, phi_k(x), 0.)
+    return y
+
+
+@triton.jit
+def _load_qk(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
+             GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
+    """q' = scale * gate * l2(phi_q(q)) or k' = gate * l2(phi_k(k)) of one chunk: [BT, KP] float32."""
+    y = _phi_cols(x_ptr, tok, valid, i_h, H, K, cols, kmask, IS_Q)
     if L2_NORM:
         y = y * tl.rsqrt(tl.sum(y * y, 1) + EPS)[:, None]
+    if GATED:
+        y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[:, None]
+    return y * scale
+
+
+@triton.jit
+def _qk_inv_norm(x_ptr, tok, valid, i_h, H, K, IS_Q: tl.constexpr, EPS: tl.constexpr, KP: tl.constexpr,
+                 BK: tl.constexpr):
+    """l2()'s factor 1 / sqrt(sum_k phi(x)_k^2 + EPS) for each row of one chunk, the sum over the whole key
+    row taken by column blocks of BK (for _load_qk_cols): [BT]."""
+    ss = tl.zeros([tok.shape[0]], dtype=tl.float32)
+    for k0 in range(0, KP, BK):
+        cols = k0 + tl.arange(0, BK)
+        y = _phi_cols(x_ptr, tok, valid, i_h, H, K, cols, cols < K, IS_Q)
+        ss += tl.sum(y * y, 1)
+    return tl.rsqrt(ss + EPS)
+
+
+@triton.jit
+def _load_qk_cols(x_ptr, gate_ptr, inv_norm, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
+                  GATED: tl.constexpr, L2_NORM: tl.constexpr):
+    """_load_qk on the columns `cols` only: [BT, len(cols)] float32. l2() needs the whole row, so its factor
+    comes in as inv_norm ([BT], from _qk_inv_norm; unread without L2_NORM)."""
+    y = _phi_cols(x_ptr, tok, valid, i_h, H, K, cols, kmask, IS_Q)
+    if L2_NORM:
+        y = y * inv_norm[:, None]
     if GATED:
         y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[:, None]
     return y * scale
@@ -122,6 +156,24 @@ def _cumulative_decay(g_ptr, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: 
         b = _prefix_sum_rows(g, BT, False)
     else:
         b = _prefix_sum(tl.sum(g, 1), BT, False)[:, None]
+    return b
+
+
+@triton.jit
+def _vec_cumulative_decay(g_ptr, tok, valid, i_h, H, K, cols, kmask, BT: tl.constexpr):
+    """_cumulative_decay of a vector decay on the columns `cols` only: [BT, len(cols)], the same prefix-sum dot
+    chained through its accumulator 16 rows of g at a time (read from memory). A float32 dot runs on the FMA
+    units with each thread holding its whole slice of both operands: over all BT rows at once, at chunk 64,
+    that alone took stage "prep" at K = 128 from 179 registers to 255 and a spill (sm_90, 8 warps, BK 32)."""
+    rows = tl.arange(0, BT)
+    first = tl.min(tok, 0)
+    n = tl.sum(valid.to(tl.int32), 0)
+    b = tl.zeros([BT, cols.shape[0]], dtype=tl.float32)
+    for j0 in range(0, BT, 16):
+        r = j0 + tl.arange(0, 16)
+        g = tl.load(g_ptr + ((first + r) * H + i_h)[:, None] * K + cols[None, :],
+                    mask=(r < n)[:, None] & kmask[None, :], other=0.).to(tl.float32)
+        b = tl.dot((r[None, :] <= rows[:, None]).to(tl.float32), g, b, input_precision="ieee")
     return b
 
 
