@@ -2,7 +2,8 @@
 
 Every decay x write x gates combination forward and backward, variable lengths with an initial state,
 non-power-of-two head dims, the write gate on beta, feature maps, fp16, strong decay, the sub-chunked
-vector-decay path (BT = 32 > BC = 16), and a new spec file compiled with no new Python.
+vector-decay path (BT = 32 > BC = 16), the state passes split over blocks of K, and a new spec file compiled
+with no new Python.
 """
 
 from __future__ import annotations
@@ -77,6 +78,51 @@ def test_vector_decay_key_blocks(l2_norm):
     check(rec, 1, 70, 2, 40, 24, config={"BT": 64, "BC": 16})
 
 
+SEQUENTIAL_K_BLOCKS = {"states_BK": 32, "bwd_states_BK": 32, "bwd_dh_BK": 32}
+
+
+@pytest.mark.parametrize("K", [60, 100])
+@pytest.mark.parametrize("decay", [Decay.CONSTANT, Decay.SCALAR, Decay.VECTOR])
+def test_sequential_passes_split_key_blocks(decay, K):
+    """An additive write's state passes ("states" forward and backward, "bwd_dh") split K across programs in
+    blocks of BK = 32 < K: K = 60 takes two blocks, K = 100 four, the last partly past K; variable lengths, an
+    initial state and the final state's gradient cross the block boundaries. The constant decay runs the fused
+    forward with L2 normalisation, whose norm spans every block of k."""
+    rec = testing.recurrence(decay, WriteRule.ADDITIVE, Gates.BOTH, qk_l2_norm=decay is Decay.CONSTANT)
+    cu_seqlens = torch.tensor([0, 5, 40, 77])
+    check(rec, 1, 77, 2, K, 24, config=SEQUENTIAL_K_BLOCKS, cu_seqlens=cu_seqlens, num_sequences=3)
+
+
+def test_sequential_key_blocks_in_space_and_defaults(monkeypatch):
+    """The delta rule's v_new = u - w S reads every row of the state: its space holds only BK = padded K, and a
+    forced narrower block is refused when the kernel is built. An additive write may take any K_BLOCKS value below
+    the padded K, and on a GPU defaults to blocks of 64 from K = 128 on."""
+    from sla_dsl.autotune import Shape
+    from sla_dsl.backends.triton import runtime
+
+    def key_block_values(rec, shape, phase):  # read from the space's factors: the product is millions of configs
+        space = runtime.tuning_space(rec, shape, phase)
+        return {setting[key] for factor in space.factors for setting in factor for key in SEQUENTIAL_K_BLOCKS
+                if key in setting}
+
+    delta = testing.recurrence(Decay.SCALAR, WriteRule.DELTA, Gates.NONE)
+    additive = testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.NONE)
+    shape = Shape(2, 256, 4, 100, 64, "bfloat16")
+    for phase in ("fwd", "bwd"):
+        assert key_block_values(delta, shape, phase) == {128}
+        assert key_block_values(additive, shape, phase) == {32, 64, 128}
+    with pytest.raises(Exception, match="reads every row of S"):
+        check(delta, 1, 20, 1, 40, 16, config=SEQUENTIAL_K_BLOCKS)
+
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)  # the interpreter keeps one block
+    for rec, K, block in ((additive, 128, 64), (additive, 64, 64), (delta, 128, 128)):
+        shape = Shape(4, 8192, 16, K, K, "bfloat16")
+        cfg = default_config(rec, shape, "bwd")
+        assert (cfg["bwd_states_BK"], cfg["bwd_dh_BK"]) == (block, block), (rec, K, cfg)
+        assert default_config(rec, shape, "fwd")["states_BK"] == block
+        assert cfg in runtime.tuning_space(rec, shape, "bwd")
+
+
 @pytest.mark.parametrize("decay", [Decay.SCALAR, Decay.VECTOR])
 def test_write_gate_on_beta(decay):
     rec = testing.recurrence(decay, WriteRule.DELTA, Gates.BOTH, write_gate_on=WriteGateOn.BETA)
@@ -140,7 +186,8 @@ def test_default_config_and_tuning_space():
                     assert all(f"{stage}_num_warps" in cfg for stage in stages)
                     assert ("bwd_wy_num_warps" in cfg) == (phase == "bwd" and rec.write is WriteRule.DELTA)
                     assert all(runtime.stage_options(cfg, s)["BV"] <= runtime.padded(V) for s in stages)
-                    assert all(c["dot_precision"] == "ieee" for c in space) == (dtype == "float32")
+                    # dot_precision is a shared setting, the first factor (walking the product took most of a minute)
+                    assert all(s["dot_precision"] == "ieee" for s in space.factors[0]) == (dtype == "float32")
 
 
 def test_default_sequential_v_blocks_narrow_when_few_sequences_would_leave_sms_idle(monkeypatch):

@@ -135,8 +135,10 @@ def _load_qk_cols(x_ptr, gate_ptr, inv_norm, tok, valid, i_h, H, K, cols, kmask,
 
 @triton.jit
 def _load_qk_t(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
-               GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
-    """_load_qk transposed, [KP, BT] float32, loaded by its strides (no register transpose)."""
+               GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr, KP: tl.constexpr):
+    """_load_qk transposed on the columns `cols` (all KP of them, or a column block), [len(cols), BT] float32,
+    loaded by its strides (no register transpose). l2() divides by the norm of the whole row: a column block
+    takes it from a pass over all of K first."""
     m = kmask[:, None] & valid[None, :]
     x = tl.load(x_ptr + (tok * H + i_h)[None, :] * K + cols[:, None], mask=m, other=0.).to(tl.float32)
     if IS_Q:
@@ -144,7 +146,11 @@ def _load_qk_t(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q:
     else:
         y = tl.where(m, phi_k(x), 0.)
     if L2_NORM:
-        y = y * tl.rsqrt(tl.sum(y * y, 0) + EPS)[None, :]
+        if cols.shape[0] == KP:
+            inv_norm = tl.rsqrt(tl.sum(y * y, 0) + EPS)
+        else:
+            inv_norm = _qk_inv_norm(x_ptr, tok, valid, i_h, H, K, IS_Q, EPS, KP, cols.shape[0])
+        y = y * inv_norm[None, :]
     if GATED:
         y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[None, :]
     return y * scale
@@ -230,7 +236,7 @@ def _vec_cumulative_decay(g_ptr, tok, valid, i_h, H, K, cols, kmask, BT: tl.cons
 @triton.jit
 def _chunk_decay(b_ws, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
     """b of one chunk as stage "prep" stored it (scalar and vector decays) or as computed from the constant:
-    [BT, KP] or [BT, 1]. Rows past the sequence end read the last valid row, so the last row is the decay
+    [BT, len(cols)] or [BT, 1]. Rows past the sequence end read the last valid row, so the last row is the decay
     over the whole chunk (see _last_row)."""
     last_tok = tl.max(tl.where(valid, tok, 0), 0)
     tok_c = tl.minimum(tok, last_tok)
@@ -248,8 +254,9 @@ def _chunk_decay(b_ws, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.con
 
 @triton.jit
 def _chunk_decay_t(b_ws, tok, valid, i_h, H, K, cols, kmask):
-    """A vector decay's b of one chunk transposed, [KP, BT], and its last valid row b_C, [KP], both loaded
-    by their strides from stage "prep"'s workspace (rows past the sequence end read the last valid row)."""
+    """A vector decay's b of one chunk on the columns `cols`, transposed, [len(cols), BT], and its last valid
+    row b_C, [len(cols)], both loaded by their strides from stage "prep"'s workspace (rows past the sequence end
+    read the last valid row)."""
     last_tok = tl.max(tl.where(valid, tok, 0), 0)
     tok_c = tl.minimum(tok, last_tok)
     bT = tl.load(b_ws + (tok_c * H + i_h)[None, :] * K + cols[:, None], mask=kmask[:, None], other=0.)
@@ -619,15 +626,16 @@ def prep_kernel(q, k, v, g, beta, gq, gk, lg, q_ws, k_ws, b_ws, A_ws, T_ws, w_ws
 # ---- tpl_states ------------------------------------------------------------
 @triton.jit
 def states_kernel(k_ws, gk, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seqlens, chunk_offsets, H, K, V,
-                  KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+                  KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                   IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
                   FUSED_QK: tl.constexpr, KEY_GATE: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    tl.static_assert(BK == KP or not IS_DELTA, "the delta rule's v_new = u - w S reads every row of S: BK = KP")
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_h = i_nh // H, i_nh % H
     length = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
     num_chunks = tl.cdiv(length, BT)
     first_chunk = tl.load(chunk_offsets + n).to(tl.int64)
-    cols = tl.arange(0, KP)
+    cols = i_k * BK + tl.arange(0, BK)
     kmask = cols < K
     vcols = i_v * BV + tl.arange(0, BV)
     vmask = vcols < V
@@ -636,14 +644,14 @@ def states_kernel(k_ws, gk, v, b_ws, lg, w_ws, u_ws, h0, ht, h_ws, vn_ws, cu_seq
     if HAS_H0:
         S = tl.load(h0 + i_nh.to(tl.int64) * K * V + s_off, mask=smask, other=0.).to(tl.float32)
     else:
-        S = tl.zeros([KP, BV], dtype=tl.float32)
+        S = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(num_chunks):
         i_t = first_chunk + c
         tl.store(h_ws + (i_t * H + i_h) * K * V + s_off, S.to(h_ws.dtype.element_ty), mask=smask)
         tok, valid = _chunk_rows(cu_seqlens, n, c, BT)
         # k'^T loaded by its strides: a register transpose of k' costs a trip through shared memory per chunk
         if FUSED_QK:  # k_ws is the raw k: k' made here
-            kT = _load_qk_t(k_ws, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+            kT = _load_qk_t(k_ws, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS, KP)
         else:
             kT = _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask)
         vm = valid[:, None] & vmask[None, :]
@@ -693,7 +701,8 @@ def output_kernel(q_ws, k_ws, gq, gk, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seql
         A = tl.load(A_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
     else:
         if FUSED_QK:
-            kT = _load_qk_t(k_ws, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+            kT = _load_qk_t(k_ws, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS,
+                            KP)
         else:
             kT = _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask)
         A = _dot(qp, kT, PREC) * _decay_matrix(b, BT, True)
@@ -712,14 +721,16 @@ def output_kernel(q_ws, k_ws, gq, gk, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seql
 # ---- tpl_bwd_dh ------------------------------------------------------------
 @triton.jit
 def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws, cu_seqlens, chunk_offsets,
-                  H, K, V, KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+                  H, K, V, KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                  DECAY: tl.constexpr, IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_DHT: tl.constexpr,
+                  HAS_H0: tl.constexpr):
+    tl.static_assert(BK == KP or not IS_DELTA, "the delta rule's dv_new sums over every row of dS: BK = KP")
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_h = i_nh // H, i_nh % H
     length = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
     num_chunks = tl.cdiv(length, BT)
     first_chunk = tl.load(chunk_offsets + n).to(tl.int64)
-    cols = tl.arange(0, KP)
+    cols = i_k * BK + tl.arange(0, BK)
     kmask = cols < K
     vcols = i_v * BV + tl.arange(0, BV)
     vmask = vcols < V
@@ -729,7 +740,7 @@ def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws,
     if HAS_DHT:
         dS = tl.load(dht + i_nh.to(tl.int64) * K * V + s_off, mask=smask, other=0.).to(tl.float32)
     else:
-        dS = tl.zeros([KP, BV], dtype=tl.float32)
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
     for r in range(num_chunks):
         c = num_chunks - 1 - r
         i_t = first_chunk + c

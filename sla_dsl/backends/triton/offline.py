@@ -4,9 +4,10 @@ compiled kernel uses: shared memory, registers and the local-memory stack that r
 The interpreter runs kernels without compiling them, so it cannot see what only the compiler does: type
 checks of every return, layouts, shared memory, spills. Triton's CUDA backend compiles on CPU when the
 active driver names an sm_90 target. Must run in a process that imported Triton without TRITON_INTERPRET
-(Triton builds its own library functions as interpreted ones otherwise).
+(Triton builds its own library functions as interpreted ones otherwise). CONFIG, a JSON object of settings
+that replace the default config's (keys of either phase, e.g. '{"BT": 64, "states_BK": 128}'), compiles others.
 
-    python -m sla_dsl.backends.triton.offline SPEC [K] [dtype]     one line per compiled kernel
+    python -m sla_dsl.backends.triton.offline SPEC [K] [dtype] [CONFIG]     one line per compiled kernel
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from sla_dsl.autotune import Shape
+from sla_dsl.autotune.protocol import override_config
 from sla_dsl.autotune.runner import call_arguments
 from sla_dsl.backends.triton import generator
 from sla_dsl.backends.triton.runtime import TritonKernels, interpreting
@@ -57,9 +59,11 @@ def _registers_and_stack(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(found.group(1)), int(found.group(2))) if found else (None, None)
 
 
-def compile_for_sm90(spec, dim: int = 128, dtype: str = "bfloat16", configs: dict | None = None) -> list[dict]:
+def compile_for_sm90(spec, dim: int = 128, dtype: str = "bfloat16", configs: dict | None = None,
+                     override: dict | None = None) -> list[dict]:
     """Compiles every kernel of `spec` that a call at K = V = `dim` in `dtype` launches, for both phases, with
-    `configs[phase]` (default: the backend's default config); one row per compiled kernel."""
+    `configs[phase]` (default: the backend's default config with the settings `override` names, keys of either
+    phase); one row per compiled kernel."""
     if interpreting():
         raise RuntimeError("compile_for_sm90: TRITON_INTERPRET=1 in this process; run it in one without")
     driver.set_active(SM90Driver())
@@ -68,7 +72,8 @@ def compile_for_sm90(spec, dim: int = 128, dtype: str = "bfloat16", configs: dic
     positional, cu_seqlens, scale, do, dfinal = call_arguments(spec, Shape(2, 16, 4, dim, dim, dtype), "cpu")
     rows = []
     for phase in ("fwd", "bwd"):
-        config = (configs or {}).get(phase) or kernels.default_config(shape, phase)
+        config = (configs or {}).get(phase) or override_config(kernels, spec, "triton", shape, phase, override) \
+            or kernels.default_config(shape, phase)
         for name in KERNELS:
             getattr(kernels.module, name).device_caches.clear()
         if phase == "fwd":
@@ -93,7 +98,8 @@ def main(argv: list[str]) -> int:
     spec = resolve_specs([argv[0]])[0]
     dim = int(argv[1]) if len(argv) > 1 else 128
     dtype = argv[2] if len(argv) > 2 else "bfloat16"
-    for row in compile_for_sm90(spec, dim, dtype):
+    override = json.loads(argv[3]) if len(argv) > 3 else None
+    for row in compile_for_sm90(spec, dim, dtype, override=override):
         print(json.dumps(row, sort_keys=True))
     return 0
 

@@ -1,10 +1,13 @@
 """Host side of the Triton backend: configs, workspaces and launches of the generated kernels.
 
-Schedule (per call); only "states" and "bwd_dh" walk the chunks in sequence, everything else is parallel
-over chunks x heads (x V-blocks):
-    forward:  prep (grid (chunks, H)) -> states (grid (cdiv(V, BV), N*H)) -> output (grid (cdiv(V, BV), chunks, H))
+Schedule (per call); only "states" and "bwd_dh" walk the chunks in sequence, each program with one
+[BK, BV] block of the state of one sequence and head; everything else is parallel over chunks x heads
+(x V-blocks):
+    forward:  prep (grid (chunks, H)) -> states (grid (cdiv(K, BK), cdiv(V, BV), N*H))
+              -> output (grid (cdiv(V, BV), chunks, H))
     backward: prep -> states (recomputed: chunk states, the delta rule's new values) -> bwd_dh (reverse,
-              grid (cdiv(V, BV), N*H)) -> bwd_dqk (grid (chunks, H)) -> bwd_wy (delta rule only, grid (chunks, H))
+              grid (cdiv(K, BK), cdiv(V, BV), N*H)) -> bwd_dqk (grid (chunks, H))
+              -> bwd_wy (delta rule only, grid (chunks, H))
 The forward of an additive write with no decay workspace (generator.fused_qk: RetNet and its SLA variant)
 launches no prep: states and output make q' and k' from the raw q, k and gates in registers.
 
@@ -16,7 +19,8 @@ A config is a flat dict of JSON scalars for one phase (what the tuner sweeps and
     "BC": sub-chunk of the vector-decay in-chunk products (vector decay only; divides BT),
     "<stage>_<key>" for every key of the stage template's TUNING_SPACE (BV, num_warps, num_stages), for the
     stages the phase launches: fwd: prep (unless fused_qk), states, output; bwd: prep, bwd_states (the states template),
-    bwd_dh, bwd_dqk, bwd_wy (delta rule only).
+    bwd_dh, bwd_dqk, bwd_wy (delta rule only); the sequential passes (states, bwd_states, bwd_dh) also have
+    "<stage>_BK", their block of K (`key_blocks`).
 The space is the product of the shared settings and the stages' spaces (`tuning_space`); `default_config`
 is the heuristic, and a tuned table replaces it at call time (sla_dsl.autotune.resolve_config).
 """
@@ -46,10 +50,11 @@ SUB_CHUNKS = (16, 32)
 # inputs need "ieee" to meet their 1e-5 tolerance, so they have nothing else to choose.
 PRECISIONS = {"float16": ("input", "tf32"), "bfloat16": ("input", "tf32"), "float32": ("ieee",),
               "float64": ("ieee",)}
-# Tried first by the sweep: chunk size, operand precision and the V-blocking change every stage's work most.
-SEARCH_ORDER = ("BT", "dot_precision", "states_BV", "bwd_states_BV", "bwd_dh_BV", "output_BV", "bwd_dqk_BV",
-                "states_num_warps", "bwd_states_num_warps", "bwd_dh_num_warps", "output_num_warps",
-                "bwd_dqk_num_warps", "prep_num_warps", "bwd_wy_BV", "bwd_wy_num_warps", "prep_BV", "BC")
+# Tried first by the sweep: chunk size, operand precision and the V- and K-blocking change every stage's work most.
+SEARCH_ORDER = ("BT", "dot_precision", "states_BV", "bwd_states_BV", "bwd_dh_BV", "states_BK", "bwd_states_BK",
+                "bwd_dh_BK", "output_BV", "bwd_dqk_BV", "states_num_warps", "bwd_states_num_warps",
+                "bwd_dh_num_warps", "output_num_warps", "bwd_dqk_num_warps", "prep_num_warps", "bwd_wy_BV",
+                "bwd_wy_num_warps", "prep_BV", "BC")
 # Measured on the H100 (Triton 3.6, 16-bit operands, chunk 64): the output stage with V-blocks of 16 or 32 narrower
 # than V computes wrong outputs (retnet o 7.4e-1, gdn 1.6e-1; sometimes an illegal memory access), while the
 # interpreter and compute-sanitizer find nothing: a compiler fault. Its V-block is kept at least this wide.
@@ -65,6 +70,9 @@ MAX_DELTA_BT = 32
 SEQUENTIAL_PROGRAMS = 132
 CONSTRAINTS = ("BC <= BT and BT % BC == 0", "every stage's BV <= padded V (next power of two >= 16)",
                "output_BV >= min(64, padded V) (MIN_BV)", "delta rule: BT <= 32 (MAX_DELTA_BT)",
+               "states_BK, bwd_states_BK, bwd_dh_BK: padded K (next power of two >= 16) or, for an additive write,"
+               " a template K_BLOCKS value below it; the delta rule's v_new = u - w S reads every row of the state,"
+               " so it keeps BK = padded K (key_blocks)",
                "dot_precision: 'tf32' or 'input' for 16-bit inputs, 'ieee' for fp32 and fp64")
 
 
@@ -83,14 +91,34 @@ def phase_stages(rec: Recurrence, phase: str) -> tuple[str, ...]:
                  and (s != "prep" or phase == "bwd" or not fused_qk(rec)))
 
 
+def key_blocks(rec: Recurrence, K: int, candidates: tuple[int, ...]) -> tuple[int, ...]:
+    """The blocks of K (BK) a sequential pass may split its state into across programs: the whole padded K, and
+    for an additive write, whose state rows are independent, every candidate below it. The delta rule's
+    v_new = u - w S (and its gradient) reads every row of the state, so it keeps one block."""
+    KP = padded(K)
+    if rec.write is WriteRule.DELTA:
+        return (KP,)
+    return (*(bk for bk in candidates if bk < KP), KP)
+
+
+def _stage_settings(rec: Recurrence, shape: Shape, stage: str) -> list[dict]:
+    """The settings of a stage template's TUNING_SPACE valid for `shape`, each with every K-block of key_blocks
+    where the template splits K (K_BLOCKS)."""
+    template = STAGE_TEMPLATES[stage]
+    VP = padded(shape.V)
+    settings = [s for s in template.TUNING_SPACE if min(MIN_BV.get(stage, 0), VP) <= s.get("BV", 0) <= VP]
+    if hasattr(template, "K_BLOCKS"):
+        settings = [{"BK": bk, **s} for bk in key_blocks(rec, shape.K, template.K_BLOCKS) for s in settings]
+    return settings
+
+
 def tuning_space(rec: Recurrence, shape: Shape, phase: str) -> Space:
     """Every valid config of `phase` for `shape`: shared settings x each launched stage's template space."""
     shared = [{"BT": bt, "dot_precision": p} for bt in CHUNK_SIZES for p in PRECISIONS[shape.dtype]
               if rec.write is not WriteRule.DELTA or bt <= MAX_DELTA_BT]
     if rec.decay is Decay.VECTOR:
         shared = [{**s, "BC": bc} for s in shared for bc in SUB_CHUNKS if bc <= s["BT"] and s["BT"] % bc == 0]
-    stages = [[{f"{stage}_{k}": v for k, v in setting.items()} for setting in STAGE_TEMPLATES[stage].TUNING_SPACE
-               if min(MIN_BV.get(stage, 0), padded(shape.V)) <= setting.get("BV", 0) <= padded(shape.V)]
+    stages = [[{f"{stage}_{k}": v for k, v in setting.items()} for setting in _stage_settings(rec, shape, stage)]
               for stage in phase_stages(rec, phase)]
     return Space(shared, *stages, order=SEARCH_ORDER)
 
@@ -118,20 +146,26 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
         precision = "tf32"
         if KP >= 128 and not interpreting():
             BT = 32  # bwd_wy's float32 [64, 128] tiles need 233472 bytes of shared memory; an H100 CTA has 232448
-    # the sequential passes: V-blocks small enough for many programs, large enough for the tensor cores
+    # the sequential passes: an additive write splits K into blocks of 64 from K = 128 on, as fla does (stage
+    # "states" holding [KP, BV] and [KP, BT] tiles per program was 2-3x slower than fla's on the H100 at
+    # (4, 8192, 16, 128)); the interpreter keeps one block, fewer programs to run one by one
+    seq_BK = 64 if rec.write is WriteRule.ADDITIVE and KP >= 128 and not interpreting() else KP
+    # V-blocks small enough for many programs, large enough for the tensor cores
     seq_BV = min(VP, 64 if KP <= 64 else 32)
-    # ... and narrower where B * H * cdiv(V, BV) programs would leave SMs idle. On the H100 at (1, 32768, 16, 128)
-    # the sweep chose BV 16 for every sequential pass of all six specs (retnet fwd 1.05 ms; 1.47 with BV 32-64)
+    # ... and narrower where B * H * cdiv(K, BK) * cdiv(V, BV) programs would leave SMs idle. On the H100 at
+    # (1, 32768, 16, 128) the sweep chose BV 16 for every sequential pass of all six specs, with one K-block
+    # (retnet fwd 1.05 ms; 1.47 with BV 32-64)
+    programs_per_v_block = shape.B * shape.H * triton.cdiv(shape.K, seq_BK)
     while not interpreting() and seq_BV > 16 \
-            and shape.B * shape.H * triton.cdiv(shape.V, seq_BV) < SEQUENTIAL_PROGRAMS:
+            and programs_per_v_block * triton.cdiv(shape.V, seq_BV) < SEQUENTIAL_PROGRAMS:
         seq_BV //= 2
     # the delta rule's solve and the vector decay's in-chunk products keep [BT, BT] and [BT, KP] tiles live
     heavy_warps = 8 if KP > 64 and (rec.write is WriteRule.DELTA or rec.decay is Decay.VECTOR) else 4
     stage_defaults = {"prep": {"BV": min(VP, 64), "num_warps": heavy_warps, "num_stages": 1},
-                      "states": {"BV": seq_BV, "num_warps": 4, "num_stages": 2},
+                      "states": {"BK": seq_BK, "BV": seq_BV, "num_warps": 4, "num_stages": 2},
                       "output": {"BV": min(VP, 64), "num_warps": 4, "num_stages": 2},
-                      "bwd_states": {"BV": seq_BV, "num_warps": 4, "num_stages": 2},
-                      "bwd_dh": {"BV": seq_BV, "num_warps": 4, "num_stages": 2},
+                      "bwd_states": {"BK": seq_BK, "BV": seq_BV, "num_warps": 4, "num_stages": 2},
+                      "bwd_dh": {"BK": seq_BK, "BV": seq_BV, "num_warps": 4, "num_stages": 2},
                       "bwd_dqk": {"BV": min(VP, 64), "num_warps": 4 if KP <= 64 else 8, "num_stages": 1},
                       "bwd_wy": {"BV": min(VP, 64), "num_warps": heavy_warps, "num_stages": 1}}
     config = {"BT": BT, "dot_precision": precision}
@@ -143,15 +177,20 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
 
 
 def stage_options(config: dict, stage: str) -> dict:
-    """The launch options of one stage (BV, num_warps, num_stages) from a flat config."""
+    """The launch options of one stage (BV, num_warps, num_stages; BK of the sequential passes) from a flat
+    config."""
     prefix = f"{stage}_"
     return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
 
 
-def _launch_options(config: dict, stage: str, V: int) -> dict:
-    """stage_options with BV no wider than the padded V (a tuned BV may exceed a smaller head's V)."""
+def _launch_options(config: dict, stage: str, launch: Launch) -> dict:
+    """stage_options with BV no wider than the padded V and BK than the padded K (a given BV or BK may exceed a
+    smaller head's)."""
     options = stage_options(config, stage)
-    return {**options, "BV": min(options["BV"], padded(V))}
+    options["BV"] = min(options["BV"], padded(launch.V))
+    if "BK" in options:
+        options["BK"] = min(options["BK"], launch.KP)
+    return options
 
 
 def _precision(name: str, dtype: torch.dtype) -> int:
@@ -261,9 +300,10 @@ class TritonKernels:
                 launch.chunk_indices, scale, launch.H, launch.K, V, BK=min(launch.KP, tpl_prep.K_BLOCK),
                 BC=cfg["BC"], STORE_T=phase == "bwd",
                 **common, **{name: value for name, value in flags.items() if name not in ("DECAY", "FUSED_QK")},
-                **_launch_options(cfg, "prep", V))
-        st = _launch_options(cfg, "states" if phase == "fwd" else "bwd_states", V)
-        run(self.module.states_kernel, (triton.cdiv(V, st["BV"]), launch.N * launch.H),
+                **_launch_options(cfg, "prep", launch))
+        st = _launch_options(cfg, "states" if phase == "fwd" else "bwd_states", launch)
+        grid = (triton.cdiv(launch.K, st["BK"]), triton.cdiv(V, st["BV"]), launch.N * launch.H)
+        run(self.module.states_kernel, grid,
             ws.k, gk, v, ws.b, launch.lg, ws.w, ws.u, h0 if h0 is not None else q, ht if ht is not None else q,
             ws.h, ws.vn, launch.cu, launch.chunk_offsets, launch.H, launch.K, V, IS_DELTA=flags["IS_DELTA"],
             HAS_H0=h0 is not None, STORE_HT=ht is not None, FUSED_QK=ws.fused_qk, KEY_GATE=flags["KEY_GATE"],
@@ -301,7 +341,7 @@ class TritonKernels:
             if output_final_state else None
         ws = self._prepare(run, launch, cfg, "fwd", q, k, v, g_, beta_, gq_, gk_, initial_state, ht, scale)
         if launch.num_chunks > 0:
-            st = _launch_options(cfg, "output", launch.V)
+            st = _launch_options(cfg, "output", launch)
             flags = self.module.FLAGS
             run(self.module.output_kernel, (triton.cdiv(launch.V, st["BV"]), launch.num_chunks, launch.H),
                 ws.q, ws.k, gq_, gk_, v, ws.b, launch.lg, ws.A, ws.h, ws.vn, o, launch.cu, launch.chunk_indices,
@@ -332,8 +372,8 @@ class TritonKernels:
         dk_ws, dw_ws = (f32(q.shape), f32(q.shape)) if delta else (q, q)
         db_ws = f32(q.shape if rec.decay is Decay.VECTOR else q.shape[:-1]) \
             if delta and rec.decay in (Decay.SCALAR, Decay.VECTOR) else q
-        st = _launch_options(cfg, "bwd_dh", V)
-        run(self.module.bwd_dh_kernel, (triton.cdiv(V, st["BV"]), launch.N * H),
+        st = _launch_options(cfg, "bwd_dh", launch)
+        run(self.module.bwd_dh_kernel, (triton.cdiv(K, st["BK"]), triton.cdiv(V, st["BV"]), launch.N * H),
             ws.q, ws.k, ws.b, launch.lg, ws.w, ws.A, do, dfinal_state if dfinal_state is not None else q,
             dh0 if dh0 is not None else q, dh_ws, dvn_ws, launch.cu, launch.chunk_offsets, H, K, V,
             IS_DELTA=delta, HAS_DHT=dfinal_state is not None, HAS_H0=dh0 is not None, **common, **st)
@@ -344,11 +384,11 @@ class TritonKernels:
                 pick(dgq), pick(dgk), pick(dg), dk_ws, db_ws, dw_ws, launch.cu, launch.chunk_indices, scale, H, K,
                 V, BC=cfg["BC"], IS_DELTA=delta, READ_GATE=flags["READ_GATE"],
                 KEY_GATE=flags["KEY_GATE"], L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common,
-                **_launch_options(cfg, "bwd_dqk", V))
+                **_launch_options(cfg, "bwd_dqk", launch))
             if delta:
                 run(self.module.bwd_wy_kernel, (launch.num_chunks, H),
                     k, v, beta_, gk_, launch.lg, ws.k, ws.b, ws.T, dvn_ws, dw_ws, dk_ws, db_ws, dk, dv, dbeta,
                     pick(dgk), pick(dg), launch.cu, launch.chunk_indices, H, K, V, BC=cfg["BC"],
                     KEY_GATE=flags["KEY_GATE"], BETA_GATE=flags["BETA_GATE"],
-                    L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **_launch_options(cfg, "bwd_wy", V))
+                    L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common, **_launch_options(cfg, "bwd_wy", launch))
         return None if compile_only else (dq, dk, dv, dg, dbeta, dgq, dgk, dh0)

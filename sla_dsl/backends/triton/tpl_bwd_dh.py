@@ -1,9 +1,16 @@
-'''Stage "bwd_dh": the reverse pass over the chunks carrying dS [KP, BV] (gradient of the state leaving the
-current chunk) in float32 registers. Grid (cdiv(V, BV), N * H): the V columns of dS are independent.
-Stores dS per chunk for stage "bwd_dqk", and dinitial_state at the end:
+'''Stage "bwd_dh": the reverse pass over the chunks carrying dS (gradient of the state leaving the current chunk)
+in float32 registers. Grid (cdiv(K, BK), cdiv(V, BV), N * H): each program owns a [BK, BV] block of dS. Stores
+dS per chunk for stage "bwd_dqk", and dinitial_state at the end:
     additive: dS_in = (q' e^b)^T do + e^{b_C} dS
     delta:    dv_new = A^T do + (k' e^{b_C - b}) dS (stored: the gradient of the chunk's new values)
-              dS_in = (q' e^b)^T do + e^{b_C} dS - w^T dv_new'''
+              dS_in = (q' e^b)^T do + e^{b_C} dS - w^T dv_new
+The V columns of dS are independent. So are its rows for an additive write (row k reads only column k of q' and
+of b; the gates are in q' already), and K is split into blocks of BK as in stage "states". The delta rule's
+dv_new sums over every row of dS: it takes BK = KP (one block).'''
+
+# Column blocks of K an additive write may split dS into (the runtime adds the whole padded K and drops those
+# not below it: runtime.key_blocks)
+K_BLOCKS = (32, 64, 128)
 
 TUNING_SPACE = [{"BV": bv, "num_warps": w, "num_stages": s}
                 for bv in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2, 3)]
@@ -11,14 +18,16 @@ TUNING_SPACE = [{"BV": bv, "num_warps": w, "num_stages": s}
 SOURCE = '''
 @triton.jit
 def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws, cu_seqlens, chunk_offsets,
-                  H, K, V, KP: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                  IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+                  H, K, V, KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                  DECAY: tl.constexpr, IS_DELTA: tl.constexpr, PREC: tl.constexpr, HAS_DHT: tl.constexpr,
+                  HAS_H0: tl.constexpr):
+    tl.static_assert(BK == KP or not IS_DELTA, "the delta rule's dv_new sums over every row of dS: BK = KP")
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_h = i_nh // H, i_nh % H
     length = tl.load(cu_seqlens + n + 1) - tl.load(cu_seqlens + n)
     num_chunks = tl.cdiv(length, BT)
     first_chunk = tl.load(chunk_offsets + n).to(tl.int64)
-    cols = tl.arange(0, KP)
+    cols = i_k * BK + tl.arange(0, BK)
     kmask = cols < K
     vcols = i_v * BV + tl.arange(0, BV)
     vmask = vcols < V
@@ -28,7 +37,7 @@ def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws,
     if HAS_DHT:
         dS = tl.load(dht + i_nh.to(tl.int64) * K * V + s_off, mask=smask, other=0.).to(tl.float32)
     else:
-        dS = tl.zeros([KP, BV], dtype=tl.float32)
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
     for r in range(num_chunks):
         c = num_chunks - 1 - r
         i_t = first_chunk + c

@@ -85,8 +85,10 @@ def _load_qk_cols(x_ptr, gate_ptr, inv_norm, tok, valid, i_h, H, K, cols, kmask,
 
 @triton.jit
 def _load_qk_t(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q: tl.constexpr,
-               GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
-    """_load_qk transposed, [KP, BT] float32, loaded by its strides (no register transpose)."""
+               GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr, KP: tl.constexpr):
+    """_load_qk transposed on the columns `cols` (all KP of them, or a column block), [len(cols), BT] float32,
+    loaded by its strides (no register transpose). l2() divides by the norm of the whole row: a column block
+    takes it from a pass over all of K first."""
     m = kmask[:, None] & valid[None, :]
     x = tl.load(x_ptr + (tok * H + i_h)[None, :] * K + cols[:, None], mask=m, other=0.).to(tl.float32)
     if IS_Q:
@@ -94,7 +96,11 @@ def _load_qk_t(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q:
     else:
         y = tl.where(m, phi_k(x), 0.)
     if L2_NORM:
-        y = y * tl.rsqrt(tl.sum(y * y, 0) + EPS)[None, :]
+        if cols.shape[0] == KP:
+            inv_norm = tl.rsqrt(tl.sum(y * y, 0) + EPS)
+        else:
+            inv_norm = _qk_inv_norm(x_ptr, tok, valid, i_h, H, K, IS_Q, EPS, KP, cols.shape[0])
+        y = y * inv_norm[None, :]
     if GATED:
         y = y * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[None, :]
     return y * scale
@@ -180,7 +186,7 @@ def _vec_cumulative_decay(g_ptr, tok, valid, i_h, H, K, cols, kmask, BT: tl.cons
 @triton.jit
 def _chunk_decay(b_ws, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.constexpr, BT: tl.constexpr):
     """b of one chunk as stage "prep" stored it (scalar and vector decays) or as computed from the constant:
-    [BT, KP] or [BT, 1]. Rows past the sequence end read the last valid row, so the last row is the decay
+    [BT, len(cols)] or [BT, 1]. Rows past the sequence end read the last valid row, so the last row is the decay
     over the whole chunk (see _last_row)."""
     last_tok = tl.max(tl.where(valid, tok, 0), 0)
     tok_c = tl.minimum(tok, last_tok)
@@ -198,8 +204,9 @@ def _chunk_decay(b_ws, lg_ptr, tok, valid, i_h, H, K, cols, kmask, DECAY: tl.con
 
 @triton.jit
 def _chunk_decay_t(b_ws, tok, valid, i_h, H, K, cols, kmask):
-    """A vector decay's b of one chunk transposed, [KP, BT], and its last valid row b_C, [KP], both loaded
-    by their strides from stage "prep"'s workspace (rows past the sequence end read the last valid row)."""
+    """A vector decay's b of one chunk on the columns `cols`, transposed, [len(cols), BT], and its last valid
+    row b_C, [len(cols)], both loaded by their strides from stage "prep"'s workspace (rows past the sequence end
+    read the last valid row)."""
     last_tok = tl.max(tl.where(valid, tok, 0), 0)
     tok_c = tl.minimum(tok, last_tok)
     bT = tl.load(b_ws + (tok_c * H + i_h)[None, :] * K + cols[:, None], mask=kmask[:, None], other=0.)

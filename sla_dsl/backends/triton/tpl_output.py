@@ -31,7 +31,8 @@ def output_kernel(q_ws, k_ws, gq, gk, v, b_ws, lg, A_ws, h_ws, vn_ws, o, cu_seql
         A = tl.load(A_ws + (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :])
     else:
         if FUSED_QK:
-            kT = _load_qk_t(k_ws, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS)
+            kT = _load_qk_t(k_ws, gk, tok, valid, i_h, H, K, cols, kmask, 1.0, False, KEY_GATE, L2_NORM, EPS,
+                            KP)
         else:
             kT = _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask)
         A = _dot(qp, kT, PREC) * _decay_matrix(b, BT, True)
