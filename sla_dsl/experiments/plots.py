@@ -1,5 +1,6 @@
-"""The report's plots, from the selected cells (`report.select_cells`): baseline solid, SLA dashed, one colour
-per setting within a panel, error bars = half the range over seeds.
+"""The report's plots, from the selected cells (`report.select_cells`): baseline solid with filled circles, SLA
+dashed with open squares (so a lone point still tells which it is), one colour per setting within a panel, error
+bars = half the range over seeds.
 
     mqar_kv.png       accuracy vs kv pairs; a column per backbone, a row per (T, width, heads)
     mqar_heads.png    accuracy vs heads (only with several head counts); a column per backbone, a row per
@@ -28,7 +29,7 @@ def write_plots(cells: list[Cell], out: Path) -> list[Path]:
         at_kv = lambda c: [(c.field("kv_pairs"), c.stat(accuracy))]  # noqa: E731
         written.append(_panels(out / "mqar_kv.png",
                                [(c, f"T={c.field('seq_len')} d={c.field('width')} H={c.field('heads')}", at_kv)
-                                for c in mqar], colour_of=lambda c: "", xlabel="kv pairs", ylabel="accuracy"))
+                                for c in mqar], colour_of=lambda c: "", xlabel="kv pairs", ylabel="accuracy", log2=True))
         if len({c.field("heads") for c in mqar}) > 1:
             at_heads = lambda c: [(c.field("heads"), c.stat(accuracy))]  # noqa: E731
             written.append(_panels(out / "mqar_heads.png",
@@ -77,7 +78,9 @@ def _panels(path: Path, items, *, colour_of, xlabel, ylabel, log2=False) -> Path
                 points.sort(key=lambda p: p[0])
                 colour = colours.setdefault(colour_key, f"C{len(colours) % 10}")
                 ax.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points],
-                            color=colour, capsize=2, linestyle="--" if cell.sla else "-", marker="o", markersize=3,
+                            color=colour, capsize=2, linestyle="--" if cell.sla else "-",
+                            marker="s" if cell.sla else "o", markersize=4,
+                            markerfacecolor="none" if cell.sla else colour,
                             label=spec + (f" {colour_key}" if colour_key else ""))
             ax.set_title(backbone + (f", {row}" if row else ""), fontsize=9)
             ax.set_xlabel(xlabel)
