@@ -13,6 +13,7 @@ from sla_dsl.experiments.diagnostics import entropy_fraction, failure_signs, gat
 from sla_dsl.experiments.grid import GPU_SMALL_MQAR_BUDGET, SEED_SPECS, Run, expand, sub_grids
 from sla_dsl.experiments.mqar import IGNORE, MQAR
 from sla_dsl.experiments.niah import NeedleInHaystack
+from sla_dsl.experiments.protocol import best_lr_runs, later_seed_count, missing_sweep_runs, sweep_runs
 from sla_dsl.experiments.report import select_cells, write_report
 from sla_dsl.experiments.runner import run_grid
 from sla_dsl.experiments.tasks import score
@@ -330,6 +331,89 @@ def test_cli_workers_share_the_grid_and_the_results_file(tmp_path, capfd):
     printed = capfd.readouterr().out
     assert "[worker 0] finished 2 run(s)" in printed and "[worker 1] finished 2 run(s)" in printed
     assert main(argv) == 0 and len(results.load(out)) == 4  # run again: everything is already there
+
+
+def test_protocol_sweeps_the_first_seed_and_keeps_the_other_seeds_at_the_winner():
+    runs = tiny_grid(lrs=[1e-3, 3e-3], seeds=[0, 1, 2])
+    sweep = sweep_runs(runs)
+    assert sorted((r.spec, r.lr, r.seed) for r in sweep) == [("gla", 1e-3, 0), ("gla", 3e-3, 0),
+                                                              ("sla_gla", 1e-3, 0), ("sla_gla", 3e-3, 0)]
+    assert later_seed_count(runs) == 4  # two specs x seeds 1 and 2, one learning rate each
+    winners = {"gla": 3e-3, "sla_gla": 1e-3}
+    records = [{"config": r.to_dict(), "accuracy": 0.9 if winners[r.spec] == r.lr else 0.1} for r in sweep]
+    assert missing_sweep_runs(runs, records) == []
+    assert sorted((r.spec, r.lr, r.seed) for r in best_lr_runs(runs, records)) == \
+        [("gla", 3e-3, 1), ("gla", 3e-3, 2), ("sla_gla", 1e-3, 1), ("sla_gla", 1e-3, 2)]
+    partial = [record for record in records if record["config"]["spec"] == "gla"]
+    assert {r.spec for r in missing_sweep_runs(runs, partial)} == {"sla_gla"}
+    assert {r.spec for r in best_lr_runs(runs, partial)} == {"gla"}  # no sweep recorded, no winner yet
+
+
+def protocol_argv(out, *extra):
+    return ["experiment", "mqar", "--preset", "smoke", "--specs", "gla,sla_gla", "--seq-lens", "32", "--kv-pairs",
+            "4", "--widths", "16", "--heads", "2", "--lrs", "1e-3,3e-3", "--steps", "2", "--batch-size", "2",
+            "--eval-examples", "4", "--layers", "1", "--out", str(out), "--device", "cpu", "--no-progress", *extra]
+
+
+def assert_seed_1_only_at_the_reports_pick(records):
+    """Seed 0 at both learning rates, seed 1 once per spec at the rate the report selects, each run once."""
+    assert len({Run.from_dict(r["config"]).key() for r in records}) == len(records) == 6
+    assert sorted((r["config"]["spec"], r["config"]["lr"]) for r in records if r["config"]["seed"] == 0) == \
+        [("gla", 1e-3), ("gla", 3e-3), ("sla_gla", 1e-3), ("sla_gla", 3e-3)]
+    cells = {cell.spec: cell for cell in select_cells(records)}
+    assert sorted((r["config"]["spec"], r["config"]["lr"]) for r in records if r["config"]["seed"] == 1) == \
+        [("gla", cells["gla"].lr), ("sla_gla", cells["sla_gla"].lr)]
+    assert all([r["config"]["seed"] for r in cell.records] == [0, 1] for cell in cells.values())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_seeds_at_best_lr_runs_the_sweep_then_the_winners_and_resumes(tmp_path, capfd, workers):
+    out = tmp_path / "mqar.json"
+    argv = protocol_argv(out, "--seeds", "0,1", "--seeds-at-best-lr", "--workers", str(workers))
+    assert main(argv) == 0
+    assert_seed_1_only_at_the_reports_pick(results.load(out))
+    printed = capfd.readouterr().out
+    assert "stage 1: 4 run(s)" in printed and "stage 2: 2 run(s)" in printed
+    if workers == 2:
+        assert printed.count("[worker 0] finished") == printed.count("[worker 1] finished") == 2  # both stages
+        return  # resuming is the same with workers; spawning them again would double this test's time
+    before = out.read_text()
+    assert main(argv) == 0 and out.read_text() == before  # run again: nothing left in either stage
+    printed = capfd.readouterr().out
+    assert " 0 to run" in printed and "finished 1 run(s)" not in printed and "finished 2 run(s)" not in printed
+
+
+def test_cli_seeds_at_best_lr_follows_the_sweep_in_the_file(tmp_path, capsys):
+    """Stage 2 is derived from the file's stage-1 runs: made-up accuracies there (GLA best at the higher rate,
+    GLA+SLA at the lower one) decide where seed 1 runs, and the dry run lists it once stage 1 is complete."""
+    out = tmp_path / "mqar.json"
+    staged = protocol_argv(out, "--seeds", "0,1", "--seeds-at-best-lr")
+    assert main([*staged, "--dry-run"]) == 0
+    assert "stage 2: 2 run(s), the other seeds at each (setting, spec)'s best learning rate, decided once stage 1 " \
+        "is complete" in capsys.readouterr().out
+    assert main(protocol_argv(out, "--seeds", "0")) == 0  # stage 1 by hand
+    records = results.load(out)
+    winners = {"gla": 3e-3, "sla_gla": 1e-3}
+    for record in records:
+        record["accuracy"] = 0.9 if winners[record["config"]["spec"]] == record["config"]["lr"] else 0.1
+    out.write_text(json.dumps({"runs": records}))
+    capsys.readouterr()
+    assert main([*staged, "--dry-run"]) == 0
+    listed = capsys.readouterr().out.split("2 run(s) in stage 2")[0].split("best learning rate in")[1]
+    assert "gla T=32 kv=4 d=16 H=2 lr=0.003 seed=1" in listed and "sla_gla T=32 kv=4 d=16 H=2 lr=0.001 seed=1" in listed
+    assert main(staged) == 0
+    records = results.load(out)
+    assert_seed_1_only_at_the_reports_pick(records)
+    assert sorted((r["config"]["spec"], r["config"]["lr"]) for r in records if r["config"]["seed"] == 1) == \
+        sorted(winners.items())
+
+
+def test_cli_seeds_at_best_lr_waits_for_a_complete_sweep(tmp_path, capsys):
+    out = tmp_path / "mqar.json"
+    argv = protocol_argv(out, "--seeds", "0,1", "--seeds-at-best-lr", "--budget-minutes", "1e-9")
+    assert main(argv) == 0
+    assert results.load(out) == []
+    assert "stage 2 not started: 4 stage-1 run(s) are not in" in capsys.readouterr().out
 
 
 def test_cli_rejects_a_worker_count_below_one(capsys):

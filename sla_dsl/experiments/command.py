@@ -3,7 +3,7 @@
     experiment mqar [--preset smoke|gpu-small|full] [--specs ...] [--seq-lens ...] [--kv-pairs ...]
                     [--widths ...] [--heads ...] [--lrs ...] [--seeds ...] [--steps N] [--out FILE]
                     [--device auto|cpu|cuda] [--budget-minutes M] [--compile auto|on|off] [--workers N]
-                    [--dry-run]
+                    [--seeds-at-best-lr] [--dry-run]
     experiment niah   (the same, with --train-lens / --eval-lens instead of --seq-lens / --kv-pairs)
     experiment report --results FILE [FILE ...] --out DIR
 
@@ -78,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="processes side by side on the device, process k training runs k, k+N, ... into the "
                               "same results file (these small models leave a GPU mostly idle: on the H100, twelve MQAR "
                               "processes ran at 12-15 steps/s each, one alone at ~22)")
+        sub.add_argument("--seeds-at-best-lr", action="store_true",
+                         help="Zoology's protocol in one command: stage 1 trains the first seed at every --lrs, "
+                              "stage 2 the other --seeds only at each (setting, spec)'s best learning rate, picked "
+                              "from stage 1's runs in the results file as the report picks it; stage 2 starts once "
+                              "stage 1 is complete there (with --workers, once every worker has finished it)")
         sub.add_argument("--dry-run", action="store_true", help="list the runs and exit")
         sub.set_defaults(task=task)
     report = tasks.add_parser("report", help="markdown table and plots from results files")
@@ -96,8 +101,9 @@ def run(args) -> int:
     return _run_task(args)
 
 
-def _run_task(args, worker: tuple[int, int] | None = None) -> int:
-    """Expands the grid and trains it; `worker` (k, N): only runs k, k+N, ... of it (one of --workers)."""
+def _run_task(args, worker: tuple[int, int] | None = None, stage: str | None = None) -> int:
+    """Expands the grid and trains it; `worker` (k, N): only runs k, k+N, ... of it (one of --workers);
+    `stage` ("sweep" or "best-lr", under --seeds-at-best-lr): only that stage's runs."""
     import torch
 
     from sla_dsl.autotune.runner import resolve_specs
@@ -122,16 +128,18 @@ def _run_task(args, worker: tuple[int, int] | None = None) -> int:
     if args.specs:
         grids = [dict(grid, specs=list(specs)) for grid in grids]
     runs, skipped = expand(grids, {name: spec.layer for name, spec in specs.items()})
-    for line in skipped:
-        print(f"left out: {line}")
-    if args.dry_run:
-        for run in runs:
-            print(run.label())
-        print(f"{len(runs)} run(s)")
-        return 0
     out = args.out or Path("results") / f"{args.task}-{args.preset}.json"
-    if worker is None and args.workers > 1:
-        return _run_workers(args, out)
+    if worker is None and stage is None:  # the command itself, not one of its workers or stages
+        for line in skipped:
+            print(f"left out: {line}")
+        if args.dry_run:
+            return _dry_run(runs, out, args.seeds_at_best_lr)
+        if args.seeds_at_best_lr:
+            return _run_stages(args, runs, out)
+        if args.workers > 1:
+            return _run_workers(args, out)
+    if stage is not None:
+        runs = _stage_runs(runs, stage, out)
     if worker is not None:
         runs = runs[worker[0]::worker[1]]
     compile_models = args.compile == "on" or (args.compile == "auto" and device.type == "cuda"
@@ -142,13 +150,82 @@ def _run_task(args, worker: tuple[int, int] | None = None) -> int:
     return 0
 
 
-def _run_workers(args, out: Path) -> int:
-    """--workers N: N processes, each expanding the same grid and training its share into `out` (appends are
-    serialised by a lock file next to it). Exit code 1 if any worker failed; what finished is kept."""
+def _stage_runs(runs: list, stage: str, out: Path) -> list:
+    from sla_dsl.experiments import protocol, results
+
+    if stage == "sweep":
+        return protocol.sweep_runs(runs)
+    return protocol.best_lr_runs(runs, results.load(out))
+
+
+def _dry_run(runs: list, out: Path, staged: bool) -> int:
+    if not staged:
+        for run in runs:
+            print(run.label())
+        print(f"{len(runs)} run(s)")
+        return 0
+    from sla_dsl.experiments import protocol, results
+
+    sweep = protocol.sweep_runs(runs)
+    print("stage 1, every learning rate at the first seed:")
+    for run in sweep:
+        print(run.label())
+    print(f"{len(sweep)} run(s) in stage 1")
+    records = results.load(out)
+    if protocol.missing_sweep_runs(runs, records):
+        print(f"stage 2: {protocol.later_seed_count(runs)} run(s), the other seeds at each (setting, spec)'s best "
+              f"learning rate, decided once stage 1 is complete in {out}")
+        return 0
+    best = protocol.best_lr_runs(runs, records)
+    print(f"stage 2, the other seeds at each (setting, spec)'s best learning rate in {out}:")
+    for run in best:
+        print(run.label())
+    print(f"{len(best)} run(s) in stage 2")
+    return 0
+
+
+def _run_stages(args, runs: list, out: Path) -> int:
+    """--seeds-at-best-lr: stage 1, then, once all of it is in `out`, stage 2 within what is left of the budget.
+    This process runs each stage (with --workers: starts its workers and waits for all of them) before deciding
+    the next, so a failed or budget-stopped worker ends stage 1 instead of leaving the others waiting for runs
+    that never come; stage 2 then starts only if stage 1 is complete in the file."""
+    import time
+
+    from sla_dsl.experiments import protocol, results
+
+    started = time.monotonic()
+    print(f"stage 1: {len(protocol.sweep_runs(runs))} run(s), every learning rate at the first seed")
+    failed = _run_stage(args, out, "sweep", args.budget_minutes)
+    missing = protocol.missing_sweep_runs(runs, results.load(out))
+    if missing:
+        print(f"stage 2 not started: {len(missing)} stage-1 run(s) are not in {out}; the same command resumes")
+        return failed
+    budget_minutes = None
+    if args.budget_minutes:
+        budget_minutes = args.budget_minutes - (time.monotonic() - started) / 60
+        if budget_minutes <= 0:
+            print("stage 2 not started: the budget is spent; the same command resumes")
+            return failed
+    print(f"stage 2: {protocol.later_seed_count(runs)} run(s), the other seeds at each (setting, spec)'s best "
+          "learning rate")
+    return max(failed, _run_stage(args, out, "best-lr", budget_minutes))
+
+
+def _run_stage(args, out: Path, stage: str, budget_minutes: float | None) -> int:
+    staged = argparse.Namespace(**{**vars(args), "budget_minutes": budget_minutes})
+    if args.workers > 1:
+        return _run_workers(staged, out, stage)
+    return _run_task(staged, stage=stage)
+
+
+def _run_workers(args, out: Path, stage: str | None = None) -> int:
+    """--workers N: N processes, each expanding the same grid (of `stage` alone, if given) and training its share
+    into `out` (appends are serialised by a lock file next to it). Exit code 1 if any worker failed; what
+    finished is kept."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # CUDA cannot be initialised again in a forked child
-    workers = [context.Process(target=_worker, args=(args, (k, args.workers))) for k in range(args.workers)]
+    workers = [context.Process(target=_worker, args=(args, (k, args.workers), stage)) for k in range(args.workers)]
     for process in workers:
         process.start()
     for process in workers:
@@ -162,7 +239,7 @@ def _run_workers(args, out: Path) -> int:
     return 0
 
 
-def _worker(args, worker: tuple[int, int]) -> None:
+def _worker(args, worker: tuple[int, int], stage: str | None) -> None:
     import sys
 
-    sys.exit(_run_task(args, worker))
+    sys.exit(_run_task(args, worker, stage))
