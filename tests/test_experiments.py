@@ -460,7 +460,8 @@ def test_report_selects_the_best_learning_rate_and_pairs_baseline_with_sla(tmp_p
     assert all(p.stat().st_size > 0 for p in written)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| 256 | 16 | 128 | 8 | gla | 0.700 ± 0.100 (2) | 0.850 ± 0.050 (2) | +0.150 | 0.003 / 0.001 | 100 |" in text
-    assert "| gla | 128 | 8 | 1024 | 1.00±0.00 / 1.00±0.00 (+0.000) | 0.50±0.00 / 0.50±0.00 (+0.000) | 0.001 / 0.001 | 1 / 1 |" in text
+    assert ("| gla | 128 | 8 | 1024 | 1.00±0.00 / 1.00±0.00 (+0.000) | 0.50±0.00 / 0.50±0.00 (+0.000) "
+            "| 0.001 / 0.001 | 1 / 1 |") in text
     assert "## Needle in a haystack: accuracy per value token" in text
     assert "G^Q near uniform 2/2" in text  # the SLA cell at kv=16 has two seeds, each one layer at 0.95
 

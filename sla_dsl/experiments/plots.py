@@ -29,7 +29,8 @@ def write_plots(cells: list[Cell], out: Path) -> list[Path]:
         at_kv = lambda c: [(c.field("kv_pairs"), c.stat(accuracy))]  # noqa: E731
         written.append(_panels(out / "mqar_kv.png",
                                [(c, f"T={c.field('seq_len')} d={c.field('width')} H={c.field('heads')}", at_kv)
-                                for c in mqar], colour_of=lambda c: "", xlabel="kv pairs", ylabel="accuracy", log2=True))
+                                for c in mqar], colour_of=lambda c: "", xlabel="kv pairs", ylabel="accuracy",
+                               log2=True))
         if len({c.field("heads") for c in mqar}) > 1:
             at_heads = lambda c: [(c.field("heads"), c.stat(accuracy))]  # noqa: E731
             written.append(_panels(out / "mqar_heads.png",
