@@ -1,6 +1,6 @@
 """`python -m sla_dsl demo`: load the seed specs, generate their kernels, run forward and backward on a small
-workload (on the GPU if there is one, else on the CPU with Triton's interpreter) and report speed and error
-against the float64 reference."""
+workload (on the GPU if there is one, else on the CPU: Triton's interpreter and TileLang's C target) and report
+speed and error against the float64 reference."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch
 
 from sla_dsl.codegen import SEED_SPECS_DIR
 
-# Small enough for Triton's interpreter on two CPU cores, big enough to span several chunks.
+# Small enough for Triton's interpreter on two CPU cores, big enough to span several chunks and sub-blocks.
 CPU_SHAPE = dict(batch=1, length=80, heads=2, dim_k=32, dim_v=32)
 GPU_SHAPE = dict(batch=2, length=2048, heads=8, dim_k=128, dim_v=128)
 
 
 def _available_backends(on_gpu: bool) -> list[str]:
-    return ["triton", "tilelang"] if on_gpu else ["reference", "triton"]
+    return ["triton", "tilelang"] if on_gpu else ["reference", "triton", "tilelang"]
 
 
 def _time_ms(fn, on_gpu: bool) -> float:
@@ -43,7 +43,7 @@ def run_demo(args) -> int:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     shape = GPU_SHAPE if on_gpu else CPU_SHAPE
     paths = [Path(p) for p in args.specs] if args.specs else sorted(SEED_SPECS_DIR.glob("*.yaml"))
-    where = torch.cuda.get_device_name() if on_gpu else "CPU (Triton interpreter)"
+    where = torch.cuda.get_device_name() if on_gpu else "CPU (Triton interpreter, TileLang C target)"
     print(f"sla-dsl demo on {where}: B={shape['batch']} T={shape['length']} H={shape['heads']} "
           f"K={shape['dim_k']} V={shape['dim_v']} {str(dtype).removeprefix('torch.')}")
     header = f"{'spec':<12} {'backend':<10} {'build s':>8} {'fwd+bwd ms':>11} {'err out':>9} {'err grad':>9}  status"

@@ -14,13 +14,16 @@ pytest.importorskip("tilelang")
 
 SPECS = seed_specs()
 FACTORY_ARGS = dict(H=4, K=128, V=128, chunk=32, block_v=64, threads=128, num_stages=0)
-FACTORIES = {"fwd": dict(store_states=True), "bwd_dh": {}, "bwd_chunk": {}}
 
 
 def _module(spec):
     from sla_dsl.backends.tilelang import TileLangKernels
 
     return TileLangKernels(spec).module
+
+
+def _kernel_names(module) -> list[str]:
+    return sorted({name for kernels in module.PHASES.values() for name in kernels})
 
 
 def _tf32_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,23 +90,23 @@ def test_16_bit_kernels_are_the_plain_gemm_kernels(spec, tmp_path):
     source = open(module.__file__, encoding="utf-8").read()
     plain = re.sub(r"(?<!def )compensated_gemm\((\w+), (\w+), (\w+), \w+, \w+", r"T.gemm(\1, \2, \3", source)
     plain = "".join(line for line in plain.splitlines(keepends=True) if not line.endswith(FP32_ONLY + "\n"))
-    assert "compensated_gemm(" not in plain.split("\ndef fwd(")[1]
+    assert "compensated_gemm(" not in plain.split("\ndef states(")[1]
     path = tmp_path / f"plain_{spec.name}.py"
     path.write_text(plain, encoding="utf-8")
     loader = importlib.util.spec_from_file_location(f"plain_{spec.name}", path)
     plain_module = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(plain_module)
-    for name, extra in FACTORIES.items():
+    for name in _kernel_names(module):
         for dtype in ("bfloat16", "float16"):
-            args = dict(FACTORY_ARGS, dtype=dtype, **extra)
+            args = dict(FACTORY_ARGS, dtype=dtype)
             assert getattr(module, name)(**args).script() == getattr(plain_module, name)(**args).script(), (name, dtype)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_float32_gemms_are_compensated(spec):
     module = _module(spec)
-    for name, extra in FACTORIES.items():
-        bf16 = getattr(module, name)(**FACTORY_ARGS, dtype="bfloat16", **extra).script()
-        fp32 = getattr(module, name)(**FACTORY_ARGS, dtype="float32", **extra).script()
+    for name in _kernel_names(module):
+        bf16 = getattr(module, name)(**FACTORY_ARGS, dtype="bfloat16").script()
+        fp32 = getattr(module, name)(**FACTORY_ARGS, dtype="float32").script()
         assert fp32.count("T.gemm(") == 3 * bf16.count("T.gemm(") > 0, name
         assert "tf32_" not in bf16 and "tf32_" in fp32, name

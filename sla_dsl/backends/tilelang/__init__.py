@@ -1,16 +1,19 @@
 """The TileLang backend: runs the generated chunkwise kernels of `generated/tilelang/<spec>.py`.
 
 Host side only: packs batches into one token axis described by cu_seqlens, builds the chunk tables for
-varlen, allocates outputs, compiles kernels (TileLang's disk cache, placed under our cache directory; its
-key is the kernel's full TIR, so a changed template or spec never reuses a stale binary) and launches:
+varlen, allocates outputs and the tensors the stages pass on, compiles kernels (TileLang's disk cache, placed
+under our cache directory; its key is the kernel's full TIR, so a changed template or spec never reuses a
+stale binary) and launches the generated module's `PHASES` in order:
 
-    forward:  fwd                                  (one fused kernel)
-    backward: fwd(store_states) -> bwd_dh -> bwd_chunk
+    forward:  [wy ->] states -> output
+    backward: [wy ->] states -> [dv_local ->] bwd_dh -> bwd_chunk        ([...]: delta rule only)
+
+CPU tensors run the same kernels compiled by TileLang's C target (`cpu_emulation`): slow, for tests.
 
 Configs are flat dicts per phase (`tuning`: chunk, and block_v, threads, num_stages per stage) and follow the
 tuning protocol of `sla_dsl.autotune`: a call without `config` runs the tuned table's config for the running
 GPU, else the default. Settings can be fixed for every call with `TileLangKernels(spec, config={...})` or
-the environment variable SLA_DSL_TILELANG_CONFIG='{"fwd_block_v": 32, "bwd_chunk_num_stages": 1}'.
+the environment variable SLA_DSL_TILELANG_CONFIG='{"output_block_v": 32, "bwd_chunk_num_stages": 1}'.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from sla_dsl.alloc import new_output
 from sla_dsl.autotune import Shape, resolve_config
 from sla_dsl.autotune.protocol import override_config
-from sla_dsl.backends.tilelang import tuning
+from sla_dsl.backends.tilelang import cpu_emulation, tuning
 from sla_dsl.codegen import cache_dir, generated_module
 from sla_dsl.launch_tables import chunk_table, log_gammas, scalar
 from sla_dsl.spec import Decay, Spec
@@ -35,12 +38,17 @@ SM90_TARGET = {"kind": "cuda", "arch": "sm_90a"}
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def compile_kernel(module, name: str, heads: int, dim_k: int, dim_v: int, dtype: str, params: dict, target=None,
-                   **extra):
-    """Compiles kernel factory `name` of a generated module with `params` (tuning.kernel_params)."""
+def compile_kernel(module, name: str, heads: int, dim_k: int, dim_v: int, dtype: str, params: dict, target=None):
+    """Compiles kernel factory `name` of a generated module with `params` (tuning.kernel_params); target "c"
+    compiles it for CPU tensors (`cpu_emulation`)."""
     import tilelang
 
-    func = getattr(module, name)(heads, dim_k, dim_v, dtype, **params, **extra)
+    if target == cpu_emulation.TARGET:
+        with cpu_emulation.emulated():
+            func = getattr(module, name)(heads, dim_k, dim_v, dtype, **params)
+            return tilelang.compile(func, target=target, pass_configs=dict(module.PASS_CONFIGS),
+                                    execution_backend=cpu_emulation.EXECUTION_BACKEND)
+    func = getattr(module, name)(heads, dim_k, dim_v, dtype, **params)
     return tilelang.compile(func, target=target or "auto", pass_configs=dict(module.PASS_CONFIGS),
                             execution_backend=EXECUTION_BACKEND)
 
@@ -64,7 +72,7 @@ class TileLangKernels:
     # ---- the tuning protocol ----
 
     def tuning_space(self, shape: Shape, phase: str = "fwd"):
-        return tuning.tuning_space(shape, phase)
+        return tuning.tuning_space(self.module, shape, phase)
 
     def default_config(self, shape: Shape, phase: str = "fwd") -> dict:
         return tuning.default_config(self.module, shape, phase)
@@ -77,15 +85,24 @@ class TileLangKernels:
 
     # ---- compilation ----
 
-    def kernel(self, stage: str, config: dict, heads: int, dim_k: int, dim_v: int, dtype: torch.dtype, **extra):
-        """The compiled kernel of `stage` (a key of tuning.STAGE_KERNELS) with its settings in `config`."""
-        name, params = tuning.STAGE_KERNELS[stage], tuning.kernel_params(config, stage)
-        key = (name, heads, dim_k, dim_v, dtype, tuple(sorted(params.items())), tuple(sorted(extra.items())))
+    def kernel(self, stage: str, config: dict, heads: int, dim_k: int, dim_v: int, dtype: torch.dtype,
+               device: torch.device):
+        """The compiled kernel of `stage` (see tuning.phase_stages) with its settings in `config`, for tensors
+        on `device`."""
+        name, params = tuning.stage_kernel(stage), tuning.kernel_params(config, stage)
+        target = cpu_emulation.TARGET if device.type == "cpu" else None
+        key = (name, heads, dim_k, dim_v, dtype, tuple(sorted(params.items())), target)
         if key not in self._compiled:
             tuning.check_fits(self.module, stage, config, Shape(1, 1, heads, dim_k, dim_v, dtype))
             self._compiled[key] = compile_kernel(self.module, name, heads, dim_k, dim_v, _DTYPES[dtype], params,
-                                                 **extra)
+                                                 target=target)
         return self._compiled[key]
+
+    def _kernels(self, phase: str, config: dict, q, v) -> dict:
+        """The compiled kernels of `phase`, by kernel name."""
+        heads, dim_k, dim_v = q.shape[2], q.shape[3], v.shape[3]
+        return {tuning.stage_kernel(stage): self.kernel(stage, config, heads, dim_k, dim_v, q.dtype, q.device)
+                for stage in tuning.phase_stages(self.module, phase)}
 
     # ---- host-side packing ----
 
@@ -112,9 +129,9 @@ class TileLangKernels:
         num_seq = cu.numel() - 1
         h0 = (initial_state.float().contiguous() if initial_state is not None
               else torch.zeros(num_seq, heads, dim_k, dim_v, dtype=torch.float32, device=device))
+        packed = [flat(q), flat(k), flat(v), *(extras[n] for n in self.module.INPUTS[3:])]
         return dict(batch=batch, length=length, heads=heads, dim_k=dim_k, dim_v=dim_v, nt=nt, cu=cu,
-                    cu_seqlens=cu_seqlens, num_seq=num_seq, q=flat(q), k=flat(k), v=flat(v),
-                    extras=[extras[n] for n in self.module.INPUTS[3:]], h0=h0)
+                    cu_seqlens=cu_seqlens, num_seq=num_seq, q=packed[0], v=packed[2], inputs=packed, h0=h0)
 
     @staticmethod
     def _chunks(p, chunk: int):
@@ -123,19 +140,27 @@ class TileLangKernels:
         table = chunk_table(p["batch"], p["length"], p["cu_seqlens"], chunk, p["q"].device)
         return table.chunk_offsets[:-1].to(torch.int32), table.chunk_indices, table.num_chunks
 
-    def _run_fwd(self, p, kern, chunk: int, store_states: bool, out_dtype):
+    def _run_states(self, p, kernels: dict, chunk: int):
+        """Stages wy (delta rule) and states: the state entering every chunk (hs, in the input dtype), the final
+        state (ht), v_new (delta rule, else v), and the chunk tables."""
         offsets, table, total = self._chunks(p, chunk)
-        heads, dim_k, dim_v = p["heads"], p["dim_k"], p["dim_v"]
-        device = p["q"].device
-        o = new_output((p["nt"], heads, dim_v), out_dtype, device)
+        heads, dim_k, dim_v, nt = p["heads"], p["dim_k"], p["dim_v"], p["nt"]
+        dtype, device = p["q"].dtype, p["q"].device
+        hs = new_output((max(total, 1), heads, dim_k, dim_v), dtype, device)
         ht = new_output((p["num_seq"], heads, dim_k, dim_v), torch.float32, device)
-        hs = (torch.empty((max(total, 1), heads, dim_k, dim_v), dtype=torch.float32, device=device) if store_states
-              else torch.empty((1, heads, dim_k, dim_v), dtype=torch.float32, device=device))
-        if p["nt"] > 0:
-            kern(p["q"], p["k"], p["v"], *p["extras"], p["cu"], offsets, p["h0"], o, ht, hs)
+        v_new, wy = p["v"], []
+        if "wy" in kernels:
+            w = new_output((nt, heads, dim_k), dtype, device)
+            u = new_output((nt, heads, dim_v), dtype, device)
+            v_new = new_output((nt, heads, dim_v), dtype, device)
+            wy = [w, u, v_new]
+        if nt > 0:
+            if wy:
+                kernels["wy"](*p["inputs"], p["cu"], table, *wy[:2])
+            kernels["states"](*p["inputs"], p["cu"], offsets, *wy, p["h0"], hs, ht)
         else:
             ht.copy_(p["h0"])
-        return o, ht, hs, offsets, table, total
+        return dict(hs=hs, ht=ht, v_new=v_new, w=wy[0] if wy else None, offsets=offsets, table=table)
 
     # ---- the backend interface ----
 
@@ -150,14 +175,17 @@ class TileLangKernels:
             return ReferenceKernels(self.spec).forward(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale,
                                                        output_final_state)
         cfg = self._config(q, v, cu_seqlens, "fwd", config)
-        heads, dim_k, dim_v = q.shape[2], q.shape[3], v.shape[3]
-        kern = self.kernel("fwd", cfg, heads, dim_k, dim_v, q.dtype, store_states=False)
+        kernels = self._kernels("fwd", cfg, q, v)
         if compile_only:
             return None
         p = self._pack(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale)
-        o, ht, _, _, _, _ = self._run_fwd(p, kern, cfg["chunk"], False, v.dtype)
+        st = self._run_states(p, kernels, cfg["chunk"])
+        o = new_output((p["nt"], p["heads"], p["dim_v"]), v.dtype, q.device)
+        if p["nt"] > 0:
+            v_new = [st["v_new"]] if "wy" in kernels else []
+            kernels["output"](*p["inputs"], p["cu"], st["table"], st["hs"], *v_new, o)
         o = o.view(p["batch"], p["length"], p["heads"], p["dim_v"])
-        return o, (ht if output_final_state else None)
+        return o, (st["ht"] if output_final_state else None)
 
     def backward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, do, dfinal_state, config=None,
                  compile_only=False):
@@ -170,20 +198,17 @@ class TileLangKernels:
                                                         do, dfinal_state)
         dtype = q.dtype
         cfg = self._config(q, v, cu_seqlens, "bwd", config)
-        heads, dim_k, dim_v = q.shape[2], q.shape[3], v.shape[3]
-        kern_states = self.kernel("bwd_states", cfg, heads, dim_k, dim_v, dtype, store_states=True)
-        kern_dh = self.kernel("bwd_dh", cfg, heads, dim_k, dim_v, dtype)
-        kern_chunk = self.kernel("bwd_chunk", cfg, heads, dim_k, dim_v, dtype)
+        kernels = self._kernels("bwd", cfg, q, v)
         if compile_only:
             return None
         p = self._pack(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale)
-        nt, num_seq = p["nt"], p["num_seq"]
+        nt, num_seq, heads, dim_k, dim_v = p["nt"], p["num_seq"], p["heads"], p["dim_k"], p["dim_v"]
         device = q.device
-        _, _, hs, offsets, table, total = self._run_fwd(p, kern_states, cfg["chunk"], True, dtype)
+        st = self._run_states(p, kernels, cfg["chunk"])
         do_flat = do.reshape(nt, heads, dim_v).to(dtype).contiguous()
         dht = (dfinal_state.float().contiguous() if dfinal_state is not None
                else torch.zeros(num_seq, heads, dim_k, dim_v, dtype=torch.float32, device=device))
-        dh = torch.empty((max(total, 1), heads, dim_k, dim_v), dtype=torch.float32, device=device)
+        dh = new_output(st["hs"].shape, dtype, device)
         dh0 = new_output((num_seq, heads, dim_k, dim_v), torch.float32, device)
         dq = new_output((nt, heads, dim_k), dtype, device)
         dk = new_output((nt, heads, dim_k), dtype, device)
@@ -193,9 +218,14 @@ class TileLangKernels:
             shape = (nt, heads, dim_k) if name == "dg" and self.recurrence.decay is Decay.VECTOR else (nt, heads)
             small[name] = new_output(shape, torch.float32, device)
         if nt > 0:
-            kern_dh(p["q"], p["k"], p["v"], *p["extras"], p["cu"], offsets, do_flat, dht, dh, dh0)
-            kern_chunk(p["q"], p["k"], p["v"], *p["extras"], p["cu"], table, hs, dh, do_flat, dq, dk, dv,
-                       *small.values())
+            delta = []
+            if "dv_local" in kernels:
+                dvl = new_output((nt, heads, dim_v), torch.float32, device)
+                kernels["dv_local"](*p["inputs"], p["cu"], st["table"], do_flat, dvl)
+                delta = [st["w"], dvl]
+            kernels["bwd_dh"](*p["inputs"], p["cu"], st["offsets"], do_flat, *delta, dht, dh, dh0)
+            kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, dq, dk, dv,
+                                 *small.values())
         else:
             dh0.copy_(dht)
         shape = lambda t: t.view(p["batch"], p["length"], *t.shape[1:])  # noqa: E731

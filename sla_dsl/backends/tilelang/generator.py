@@ -1,19 +1,21 @@
 """Generates the TileLang kernels of a spec: one file `generated/tilelang/<spec>.py` per spec.
 
-The file holds three kernel factories, one per chunkwise stage, each written from templates shared by every
-spec and specialised by the recurrence's features (decay kind, write rule, gates, feature maps, L2 norm):
+The file holds one kernel factory per chunkwise stage, each written from templates shared by every spec and
+specialised by the recurrence's features (decay kind, write rule, gates, feature maps, L2 norm). All take
+(H, K, V, dtype, chunk, block_v, threads, num_stages). The two sequential stages walk a sequence's chunks
+and do only what the recurrence needs there; everything else is chunk-parallel (grid: chunks x H):
 
-    fwd(H, K, V, dtype, chunk, block_v, threads, num_stages, store_states)
-        fused forward: grid (V / block_v, N * H); each CTA owns one (sequence, head, V-block), loops over the
-        sequence's chunks and carries the state S[K, block_v] in an fp32 fragment. Preprocessing (feature
-        map, L2 norm, scale, head gates, chunk-local cumulative decay) is fused into the chunk loop.
-        With store_states it also writes the state entering every chunk (for the backward).
-    bwd_dh(H, K, V, dtype, chunk, block_v, threads, num_stages)
-        reverse recurrence of the state gradient: grid (V / block_v, N * H); writes dS at the end of every
-        chunk and the gradient of the initial state.
-    bwd_chunk(H, K, V, dtype, chunk, block_v, threads, num_stages)
-        every input gradient of one chunk: grid (chunks, H); loops over V-blocks accumulating the K-side
-        gradients in fp32 fragments, then chains through decay cumsum, gates, L2 norm and feature maps.
+    wy          (delta rule) the chunk's triangular solve T = (I + beta M)^-1: w = T (beta k' exp(b)), u = T (beta v)
+    states      sequential, grid (V / block_v, N * H): the state S[K, block_v] in an fp32 fragment,
+                S <- exp(b_C) S + ke^T u (u = v, or v_new = u - w S); writes the state entering every chunk
+    output      o = qe S + A u, with the chunk's C x C attention A computed once for all blocks of V
+    dv_local    (delta rule) A^T dO, the in-chunk part of du
+    bwd_dh      sequential, reverse: dS <- exp(b_C) dS + qe^T dO (- w^T du); writes dS at every chunk's end
+    bwd_chunk   every input gradient of one chunk: loops over V-blocks accumulating the K-side gradients in
+                fp32 fragments, then chains through decay cumsum, gates, L2 norm and feature maps
+
+Preprocessing (feature map, L2 norm, scale, head gates, chunk-local cumulative decay) is fused into each
+kernel that reads q or k; `PHASES` in the generated file lists the kernels of the forward and the backward.
 
 Every T.gemm of the templates is emitted as `compensated_gemm` (`tf32x3`): the plain T.gemm for 16-bit
 dtypes, and for float32 an error-compensated product (3xTF32) that keeps fp32 accuracy on tf32 tensor cores.
@@ -143,22 +145,25 @@ def _input_names(f: _Features) -> list[str]:
     return names
 
 
-def _prep_allocs(f: _Features) -> str:
-    s = """
-    qx = T.alloc_fragment((C, K), "float32")
-    kx = T.alloc_fragment((C, K), "float32")
-    qr = T.alloc_fragment((C,), "float32")
-    kr = T.alloc_fragment((C,), "float32")
-    qp_s = T.alloc_shared((C, K), "float32")
-    kp_s = T.alloc_shared((C, K), "float32")
+def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True) -> str:
+    """The buffers of `_prep` for what it computes (q', k', beta'; b always)."""
+    s = ""
+    for side, on in (("q", q), ("k", k)):
+        if on:
+            s += f"""
+    {side}x = T.alloc_fragment((C, K), "float32")
+    {side}r = T.alloc_fragment((C,), "float32")
+    {side}p_s = T.alloc_shared((C, K), "float32")
+    """
+            if f.l2:
+                s += f"""
+    {side}n = T.alloc_fragment((C,), "float32")
     """
     if f.l2:
         s += """
     sq = T.alloc_fragment((C, K), "float32")
-    qn = T.alloc_fragment((C,), "float32")
-    kn = T.alloc_fragment((C,), "float32")
     """
-    if f.delta:
+    if f.delta and beta:
         s += """
     bt_s = T.alloc_shared((C,), "float32")
     """
@@ -168,40 +173,37 @@ def _prep_allocs(f: _Features) -> str:
     return _ind(s, 0)
 
 
-def _prep(f: _Features) -> str:
-    """q' and k' (fp32, shared), beta' and the in-chunk cumulative log decay b, for the chunk at t0."""
-    s = f"""
+def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True) -> str:
+    """q' and k' (fp32, shared), beta' and the in-chunk cumulative log decay b of the chunk at t0, each where
+    asked for (b always)."""
+    s = ""
+    for side, src, fm, on in (("q", "Q", f.fq, q), ("k", "KK", f.fk, k)):
+        if not on:
+            continue
+        s += f"""
     for i, d in T.Parallel(C, K):
-        qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-        kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+        {side}x[i, d] = T.if_then_else(t0 + i < eos, T.cast({src}[t0 + i, h, d], "float32"), 0.0)
     for i, d in T.Parallel(C, K):
-        qx[i, d] = {_phi(f.fq, "qx[i, d]")}
-        kx[i, d] = {_phi(f.fk, "kx[i, d]")}
+        {side}x[i, d] = {_phi(fm, f"{side}x[i, d]")}
     """
-    if f.l2:
-        s += """
+        if f.l2:
+            s += f"""
     for i, d in T.Parallel(C, K):
-        sq[i, d] = qx[i, d] * qx[i, d]
-    T.reduce_sum(sq, qn, dim=1)
-    for i, d in T.Parallel(C, K):
-        sq[i, d] = kx[i, d] * kx[i, d]
-    T.reduce_sum(sq, kn, dim=1)
+        sq[i, d] = {side}x[i, d] * {side}x[i, d]
+    T.reduce_sum(sq, {side}n, dim=1)
     """
-    qf = "T.rsqrt(qn[i] + EPS)" if f.l2 else "1.0"
-    kf = "T.rsqrt(kn[i] + EPS)" if f.l2 else "1.0"
-    if f.read:
-        qf += " * GQ[t0 + i, h]"
-    if f.key_gate:
-        kf += " * GK[t0 + i, h]"
-    s += f"""
+        factor = f"T.rsqrt({side}n[i] + EPS)" if f.l2 else "1.0"
+        if side == "q":
+            factor += (" * GQ[t0 + i, h]" if f.read else "") + " * SC[0]"
+        elif f.key_gate:
+            factor += " * GK[t0 + i, h]"
+        s += f"""
     for i in T.Parallel(C):
-        qr[i] = T.if_then_else(t0 + i < eos, {qf} * SC[0], 0.0)
-        kr[i] = T.if_then_else(t0 + i < eos, {kf}, 0.0)
+        {side}r[i] = T.if_then_else(t0 + i < eos, {factor}, 0.0)
     for i, d in T.Parallel(C, K):
-        qp_s[i, d] = qx[i, d] * qr[i]
-        kp_s[i, d] = kx[i, d] * kr[i]
+        {side}p_s[i, d] = {side}x[i, d] * {side}r[i]
     """
-    if f.delta:
+    if f.delta and beta:
         bf = "BETA[t0 + i, h]" + (" * GK[t0 + i, h]" if f.beta_gate else "")
         s += f"""
     for i in T.Parallel(C):
@@ -227,74 +229,94 @@ def _prep(f: _Features) -> str:
     return _ind(s, 0)
 
 
-def _chunk_allocs(f: _Features) -> str:
+# ---- intra-chunk terms: qe = q' exp(b), ke = k' exp(b_C - b), A, and the delta rule's WY form ----
+
+def _qe(f: _Features) -> str:
+    return _ind(f"""
+    for i, d in T.Parallel(C, K):
+        qe_m[i, d] = T.cast(qp_s[i, d] * {f.exp_b("i")}, dtype)
+    """, 0)
+
+
+def _ke(f: _Features) -> str:
+    return _ind(f"""
+    for i, d in T.Parallel(C, K):
+        ke_m[i, d] = T.cast(kp_s[i, d] * {f.exp_rest("i")}, dtype)
+    """, 0)
+
+
+def _cast_qk(f: _Features, q: bool = True) -> str:
+    """q' and k' in dtype (operands of the C x C gemms of a scalar or constant decay)."""
+    if f.vector:
+        return ""
     s = """
-    qe_m = T.alloc_shared((C, K), dtype)
-    ke_m = T.alloc_shared((C, K), dtype)
-    A_f = T.alloc_fragment((C, C), "float32")
-    A_m = T.alloc_shared((C, C), dtype)
+    for i, d in T.Parallel(C, K):
+        km_m[i, d] = T.cast(kp_s[i, d], dtype)
     """
-    if not f.vector:
+    if q:
         s += """
-    qm_m = T.alloc_shared((C, K), dtype)
-    km_m = T.alloc_shared((C, K), dtype)
-    """
-    if f.delta:
-        s += """
-    M_f = T.alloc_fragment((C, C), "float32")
-    L_s = T.alloc_shared((C, C), "float32")
-    Tm_s = T.alloc_shared((C, C), "float32")
-    Tm_m = T.alloc_shared((C, C), dtype)
-    kb_m = T.alloc_shared((C, K), dtype)
-    W_f = T.alloc_fragment((C, K), "float32")
-    w_m = T.alloc_shared((C, K), dtype)
+    for i, d in T.Parallel(C, K):
+        qm_m[i, d] = T.cast(qp_s[i, d], dtype)
     """
     return _ind(s, 0)
 
 
-def _chunk_common(f: _Features) -> str:
-    """From q', k', beta', b: qe = q' exp(b), ke = k' exp(b_C - b), A (masked, decayed) and, for the delta
-    rule, L = beta M (strict), T = (I + L)^-1 and w = T (beta k' exp(b))."""
-    s = f"""
-    for i, d in T.Parallel(C, K):
-        qe_m[i, d] = T.cast(qp_s[i, d] * {f.exp_b("i")}, dtype)
-        ke_m[i, d] = T.cast(kp_s[i, d] * {f.exp_rest("i")}, dtype)
-    """
+def _cast_qk_allocs(f: _Features, q: bool = True) -> str:
     if f.vector:
-        # relative decay differs per key channel: exact elementwise form, exponents b_i - b_j <= 0
-        s += """
+        return ""
+    return _ind("""
+    km_m = T.alloc_shared((C, K), dtype)
+    """ + ("""
+    qm_m = T.alloc_shared((C, K), dtype)
+    """ if q else ""), 0)
+
+
+def _attention(f: _Features) -> str:
+    """A[i, j] = sum_d q'_id k'_jd exp(b_i - b_j) for j <= i, else 0, into A_f (fp32) and A_m (dtype)."""
+    if f.vector:
+        # the relative decay differs per key channel: the exact elementwise form, exponents b_i - b_j <= 0
+        s = """
     for i, j in T.Parallel(C, C):
         A_f[i, j] = 0.0
         for d in T.serial(K):
             A_f[i, j] += T.if_then_else(j <= i, qp_s[i, d] * kp_s[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
     """
-        if f.delta:
-            s += """
+    else:
+        s = f"""
+    T.gemm(qm_m, km_m, A_f, transpose_B=True, clear_accum=True)
+    for i, j in T.Parallel(C, C):
+        A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * {f.exp_rel("i", "j")}, 0.0)
+    """
+    s += """
+    T.copy(A_f, A_m)
+    """
+    return _ind(s, 0)
+
+
+def _attention_allocs() -> str:
+    return _ind("""
+    A_f = T.alloc_fragment((C, C), "float32")
+    A_m = T.alloc_shared((C, C), dtype)
+    """, 0)
+
+
+def _wy(f: _Features) -> str:
+    """The delta rule's WY form: M (strict, decayed k' k'^T), L = beta M, T = (I + L)^-1 (forward substitution
+    in shared memory) and w = T (beta k' exp(b)), into Tm_m, W_f and w_m."""
+    if f.vector:
+        s = """
     for i, j in T.Parallel(C, C):
         M_f[i, j] = 0.0
         for d in T.serial(K):
             M_f[i, j] += T.if_then_else(j < i, kp_s[i, d] * kp_s[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
     """
     else:
-        s += f"""
-    for i, d in T.Parallel(C, K):
-        qm_m[i, d] = T.cast(qp_s[i, d], dtype)
-        km_m[i, d] = T.cast(kp_s[i, d], dtype)
-    T.gemm(qm_m, km_m, A_f, transpose_B=True, clear_accum=True)
-    for i, j in T.Parallel(C, C):
-        A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * {f.exp_rel("i", "j")}, 0.0)
-    """
-        if f.delta:
-            s += f"""
+        s = f"""
     T.gemm(km_m, km_m, M_f, transpose_B=True, clear_accum=True)
     for i, j in T.Parallel(C, C):
         M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * {f.exp_rel("i", "j")}, 0.0)
     """
-    s += """
-    T.copy(A_f, A_m)
-    """
-    if f.delta:
-        s += f"""
+    s += f"""
     for i, j in T.Parallel(C, C):
         L_s[i, j] = bt_s[i] * M_f[i, j]
         Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
@@ -311,6 +333,18 @@ def _chunk_common(f: _Features) -> str:
     return _ind(s, 0)
 
 
+def _wy_allocs() -> str:
+    return _ind("""
+    M_f = T.alloc_fragment((C, C), "float32")
+    L_s = T.alloc_shared((C, C), "float32")
+    Tm_s = T.alloc_shared((C, C), "float32")
+    Tm_m = T.alloc_shared((C, C), dtype)
+    kb_m = T.alloc_shared((C, K), dtype)
+    W_f = T.alloc_fragment((C, K), "float32")
+    w_m = T.alloc_shared((C, K), dtype)
+    """, 0)
+
+
 def _state_decay(f: _Features, target: str) -> str:
     if not f.has_b:
         return ""
@@ -321,82 +355,95 @@ def _state_decay(f: _Features, target: str) -> str:
     """, 0)
 
 
-def _load_v(src: str, dst: str) -> str:
+def _load_rows(src: str, dst: str, width: str = "BV", col0: str = "v0") -> str:
+    """Rows t0.. of token tensor `src` (columns col0 + [0, width)) into `dst`, zero past the sequence's end."""
     return _ind(f"""
-    for i, e2 in T.Parallel(C, BV):
-        {dst}[i, e2] = T.if_then_else(t0 + i < eos, {src}[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+    for i, e2 in T.Parallel(C, {width}):
+        {dst}[i, e2] = T.if_then_else(t0 + i < eos, {src}[t0 + i, h, {col0} + e2], T.cast(0.0, dtype))
     """, 0)
 
 
-def _u(f: _Features, vsrc: str) -> str:
-    """u = v (additive), or u = T (beta v) - w S (delta), into u_m; U_f keeps T (beta v)."""
-    if not f.delta:
-        return ""
-    return _ind(f"""
-    for i, e2 in T.Parallel(C, BV):
-        vb_m[i, e2] = T.cast(bt_s[i] * T.cast({vsrc}[i, e2], "float32"), dtype)
-    T.gemm(Tm_m, vb_m, U_f, clear_accum=True)
-    T.gemm(w_m, S_m, WS_f, clear_accum=True)
-    for i, e2 in T.Parallel(C, BV):
-        u_m[i, e2] = T.cast(U_f[i, e2] - WS_f[i, e2], dtype)
-    """, 0)
+# ---- kernel templates. Each is one stage; the host (`sla_dsl.backends.tilelang`) runs them in order:
+#      forward:  [wy] -> states -> output          backward: [wy] -> states -> [dv_local] -> bwd_dh -> bwd_chunk
+#      ([...]: delta rule only). Chunk-parallel stages have grid (chunks, H) and read the chunk table; the two
+#      sequential ones (states, bwd_dh) have grid (V / block_v, N * H) and do only what the recurrence needs. ----
 
-
-def _u_allocs(f: _Features) -> str:
-    if not f.delta:
-        return ""
-    return _ind("""
-    vb_m = T.alloc_shared((C, BV), dtype)
-    U_f = T.alloc_fragment((C, BV), "float32")
-    WS_f = T.alloc_fragment((C, BV), "float32")
-    u_m = T.alloc_shared((C, BV), dtype)
-    """, 0)
-
-
-FWD = '''
-def fwd(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, store_states=False):
-    """Fused forward. Inputs {inputs}, cu_seqlens [N+1] int32, chunk_offsets [N] int32 (first global chunk
-    of each sequence), h0 [N, H, K, V] fp32; outputs o [NT, H, V], ht [N, H, K, V] fp32 and, with
-    store_states, hs [NC, H, K, V] fp32 (state entering every chunk)."""
-    C, BV = chunk, block_v
-    NT, N, NC = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC")
+SIGNATURE = '''    C, BV = chunk, block_v
+    # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
+    # cannot solve N + 1 for N
+    NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
     def kernel(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
-{params}        CU: T.Tensor((N + 1,), "int32"),
-        CO: T.Tensor((N,), "int32"),
-        H0: T.Tensor((N, H, K, V), "float32"),
-        O: T.Tensor((NT, H, V), dtype),
-        HT: T.Tensor((N, H, K, V), "float32"),
-        HS: T.Tensor((NC, H, K, V), "float32"),
-    ):
-        with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
+{params}        CU: T.Tensor((NB,), "int32"),
+'''
+
+SEQUENTIAL_PROLOGUE = '''        with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
             n = nh // H
             h = nh % H
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
-{prep_allocs}{chunk_allocs}{u_allocs}            S = T.alloc_fragment((K, BV), "float32")
-            S_m = T.alloc_shared((K, BV), dtype)
-            v_m = T.alloc_shared((C, BV), dtype)
-            O_f = T.alloc_fragment((C, BV), "float32")
+'''
+
+CHUNK_PROLOGUE = '''        with T.Kernel(NC, H, threads=threads) as (ci, h):
+            n = CI[ci, 0]
+            bos = CU[n]
+            eos = CU[n + 1]
+            t0 = bos + CI[ci, 1] * C
+'''
+
+WY = '''
+def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """The delta rule's WY form of every chunk (chunk-parallel). Inputs {inputs}, cu_seqlens, chunk_table
+    [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)) and u [NT, H, V] =
+    T (beta v) in dtype, T = (I + beta M)^-1 the chunk's triangular solve."""
+''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
+        W: T.Tensor((NT, H, K), dtype),
+        U: T.Tensor((NT, H, V), dtype),
+    ):
+''' + CHUNK_PROLOGUE + '''{allocs}            vb_m = T.alloc_shared((C, BV), dtype)
+            U_f = T.alloc_fragment((C, BV), "float32")
+{body}            for i, d in T.Parallel(C, K):
+                if t0 + i < eos:
+                    W[t0 + i, h, d] = w_m[i, d]
+            for iv in T.Pipelined(V // BV, num_stages=num_stages):
+                v0 = iv * BV
+                for i, e2 in T.Parallel(C, BV):
+                    vb_m[i, e2] = T.cast(bt_s[i] * T.if_then_else(t0 + i < eos, T.cast(VV[t0 + i, h, v0 + e2], "float32"), 0.0), dtype)
+                T.gemm(Tm_m, vb_m, U_f, clear_accum=True)
+                for i, e2 in T.Parallel(C, BV):
+                    if t0 + i < eos:
+                        U[t0 + i, h, v0 + e2] = T.cast(U_f[i, e2], dtype)
+
+    return kernel
+'''
+
+STATES = '''
+def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state
+    S[K, block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks,
+    S <- exp(b_C) S + ke^T u. Inputs {inputs}, cu_seqlens, chunk_offsets [N] int32 (first global chunk of each
+    sequence), h0 [N, H, K, V] fp32{delta_inputs}; outputs hs [NC, H, K, V] (the state entering every chunk,
+    in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32{delta_outputs}."""
+''' + SIGNATURE + '''        CO: T.Tensor((N,), "int32"),
+{delta_params}        H0: T.Tensor((N, H, K, V), "float32"),
+        HS: T.Tensor((NC, H, K, V), dtype),
+        HT: T.Tensor((N, H, K, V), "float32"),
+    ):
+''' + SEQUENTIAL_PROLOGUE + '''{allocs}            ke_m = T.alloc_shared((C, K), dtype)
+            S = T.alloc_fragment((K, BV), "float32")
+            u_m = T.alloc_shared((C, BV), dtype)
             for a, e2 in T.Parallel(K, BV):
                 S[a, e2] = H0[n, h, a, v0 + e2]
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
-{prep}{common}{load_v}                if store_states:
-                    for a, e2 in T.Parallel(K, BV):
-                        HS[CO[n] + c, h, a, v0 + e2] = S[a, e2]
-                T.copy(S, S_m)
-{u}                T.gemm(qe_m, S_m, O_f, clear_accum=True)
-                T.gemm(A_m, {u_name}, O_f)
-                for i, e2 in T.Parallel(C, BV):
-                    if t0 + i < eos:
-                        O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
-{state_decay}                T.gemm(ke_m, {u_name}, S, transpose_A=True)
+{prep}{ke}                for a, e2 in T.Parallel(K, BV):
+                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], dtype)
+{u}{state_decay}                T.gemm(ke_m, u_m, S, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
 
@@ -404,47 +451,109 @@ def fwd(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, store_s
 '''
 
 
+def _states_u(f: _Features) -> dict:
+    """u of the state update: v (additive), or v_new = u - w S for the delta rule (S entering the chunk,
+    written to vn for the output and read back by nothing else)."""
+    if not f.delta:
+        return {"u": _ind(_load_rows("VV", "u_m"), 0), "delta_params": "", "delta_allocs": "",
+                "delta_inputs": "", "delta_outputs": ""}
+    u = _ind("""
+    T.copy(S, S_m)
+    for i, d in T.Parallel(C, K):
+        w_m[i, d] = T.if_then_else(t0 + i < eos, W[t0 + i, h, d], T.cast(0.0, dtype))
+    for i, e2 in T.Parallel(C, BV):
+        u_f[i, e2] = T.if_then_else(t0 + i < eos, T.cast(U[t0 + i, h, v0 + e2], "float32"), 0.0)
+    T.gemm(w_m, S_m, WS_f, clear_accum=True)
+    for i, e2 in T.Parallel(C, BV):
+        u_m[i, e2] = T.cast(u_f[i, e2] - WS_f[i, e2], dtype)
+    for i, e2 in T.Parallel(C, BV):
+        if t0 + i < eos:
+            VN[t0 + i, h, v0 + e2] = u_m[i, e2]
+    """, 0)
+    return {"u": u,
+            "delta_params": ('        W: T.Tensor((NT, H, K), dtype),\n        U: T.Tensor((NT, H, V), dtype),\n'
+                             '        VN: T.Tensor((NT, H, V), dtype),\n'),
+            "delta_allocs": _ind("""
+    S_m = T.alloc_shared((K, BV), dtype)
+    w_m = T.alloc_shared((C, K), dtype)
+    u_f = T.alloc_fragment((C, BV), "float32")
+    WS_f = T.alloc_fragment((C, BV), "float32")
+    """, 0),
+            "delta_inputs": ", w [NT, H, K] and u [NT, H, V] from stage wy",
+            "delta_outputs": " and v_new = u - w S [NT, H, V] in dtype (vn, before hs and ht in the arguments)"}
+
+
+OUTPUT = '''
+def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time).
+    Inputs {inputs}, cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each chunk){u_doc};
+    output o [NT, H, V]."""
+''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
+        HS: T.Tensor((NC, H, K, V), dtype),
+{u_param}        O: T.Tensor((NT, H, V), dtype),
+    ):
+''' + CHUNK_PROLOGUE + '''{allocs}            qe_m = T.alloc_shared((C, K), dtype)
+{attention_allocs}            S_m = T.alloc_shared((K, BV), dtype)
+            u_m = T.alloc_shared((C, BV), dtype)
+            O_f = T.alloc_fragment((C, BV), "float32")
+{prep}{cast_qk}{qe}{attention}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
+                v0 = iv * BV
+{load_u}                for a, e2 in T.Parallel(K, BV):
+                    S_m[a, e2] = HS[ci, h, a, v0 + e2]
+                T.gemm(qe_m, S_m, O_f, clear_accum=True)
+                T.gemm(A_m, u_m, O_f)
+                for i, e2 in T.Parallel(C, BV):
+                    if t0 + i < eos:
+                        O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
+
+    return kernel
+'''
+
+DV_LOCAL = '''
+def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no
+    C x C product. Inputs {inputs}, cu_seqlens, chunk_table [NC, 2] int32, do [NT, H, V]; output
+    dvl [NT, H, V] fp32."""
+''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
+        DO: T.Tensor((NT, H, V), dtype),
+        DVL: T.Tensor((NT, H, V), "float32"),
+    ):
+''' + CHUNK_PROLOGUE + '''{allocs}{attention_allocs}            do_m = T.alloc_shared((C, BV), dtype)
+            du_f = T.alloc_fragment((C, BV), "float32")
+{prep}{cast_qk}{attention}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
+                v0 = iv * BV
+{load_do}                T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
+                for i, e2 in T.Parallel(C, BV):
+                    if t0 + i < eos:
+                        DVL[t0 + i, h, v0 + e2] = du_f[i, e2]
+
+    return kernel
+'''
+
 BWD_DH = '''
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """Reverse state-gradient recurrence. Inputs {inputs}, cu_seqlens, chunk_offsets, do [NT, H, V],
-    dht [N, H, K, V] fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] fp32
-    (gradient of the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
-    C, BV = chunk, block_v
-    NT, N, NC = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC")
-
-    @T.prim_func
-    def kernel(
-        Q: T.Tensor((NT, H, K), dtype),
-        KK: T.Tensor((NT, H, K), dtype),
-        VV: T.Tensor((NT, H, V), dtype),
-{params}        CU: T.Tensor((N + 1,), "int32"),
-        CO: T.Tensor((N,), "int32"),
+    """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS +
+    qe^T dO{delta_doc}. Inputs {inputs}, cu_seqlens, chunk_offsets, do [NT, H, V]{delta_inputs}, dht [N, H, K, V]
+    fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of
+    the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
+''' + SIGNATURE + '''        CO: T.Tensor((N,), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
-        DHT: T.Tensor((N, H, K, V), "float32"),
-        DH: T.Tensor((NC, H, K, V), "float32"),
+{delta_params}        DHT: T.Tensor((N, H, K, V), "float32"),
+        DH: T.Tensor((NC, H, K, V), dtype),
         DH0: T.Tensor((N, H, K, V), "float32"),
     ):
-        with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
-            n = nh // H
-            h = nh % H
-            v0 = iv * BV
-            bos = CU[n]
-            eos = CU[n + 1]
-{prep_allocs}{chunk_allocs}            dS = T.alloc_fragment((K, BV), "float32")
-            dS_m = T.alloc_shared((K, BV), dtype)
+''' + SEQUENTIAL_PROLOGUE + '''{allocs}            qe_m = T.alloc_shared((C, K), dtype)
+            dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
-{du_allocs}            for a, e2 in T.Parallel(K, BV):
+{delta_allocs}            for a, e2 in T.Parallel(K, BV):
                 dS[a, e2] = DHT[n, h, a, v0 + e2]
             nchunks = T.ceildiv(eos - bos, C)
             for cc in T.Pipelined(nchunks, num_stages=num_stages):
                 c = nchunks - 1 - cc
                 t0 = bos + c * C
-{prep}{common}                for a, e2 in T.Parallel(K, BV):
-                    DH[CO[n] + c, h, a, v0 + e2] = dS[a, e2]
-                T.copy(dS, dS_m)
-                for i, e2 in T.Parallel(C, BV):
-                    do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
-{du}{state_decay}                T.gemm(qe_m, do_m, dS, transpose_A=True)
+{prep}{qe}                for a, e2 in T.Parallel(K, BV):
+                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], dtype)
+{load_do}{du}{state_decay}                T.gemm(qe_m, do_m, dS, transpose_A=True)
 {dw}            for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]
 
@@ -454,55 +563,46 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
 def _bwd_dh_pieces(f: _Features) -> dict:
     if not f.delta:
-        return {"du_allocs": "", "du": "", "dw": ""}
-    du_allocs = _ind("""
+        return {"delta_allocs": "", "du": "", "dw": "", "delta_params": "", "delta_doc": "", "delta_inputs": ""}
+    delta_allocs = _ind("""
+    ke_m = T.alloc_shared((C, K), dtype)
+    dS_m = T.alloc_shared((K, BV), dtype)
     du_f = T.alloc_fragment((C, BV), "float32")
     du_m = T.alloc_shared((C, BV), dtype)
     wn_m = T.alloc_shared((C, K), dtype)
     """, 0)
-    # du = A^T dO + ke dS_end;  dS_in = gC dS_end + qe^T dO - w^T du
-    du = _ind("""
-    T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
+    # du = A^T dO + ke dS_end (A^T dO from dv_local);  dS_in = gC dS_end + qe^T dO - w^T du
+    du = _ind(f"""
+    T.copy(dS, dS_m)
+    for i, e2 in T.Parallel(C, BV):
+        du_f[i, e2] = T.if_then_else(t0 + i < eos, DVL[t0 + i, h, v0 + e2], 0.0)
     T.gemm(ke_m, dS_m, du_f)
     T.copy(du_f, du_m)
     for i, d in T.Parallel(C, K):
-        wn_m[i, d] = T.cast(-W_f[i, d], dtype)
+        wn_m[i, d] = T.if_then_else(t0 + i < eos, -W[t0 + i, h, d], T.cast(0.0, dtype))
     """, 0)
-    dw = _ind("""
+    return {"delta_allocs": delta_allocs, "du": du, "dw": _ind("""
     T.gemm(wn_m, du_m, dS, transpose_A=True)
-    """, 0)
-    return {"du_allocs": du_allocs, "du": du, "dw": dw}
+    """, 0), "delta_params": ('        W: T.Tensor((NT, H, K), dtype),\n'
+                             '        DVL: T.Tensor((NT, H, V), "float32"),\n'),
+            "delta_doc": " - w^T du, du = A^T dO + ke dS", "delta_inputs": ", w [NT, H, K] (stage wy), dvl [NT, H, V] (stage dv_local)"}
 
 
 BWD_CHUNK = '''
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """Every input gradient of one chunk. Inputs {inputs}, cu_seqlens, chunk_table [NC, 2] int32
-    (sequence, chunk within it), hs [NC, H, K, V] fp32 (state entering each chunk), dh [NC, H, K, V] fp32
+    """Every input gradient of one chunk (chunk-parallel). Inputs {inputs}, cu_seqlens, chunk_table [NC, 2]
+    int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
     (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype,
     dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
-    C, BV = chunk, block_v
-    NT, N, NC = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC")
-
-    @T.prim_func
-    def kernel(
-        Q: T.Tensor((NT, H, K), dtype),
-        KK: T.Tensor((NT, H, K), dtype),
-        VV: T.Tensor((NT, H, V), dtype),
-{params}        CU: T.Tensor((N + 1,), "int32"),
-        CI: T.Tensor((NC, 2), "int32"),
-        HS: T.Tensor((NC, H, K, V), "float32"),
-        DH: T.Tensor((NC, H, K, V), "float32"),
+''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
+        HS: T.Tensor((NC, H, K, V), dtype),
+        DH: T.Tensor((NC, H, K, V), dtype),
         DO: T.Tensor((NT, H, V), dtype),
         DQ: T.Tensor((NT, H, K), dtype),
         DK: T.Tensor((NT, H, K), dtype),
         DV: T.Tensor((NT, H, V), dtype),
 {grad_params}    ):
-        with T.Kernel(NC, H, threads=threads) as (ci, h):
-            n = CI[ci, 0]
-            bos = CU[n]
-            eos = CU[n + 1]
-            t0 = bos + CI[ci, 1] * C
-{prep_allocs}{chunk_allocs}{allocs}
+''' + CHUNK_PROLOGUE + '''{prep_allocs}{chunk_allocs}{allocs}
 {prep}{common}{pre_loop}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
 {vloop}
@@ -627,7 +727,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     if f.dg:
         v += """
     for a, e2 in T.Parallel(K, BV):
-        sd_f[a, e2] = HS[ci, h, a, v0 + e2] * DH[ci, h, a, v0 + e2]
+        sd_f[a, e2] = T.cast(HS[ci, h, a, v0 + e2], "float32") * T.cast(DH[ci, h, a, v0 + e2], "float32")
     T.reduce_sum(sd_f, sdr_f, dim=1)
     for a in T.Parallel(K):
         dgc_s[a] = dgc_s[a] + sdr_f[a]
@@ -873,21 +973,47 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
 
 def generate(spec: Spec) -> dict[str, str]:
     f = _Features(spec)
-    inputs = "(" + ", ".join(_input_names(f)) + ")"
-    allocs = {"params": _params(f), "prep_allocs": _ind(_prep_allocs(f), 12),
-              "chunk_allocs": _ind(_chunk_allocs(f), 12), "inputs": inputs}
-    fwd = FWD.format(u_allocs=_ind(_u_allocs(f), 12), prep=_ind(_prep(f), 16), common=_ind(_chunk_common(f), 16),
-                     load_v=_ind(_load_v("VV", "v_m"), 16), u=_ind(_u(f, "v_m"), 16),
-                     u_name="u_m" if f.delta else "v_m", state_decay=_ind(_state_decay(f, "S"), 16), **allocs)
+    common = {"params": _params(f), "inputs": "(" + ", ".join(_input_names(f)) + ")"}
+    at = lambda text, n: _ind(text, n)  # noqa: E731
+    factories = []
+    if f.delta:
+        factories.append(WY.format(
+            allocs=at(_prep_allocs(f, q=False) + _cast_qk_allocs(f, q=False) + _wy_allocs(), 12),
+            body=at(_prep(f, q=False) + _cast_qk(f, q=False) + _wy(f), 12), **common))
+    st = _states_u(f)
+    factories.append(STATES.format(
+        allocs=at(_prep_allocs(f, q=False, beta=False) + st["delta_allocs"], 12),
+        prep=at(_prep(f, q=False, beta=False), 16), ke=at(_ke(f), 16), u=at(st["u"], 16),
+        state_decay=at(_state_decay(f, "S"), 16), delta_params=st["delta_params"],
+        delta_inputs=st["delta_inputs"], delta_outputs=st["delta_outputs"], **common))
+    qk = dict(allocs=at(_prep_allocs(f, beta=False) + _cast_qk_allocs(f), 12), prep=at(_prep(f, beta=False), 12),
+              cast_qk=at(_cast_qk(f), 12), attention_allocs=at(_attention_allocs(), 12),
+              attention=at(_attention(f), 12))
+    factories.append(OUTPUT.format(
+        qe=at(_qe(f), 12), u_param='        VN: T.Tensor((NT, H, V), dtype),\n' if f.delta else "",
+        load_u=at(_load_rows("VN" if f.delta else "VV", "u_m"), 16),
+        u_doc=", vn [NT, H, V] (v_new, stage states)" if f.delta else "", **qk, **common))
+    if f.delta:
+        factories.append(DV_LOCAL.format(load_do=at(_load_rows("DO", "do_m"), 16), **qk, **common))
     dh = _bwd_dh_pieces(f)
-    bwd_dh = BWD_DH.format(prep=_ind(_prep(f), 16), common=_ind(_chunk_common(f), 16),
-                           du_allocs=_ind(dh["du_allocs"], 12), du=_ind(dh["du"], 16), dw=_ind(dh["dw"], 16),
-                           state_decay=_ind(_state_decay(f, "dS"), 16), **allocs)
+    factories.append(BWD_DH.format(
+        allocs=at(_prep_allocs(f, k=f.delta, beta=False), 12), prep=at(_prep(f, k=f.delta, beta=False), 16),
+        qe=at(_qe(f) + (_ke(f) if f.delta else ""), 16), load_do=at(_load_rows("DO", "do_m"), 16),
+        du=at(dh["du"], 16), dw=at(dh["dw"], 16), state_decay=at(_state_decay(f, "dS"), 16),
+        delta_allocs=at(dh["delta_allocs"], 12), delta_params=dh["delta_params"], delta_doc=dh["delta_doc"],
+        delta_inputs=dh["delta_inputs"], **common))
     pieces = _bwd_chunk_pieces(f)
-    bwd_chunk = BWD_CHUNK.format(prep=_ind(_prep(f), 12), common=_ind(_chunk_common(f), 12),
-                                 grad_params=pieces["grad_params"], allocs=_ind(pieces["allocs"], 12),
-                                 pre_loop=_ind(pieces["pre_loop"], 12), vloop=_ind(pieces["vloop"], 16),
-                                 post=_ind(pieces["post"], 12), **allocs)
+    chunk_allocs = ('qe_m = T.alloc_shared((C, K), dtype)\nke_m = T.alloc_shared((C, K), dtype)\n'
+                    + _attention_allocs() + _cast_qk_allocs(f) + (_wy_allocs() if f.delta else ""))
+    chunk_common = _cast_qk(f) + _qe(f) + _ke(f) + _attention(f) + (_wy(f) if f.delta else "")
+    factories.append(BWD_CHUNK.format(
+        prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f), 12),
+        common=at(chunk_common, 12), grad_params=pieces["grad_params"], allocs=at(pieces["allocs"], 12),
+        pre_loop=at(pieces["pre_loop"], 12), vloop=at(pieces["vloop"], 16), post=at(pieces["post"], 12),
+        **common))
+    wy = ("wy",) if f.delta else ()
+    phases = {"fwd": (*wy, "states", "output"),
+              "bwd": (*wy, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk")}
     rec = spec.recurrence
     meta = f'''
 import tilelang
@@ -903,6 +1029,8 @@ INPUTS = {tuple(_input_names(f))!r}
 GRAD_OUTPUTS = {tuple(n for n, on in (("dg", f.has_b and f.decay is not Decay.CONSTANT), ("dbeta", f.delta),
                                         ("dgq", f.read), ("dgk", f.gk)) if on)!r}
 EPS = {L2_NORM_EPS!r}
+# The kernels each phase runs, in order (the host runtime and the tuning space follow it).
+PHASES = {phases!r}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
 # TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).
 PASS_CONFIGS = {{
@@ -911,5 +1039,5 @@ PASS_CONFIGS = {{
 }}
 ''' + MACROS
     text = (header(spec, "tilelang", "chunkwise forward and backward kernels") + meta
-            + "".join(compensate(factory) for factory in (fwd, bwd_dh, bwd_chunk)))
+            + "".join(compensate(factory) for factory in factories))
     return {filename(spec): text}

@@ -1,13 +1,16 @@
-"""The tuning space of the TileLang kernel templates (`generator`: fwd, bwd_dh, bwd_chunk).
+"""The tuning space of the TileLang kernel templates (`generator`: one kernel factory per chunkwise stage).
 
-Each kernel factory takes a chunk size, the V-block of a CTA (block_v), its thread count and the software
-pipelining depth of its main loop (num_stages; 0 leaves the loop unpipelined). Phase fwd runs `fwd`; phase bwd
-runs `fwd` storing the chunk states (stage "bwd_states"), `bwd_dh` and `bwd_chunk`, which must walk the
-same chunks (states and state gradients are stored per chunk), so a phase has one chunk size.
+Each kernel factory takes a chunk size, a V-block (block_v: the grid's split of V in the sequential stages,
+the inner loop's block in the chunk-parallel ones), its thread count and the software pipelining depth of its
+main loop (num_stages; 0 leaves the loop unpipelined). A generated module lists the kernels of each phase in
+the order they run (`PHASES`): fwd runs [wy,] states, output; bwd runs [wy,] states, [dv_local,] bwd_dh,
+bwd_chunk ([...]: delta rule only). The stages of a phase exchange per-chunk tensors, so a phase has one
+chunk size.
 
-Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage.
-Constraints: K and V are multiples of 16 (tensor-core tiles); block_v divides V (the grid has V / block_v
-CTAs, and bwd_chunk loops over V / block_v blocks). A setting whose buffers need more shared memory than a
+Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
+stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (bwd_dh and bwd_chunk keep theirs),
+so that one flat override can name settings of both phases. Constraints: K and V are multiples of 16
+(tensor-core tiles); block_v divides V. A setting whose buffers need more shared memory than a
 CTA may have is rejected before it compiles (`check_fits`); one that needs more registers than the GPU has
 fails to compile or launch, and the sweep skips it.
 """
@@ -29,17 +32,28 @@ CHUNK_SIZES = (16, 32, 64)
 BLOCK_V = (16, 32, 64)
 THREADS = (64, 128, 256)
 NUM_STAGES = (0, 1, 2)
-PHASE_STAGES = {"fwd": ("fwd",), "bwd": ("bwd_states", "bwd_dh", "bwd_chunk")}
-STAGE_KERNELS = {"fwd": "fwd", "bwd_states": "fwd", "bwd_dh": "bwd_dh", "bwd_chunk": "bwd_chunk"}
 STAGE_PARAMS = ("block_v", "threads", "num_stages")
-# Tried first by the sweep: the chunk and the V-blocking change the work of every CTA most.
-SEARCH_ORDER = ("chunk", *(f"{stage}_{param}" for param in STAGE_PARAMS for stage in STAGE_KERNELS))
 
 
-def _stages(phase: str) -> tuple[str, ...]:
-    if phase not in PHASE_STAGES:
+def stage_name(phase: str, kernel: str) -> str:
+    return kernel if phase == "fwd" or kernel.startswith("bwd_") else f"bwd_{kernel}"
+
+
+def stage_kernel(stage: str) -> str:
+    """The kernel factory a stage runs (the inverse of stage_name)."""
+    return stage if stage in ("bwd_dh", "bwd_chunk") else stage.removeprefix("bwd_")
+
+
+def phase_stages(module, phase: str) -> tuple[str, ...]:
+    """The stages of `phase` of a generated module, in the order they run."""
+    if phase not in module.PHASES:
         raise ValueError(f"phase: expected 'fwd' or 'bwd', got {phase!r}")
-    return PHASE_STAGES[phase]
+    return tuple(stage_name(phase, kernel) for kernel in module.PHASES[phase])
+
+
+def _search_order(stages) -> tuple[str, ...]:
+    # tried first by the sweep: the chunk and the V-blocking change the work of every CTA most
+    return ("chunk", *(f"{stage}_{param}" for param in STAGE_PARAMS for stage in stages))
 
 
 def _check_dims(dim_k: int, dim_v: int) -> None:
@@ -47,13 +61,14 @@ def _check_dims(dim_k: int, dim_v: int) -> None:
         raise ValueError(f"tilelang backend: K and V must be multiples of 16, got K={dim_k}, V={dim_v}")
 
 
-def tuning_space(shape, phase: str) -> Space:
-    """Every valid config of `phase` for `shape` (a sla_dsl.autotune.Shape)."""
+def tuning_space(module, shape, phase: str) -> Space:
+    """Every valid config of `phase` of a generated module for `shape` (a sla_dsl.autotune.Shape)."""
     _check_dims(shape.K, shape.V)
     settings = [{"block_v": bv, "threads": t, "num_stages": s}
                 for bv in BLOCK_V if shape.V % bv == 0 for t in THREADS for s in NUM_STAGES]
-    stages = [[{f"{stage}_{k}": v for k, v in setting.items()} for setting in settings] for stage in _stages(phase)]
-    return Space([{"chunk": c} for c in CHUNK_SIZES], *stages, order=SEARCH_ORDER)
+    names = phase_stages(module, phase)
+    stages = [[{f"{stage}_{k}": v for k, v in setting.items()} for setting in settings] for stage in names]
+    return Space([{"chunk": c} for c in CHUNK_SIZES], *stages, order=_search_order(names))
 
 
 _SHARED_ALLOC = re.compile(r'T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)(' + re.escape(FP32_ONLY) + ')?')
@@ -73,11 +88,12 @@ def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
     side by side (the sum matched the 254464 bytes that the H100 refused for gdn's fwd at chunk 64, K 128).
     Float32 inputs add the scratch of their error-compensated gemms (`tf32x3`)."""
     params = kernel_params(config, stage)
-    sizes = {"C": params["chunk"], "BV": params["block_v"], "K": shape.K, "V": shape.V}
+    sizes = {"C": params["chunk"], "BV": params["block_v"], "K": shape.K, "V": shape.V,
+             "SB": getattr(module, "SUB_BLOCK", 0)}
     fp32_inputs = shape.dtype == "float32"
     element = 4 if fp32_inputs else 2
     total = 0
-    for dims, is_float32, fp32_only in _shared_buffers(module, STAGE_KERNELS[stage]):
+    for dims, is_float32, fp32_only in _shared_buffers(module, stage_kernel(stage)):
         if fp32_only and not fp32_inputs:
             continue
         count = 1
@@ -119,7 +135,7 @@ def default_config(module, shape, phase: str) -> dict:
     in shared memory, and at it each stage's largest block_v that fits. Blocks of V narrower than 32 are a
     last resort: every V-block of a chunk recomputes the chunk's K-sized intra-chunk terms."""
     _check_dims(shape.K, shape.V)
-    stages = _stages(phase)
+    stages = phase_stages(module, phase)
     block_sizes = [b for b in sorted(BLOCK_V, reverse=True) if shape.V % b == 0]
     limit = shared_memory_limit()
     for narrowest in (32, 16):
