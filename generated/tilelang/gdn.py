@@ -99,6 +99,8 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             b_s = T.alloc_shared((C,), "float32")
             km_m = T.alloc_shared((C, K), dtype)
             M_f = T.alloc_fragment((C, C), "float32")
+
+            M_s = T.alloc_shared((C, C), "float32")
             L_s = T.alloc_shared((C, C), "float32")
             Tm_s = T.alloc_shared((C, C), "float32")
             Tm_m = T.alloc_shared((C, C), dtype)
@@ -137,9 +139,10 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
+            T.copy(M_f, M_s)
 
             for i, j in T.Parallel(C, C):
-                L_s[i, j] = bt_s[i] * M_f[i, j]
+                L_s[i, j] = bt_s[i] * M_s[i, j]
                 Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
             for j in T.serial(C - 1):
                 for i, c2 in T.Parallel(C, C):
@@ -361,7 +364,6 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
-
             T.copy(A_f, A_m)
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
@@ -470,7 +472,6 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
-
             T.copy(A_f, A_m)
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
@@ -663,6 +664,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
             qm_m = T.alloc_shared((C, K), dtype)
             M_f = T.alloc_fragment((C, C), "float32")
+
+            M_s = T.alloc_shared((C, C), "float32")
             L_s = T.alloc_shared((C, C), "float32")
             Tm_s = T.alloc_shared((C, C), "float32")
             Tm_m = T.alloc_shared((C, C), dtype)
@@ -707,7 +710,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dL_f = T.alloc_fragment((C, C), "float32")
             X_f = T.alloc_fragment((C, C), "float32")
             dL_s = T.alloc_shared((C, C), "float32")
-            M_s = T.alloc_shared((C, C), "float32")
             dkb_f = T.alloc_fragment((C, K), "float32")
             dkb_m = T.alloc_shared((C, K), dtype)
             dkb_s = T.alloc_shared((C, K), "float32")
@@ -783,14 +785,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
-
             T.copy(A_f, A_m)
             compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
+            T.copy(M_f, M_s)
 
             for i, j in T.Parallel(C, C):
-                L_s[i, j] = bt_s[i] * M_f[i, j]
+                L_s[i, j] = bt_s[i] * M_s[i, j]
                 Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
             for j in T.serial(C - 1):
                 for i, c2 in T.Parallel(C, C):
@@ -812,8 +814,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             T.clear(dL_f)
             for i in T.Parallel(C):
                 dbv_s[i] = 0.0
-            for i, j in T.Parallel(C, C):
-                M_s[i, j] = M_f[i, j]
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
                 for i, e2 in T.Parallel(C, BV):

@@ -13,6 +13,8 @@ INPUTS = ('q', 'k', 'v', 'g', 'gq', 'gk', 'scale')
 # dg / dbeta / dgq / dgk outputs of bwd_chunk, in order.
 GRAD_OUTPUTS = ('dg', 'dgq', 'dgk')
 EPS = 1e-06
+# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).
+SUB_BLOCK = 16
 # The kernels each phase runs, in order (the host runtime and the tuning space follow it).
 PHASES = {'fwd': ('states', 'output'), 'bwd': ('states', 'bwd_dh', 'bwd_chunk')}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
@@ -65,7 +67,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     S <- exp(b_C) S + ke^T u. Inputs (q, k, v, g, gq, gk, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of each
     sequence), h0 [N, H, K, V] fp32; outputs hs [NC, H, K, V] (the state entering every chunk,
     in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
-    C, BV = chunk, block_v
+    C, BV, SB = chunk, block_v, SUB_BLOCK
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -137,7 +139,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time).
     Inputs (q, k, v, g, gq, gk, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each chunk);
     output o [NT, H, V]."""
-    C, BV = chunk, block_v
+    C, BV, SB = chunk, block_v, SUB_BLOCK
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -170,13 +172,18 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             kp_s = T.alloc_shared((C, K), "float32")
 
             b_s = T.alloc_shared((C, K), "float32")
+            xg_m = T.alloc_shared((SB, K), dtype)
+            cg_m = T.alloc_shared((C, K), dtype)
+            rows_f = T.alloc_fragment((SB, C), "float32")
+            diag_f = T.alloc_fragment((C, SB), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
-            A_f = T.alloc_fragment((C, C), "float32")
+            A_s = T.alloc_shared((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
             S_m = T.alloc_shared((K, BV), dtype)
             u_m = T.alloc_shared((C, BV), dtype)
             O_f = T.alloc_fragment((C, BV), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
+            tf32_SB_K = T.alloc_shared((SB, K), dtype) if dtype == "float32" else None
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
@@ -206,12 +213,22 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
                 qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i, d]), dtype)
-            for i, j in T.Parallel(C, C):
-                A_f[i, j] = 0.0
+            for r in T.serial(C // SB):
+                for i, d in T.Parallel(SB, K):
+                    xg_m[i, d] = T.cast(qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+                for j, d in T.Parallel(C, K):
+                    cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                compensated_gemm(xg_m, cg_m, rows_f, tf32_SB_K, tf32_C_K, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(SB, C):
+                    A_s[r * SB + i, j] = rows_f[i, j]
+            for i, jj in T.Parallel(C, SB):
+                diag_f[i, jj] = 0.0
                 for d in T.serial(K):
-                    A_f[i, j] += T.if_then_else(j <= i, qp_s[i, d] * kp_s[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+                    diag_f[i, jj] += T.if_then_else(jj <= i % SB, qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+            for i, jj in T.Parallel(C, SB):
+                A_s[i, i - i % SB + jj] = diag_f[i, jj]
 
-            T.copy(A_f, A_m)
+            T.copy(A_s, A_m)
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
                 for i, e2 in T.Parallel(C, BV):
@@ -231,7 +248,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     qe^T dO. Inputs (q, k, v, g, gq, gk, scale), cu_seqlens, chunk_offsets, do [NT, H, V], dht [N, H, K, V]
     fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of
     the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
-    C, BV = chunk, block_v
+    C, BV, SB = chunk, block_v, SUB_BLOCK
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -307,7 +324,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
     (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype,
     dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
-    C, BV = chunk, block_v
+    C, BV, SB = chunk, block_v, SUB_BLOCK
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -349,8 +366,12 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             b_s = T.alloc_shared((C, K), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             ke_m = T.alloc_shared((C, K), dtype)
-            A_f = T.alloc_fragment((C, C), "float32")
+            A_s = T.alloc_shared((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
+            xg_m = T.alloc_shared((SB, K), dtype)
+            cg_m = T.alloc_shared((C, K), dtype)
+            rows_f = T.alloc_fragment((SB, C), "float32")
+            diag_f = T.alloc_fragment((C, SB), "float32")
             v_m = T.alloc_shared((C, BV), dtype)
             do_m = T.alloc_shared((C, BV), dtype)
             S_m = T.alloc_shared((K, BV), dtype)
@@ -371,6 +392,12 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dgc_s = T.alloc_shared((K,), "float32")
             db_s = T.alloc_shared((C, K), "float32")
 
+            pr_m = T.alloc_shared((SB, C), dtype)
+            pc_m = T.alloc_shared((C, SB), dtype)
+            part_f = T.alloc_fragment((SB, K), "float32")
+            px_s = T.alloc_shared((C, K), "float32")
+            py_s = T.alloc_shared((C, K), "float32")
+
             rk_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             gk_f = T.alloc_fragment((C,), "float32")
@@ -381,11 +408,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             rq_f = T.alloc_fragment((C,), "float32")
             rk2_f = T.alloc_fragment((C,), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
+            tf32_SB_K = T.alloc_shared((SB, K), dtype) if dtype == "float32" else None
+            tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
-            tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             tf32_C_BV_2 = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
+            tf32_SB_C = T.alloc_shared((SB, C), dtype) if dtype == "float32" else None
+            tf32_C_SB = T.alloc_shared((C, SB), dtype) if dtype == "float32" else None
 
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
@@ -414,12 +444,22 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i, d]), dtype)
             for i, d in T.Parallel(C, K):
                 ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
-            for i, j in T.Parallel(C, C):
-                A_f[i, j] = 0.0
+            for r in T.serial(C // SB):
+                for i, d in T.Parallel(SB, K):
+                    xg_m[i, d] = T.cast(qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+                for j, d in T.Parallel(C, K):
+                    cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                compensated_gemm(xg_m, cg_m, rows_f, tf32_SB_K, tf32_C_K, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(SB, C):
+                    A_s[r * SB + i, j] = rows_f[i, j]
+            for i, jj in T.Parallel(C, SB):
+                diag_f[i, jj] = 0.0
                 for d in T.serial(K):
-                    A_f[i, j] += T.if_then_else(j <= i, qp_s[i, d] * kp_s[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+                    diag_f[i, jj] += T.if_then_else(jj <= i % SB, qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+            for i, jj in T.Parallel(C, SB):
+                A_s[i, i - i % SB + jj] = diag_f[i, jj]
 
-            T.copy(A_f, A_m)
+            T.copy(A_s, A_m)
             T.clear(dqe_f)
             T.clear(dke_f)
             T.clear(dA_f)
@@ -454,14 +494,29 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, j in T.Parallel(C, C):
                 dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
 
+            for r in T.serial(C // SB):
+                for i, j in T.Parallel(SB, C):
+                    pr_m[i, j] = T.cast(T.if_then_else(j < r * SB, dA_s[r * SB + i, j], 0.0), dtype)
+                for j, d in T.Parallel(C, K):
+                    cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                compensated_gemm(pr_m, cg_m, part_f, tf32_SB_C, tf32_C_K, clear_accum=True)
+                for i, d in T.Parallel(SB, K):
+                    px_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d])
+                for i, j in T.Parallel(C, SB):
+                    pc_m[i, j] = T.cast(T.if_then_else(i >= r * SB + SB, dA_s[i, r * SB + j], 0.0), dtype)
+                for i, d in T.Parallel(C, K):
+                    cg_m[i, d] = T.cast(T.if_then_else(i >= r * SB + SB, qp_s[i, d] * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
+                compensated_gemm(pc_m, cg_m, part_f, tf32_C_SB, tf32_C_K, transpose_A=True, clear_accum=True)
+                for j, d in T.Parallel(SB, K):
+                    py_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
             for i, d in T.Parallel(C, K):
-                dqA_f[i, d] = 0.0
-                for j in T.serial(C):
-                    dqA_f[i, d] += T.if_then_else(j <= i, dA_s[i, j] * kp_s[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+                dqA_f[i, d] = px_s[i, d]
+                for jj in T.serial(SB):
+                    dqA_f[i, d] += T.if_then_else(jj <= i % SB, dA_s[i, i - i % SB + jj] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
             for j, d in T.Parallel(C, K):
-                dkA_f[j, d] = 0.0
-                for i in T.serial(C):
-                    dkA_f[j, d] += T.if_then_else(j <= i, dA_s[i, j] * qp_s[i, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+                dkA_f[j, d] = py_s[j, d]
+                for ii in T.serial(SB):
+                    dkA_f[j, d] += T.if_then_else(ii >= j % SB, dA_s[j - j % SB + ii, j] * qp_s[j - j % SB + ii, d] * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)), 0.0)
 
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = T.exp(b_s[i, d]) * dqe_f[i, d] + dqA_f[i, d]

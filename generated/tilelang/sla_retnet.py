@@ -216,7 +216,6 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
-
             T.copy(A_f, A_m)
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
@@ -425,7 +424,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
-
             T.copy(A_f, A_m)
             T.clear(dqe_f)
             T.clear(dke_f)

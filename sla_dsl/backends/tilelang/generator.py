@@ -271,54 +271,80 @@ def _cast_qk_allocs(f: _Features, q: bool = True) -> str:
     """ if q else ""), 0)
 
 
-def _attention(f: _Features) -> str:
-    """A[i, j] = sum_d q'_id k'_jd exp(b_i - b_j) for j <= i, else 0, into A_f (fp32) and A_m (dtype)."""
-    if f.vector:
-        # the relative decay differs per key channel: the exact elementwise form, exponents b_i - b_j <= 0
-        s = """
-    for i, j in T.Parallel(C, C):
-        A_f[i, j] = 0.0
+def _decayed_products(X: str, Y: str, out: str, strict: bool) -> str:
+    """Vector decay: out[i, j] = sum_d X_id Y_jd exp(b_id - b_jd) for j <= i (j < i if strict), else 0, into
+    the shared fp32 C x C buffer `out`. Below the diagonal sub-blocks (SB rows) it runs on tensor cores: for
+    rows in sub-block r the decay splits at the row before it, exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j),
+    both exponents <= 0. The diagonal sub-blocks take the exact elementwise form (SB x SB x K per sub-block
+    instead of C x C x K per chunk)."""
+    mask = "jj < ii" if strict else "jj <= ii"
+    return f"""
+    for r in T.serial(C // SB):
+        for i, d in T.Parallel(SB, K):
+            xg_m[i, d] = T.cast({X}[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+        for j, d in T.Parallel(C, K):
+            cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, {Y}[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+        T.gemm(xg_m, cg_m, rows_f, transpose_B=True, clear_accum=True)
+        for i, j in T.Parallel(SB, C):
+            {out}[r * SB + i, j] = rows_f[i, j]
+    for i, jj in T.Parallel(C, SB):
+        diag_f[i, jj] = 0.0
         for d in T.serial(K):
-            A_f[i, j] += T.if_then_else(j <= i, qp_s[i, d] * kp_s[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+            diag_f[i, jj] += T.if_then_else({mask.replace("ii", "i % SB")}, {X}[i, d] * {Y}[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+    for i, jj in T.Parallel(C, SB):
+        {out}[i, i - i % SB + jj] = diag_f[i, jj]
     """
-    else:
-        s = f"""
+
+
+def _subblock_allocs(f: _Features) -> str:
+    """The scratch of _decayed_products and of the vector decay's _pair_terms."""
+    if not f.vector:
+        return ""
+    return _ind("""
+    xg_m = T.alloc_shared((SB, K), dtype)
+    cg_m = T.alloc_shared((C, K), dtype)
+    rows_f = T.alloc_fragment((SB, C), "float32")
+    diag_f = T.alloc_fragment((C, SB), "float32")
+    """, 0)
+
+
+def _attention(f: _Features) -> str:
+    """A[i, j] = sum_d q'_id k'_jd exp(b_i - b_j) for j <= i, else 0, into A_m (dtype)."""
+    if f.vector:
+        return _ind(_decayed_products("qp_s", "kp_s", "A_s", strict=False) + """
+    T.copy(A_s, A_m)
+    """, 0)
+    return _ind(f"""
     T.gemm(qm_m, km_m, A_f, transpose_B=True, clear_accum=True)
     for i, j in T.Parallel(C, C):
         A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * {f.exp_rel("i", "j")}, 0.0)
-    """
-    s += """
     T.copy(A_f, A_m)
-    """
-    return _ind(s, 0)
+    """, 0)
 
 
-def _attention_allocs() -> str:
-    return _ind("""
-    A_f = T.alloc_fragment((C, C), "float32")
+def _attention_allocs(f: _Features) -> str:
+    acc = ('A_s = T.alloc_shared((C, C), "float32")' if f.vector else 'A_f = T.alloc_fragment((C, C), "float32")')
+    return _ind(f"""
+    {acc}
     A_m = T.alloc_shared((C, C), dtype)
     """, 0)
 
 
 def _wy(f: _Features) -> str:
-    """The delta rule's WY form: M (strict, decayed k' k'^T), L = beta M, T = (I + L)^-1 (forward substitution
-    in shared memory) and w = T (beta k' exp(b)), into Tm_m, W_f and w_m."""
+    """The delta rule's WY form: M (strict, decayed k' k'^T, into M_s), L = beta M, T = (I + L)^-1 (forward
+    substitution in shared memory) and w = T (beta k' exp(b)), into Tm_m, W_f and w_m."""
     if f.vector:
-        s = """
-    for i, j in T.Parallel(C, C):
-        M_f[i, j] = 0.0
-        for d in T.serial(K):
-            M_f[i, j] += T.if_then_else(j < i, kp_s[i, d] * kp_s[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
-    """
+        s = _decayed_products("kp_s", "kp_s", "M_s", strict=True)
     else:
         s = f"""
     T.gemm(km_m, km_m, M_f, transpose_B=True, clear_accum=True)
     for i, j in T.Parallel(C, C):
         M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * {f.exp_rel("i", "j")}, 0.0)
+    T.copy(M_f, M_s)
     """
     s += f"""
     for i, j in T.Parallel(C, C):
-        L_s[i, j] = bt_s[i] * M_f[i, j]
+        L_s[i, j] = bt_s[i] * M_s[i, j]
         Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
     for j in T.serial(C - 1):
         for i, c2 in T.Parallel(C, C):
@@ -333,9 +359,11 @@ def _wy(f: _Features) -> str:
     return _ind(s, 0)
 
 
-def _wy_allocs() -> str:
-    return _ind("""
+def _wy_allocs(f: _Features) -> str:
+    return _ind(("" if f.vector else """
     M_f = T.alloc_fragment((C, C), "float32")
+    """) + """
+    M_s = T.alloc_shared((C, C), "float32")
     L_s = T.alloc_shared((C, C), "float32")
     Tm_s = T.alloc_shared((C, C), "float32")
     Tm_m = T.alloc_shared((C, C), dtype)
@@ -650,7 +678,15 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     dbr_f = T.alloc_fragment((C,), "float32")
     dbr_s = T.alloc_shared((C,), "float32")
     """
-    if not f.vector:
+    if f.vector:
+        a += """
+    pr_m = T.alloc_shared((SB, C), dtype)
+    pc_m = T.alloc_shared((C, SB), dtype)
+    part_f = T.alloc_fragment((SB, K), "float32")
+    px_s = T.alloc_shared((C, K), "float32")
+    py_s = T.alloc_shared((C, K), "float32")
+    """
+    else:
         a += """
     P_m = T.alloc_shared((C, C), dtype)
     """
@@ -669,7 +705,6 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     dL_f = T.alloc_fragment((C, C), "float32")
     X_f = T.alloc_fragment((C, C), "float32")
     dL_s = T.alloc_shared((C, C), "float32")
-    M_s = T.alloc_shared((C, C), "float32")
     dkb_f = T.alloc_fragment((C, K), "float32")
     dkb_m = T.alloc_shared((C, K), dtype)
     dkb_s = T.alloc_shared((C, K), "float32")
@@ -711,8 +746,6 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     T.clear(dL_f)
     for i in T.Parallel(C):
         dbv_s[i] = 0.0
-    for i, j in T.Parallel(C, C):
-        M_s[i, j] = M_f[i, j]
     """
     pre_loop = _ind(pre, 0)
 
@@ -947,15 +980,35 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
         outx[i, d] = sum_j P[i, j] Y[j, d] exp(b_id - b_jd)      outy[j, d] = sum_i P[i, j] X[i, d] exp(b_id - b_jd)
     (the gradients of sum_ij P_ij sum_d X_id Y_jd exp(b_id - b_jd) w.r.t. X and Y)."""
     if f.vector:
+        # Below the diagonal sub-blocks on tensor cores, the decay split at a reference row as in
+        # _decayed_products: rows of sub-block r against the columns before it (reference: the row before the
+        # sub-block), columns of sub-block r against the rows after it (reference: its last row). The diagonal
+        # sub-blocks take the exact elementwise form.
+        xmask, ymask = ("jj < i % SB", "ii > j % SB") if strict else ("jj <= i % SB", "ii >= j % SB")
         return f"""
+    for r in T.serial(C // SB):
+        for i, j in T.Parallel(SB, C):
+            pr_m[i, j] = T.cast(T.if_then_else(j < r * SB, {P}[r * SB + i, j], 0.0), dtype)
+        for j, d in T.Parallel(C, K):
+            cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, {Y}[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+        T.gemm(pr_m, cg_m, part_f, clear_accum=True)
+        for i, d in T.Parallel(SB, K):
+            px_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d])
+        for i, j in T.Parallel(C, SB):
+            pc_m[i, j] = T.cast(T.if_then_else(i >= r * SB + SB, {P}[i, r * SB + j], 0.0), dtype)
+        for i, d in T.Parallel(C, K):
+            cg_m[i, d] = T.cast(T.if_then_else(i >= r * SB + SB, {X}[i, d] * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
+        T.gemm(pc_m, cg_m, part_f, transpose_A=True, clear_accum=True)
+        for j, d in T.Parallel(SB, K):
+            py_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
     for i, d in T.Parallel(C, K):
-        {outx}[i, d] = 0.0
-        for j in T.serial(C):
-            {outx}[i, d] += T.if_then_else(j <= i, {P}[i, j] * {Y}[j, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+        {outx}[i, d] = px_s[i, d]
+        for jj in T.serial(SB):
+            {outx}[i, d] += T.if_then_else({xmask}, {P}[i, i - i % SB + jj] * {Y}[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
     for j, d in T.Parallel(C, K):
-        {outy}[j, d] = 0.0
-        for i in T.serial(C):
-            {outy}[j, d] += T.if_then_else(j <= i, {P}[i, j] * {X}[i, d] * T.exp(T.min(b_s[i, d] - b_s[j, d], 0.0)), 0.0)
+        {outy}[j, d] = py_s[j, d]
+        for ii in T.serial(SB):
+            {outy}[j, d] += T.if_then_else({ymask}, {P}[j - j % SB + ii, j] * {X}[j - j % SB + ii, d] * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)), 0.0)
     """
     mask = "j < i" if strict else "j <= i"
     xm = "km_m" if strict else "qm_m"
@@ -978,7 +1031,8 @@ def generate(spec: Spec) -> dict[str, str]:
     factories = []
     if f.delta:
         factories.append(WY.format(
-            allocs=at(_prep_allocs(f, q=False) + _cast_qk_allocs(f, q=False) + _wy_allocs(), 12),
+            allocs=at(_prep_allocs(f, q=False) + _cast_qk_allocs(f, q=False) + _wy_allocs(f) + _subblock_allocs(f),
+                      12),
             body=at(_prep(f, q=False) + _cast_qk(f, q=False) + _wy(f), 12), **common))
     st = _states_u(f)
     factories.append(STATES.format(
@@ -986,8 +1040,9 @@ def generate(spec: Spec) -> dict[str, str]:
         prep=at(_prep(f, q=False, beta=False), 16), ke=at(_ke(f), 16), u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=st["delta_params"],
         delta_inputs=st["delta_inputs"], delta_outputs=st["delta_outputs"], **common))
-    qk = dict(allocs=at(_prep_allocs(f, beta=False) + _cast_qk_allocs(f), 12), prep=at(_prep(f, beta=False), 12),
-              cast_qk=at(_cast_qk(f), 12), attention_allocs=at(_attention_allocs(), 12),
+    qk = dict(allocs=at(_prep_allocs(f, beta=False) + _cast_qk_allocs(f) + _subblock_allocs(f), 12),
+              prep=at(_prep(f, beta=False), 12),
+              cast_qk=at(_cast_qk(f), 12), attention_allocs=at(_attention_allocs(f), 12),
               attention=at(_attention(f), 12))
     factories.append(OUTPUT.format(
         qe=at(_qe(f), 12), u_param='        VN: T.Tensor((NT, H, V), dtype),\n' if f.delta else "",
@@ -1004,7 +1059,8 @@ def generate(spec: Spec) -> dict[str, str]:
         delta_inputs=dh["delta_inputs"], **common))
     pieces = _bwd_chunk_pieces(f)
     chunk_allocs = ('qe_m = T.alloc_shared((C, K), dtype)\nke_m = T.alloc_shared((C, K), dtype)\n'
-                    + _attention_allocs() + _cast_qk_allocs(f) + (_wy_allocs() if f.delta else ""))
+                    + _attention_allocs(f) + _cast_qk_allocs(f) + (_wy_allocs(f) if f.delta else "")
+                    + _subblock_allocs(f))
     chunk_common = _cast_qk(f) + _qe(f) + _ke(f) + _attention(f) + (_wy(f) if f.delta else "")
     factories.append(BWD_CHUNK.format(
         prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f), 12),
@@ -1014,6 +1070,11 @@ def generate(spec: Spec) -> dict[str, str]:
     wy = ("wy",) if f.delta else ()
     phases = {"fwd": (*wy, "states", "output"),
               "bwd": (*wy, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk")}
+    if f.vector:
+        factories = [text.replace("    C, BV = chunk, block_v\n", "    C, BV, SB = chunk, block_v, SUB_BLOCK\n")
+                     for text in factories]
+    sub_block = ("# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).\n"
+                 "SUB_BLOCK = 16\n" if f.vector else "")
     rec = spec.recurrence
     meta = f'''
 import tilelang
@@ -1029,7 +1090,7 @@ INPUTS = {tuple(_input_names(f))!r}
 GRAD_OUTPUTS = {tuple(n for n, on in (("dg", f.has_b and f.decay is not Decay.CONSTANT), ("dbeta", f.delta),
                                         ("dgq", f.read), ("dgk", f.gk)) if on)!r}
 EPS = {L2_NORM_EPS!r}
-# The kernels each phase runs, in order (the host runtime and the tuning space follow it).
+{sub_block}# The kernels each phase runs, in order (the host runtime and the tuning space follow it).
 PHASES = {phases!r}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
 # TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).
