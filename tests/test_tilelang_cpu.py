@@ -2,8 +2,8 @@
 target (`sla_dsl.backends.tilelang.cpu_emulation`), fp32, small shapes, outputs poisoned before each run.
 
 Every decay x write x gates combination forward and backward; variable lengths with an initial state; T not a
-multiple of the chunk; several blocks of V in every stage; head dims 16 to 48; the write gate on beta; feature
-maps and L2 normalisation; strong decay; no initial or final state. What the emulation cannot judge (layouts,
+multiple of the chunk; several blocks of V in every stage; head dims 12 to 48, multiples of 16 or not; the write
+gate on beta; feature maps and L2 normalisation; strong decay; no initial or final state. What the emulation cannot judge (layouts,
 pipelining, warp-level reductions on the H100) is the GPU suite's (`python -m sla_dsl gpu-check`).
 """
 
@@ -74,6 +74,17 @@ def test_varlen_with_initial_state_and_wider_heads(decay, write):
     cu_seqlens = torch.tensor([0, 5, 40, 41, 77])  # one shorter than a chunk, one of a single token
     check(testing.recurrence(decay, write, Gates.BOTH), 1, 77, 2, 48, 32, cu_seqlens=cu_seqlens, num_sequences=4,
           config={"chunk": 64})
+
+
+@pytest.mark.parametrize("write", list(WriteRule))
+@pytest.mark.parametrize("fmap", [FeatureMap.ELU_PLUS_ONE, FeatureMap.SIGMOID, FeatureMap.SILU])
+def test_head_dims_not_multiples_of_16(fmap, write):
+    """K = 20 and V = 12 run as 32 and 16: q and k padded with an input whose feature map is 0 (phi(0) is 1 for
+    elu + 1, 1/2 for sigmoid), g, v and the states with zeros; with the L2 norm over the real channels only."""
+    rec = testing.recurrence(Decay.VECTOR, write, Gates.BOTH, feature_map_q=fmap, feature_map_k=fmap,
+                             qk_l2_norm=True)
+    cu_seqlens = torch.tensor([0, 9, 40, 70])
+    check(rec, 1, 70, 2, 20, 12, cu_seqlens=cu_seqlens, num_sequences=3, config={"chunk": 32})
 
 
 @pytest.mark.parametrize("write", list(WriteRule))

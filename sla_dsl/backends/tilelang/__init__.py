@@ -29,7 +29,7 @@ from sla_dsl.autotune.protocol import override_config
 from sla_dsl.backends.tilelang import cpu_emulation, tuning
 from sla_dsl.codegen import cache_dir, generated_module
 from sla_dsl.launch_tables import chunk_table, log_gammas, scalar
-from sla_dsl.spec import Decay, Spec
+from sla_dsl.spec import Decay, FeatureMap, Spec
 
 os.environ.setdefault("TILELANG_CACHE_DIR", str(cache_dir() / "tilelang"))
 
@@ -101,15 +101,18 @@ class TileLangKernels:
 
     def _kernels(self, phase: str, config: dict, q, v) -> dict:
         """The compiled kernels of `phase`, by kernel name."""
-        heads, dim_k, dim_v = q.shape[2], q.shape[3], v.shape[3]
+        heads, dim_k, dim_v = q.shape[2], tuning.padded(q.shape[3]), tuning.padded(v.shape[3])
         return {tuning.stage_kernel(stage): self.kernel(stage, config, heads, dim_k, dim_v, q.dtype, q.device)
                 for stage in tuning.phase_stages(self.module, phase)}
 
     # ---- host-side packing ----
 
     def _pack(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale):
+        """The inputs as the kernels take them: tokens packed along one axis, head dims padded to the kernels'
+        (tuning.padded) so that the padded channels contribute nothing."""
         batch, length, heads, dim_k = q.shape
         dim_v = v.shape[-1]
+        kp, vp = tuning.padded(dim_k), tuning.padded(dim_v)
         device = q.device
         if cu_seqlens is None:
             cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * length
@@ -117,22 +120,26 @@ class TileLangKernels:
             cu = cu_seqlens.to(torch.int32)
         nt = batch * length
         flat = lambda t: t.reshape(nt, *t.shape[2:]).contiguous()  # noqa: E731
+        rec = self.recurrence
         extras = {}
         for name in self.module.INPUTS[3:]:
             if name == "g":
-                extras[name] = flat(g).float()
+                extras[name] = _pad(flat(g).float(), kp, 0.0) if rec.decay is Decay.VECTOR else flat(g).float()
             elif name in ("beta", "gq", "gk"):
                 extras[name] = flat({"beta": beta, "gq": gq, "gk": gk}[name]).float()
             elif name == "log_gamma":
-                extras[name] = log_gammas(self.recurrence, heads, device)
+                extras[name] = log_gammas(rec, heads, device)
             elif name == "scale":
                 extras[name] = scalar(scale, device)
         num_seq = cu.numel() - 1
-        h0 = (initial_state.float().contiguous() if initial_state is not None
-              else torch.zeros(num_seq, heads, dim_k, dim_v, dtype=torch.float32, device=device))
-        packed = [flat(q), flat(k), flat(v), *(extras[n] for n in self.module.INPUTS[3:])]
-        return dict(batch=batch, length=length, heads=heads, dim_k=dim_k, dim_v=dim_v, nt=nt, cu=cu,
-                    cu_seqlens=cu_seqlens, num_seq=num_seq, q=packed[0], v=packed[2], inputs=packed, h0=h0)
+        h0 = (_pad(_pad(initial_state.float(), vp, 0.0), kp, 0.0, dim=-2) if initial_state is not None
+              else torch.zeros(num_seq, heads, kp, vp, dtype=torch.float32, device=device))
+        packed = [_pad(flat(q), kp, VANISHING_INPUT[rec.feature_map_q]),
+                  _pad(flat(k), kp, VANISHING_INPUT[rec.feature_map_k]), _pad(flat(v), vp, 0.0),
+                  *(extras[n] for n in self.module.INPUTS[3:])]
+        return dict(batch=batch, length=length, heads=heads, dim_k=kp, dim_v=vp, real_k=dim_k, real_v=dim_v,
+                    nt=nt, cu=cu, cu_seqlens=cu_seqlens, num_seq=num_seq, q=packed[0], v=packed[2], inputs=packed,
+                    h0=h0)
 
     @staticmethod
     def _chunks(p, chunk: int):
@@ -185,8 +192,8 @@ class TileLangKernels:
         if p["nt"] > 0:
             v_new = [st["v_new"]] if "wy" in kernels else []
             kernels["output"](*p["inputs"], p["cu"], st["table"], st["hs"], *v_new, o)
-        o = o.view(p["batch"], p["length"], p["heads"], p["dim_v"])
-        return o, (st["ht"] if output_final_state else None)
+        o = o[..., :p["real_v"]].reshape(p["batch"], p["length"], p["heads"], p["real_v"])
+        return o, (_unpad_state(st["ht"], p) if output_final_state else None)
 
     def backward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, do, dfinal_state, config=None,
                  compile_only=False):
@@ -206,8 +213,8 @@ class TileLangKernels:
         nt, num_seq, heads, dim_k, dim_v = p["nt"], p["num_seq"], p["heads"], p["dim_k"], p["dim_v"]
         device = q.device
         st = self._run_states(p, kernels, cfg["chunk"])
-        do_flat = do.reshape(nt, heads, dim_v).to(dtype).contiguous()
-        dht = (dfinal_state.float().contiguous() if dfinal_state is not None
+        do_flat = _pad(do.reshape(nt, heads, p["real_v"]).to(dtype), dim_v, 0.0)
+        dht = (_pad(_pad(dfinal_state.float(), dim_v, 0.0), dim_k, 0.0, dim=-2) if dfinal_state is not None
                else torch.zeros(num_seq, heads, dim_k, dim_v, dtype=torch.float32, device=device))
         dh = new_output(st["hs"].shape, dtype, device)
         dh0 = new_output((num_seq, heads, dim_k, dim_v), torch.float32, device)
@@ -229,13 +236,43 @@ class TileLangKernels:
                                  *small.values())
         else:
             dh0.copy_(dht)
+        real_k, real_v = p["real_k"], p["real_v"]
         shape = lambda t: t.view(p["batch"], p["length"], *t.shape[1:])  # noqa: E731
         like = lambda t, ref: shape(t).to(ref.dtype) if ref is not None else None  # noqa: E731
-        return (shape(dq), shape(dk), shape(dv), like(small["dg"], g) if "dg" in small else None,
+        if "dg" in small and self.recurrence.decay is Decay.VECTOR:
+            small["dg"] = _unpad(small["dg"], real_k)
+        return (shape(_unpad(dq, real_k)), shape(_unpad(dk, real_k)), shape(_unpad(dv, real_v)),
+                like(small["dg"], g) if "dg" in small else None,
                 like(small["dbeta"], beta) if "dbeta" in small else None,
                 like(small["dgq"], gq) if "dgq" in small else None,
                 like(small["dgk"], gk) if "dgk" in small else None,
-                dh0.to(initial_state.dtype) if initial_state is not None else None)
+                _unpad_state(dh0, p).to(initial_state.dtype) if initial_state is not None else None)
+
+
+# An input whose feature map is 0, for the padded channels of q and k: 0 where phi(0) = 0, -inf for elu + 1 and
+# sigmoid (phi(0) = 1 and 1/2; both reach 0 at -inf, and so do their derivatives).
+VANISHING_INPUT = {FeatureMap.IDENTITY: 0.0, FeatureMap.RELU: 0.0, FeatureMap.SILU: 0.0,
+                   FeatureMap.ELU_PLUS_ONE: float("-inf"), FeatureMap.SIGMOID: float("-inf")}
+
+
+def _pad(t: torch.Tensor, size: int, value: float, dim: int = -1) -> torch.Tensor:
+    """t (contiguous) with axis `dim` padded with `value` up to `size` (t itself when it has that size)."""
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t.contiguous()
+    fill = t.new_full((*t.shape[:dim % t.dim()], missing, *t.shape[dim % t.dim() + 1:]), value)
+    return torch.cat([t, fill], dim=dim).contiguous()
+
+
+def _unpad(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t if t.shape[-1] == size else t[..., :size].contiguous()
+
+
+def _unpad_state(t: torch.Tensor, p: dict) -> torch.Tensor:
+    """A [N, H, K, V] state of the padded kernels cut to the real head dims."""
+    if t.shape[-2:] == (p["real_k"], p["real_v"]):
+        return t
+    return t[..., :p["real_k"], :p["real_v"]].contiguous()
 
 
 def build(spec: Spec) -> TileLangKernels:

@@ -9,14 +9,15 @@ chunk size.
 
 Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
 stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (bwd_dh and bwd_chunk keep theirs),
-so that one flat override can name settings of both phases. Constraints: K and V are multiples of 16
-(tensor-core tiles); block_v divides V. A setting whose buffers need more shared memory than a
+so that one flat override can name settings of both phases. Constraints: the kernels' K and V are the head
+dims rounded up to multiples of 16 (tensor-core tiles; `padded`); block_v divides that V. A setting whose buffers need more shared memory than a
 CTA may have is rejected before it compiles (`check_fits`); one that needs more registers than the GPU has
 fails to compile or launch, and the sweep skips it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -28,6 +29,7 @@ from sla_dsl.autotune.space import Space
 from sla_dsl.backends import SM90_SHARED_MEMORY_BYTES
 from sla_dsl.backends.tilelang.tf32x3 import FP32_ONLY
 
+TILE = 16  # K and V of the kernels are multiples of it
 CHUNK_SIZES = (16, 32, 64)
 BLOCK_V = (16, 32, 64)
 THREADS = (64, 128, 256)
@@ -56,14 +58,18 @@ def _search_order(stages) -> tuple[str, ...]:
     return ("chunk", *(f"{stage}_{param}" for param in STAGE_PARAMS for stage in stages))
 
 
-def _check_dims(dim_k: int, dim_v: int) -> None:
-    if dim_k % 16 or dim_v % 16:
-        raise ValueError(f"tilelang backend: K and V must be multiples of 16, got K={dim_k}, V={dim_v}")
+def padded(dim: int) -> int:
+    """A head dim rounded up to the tensor-core tile (16): the kernels' K and V (the host pads the inputs)."""
+    return -(-dim // TILE) * TILE
+
+
+def _padded_shape(shape):
+    return dataclasses.replace(shape, K=padded(shape.K), V=padded(shape.V))
 
 
 def tuning_space(module, shape, phase: str) -> Space:
     """Every valid config of `phase` of a generated module for `shape` (a sla_dsl.autotune.Shape)."""
-    _check_dims(shape.K, shape.V)
+    shape = _padded_shape(shape)
     settings = [{"block_v": bv, "threads": t, "num_stages": s}
                 for bv in BLOCK_V if shape.V % bv == 0 for t in THREADS for s in NUM_STAGES]
     names = phase_stages(module, phase)
@@ -88,7 +94,7 @@ def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
     side by side (the sum matched the 254464 bytes that the H100 refused for gdn's fwd at chunk 64, K 128).
     Float32 inputs add the scratch of their error-compensated gemms (`tf32x3`)."""
     params = kernel_params(config, stage)
-    sizes = {"C": params["chunk"], "BV": params["block_v"], "K": shape.K, "V": shape.V,
+    sizes = {"C": params["chunk"], "BV": params["block_v"], "K": padded(shape.K), "V": padded(shape.V),
              "SB": getattr(module, "SUB_BLOCK", 0)}
     fp32_inputs = shape.dtype == "float32"
     element = 4 if fp32_inputs else 2
@@ -134,7 +140,7 @@ def default_config(module, shape, phase: str) -> dict:
     """Heuristic settings for `shape` (a member of tuning_space): the largest chunk at which every stage fits
     in shared memory, and at it each stage's largest block_v that fits. Blocks of V narrower than 32 are a
     last resort: every V-block of a chunk recomputes the chunk's K-sized intra-chunk terms."""
-    _check_dims(shape.K, shape.V)
+    shape = _padded_shape(shape)
     stages = phase_stages(module, phase)
     block_sizes = [b for b in sorted(BLOCK_V, reverse=True) if shape.V % b == 0]
     limit = shared_memory_limit()
