@@ -34,6 +34,24 @@ def all_combinations() -> list[Recurrence]:
     return [recurrence(d, w, gt) for d, w, gt in itertools.product(Decay, WriteRule, Gates)]
 
 
+def beta_gate_cases() -> list[Recurrence]:
+    """The delta rule with its write gate on beta, under a scalar and a vector decay."""
+    return [recurrence(decay, WriteRule.DELTA, Gates.BOTH, write_gate_on=WriteGateOn.BETA)
+            for decay in (Decay.SCALAR, Decay.VECTOR)]
+
+
+def feature_map_cases() -> list[Recurrence]:
+    """Each feature map other than the identity on q, another one on k, the L2 norm with two of them."""
+    return [recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.BOTH, feature_map_q=fmap,
+                       feature_map_k=FeatureMap.SILU if fmap is not FeatureMap.SILU else FeatureMap.RELU,
+                       qk_l2_norm=fmap in (FeatureMap.ELU_PLUS_ONE, FeatureMap.SIGMOID))
+            for fmap in FeatureMap if fmap is not FeatureMap.IDENTITY]
+
+
+def feature_map_id(rec: Recurrence) -> str:
+    return f"{rec.feature_map_q.value}-{rec.feature_map_k.value}" + ("-l2" if rec.qk_l2_norm else "")
+
+
 def combination_id(rec: Recurrence) -> str:
     extra = "" if rec.write_gate_on is WriteGateOn.KEY or not rec.write_gate_scales_beta else "-gatebeta"
     return f"{rec.decay.value}-{rec.write.value}-{rec.gates.value}{extra}"

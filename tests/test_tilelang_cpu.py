@@ -19,7 +19,7 @@ import sla_dsl
 from sla_dsl import testing
 from sla_dsl.codegen import generated_module
 from sla_dsl.loader import load_spec
-from sla_dsl.spec import Decay, FeatureMap, Gates, WriteGateOn, WriteRule
+from sla_dsl.spec import Decay, FeatureMap, Gates, WriteRule
 
 pytest.importorskip("tilelang")
 
@@ -93,18 +93,14 @@ def test_chunk_16_one_sub_block_and_one_block_of_v(write):
                                                                                        "block_v": 32})
 
 
-@pytest.mark.parametrize("decay", [Decay.SCALAR, Decay.VECTOR])
-def test_write_gate_on_beta(decay):
-    rec = testing.recurrence(decay, WriteRule.DELTA, Gates.BOTH, write_gate_on=WriteGateOn.BETA)
+@pytest.mark.parametrize("rec", testing.beta_gate_cases(), ids=testing.combination_id)
+def test_write_gate_on_beta(rec):
     assert rec.write_gate_scales_beta
     check(rec, 2, 40, 2, 16, 16)
 
 
-@pytest.mark.parametrize("fmap", [f for f in FeatureMap if f is not FeatureMap.IDENTITY])
-def test_feature_maps(fmap):
-    rec = testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.BOTH, feature_map_q=fmap,
-                             feature_map_k=FeatureMap.SILU if fmap is not FeatureMap.SILU else FeatureMap.RELU,
-                             qk_l2_norm=fmap in (FeatureMap.ELU_PLUS_ONE, FeatureMap.SIGMOID))
+@pytest.mark.parametrize("rec", testing.feature_map_cases(), ids=testing.feature_map_id)
+def test_feature_maps(rec):
     check(rec, 2, 40, 2, 16, 16)
 
 

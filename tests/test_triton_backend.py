@@ -20,7 +20,7 @@ from sla_dsl.backends.triton import generator
 from sla_dsl.backends.triton.runtime import TritonKernels, default_config
 from sla_dsl.codegen import generated_module
 from sla_dsl.loader import load_spec
-from sla_dsl.spec import Decay, FeatureMap, Gates, WriteGateOn, WriteRule
+from sla_dsl.spec import Decay, FeatureMap, Gates, WriteRule
 
 FP32 = testing.TOLERANCES[torch.float32]
 BASE = load_spec(sla_dsl.codegen.SEED_SPECS_DIR / "gla.yaml")
@@ -123,18 +123,14 @@ def test_sequential_key_blocks_in_space_and_defaults(monkeypatch):
         assert cfg in runtime.tuning_space(rec, shape, "bwd")
 
 
-@pytest.mark.parametrize("decay", [Decay.SCALAR, Decay.VECTOR])
-def test_write_gate_on_beta(decay):
-    rec = testing.recurrence(decay, WriteRule.DELTA, Gates.BOTH, write_gate_on=WriteGateOn.BETA)
+@pytest.mark.parametrize("rec", testing.beta_gate_cases(), ids=testing.combination_id)
+def test_write_gate_on_beta(rec):
     assert rec.write_gate_scales_beta
     check(rec, 2, 40, 2, 16, 16)
 
 
-@pytest.mark.parametrize("fmap", [f for f in FeatureMap if f is not FeatureMap.IDENTITY])
-def test_feature_maps(fmap):
-    rec = testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.BOTH, feature_map_q=fmap,
-                             feature_map_k=FeatureMap.SILU if fmap is not FeatureMap.SILU else FeatureMap.RELU,
-                             qk_l2_norm=fmap in (FeatureMap.ELU_PLUS_ONE, FeatureMap.SIGMOID))
+@pytest.mark.parametrize("rec", testing.feature_map_cases(), ids=testing.feature_map_id)
+def test_feature_maps(rec):
     check(rec, 2, 40, 2, 16, 16)
 
 
