@@ -60,9 +60,9 @@ def tf32_lo(x, part):
         part[i, j] = x[i, j] - tf32_round(x[i, j])
 
 def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """The delta rule's WY form of every chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table
-    [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)) and u [NT, H, V] =
-    T (beta v) in dtype, T = (I + beta M)^-1 the chunk's triangular solve."""
+    """The delta rule's WY form of every chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens,
+    chunk_table [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)) and u [NT, H,
+    V] = T (beta v) in dtype, T = (I + beta M)^-1 the chunk's triangular solve."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -86,20 +86,14 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
-            kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            kp_s = T.alloc_shared((C, K), "float32")
-
-            kn = T.alloc_fragment((C,), "float32")
-
-            sq = T.alloc_fragment((C, K), "float32")
-
-            bt_s = T.alloc_shared((C,), "float32")
-
             b_s = T.alloc_shared((C,), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
+            kn = T.alloc_fragment((C,), "float32")
+            kr = T.alloc_fragment((C,), "float32")
+            sq = T.alloc_fragment((C, K), "float32")
+            bt_s = T.alloc_shared((C,), "float32")
             km_m = T.alloc_shared((C, K), dtype)
             M_f = T.alloc_fragment((C, C), "float32")
-
             M_s = T.alloc_shared((C, C), "float32")
             L_s = T.alloc_shared((C, C), "float32")
             Tm_s = T.alloc_shared((C, C), "float32")
@@ -114,33 +108,26 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
-
-            for i, d in T.Parallel(C, K):
-                sq[i, d] = kx[i, d] * kx[i, d]
-            T.reduce_sum(sq, kn, dim=1)
-
-            for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
-            for i, d in T.Parallel(C, K):
-                kp_s[i, d] = kx[i, d] * kr[i]
-
-            for i in T.Parallel(C):
-                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
-
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
-                km_m[i, d] = T.cast(kp_s[i, d], dtype)
+                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+            for i, d in T.Parallel(C, K):
+                sq[i, d] = kx[i, d] * kx[i, d]
+            T.reduce_sum(sq, kn, dim=1)
+            for i in T.Parallel(C):
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
+            for i in T.Parallel(C):
+                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
+            for i, d in T.Parallel(C, K):
+                km_m[i, d] = T.cast(kx[i, d] * kr[i], dtype)
             compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
             T.copy(M_f, M_s)
-
             for i, j in T.Parallel(C, C):
                 L_s[i, j] = bt_s[i] * M_s[i, j]
                 Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
@@ -150,7 +137,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                         Tm_s[i, c2] = Tm_s[i, c2] - L_s[i, j] * Tm_s[j, c2]
             T.copy(Tm_s, Tm_m)
             for i, d in T.Parallel(C, K):
-                kb_m[i, d] = T.cast(bt_s[i] * kp_s[i, d] * T.exp(b_s[i]), dtype)
+                kb_m[i, d] = T.cast(bt_s[i] * kx[i, d] * kr[i] * T.exp(b_s[i]), dtype)
             compensated_gemm(Tm_m, kb_m, W_f, tf32_C_C, tf32_C_K, clear_accum=True)
             T.copy(W_f, w_m)
             for i, d in T.Parallel(C, K):
@@ -159,7 +146,8 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
                 for i, e2 in T.Parallel(C, BV):
-                    vb_m[i, e2] = T.cast(bt_s[i] * T.if_then_else(t0 + i < eos, T.cast(VV[t0 + i, h, v0 + e2], "float32"), 0.0), dtype)
+                    vb_m[i, e2] = T.cast(
+                        bt_s[i] * T.if_then_else(t0 + i < eos, T.cast(VV[t0 + i, h, v0 + e2], "float32"), 0.0), dtype)
                 compensated_gemm(Tm_m, vb_m, U_f, tf32_C_C, tf32_C_BV, clear_accum=True)
                 for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
@@ -168,11 +156,12 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state
-    S[K, block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks,
-    S <- exp(b_C) S + ke^T u. Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of each
-    sequence), h0 [N, H, K, V] fp32, w [NT, H, K] and u [NT, H, V] from stage wy; outputs hs [NC, H, K, V] (the state entering every chunk,
-    in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32 and v_new = u - w S [NT, H, V] in dtype (vn, before hs and ht in the arguments)."""
+    """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state S[K,
+    block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks, S <- exp(b_C) S +
+    ke^T u. Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of each
+    sequence), h0 [N, H, K, V] fp32, w [NT, H, K] and u [NT, H, V] from stage wy; outputs hs [NC, H, K, V] (the
+    state entering every chunk, in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32 and
+    v_new = u - w S [NT, H, V] in dtype (vn, before hs and ht in the arguments)."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -201,15 +190,11 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
-            kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            kp_s = T.alloc_shared((C, K), "float32")
-
-            kn = T.alloc_fragment((C,), "float32")
-
-            sq = T.alloc_fragment((C, K), "float32")
-
             b_s = T.alloc_shared((C,), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
+            kn = T.alloc_fragment((C,), "float32")
+            kr = T.alloc_fragment((C,), "float32")
+            sq = T.alloc_fragment((C, K), "float32")
             S_m = T.alloc_shared((K, BV), dtype)
             w_m = T.alloc_shared((C, K), dtype)
             u_f = T.alloc_fragment((C, BV), "float32")
@@ -225,25 +210,20 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 S[a, e2] = H0[n, h, a, v0 + e2]
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
-
-                for i, d in T.Parallel(C, K):
-                    sq[i, d] = kx[i, d] * kx[i, d]
-                T.reduce_sum(sq, kn, dim=1)
-
-                for i in T.Parallel(C):
-                    kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
-                for i, d in T.Parallel(C, K):
-                    kp_s[i, d] = kx[i, d] * kr[i]
-
                 for i in T.Parallel(C):
                     b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
                 T.cumsum(b_s, dim=0)
                 for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
+                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+                for i, d in T.Parallel(C, K):
+                    kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+                for i, d in T.Parallel(C, K):
+                    sq[i, d] = kx[i, d] * kx[i, d]
+                T.reduce_sum(sq, kn, dim=1)
+                for i in T.Parallel(C):
+                    kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
+                for i, d in T.Parallel(C, K):
+                    ke_m[i, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
                     HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], dtype)
                 T.copy(S, S_m)
@@ -266,9 +246,9 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time).
-    Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each chunk), vn [NT, H, V] (v_new, stage states);
-    output o [NT, H, V]."""
+    """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time). Inputs
+    (q, k, v, g, beta, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each chunk),
+    vn [NT, H, V] (v_new, stage states); output o [NT, H, V]."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -293,23 +273,15 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
-            qx = T.alloc_fragment((C, K), "float32")
-            qr = T.alloc_fragment((C,), "float32")
-            qp_s = T.alloc_shared((C, K), "float32")
-
-            qn = T.alloc_fragment((C,), "float32")
-
-            kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            kp_s = T.alloc_shared((C, K), "float32")
-
-            kn = T.alloc_fragment((C,), "float32")
-
-            sq = T.alloc_fragment((C, K), "float32")
-
             b_s = T.alloc_shared((C,), "float32")
+            qx = T.alloc_fragment((C, K), "float32")
+            qn = T.alloc_fragment((C,), "float32")
+            qr = T.alloc_fragment((C,), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
+            kn = T.alloc_fragment((C,), "float32")
+            kr = T.alloc_fragment((C,), "float32")
+            sq = T.alloc_fragment((C, K), "float32")
             km_m = T.alloc_shared((C, K), dtype)
-
             qm_m = T.alloc_shared((C, K), dtype)
             qe_m = T.alloc_shared((C, K), dtype)
             A_f = T.alloc_fragment((C, C), "float32")
@@ -323,44 +295,33 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
-
-            for i, d in T.Parallel(C, K):
-                sq[i, d] = qx[i, d] * qx[i, d]
-            T.reduce_sum(sq, qn, dim=1)
-
-            for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * SC[0], 0.0)
-            for i, d in T.Parallel(C, K):
-                qp_s[i, d] = qx[i, d] * qr[i]
-
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
-
-            for i, d in T.Parallel(C, K):
-                sq[i, d] = kx[i, d] * kx[i, d]
-            T.reduce_sum(sq, kn, dim=1)
-
-            for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
-            for i, d in T.Parallel(C, K):
-                kp_s[i, d] = kx[i, d] * kr[i]
-
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
-                km_m[i, d] = T.cast(kp_s[i, d], dtype)
-
+                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                qm_m[i, d] = T.cast(qp_s[i, d], dtype)
+                qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
             for i, d in T.Parallel(C, K):
-                qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i]), dtype)
+                sq[i, d] = qx[i, d] * qx[i, d]
+            T.reduce_sum(sq, qn, dim=1)
+            for i in T.Parallel(C):
+                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * SC[0], 0.0)
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+            for i, d in T.Parallel(C, K):
+                sq[i, d] = kx[i, d] * kx[i, d]
+            T.reduce_sum(sq, kn, dim=1)
+            for i in T.Parallel(C):
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
+            for i, d in T.Parallel(C, K):
+                km_m[i, d] = T.cast(kx[i, d] * kr[i], dtype)
+            for i, d in T.Parallel(C, K):
+                qm_m[i, d] = T.cast(qx[i, d] * qr[i], dtype)
+            for i, d in T.Parallel(C, K):
+                qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
@@ -380,9 +341,9 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no
-    C x C product. Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table [NC, 2] int32, do [NT, H, V]; output
-    dvl [NT, H, V] fp32."""
+    """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no C x C
+    product. Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table [NC, 2] int32, do [NT, H, V]; output dvl [NT,
+    H, V] fp32."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -406,23 +367,15 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
-            qx = T.alloc_fragment((C, K), "float32")
-            qr = T.alloc_fragment((C,), "float32")
-            qp_s = T.alloc_shared((C, K), "float32")
-
-            qn = T.alloc_fragment((C,), "float32")
-
-            kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            kp_s = T.alloc_shared((C, K), "float32")
-
-            kn = T.alloc_fragment((C,), "float32")
-
-            sq = T.alloc_fragment((C, K), "float32")
-
             b_s = T.alloc_shared((C,), "float32")
+            qx = T.alloc_fragment((C, K), "float32")
+            qn = T.alloc_fragment((C,), "float32")
+            qr = T.alloc_fragment((C,), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
+            kn = T.alloc_fragment((C,), "float32")
+            kr = T.alloc_fragment((C,), "float32")
+            sq = T.alloc_fragment((C, K), "float32")
             km_m = T.alloc_shared((C, K), dtype)
-
             qm_m = T.alloc_shared((C, K), dtype)
             A_f = T.alloc_fragment((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
@@ -433,42 +386,31 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
-
-            for i, d in T.Parallel(C, K):
-                sq[i, d] = qx[i, d] * qx[i, d]
-            T.reduce_sum(sq, qn, dim=1)
-
-            for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * SC[0], 0.0)
-            for i, d in T.Parallel(C, K):
-                qp_s[i, d] = qx[i, d] * qr[i]
-
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
-
-            for i, d in T.Parallel(C, K):
-                sq[i, d] = kx[i, d] * kx[i, d]
-            T.reduce_sum(sq, kn, dim=1)
-
-            for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
-            for i, d in T.Parallel(C, K):
-                kp_s[i, d] = kx[i, d] * kr[i]
-
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
-                km_m[i, d] = T.cast(kp_s[i, d], dtype)
-
+                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                qm_m[i, d] = T.cast(qp_s[i, d], dtype)
+                qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
+            for i, d in T.Parallel(C, K):
+                sq[i, d] = qx[i, d] * qx[i, d]
+            T.reduce_sum(sq, qn, dim=1)
+            for i in T.Parallel(C):
+                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * SC[0], 0.0)
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+            for i, d in T.Parallel(C, K):
+                sq[i, d] = kx[i, d] * kx[i, d]
+            T.reduce_sum(sq, kn, dim=1)
+            for i in T.Parallel(C):
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
+            for i, d in T.Parallel(C, K):
+                km_m[i, d] = T.cast(kx[i, d] * kr[i], dtype)
+            for i, d in T.Parallel(C, K):
+                qm_m[i, d] = T.cast(qx[i, d] * qr[i], dtype)
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
@@ -485,10 +427,11 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS +
-    qe^T dO - w^T du, du = A^T dO + ke dS. Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_offsets, do [NT, H, V], w [NT, H, K] (stage wy), dvl [NT, H, V] (stage dv_local), dht [N, H, K, V]
-    fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of
-    the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
+    """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO -
+    w^T du, du = A^T dO + ke dS. Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_offsets, do [NT, H, V], w [NT,
+    H, K] (stage wy), dvl [NT, H, V] (stage dv_local), dht [N, H, K, V] fp32 (zeros when the final state has no
+    gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at the end of every chunk) and dh0 [N,
+    H, K, V] fp32."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -517,21 +460,14 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
-            qx = T.alloc_fragment((C, K), "float32")
-            qr = T.alloc_fragment((C,), "float32")
-            qp_s = T.alloc_shared((C, K), "float32")
-
-            qn = T.alloc_fragment((C,), "float32")
-
-            kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            kp_s = T.alloc_shared((C, K), "float32")
-
-            kn = T.alloc_fragment((C,), "float32")
-
-            sq = T.alloc_fragment((C, K), "float32")
-
             b_s = T.alloc_shared((C,), "float32")
+            qx = T.alloc_fragment((C, K), "float32")
+            qn = T.alloc_fragment((C,), "float32")
+            qr = T.alloc_fragment((C,), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
+            kn = T.alloc_fragment((C,), "float32")
+            kr = T.alloc_fragment((C,), "float32")
+            sq = T.alloc_fragment((C, K), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
@@ -550,41 +486,31 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for cc in T.Pipelined(nchunks, num_stages=num_stages):
                 c = nchunks - 1 - cc
                 t0 = bos + c * C
-                for i, d in T.Parallel(C, K):
-                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
-
-                for i, d in T.Parallel(C, K):
-                    sq[i, d] = qx[i, d] * qx[i, d]
-                T.reduce_sum(sq, qn, dim=1)
-
-                for i in T.Parallel(C):
-                    qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * SC[0], 0.0)
-                for i, d in T.Parallel(C, K):
-                    qp_s[i, d] = qx[i, d] * qr[i]
-
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
-
-                for i, d in T.Parallel(C, K):
-                    sq[i, d] = kx[i, d] * kx[i, d]
-                T.reduce_sum(sq, kn, dim=1)
-
-                for i in T.Parallel(C):
-                    kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
-                for i, d in T.Parallel(C, K):
-                    kp_s[i, d] = kx[i, d] * kr[i]
-
                 for i in T.Parallel(C):
                     b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
                 T.cumsum(b_s, dim=0)
                 for i, d in T.Parallel(C, K):
-                    qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i]), dtype)
+                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
                 for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
+                    qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
+                for i, d in T.Parallel(C, K):
+                    sq[i, d] = qx[i, d] * qx[i, d]
+                T.reduce_sum(sq, qn, dim=1)
+                for i in T.Parallel(C):
+                    qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * SC[0], 0.0)
+                for i, d in T.Parallel(C, K):
+                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+                for i, d in T.Parallel(C, K):
+                    kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+                for i, d in T.Parallel(C, K):
+                    sq[i, d] = kx[i, d] * kx[i, d]
+                T.reduce_sum(sq, kn, dim=1)
+                for i in T.Parallel(C):
+                    kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
+                for i, d in T.Parallel(C, K):
+                    qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
+                for i, d in T.Parallel(C, K):
+                    ke_m[i, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
                     DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], dtype)
                 for i, e2 in T.Parallel(C, BV):
@@ -606,10 +532,10 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table [NC, 2]
-    int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
-    (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype,
-    dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
+    """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table
+    [NC, 2] int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
+    (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg [NT,
+    H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -639,32 +565,24 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
+            b_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
+            qn = T.alloc_fragment((C,), "float32")
             qr = T.alloc_fragment((C,), "float32")
             qp_s = T.alloc_shared((C, K), "float32")
-
-            qn = T.alloc_fragment((C,), "float32")
-
             kx = T.alloc_fragment((C, K), "float32")
+            kn = T.alloc_fragment((C,), "float32")
             kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
-
-            kn = T.alloc_fragment((C,), "float32")
-
             sq = T.alloc_fragment((C, K), "float32")
-
             bt_s = T.alloc_shared((C,), "float32")
-
-            b_s = T.alloc_shared((C,), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             ke_m = T.alloc_shared((C, K), dtype)
             A_f = T.alloc_fragment((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
             km_m = T.alloc_shared((C, K), dtype)
-
             qm_m = T.alloc_shared((C, K), dtype)
             M_f = T.alloc_fragment((C, C), "float32")
-
             M_s = T.alloc_shared((C, C), "float32")
             L_s = T.alloc_shared((C, C), "float32")
             Tm_s = T.alloc_shared((C, C), "float32")
@@ -685,18 +603,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dkA_f = T.alloc_fragment((C, K), "float32")
             dqp_s = T.alloc_shared((C, K), "float32")
             dkp_s = T.alloc_shared((C, K), "float32")
-
             sd_f = T.alloc_fragment((K, BV), "float32")
             sdr_f = T.alloc_fragment((K,), "float32")
             bl_f = T.alloc_fragment((K,), "float32")
             dgc_s = T.alloc_shared((K,), "float32")
             db_s = T.alloc_shared((C, K), "float32")
-
             dbr_f = T.alloc_fragment((C,), "float32")
             dbr_s = T.alloc_shared((C,), "float32")
-
             P_m = T.alloc_shared((C, C), dtype)
-
             vb_m = T.alloc_shared((C, BV), dtype)
             U_f = T.alloc_fragment((C, BV), "float32")
             WS_f = T.alloc_fragment((C, BV), "float32")
@@ -721,7 +635,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             Pt_f = T.alloc_fragment((C, K), "float32")
             rkr_f = T.alloc_fragment((C,), "float32")
             xr_f = T.alloc_fragment((C,), "float32")
-
             rk_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             gk_f = T.alloc_fragment((C,), "float32")
@@ -739,43 +652,35 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             tf32_C_BV_2 = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
 
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
-
-            for i, d in T.Parallel(C, K):
-                sq[i, d] = qx[i, d] * qx[i, d]
-            T.reduce_sum(sq, qn, dim=1)
-
-            for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * SC[0], 0.0)
-            for i, d in T.Parallel(C, K):
-                qp_s[i, d] = qx[i, d] * qr[i]
-
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
-
-            for i, d in T.Parallel(C, K):
-                sq[i, d] = kx[i, d] * kx[i, d]
-            T.reduce_sum(sq, kn, dim=1)
-
-            for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
-            for i, d in T.Parallel(C, K):
-                kp_s[i, d] = kx[i, d] * kr[i]
-
-            for i in T.Parallel(C):
-                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
-
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
+                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+            for i, d in T.Parallel(C, K):
+                qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
+            for i, d in T.Parallel(C, K):
+                sq[i, d] = qx[i, d] * qx[i, d]
+            T.reduce_sum(sq, qn, dim=1)
+            for i in T.Parallel(C):
+                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * SC[0], 0.0)
+            for i, d in T.Parallel(C, K):
+                qp_s[i, d] = qx[i, d] * qr[i]
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+            for i, d in T.Parallel(C, K):
+                sq[i, d] = kx[i, d] * kx[i, d]
+            T.reduce_sum(sq, kn, dim=1)
+            for i in T.Parallel(C):
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
+            for i, d in T.Parallel(C, K):
+                kp_s[i, d] = kx[i, d] * kr[i]
+            for i in T.Parallel(C):
+                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
+            for i, d in T.Parallel(C, K):
                 km_m[i, d] = T.cast(kp_s[i, d], dtype)
-
             for i, d in T.Parallel(C, K):
                 qm_m[i, d] = T.cast(qp_s[i, d], dtype)
             for i, d in T.Parallel(C, K):
@@ -790,7 +695,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, j in T.Parallel(C, C):
                 M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
             T.copy(M_f, M_s)
-
             for i, j in T.Parallel(C, C):
                 L_s[i, j] = bt_s[i] * M_s[i, j]
                 Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
@@ -806,10 +710,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             T.clear(dqe_f)
             T.clear(dke_f)
             T.clear(dA_f)
-
             for d in T.Parallel(K):
                 dgc_s[d] = 0.0
-
             T.clear(dws_f)
             T.clear(dL_f)
             for i in T.Parallel(C):
@@ -822,13 +724,11 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for a, e2 in T.Parallel(K, BV):
                     S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
                     dS_m[a, e2] = T.cast(DH[ci, h, a, v0 + e2], dtype)
-
                 for a, e2 in T.Parallel(K, BV):
                     sd_f[a, e2] = T.cast(HS[ci, h, a, v0 + e2], "float32") * T.cast(DH[ci, h, a, v0 + e2], "float32")
                 T.reduce_sum(sd_f, sdr_f, dim=1)
                 for a in T.Parallel(K):
                     dgc_s[a] = dgc_s[a] + sdr_f[a]
-
                 for i, e2 in T.Parallel(C, BV):
                     vb_m[i, e2] = T.cast(bt_s[i] * T.cast(v_m[i, e2], "float32"), dtype)
                 compensated_gemm(Tm_m, vb_m, U_f, tf32_C_C, tf32_C_BV, clear_accum=True)
@@ -836,13 +736,11 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.cast(U_f[i, e2] - WS_f[i, e2], dtype)
                     U1_m[i, e2] = T.cast(U_f[i, e2], dtype)
-
                 compensated_gemm(A_m, do_m, du_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
                 compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)
                 compensated_gemm(do_m, S_m, dqe_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
                 compensated_gemm(do_m, u_m, dA_f, tf32_C_BV, tf32_C_BV_2, transpose_B=True)
                 compensated_gemm(u_m, dS_m, dke_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
-
                 T.copy(du_f, du_m)
                 compensated_gemm(du_m, S_m, dws_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
                 compensated_gemm(Tm_m, du_m, dvb_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
@@ -859,20 +757,15 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
             for i, j in T.Parallel(C, C):
                 dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
-
             for i, j in T.Parallel(C, C):
                 P_m[i, j] = T.cast(T.if_then_else(j <= i, dA_s[i, j] * T.exp(b_s[i] - b_s[j]), 0.0), dtype)
-
             compensated_gemm(P_m, km_m, dqA_f, tf32_C_C, tf32_C_K, clear_accum=True)
             compensated_gemm(P_m, qm_m, dkA_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
-
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + dkA_f[i, d]
-
             for i, d in T.Parallel(C, K):
                 db_s[i, d] = qp_s[i, d] * (T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d])
-
             T.copy(dws_f, dws_m)
             compensated_gemm(Tm_m, dws_m, dkb_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
             T.copy(dkb_f, dkb_m)
@@ -893,25 +786,19 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 dbt_s[i] = dbt_s[i] + xr_f[i]
             for i, j in T.Parallel(C, C):
                 dL_s[i, j] = dL_s[i, j] * bt_s[i]
-
             for i, j in T.Parallel(C, C):
                 P_m[i, j] = T.cast(T.if_then_else(j < i, dL_s[i, j] * T.exp(b_s[i] - b_s[j]), 0.0), dtype)
-
             compensated_gemm(P_m, km_m, Pd_f, tf32_C_C, tf32_C_K, clear_accum=True)
             compensated_gemm(P_m, km_m, Pt_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
-
             for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = dkp_s[i, d] + bt_s[i] * T.exp(b_s[i]) * dkb_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
-
             for i, d in T.Parallel(C, K):
                 db_s[i, d] = db_s[i, d] + bt_s[i] * kp_s[i, d] * T.exp(b_s[i]) * dkb_s[i, d] + kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])
-
             for i, d in T.Parallel(C, K):
                 rk_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d]
             T.reduce_sum(rk_f, bl_f, dim=0)
             for d in T.Parallel(K):
                 db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1])
-
             for i, d in T.Parallel(C, K):
                 rk_f[i, d] = db_s[i, d]
             T.reduce_sum(rk_f, dbr_f, dim=1)
@@ -920,11 +807,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DG[t0 + i, h] = dbr_s[i]
-
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = (T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.if_then_else(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')))), T.exp(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32'))))
                 yk_f[i, d] = (T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.if_then_else(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')))), T.exp(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) / (1.0 + T.exp(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32'))))
-
             for i, d in T.Parallel(C, K):
                 rk_f[i, d] = yq_f[i, d] * yq_f[i, d]
             T.reduce_sum(rk_f, rq_f, dim=1)
@@ -937,19 +822,15 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = yq_f[i, d] * rq_f[i]
                 yk_f[i, d] = yk_f[i, d] * rk2_f[i]
-
             for i in T.Parallel(C):
                 gq_f[i] = 1.0 * SC[0]
                 gk_f[i] = 1.0
-
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DBETA[t0 + i, h] = dbt_s[i]
-
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
                 dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
-
             for i, d in T.Parallel(C, K):
                 rk_f[i, d] = dqp_s[i, d] * yq_f[i, d]
             T.reduce_sum(rk_f, dgq_f, dim=1)
@@ -959,7 +840,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = rq_f[i] * (dqp_s[i, d] - yq_f[i, d] * dgq_f[i])
                 dkp_s[i, d] = rk2_f[i] * (dkp_s[i, d] - yk_f[i, d] * dgk_f[i])
-
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (T.if_then_else(T.cast(Q[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32')))), T.exp(T.cast(Q[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.if_then_else(T.cast(Q[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32')))), T.exp(T.cast(Q[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)

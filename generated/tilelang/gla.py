@@ -62,11 +62,11 @@ def tf32_lo(x, part):
         part[i, j] = x[i, j] - tf32_round(x[i, j])
 
 def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state
-    S[K, block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks,
-    S <- exp(b_C) S + ke^T u. Inputs (q, k, v, g, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of each
-    sequence), h0 [N, H, K, V] fp32; outputs hs [NC, H, K, V] (the state entering every chunk,
-    in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
+    """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state S[K,
+    block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks, S <- exp(b_C) S +
+    ke^T u. Inputs (q, k, v, g, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of each sequence),
+    h0 [N, H, K, V] fp32; outputs hs [NC, H, K, V] (the state entering every chunk, in dtype: the operand of the
+    chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -91,11 +91,8 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
-            kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            kp_s = T.alloc_shared((C, K), "float32")
-
             b_s = T.alloc_shared((C, K), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
             ke_m = T.alloc_shared((C, K), dtype)
             S = T.alloc_fragment((K, BV), "float32")
             u_m = T.alloc_shared((C, BV), dtype)
@@ -107,20 +104,12 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
                 for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = kx[i, d]
-
-                for i in T.Parallel(C):
-                    kr[i] = T.if_then_else(t0 + i < eos, 1.0, 0.0)
-                for i, d in T.Parallel(C, K):
-                    kp_s[i, d] = kx[i, d] * kr[i]
-
-                for i, d in T.Parallel(C, K):
                     b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
                 T.cumsum(b_s, dim=0)
                 for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
+                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+                for i, d in T.Parallel(C, K):
+                    ke_m[i, d] = T.cast(kx[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
                 for a, e2 in T.Parallel(K, BV):
                     HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], dtype)
                 for i, e2 in T.Parallel(C, BV):
@@ -134,9 +123,9 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time).
-    Inputs (q, k, v, g, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each chunk);
-    output o [NT, H, V]."""
+    """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time). Inputs
+    (q, k, v, g, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each chunk); output
+    o [NT, H, V]."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -159,15 +148,12 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
+            b_s = T.alloc_shared((C, K), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
             qp_s = T.alloc_shared((C, K), "float32")
-
             kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
-
-            b_s = T.alloc_shared((C, K), "float32")
             xg_m = T.alloc_shared((SB, K), dtype)
             cg_m = T.alloc_shared((C, K), dtype)
             rows_f = T.alloc_fragment((SB, C), "float32")
@@ -185,45 +171,38 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+                b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
+            T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
-                qx[i, d] = qx[i, d]
-
+                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, 1.0 * SC[0], 0.0)
+                qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
             for i, d in T.Parallel(C, K):
                 qp_s[i, d] = qx[i, d] * qr[i]
-
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = kx[i, d]
-
-            for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, 1.0, 0.0)
-            for i, d in T.Parallel(C, K):
-                kp_s[i, d] = kx[i, d] * kr[i]
-
-            for i, d in T.Parallel(C, K):
-                b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-            T.cumsum(b_s, dim=0)
+                kp_s[i, d] = kx[i, d]
             for i, d in T.Parallel(C, K):
                 qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i, d]), dtype)
             for r in T.serial(C // SB):
                 for i, d in T.Parallel(SB, K):
-                    xg_m[i, d] = T.cast(qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+                    xg_m[i, d] = T.cast(
+                        qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
                 for j, d in T.Parallel(C, K):
-                    cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                    cg_m[j, d] = T.cast(T.if_then_else(
+                        j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
                 compensated_gemm(xg_m, cg_m, rows_f, tf32_SB_K, tf32_C_K, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(SB, C):
                     A_s[r * SB + i, j] = rows_f[i, j]
             for i, jj in T.Parallel(C, SB):
                 diag_f[i, jj] = 0.0
                 for d in T.serial(K):
-                    diag_f[i, jj] += T.if_then_else(jj <= i % SB, qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+                    diag_f[i, jj] += T.if_then_else(
+                        jj <= i % SB,
+                        qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
             for i, jj in T.Parallel(C, SB):
                 A_s[i, i - i % SB + jj] = diag_f[i, jj]
-
             T.copy(A_s, A_m)
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
@@ -240,10 +219,10 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS +
-    qe^T dO. Inputs (q, k, v, g, scale), cu_seqlens, chunk_offsets, do [NT, H, V], dht [N, H, K, V]
-    fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of
-    the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
+    """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO.
+    Inputs (q, k, v, g, scale), cu_seqlens, chunk_offsets, do [NT, H, V], dht [N, H, K, V] fp32 (zeros when the
+    final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at the end of every
+    chunk) and dh0 [N, H, K, V] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -269,11 +248,9 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
+            b_s = T.alloc_shared((C, K), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
-            qp_s = T.alloc_shared((C, K), "float32")
-
-            b_s = T.alloc_shared((C, K), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
@@ -287,20 +264,14 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 c = nchunks - 1 - cc
                 t0 = bos + c * C
                 for i, d in T.Parallel(C, K):
-                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    qx[i, d] = qx[i, d]
-
-                for i in T.Parallel(C):
-                    qr[i] = T.if_then_else(t0 + i < eos, 1.0 * SC[0], 0.0)
-                for i, d in T.Parallel(C, K):
-                    qp_s[i, d] = qx[i, d] * qr[i]
-
-                for i, d in T.Parallel(C, K):
                     b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
                 T.cumsum(b_s, dim=0)
                 for i, d in T.Parallel(C, K):
-                    qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i, d]), dtype)
+                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+                for i in T.Parallel(C):
+                    qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
+                for i, d in T.Parallel(C, K):
+                    qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i, d]), dtype)
                 for a, e2 in T.Parallel(K, BV):
                     DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], dtype)
                 for i, e2 in T.Parallel(C, BV):
@@ -314,10 +285,10 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, scale), cu_seqlens, chunk_table [NC, 2]
-    int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
-    (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype,
-    dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
+    """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, scale), cu_seqlens, chunk_table [NC,
+    2] int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V] (gradient
+    of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg [NT, H(, K)],
+    dbeta, dgq, dgk [NT, H] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -345,15 +316,12 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
+            b_s = T.alloc_shared((C, K), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
             qp_s = T.alloc_shared((C, K), "float32")
-
             kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
-
-            b_s = T.alloc_shared((C, K), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             ke_m = T.alloc_shared((C, K), dtype)
             A_s = T.alloc_shared((C, C), "float32")
@@ -375,19 +343,16 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dkA_f = T.alloc_fragment((C, K), "float32")
             dqp_s = T.alloc_shared((C, K), "float32")
             dkp_s = T.alloc_shared((C, K), "float32")
-
             sd_f = T.alloc_fragment((K, BV), "float32")
             sdr_f = T.alloc_fragment((K,), "float32")
             bl_f = T.alloc_fragment((K,), "float32")
             dgc_s = T.alloc_shared((K,), "float32")
             db_s = T.alloc_shared((C, K), "float32")
-
             pr_m = T.alloc_shared((SB, C), dtype)
             pc_m = T.alloc_shared((C, SB), dtype)
             part_f = T.alloc_fragment((SB, K), "float32")
             px_s = T.alloc_shared((C, K), "float32")
             py_s = T.alloc_shared((C, K), "float32")
-
             rk_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             gk_f = T.alloc_fragment((C,), "float32")
@@ -408,52 +373,44 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_SB = T.alloc_shared((C, SB), dtype) if dtype == "float32" else None
 
             for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+                b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
+            T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
-                qx[i, d] = qx[i, d]
-
+                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, 1.0 * SC[0], 0.0)
+                qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
             for i, d in T.Parallel(C, K):
                 qp_s[i, d] = qx[i, d] * qr[i]
-
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = kx[i, d]
-
-            for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, 1.0, 0.0)
-            for i, d in T.Parallel(C, K):
-                kp_s[i, d] = kx[i, d] * kr[i]
-
-            for i, d in T.Parallel(C, K):
-                b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-            T.cumsum(b_s, dim=0)
+                kp_s[i, d] = kx[i, d]
             for i, d in T.Parallel(C, K):
                 qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i, d]), dtype)
             for i, d in T.Parallel(C, K):
                 ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
             for r in T.serial(C // SB):
                 for i, d in T.Parallel(SB, K):
-                    xg_m[i, d] = T.cast(qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+                    xg_m[i, d] = T.cast(
+                        qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
                 for j, d in T.Parallel(C, K):
-                    cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                    cg_m[j, d] = T.cast(T.if_then_else(
+                        j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
                 compensated_gemm(xg_m, cg_m, rows_f, tf32_SB_K, tf32_C_K, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(SB, C):
                     A_s[r * SB + i, j] = rows_f[i, j]
             for i, jj in T.Parallel(C, SB):
                 diag_f[i, jj] = 0.0
                 for d in T.serial(K):
-                    diag_f[i, jj] += T.if_then_else(jj <= i % SB, qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+                    diag_f[i, jj] += T.if_then_else(
+                        jj <= i % SB,
+                        qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
             for i, jj in T.Parallel(C, SB):
                 A_s[i, i - i % SB + jj] = diag_f[i, jj]
-
             T.copy(A_s, A_m)
             T.clear(dqe_f)
             T.clear(dke_f)
             T.clear(dA_f)
-
             for d in T.Parallel(K):
                 dgc_s[d] = 0.0
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
@@ -464,80 +421,76 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for a, e2 in T.Parallel(K, BV):
                     S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
                     dS_m[a, e2] = T.cast(DH[ci, h, a, v0 + e2], dtype)
-
                 for a, e2 in T.Parallel(K, BV):
                     sd_f[a, e2] = T.cast(HS[ci, h, a, v0 + e2], "float32") * T.cast(DH[ci, h, a, v0 + e2], "float32")
                 T.reduce_sum(sd_f, sdr_f, dim=1)
                 for a in T.Parallel(K):
                     dgc_s[a] = dgc_s[a] + sdr_f[a]
-
                 compensated_gemm(A_m, do_m, du_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
                 compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)
                 compensated_gemm(do_m, S_m, dqe_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
                 compensated_gemm(do_m, v_m, dA_f, tf32_C_BV, tf32_C_BV_2, transpose_B=True)
                 compensated_gemm(v_m, dS_m, dke_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
-
                 for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
                         DV[t0 + i, h, v0 + e2] = T.cast(du_f[i, e2], dtype)
 
             for i, j in T.Parallel(C, C):
                 dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
-
             for r in T.serial(C // SB):
                 for i, j in T.Parallel(SB, C):
                     pr_m[i, j] = T.cast(T.if_then_else(j < r * SB, dA_s[r * SB + i, j], 0.0), dtype)
                 for j, d in T.Parallel(C, K):
-                    cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                    cg_m[j, d] = T.cast(T.if_then_else(
+                        j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
                 compensated_gemm(pr_m, cg_m, part_f, tf32_SB_C, tf32_C_K, clear_accum=True)
                 for i, d in T.Parallel(SB, K):
                     px_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d])
                 for i, j in T.Parallel(C, SB):
                     pc_m[i, j] = T.cast(T.if_then_else(i >= r * SB + SB, dA_s[i, r * SB + j], 0.0), dtype)
                 for i, d in T.Parallel(C, K):
-                    cg_m[i, d] = T.cast(T.if_then_else(i >= r * SB + SB, qp_s[i, d] * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
+                    cg_m[i, d] = T.cast(T.if_then_else(
+                        i >= r * SB + SB, qp_s[i, d] * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
                 compensated_gemm(pc_m, cg_m, part_f, tf32_C_SB, tf32_C_K, transpose_A=True, clear_accum=True)
                 for j, d in T.Parallel(SB, K):
                     py_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
             for i, d in T.Parallel(C, K):
                 dqA_f[i, d] = px_s[i, d]
                 for jj in T.serial(SB):
-                    dqA_f[i, d] += T.if_then_else(jj <= i % SB, dA_s[i, i - i % SB + jj] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+                    dqA_f[i, d] += T.if_then_else(
+                        jj <= i % SB,
+                        dA_s[i, i - i % SB + jj] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)),
+                        0.0)
             for j, d in T.Parallel(C, K):
                 dkA_f[j, d] = py_s[j, d]
                 for ii in T.serial(SB):
-                    dkA_f[j, d] += T.if_then_else(ii >= j % SB, dA_s[j - j % SB + ii, j] * qp_s[j - j % SB + ii, d] * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)), 0.0)
-
+                    dkA_f[j, d] += T.if_then_else(
+                        ii >= j % SB,
+                        dA_s[j - j % SB + ii, j] * qp_s[j - j % SB + ii, d] * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)),
+                        0.0)
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = T.exp(b_s[i, d]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d] + dkA_f[i, d]
-
             for i, d in T.Parallel(C, K):
                 db_s[i, d] = qp_s[i, d] * (T.exp(b_s[i, d]) * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d])
-
             for i, d in T.Parallel(C, K):
                 rk_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d]
             T.reduce_sum(rk_f, bl_f, dim=0)
             for d in T.Parallel(K):
                 db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1, d])
-
             T.cumsum(db_s, dim=0, reverse=True)
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     DG[t0 + i, h, d] = db_s[i, d]
-
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')
                 yk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
-
             for i in T.Parallel(C):
                 gq_f[i] = 1.0 * SC[0]
                 gk_f[i] = 1.0
-
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
                 dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
-
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * 1.0, dtype)

@@ -60,11 +60,11 @@ def tf32_lo(x, part):
         part[i, j] = x[i, j] - tf32_round(x[i, j])
 
 def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state
-    S[K, block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks,
-    S <- exp(b_C) S + ke^T u. Inputs (q, k, v, log_gamma, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of each
-    sequence), h0 [N, H, K, V] fp32; outputs hs [NC, H, K, V] (the state entering every chunk,
-    in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
+    """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state S[K,
+    block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks, S <- exp(b_C) S +
+    ke^T u. Inputs (q, k, v, log_gamma, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of each
+    sequence), h0 [N, H, K, V] fp32; outputs hs [NC, H, K, V] (the state entering every chunk, in dtype: the operand
+    of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -89,11 +89,8 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
-            kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            kp_s = T.alloc_shared((C, K), "float32")
-
             b_s = T.alloc_shared((C,), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
             ke_m = T.alloc_shared((C, K), dtype)
             S = T.alloc_fragment((K, BV), "float32")
             u_m = T.alloc_shared((C, BV), dtype)
@@ -104,20 +101,12 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 S[a, e2] = H0[n, h, a, v0 + e2]
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = kx[i, d]
-
-                for i in T.Parallel(C):
-                    kr[i] = T.if_then_else(t0 + i < eos, 1.0, 0.0)
-                for i, d in T.Parallel(C, K):
-                    kp_s[i, d] = kx[i, d] * kr[i]
-
                 for i in T.Parallel(C):
                     b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
                 for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
+                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+                for i, d in T.Parallel(C, K):
+                    ke_m[i, d] = T.cast(kx[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
                     HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], dtype)
                 for i, e2 in T.Parallel(C, BV):
@@ -131,9 +120,9 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time).
-    Inputs (q, k, v, log_gamma, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each chunk);
-    output o [NT, H, V]."""
+    """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time). Inputs
+    (q, k, v, log_gamma, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each
+    chunk); output o [NT, H, V]."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -156,17 +145,11 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
+            b_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
-            qp_s = T.alloc_shared((C, K), "float32")
-
             kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            kp_s = T.alloc_shared((C, K), "float32")
-
-            b_s = T.alloc_shared((C,), "float32")
             km_m = T.alloc_shared((C, K), dtype)
-
             qm_m = T.alloc_shared((C, K), dtype)
             qe_m = T.alloc_shared((C, K), dtype)
             A_f = T.alloc_fragment((C, C), "float32")
@@ -180,35 +163,20 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = qx[i, d]
-
-            for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, 1.0 * SC[0], 0.0)
-            for i, d in T.Parallel(C, K):
-                qp_s[i, d] = qx[i, d] * qr[i]
-
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = kx[i, d]
-
-            for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, 1.0, 0.0)
-            for i, d in T.Parallel(C, K):
-                kp_s[i, d] = kx[i, d] * kr[i]
-
             for i in T.Parallel(C):
                 b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
             for i, d in T.Parallel(C, K):
-                km_m[i, d] = T.cast(kp_s[i, d], dtype)
-
+                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+            for i in T.Parallel(C):
+                qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
             for i, d in T.Parallel(C, K):
-                qm_m[i, d] = T.cast(qp_s[i, d], dtype)
+                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i]), dtype)
+                km_m[i, d] = T.cast(kx[i, d], dtype)
+            for i, d in T.Parallel(C, K):
+                qm_m[i, d] = T.cast(qx[i, d] * qr[i], dtype)
+            for i, d in T.Parallel(C, K):
+                qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
@@ -228,10 +196,10 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS +
-    qe^T dO. Inputs (q, k, v, log_gamma, scale), cu_seqlens, chunk_offsets, do [NT, H, V], dht [N, H, K, V]
-    fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of
-    the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
+    """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO.
+    Inputs (q, k, v, log_gamma, scale), cu_seqlens, chunk_offsets, do [NT, H, V], dht [N, H, K, V] fp32 (zeros when
+    the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at the end of
+    every chunk) and dh0 [N, H, K, V] fp32."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -257,11 +225,9 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
+            b_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
-            qp_s = T.alloc_shared((C, K), "float32")
-
-            b_s = T.alloc_shared((C,), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
@@ -274,20 +240,14 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for cc in T.Pipelined(nchunks, num_stages=num_stages):
                 c = nchunks - 1 - cc
                 t0 = bos + c * C
-                for i, d in T.Parallel(C, K):
-                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    qx[i, d] = qx[i, d]
-
-                for i in T.Parallel(C):
-                    qr[i] = T.if_then_else(t0 + i < eos, 1.0 * SC[0], 0.0)
-                for i, d in T.Parallel(C, K):
-                    qp_s[i, d] = qx[i, d] * qr[i]
-
                 for i in T.Parallel(C):
                     b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
                 for i, d in T.Parallel(C, K):
-                    qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i]), dtype)
+                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+                for i in T.Parallel(C):
+                    qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
+                for i, d in T.Parallel(C, K):
+                    qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
                     DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], dtype)
                 for i, e2 in T.Parallel(C, BV):
@@ -301,10 +261,10 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return kernel
 
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
-    """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, log_gamma, scale), cu_seqlens, chunk_table [NC, 2]
-    int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
-    (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype,
-    dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
+    """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, log_gamma, scale), cu_seqlens,
+    chunk_table [NC, 2] int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H,
+    K, V] (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg
+    [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -331,21 +291,17 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
+            b_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
             qp_s = T.alloc_shared((C, K), "float32")
-
             kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
-
-            b_s = T.alloc_shared((C,), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             ke_m = T.alloc_shared((C, K), dtype)
             A_f = T.alloc_fragment((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
             km_m = T.alloc_shared((C, K), dtype)
-
             qm_m = T.alloc_shared((C, K), dtype)
             v_m = T.alloc_shared((C, BV), dtype)
             do_m = T.alloc_shared((C, BV), dtype)
@@ -360,9 +316,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dkA_f = T.alloc_fragment((C, K), "float32")
             dqp_s = T.alloc_shared((C, K), "float32")
             dkp_s = T.alloc_shared((C, K), "float32")
-
             P_m = T.alloc_shared((C, C), dtype)
-
             rk_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             gk_f = T.alloc_fragment((C,), "float32")
@@ -380,31 +334,20 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             tf32_C_BV_2 = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
 
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                qx[i, d] = qx[i, d]
-
-            for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, 1.0 * SC[0], 0.0)
-            for i, d in T.Parallel(C, K):
-                qp_s[i, d] = qx[i, d] * qr[i]
-
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-            for i, d in T.Parallel(C, K):
-                kx[i, d] = kx[i, d]
-
-            for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, 1.0, 0.0)
-            for i, d in T.Parallel(C, K):
-                kp_s[i, d] = kx[i, d] * kr[i]
-
             for i in T.Parallel(C):
                 b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
             for i, d in T.Parallel(C, K):
+                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+            for i in T.Parallel(C):
+                qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
+            for i, d in T.Parallel(C, K):
+                qp_s[i, d] = qx[i, d] * qr[i]
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+            for i, d in T.Parallel(C, K):
+                kp_s[i, d] = kx[i, d]
+            for i, d in T.Parallel(C, K):
                 km_m[i, d] = T.cast(kp_s[i, d], dtype)
-
             for i, d in T.Parallel(C, K):
                 qm_m[i, d] = T.cast(qp_s[i, d], dtype)
             for i, d in T.Parallel(C, K):
@@ -426,42 +369,33 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for a, e2 in T.Parallel(K, BV):
                     S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
                     dS_m[a, e2] = T.cast(DH[ci, h, a, v0 + e2], dtype)
-
                 compensated_gemm(A_m, do_m, du_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
                 compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)
                 compensated_gemm(do_m, S_m, dqe_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
                 compensated_gemm(do_m, v_m, dA_f, tf32_C_BV, tf32_C_BV_2, transpose_B=True)
                 compensated_gemm(v_m, dS_m, dke_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
-
                 for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
                         DV[t0 + i, h, v0 + e2] = T.cast(du_f[i, e2], dtype)
 
             for i, j in T.Parallel(C, C):
                 dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
-
             for i, j in T.Parallel(C, C):
                 P_m[i, j] = T.cast(T.if_then_else(j <= i, dA_s[i, j] * T.exp(b_s[i] - b_s[j]), 0.0), dtype)
-
             compensated_gemm(P_m, km_m, dqA_f, tf32_C_C, tf32_C_K, clear_accum=True)
             compensated_gemm(P_m, qm_m, dkA_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
-
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + dkA_f[i, d]
-
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')
                 yk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
-
             for i in T.Parallel(C):
                 gq_f[i] = 1.0 * SC[0]
                 gk_f[i] = 1.0
-
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
                 dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
-
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * 1.0, dtype)

@@ -27,6 +27,7 @@ no decay, beta = 0). Every exp() argument is <= 0 (relative decays b_i - b_j wit
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 from sla_dsl.backends.tilelang.tf32x3 import MACROS, compensate
@@ -103,6 +104,18 @@ class _Features:
         return f"T.exp({self.b(i, d)} - {self.b(j, d)})" if self.has_b else "1.0"
 
 
+_DOCSTRING = re.compile(r'^(    )"""(.*?)"""', re.M | re.S)
+
+
+def _wrap_docstring(factory: str) -> str:
+    """The factory's docstring, whose substituted parts vary in length, refilled to lines of 116 characters."""
+    def fill(m: re.Match) -> str:
+        text = textwrap.fill(" ".join(m[2].split()), width=116, initial_indent=m[1] + '"""',
+                             subsequent_indent=m[1])
+        return text + '"""'
+    return _DOCSTRING.sub(fill, factory, count=1)
+
+
 def _ind(text: str, n: int) -> str:
     body = textwrap.dedent(text).strip("\n")
     return textwrap.indent(body, " " * n) + "\n" if body else ""
@@ -145,70 +158,55 @@ def _input_names(f: _Features) -> list[str]:
     return names
 
 
-def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True) -> str:
+def _row_factor(f: _Features, side: str) -> str:
+    """What scales each row of phi(x) into q' or k': the L2 norm's 1/||phi(x)||, the read gate and the scale
+    (q), the write gate on the key (k); "1.0" when nothing does."""
+    factors = [f"T.rsqrt({side}n[i] + EPS)"] if f.l2 else []
+    if side == "q":
+        factors += ["GQ[t0 + i, h]"] if f.read else []
+        factors += ["SC[0]"]
+    elif f.key_gate:
+        factors += ["GK[t0 + i, h]"]
+    return " * ".join(factors) or "1.0"
+
+
+def _scaled(f: _Features, side: str) -> str:
+    """q' or k' at [i, d] from the registers _prep leaves (before or instead of its shared copy)."""
+    return f"{side}x[i, d]" if _row_factor(f, side) == "1.0" else f"{side}x[i, d] * {side}r[i]"
+
+
+def _qk_value(f: _Features, side: str, shared: bool) -> str:
+    """q' or k' at [i, d]: its shared fp32 copy, or _scaled's registers (`shared` as passed to _prep)."""
+    return f"{side}p_s[i, d]" if shared else _scaled(f, side)
+
+
+def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True) -> str:
     """The buffers of `_prep` for what it computes (q', k', beta'; b always)."""
-    s = ""
-    for side, on in (("q", q), ("k", k)):
-        if on:
-            s += f"""
-    {side}x = T.alloc_fragment((C, K), "float32")
-    {side}r = T.alloc_fragment((C,), "float32")
-    {side}p_s = T.alloc_shared((C, K), "float32")
-    """
-            if f.l2:
-                s += f"""
-    {side}n = T.alloc_fragment((C,), "float32")
-    """
-    if f.l2:
-        s += """
-    sq = T.alloc_fragment((C, K), "float32")
-    """
-    if f.delta and beta:
-        s += """
-    bt_s = T.alloc_shared((C,), "float32")
-    """
+    lines = []
     if f.has_b:
-        s += ('\n    b_s = T.alloc_shared((C, K), "float32")\n' if f.vector
-              else '\n    b_s = T.alloc_shared((C,), "float32")\n')
-    return _ind(s, 0)
-
-
-def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True) -> str:
-    """q' and k' (fp32, shared), beta' and the in-chunk cumulative log decay b of the chunk at t0, each where
-    asked for (b always)."""
-    s = ""
-    for side, src, fm, on in (("q", "Q", f.fq, q), ("k", "KK", f.fk, k)):
+        lines.append(f'b_s = T.alloc_shared(({"C, K" if f.vector else "C,"}), "float32")')
+    for side, on in (("q", q), ("k", k)):
         if not on:
             continue
-        s += f"""
-    for i, d in T.Parallel(C, K):
-        {side}x[i, d] = T.if_then_else(t0 + i < eos, T.cast({src}[t0 + i, h, d], "float32"), 0.0)
-    for i, d in T.Parallel(C, K):
-        {side}x[i, d] = {_phi(fm, f"{side}x[i, d]")}
-    """
+        lines.append(f'{side}x = T.alloc_fragment((C, K), "float32")')
         if f.l2:
-            s += f"""
-    for i, d in T.Parallel(C, K):
-        sq[i, d] = {side}x[i, d] * {side}x[i, d]
-    T.reduce_sum(sq, {side}n, dim=1)
-    """
-        factor = f"T.rsqrt({side}n[i] + EPS)" if f.l2 else "1.0"
-        if side == "q":
-            factor += (" * GQ[t0 + i, h]" if f.read else "") + " * SC[0]"
-        elif f.key_gate:
-            factor += " * GK[t0 + i, h]"
-        s += f"""
-    for i in T.Parallel(C):
-        {side}r[i] = T.if_then_else(t0 + i < eos, {factor}, 0.0)
-    for i, d in T.Parallel(C, K):
-        {side}p_s[i, d] = {side}x[i, d] * {side}r[i]
-    """
+            lines.append(f'{side}n = T.alloc_fragment((C,), "float32")')
+        if _row_factor(f, side) != "1.0":
+            lines.append(f'{side}r = T.alloc_fragment((C,), "float32")')
+        if shared:
+            lines.append(f'{side}p_s = T.alloc_shared((C, K), "float32")')
+    if f.l2 and (q or k):
+        lines.append('sq = T.alloc_fragment((C, K), "float32")')
     if f.delta and beta:
-        bf = "BETA[t0 + i, h]" + (" * GK[t0 + i, h]" if f.beta_gate else "")
-        s += f"""
-    for i in T.Parallel(C):
-        bt_s[i] = T.if_then_else(t0 + i < eos, {bf}, 0.0)
-    """
+        lines.append('bt_s = T.alloc_shared((C,), "float32")')
+    return "".join(line + "\n" for line in lines)
+
+
+def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True) -> str:
+    """For the chunk at t0, each where asked for: the in-chunk cumulative log decay b (always), phi(x) and its
+    row factors in registers (`_scaled` reads q' and k' from them), q' and k' in shared fp32 (`shared`), and
+    beta'. Rows past the sequence's end are zero."""
+    s = ""
     if f.decay is Decay.CONSTANT:
         s += """
     for i in T.Parallel(C):
@@ -226,37 +224,74 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True) -> st
         b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
     T.cumsum(b_s, dim=0)
     """
+    for side, src, fm, on in (("q", "Q", f.fq, q), ("k", "KK", f.fk, k)):
+        if not on:
+            continue
+        s += f"""
+    for i, d in T.Parallel(C, K):
+        {side}x[i, d] = T.if_then_else(t0 + i < eos, T.cast({src}[t0 + i, h, d], "float32"), 0.0)
+    """
+        if fm is not FeatureMap.IDENTITY:
+            s += f"""
+    for i, d in T.Parallel(C, K):
+        {side}x[i, d] = {_phi(fm, f"{side}x[i, d]")}
+    """
+        if f.l2:
+            s += f"""
+    for i, d in T.Parallel(C, K):
+        sq[i, d] = {side}x[i, d] * {side}x[i, d]
+    T.reduce_sum(sq, {side}n, dim=1)
+    """
+        factor = _row_factor(f, side)
+        if factor != "1.0":
+            s += f"""
+    for i in T.Parallel(C):
+        {side}r[i] = T.if_then_else(t0 + i < eos, {factor}, 0.0)
+    """
+        if shared:
+            s += f"""
+    for i, d in T.Parallel(C, K):
+        {side}p_s[i, d] = {_scaled(f, side)}
+    """
+    if f.delta and beta:
+        bf = "BETA[t0 + i, h]" + (" * GK[t0 + i, h]" if f.beta_gate else "")
+        s += f"""
+    for i in T.Parallel(C):
+        bt_s[i] = T.if_then_else(t0 + i < eos, {bf}, 0.0)
+    """
     return _ind(s, 0)
 
 
 # ---- intra-chunk terms: qe = q' exp(b), ke = k' exp(b_C - b), A, and the delta rule's WY form ----
 
-def _qe(f: _Features) -> str:
+def _qe(f: _Features, q: str = "qp_s[i, d]") -> str:
+    """qe = q' exp(b) in dtype; `q`: q' at [i, d] (the shared copy, or _scaled's registers)."""
     return _ind(f"""
     for i, d in T.Parallel(C, K):
-        qe_m[i, d] = T.cast(qp_s[i, d] * {f.exp_b("i")}, dtype)
+        qe_m[i, d] = T.cast({q} * {f.exp_b("i")}, dtype)
     """, 0)
 
 
-def _ke(f: _Features) -> str:
+def _ke(f: _Features, k: str = "kp_s[i, d]") -> str:
+    """ke = k' exp(b_C - b) in dtype; `k` as in _qe."""
     return _ind(f"""
     for i, d in T.Parallel(C, K):
-        ke_m[i, d] = T.cast(kp_s[i, d] * {f.exp_rest("i")}, dtype)
+        ke_m[i, d] = T.cast({k} * {f.exp_rest("i")}, dtype)
     """, 0)
 
 
-def _cast_qk(f: _Features, q: bool = True) -> str:
-    """q' and k' in dtype (operands of the C x C gemms of a scalar or constant decay)."""
+def _cast_qk(f: _Features, q: bool = True, shared: bool = True) -> str:
+    """q' and k' in dtype (operands of the C x C gemms of a scalar or constant decay); `shared` as in _qk_value."""
     if f.vector:
         return ""
-    s = """
+    s = f"""
     for i, d in T.Parallel(C, K):
-        km_m[i, d] = T.cast(kp_s[i, d], dtype)
+        km_m[i, d] = T.cast({_qk_value(f, "k", shared)}, dtype)
     """
     if q:
-        s += """
+        s += f"""
     for i, d in T.Parallel(C, K):
-        qm_m[i, d] = T.cast(qp_s[i, d], dtype)
+        qm_m[i, d] = T.cast({_qk_value(f, "q", shared)}, dtype)
     """
     return _ind(s, 0)
 
@@ -281,16 +316,20 @@ def _decayed_products(X: str, Y: str, out: str, strict: bool) -> str:
     return f"""
     for r in T.serial(C // SB):
         for i, d in T.Parallel(SB, K):
-            xg_m[i, d] = T.cast({X}[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+            xg_m[i, d] = T.cast(
+                {X}[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
         for j, d in T.Parallel(C, K):
-            cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, {Y}[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+            cg_m[j, d] = T.cast(T.if_then_else(
+                j < r * SB, {Y}[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
         T.gemm(xg_m, cg_m, rows_f, transpose_B=True, clear_accum=True)
         for i, j in T.Parallel(SB, C):
             {out}[r * SB + i, j] = rows_f[i, j]
     for i, jj in T.Parallel(C, SB):
         diag_f[i, jj] = 0.0
         for d in T.serial(K):
-            diag_f[i, jj] += T.if_then_else({mask.replace("ii", "i % SB")}, {X}[i, d] * {Y}[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+            diag_f[i, jj] += T.if_then_else(
+                {mask.replace("ii", "i % SB")},
+                {X}[i, d] * {Y}[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
     for i, jj in T.Parallel(C, SB):
         {out}[i, i - i % SB + jj] = diag_f[i, jj]
     """
@@ -330,9 +369,10 @@ def _attention_allocs(f: _Features) -> str:
     """, 0)
 
 
-def _wy(f: _Features) -> str:
+def _wy(f: _Features, shared: bool = True) -> str:
     """The delta rule's WY form: M (strict, decayed k' k'^T, into M_s), L = beta M, T = (I + L)^-1 (forward
-    substitution in shared memory) and w = T (beta k' exp(b)), into Tm_m, W_f and w_m."""
+    substitution in shared memory) and w = T (beta k' exp(b)), into Tm_m, W_f and w_m. `shared` as in
+    _qk_value (a vector decay's M needs k' in shared memory)."""
     if f.vector:
         s = _decayed_products("kp_s", "kp_s", "M_s", strict=True)
     else:
@@ -352,7 +392,7 @@ def _wy(f: _Features) -> str:
                 Tm_s[i, c2] = Tm_s[i, c2] - L_s[i, j] * Tm_s[j, c2]
     T.copy(Tm_s, Tm_m)
     for i, d in T.Parallel(C, K):
-        kb_m[i, d] = T.cast(bt_s[i] * kp_s[i, d] * {f.exp_b("i")}, dtype)
+        kb_m[i, d] = T.cast(bt_s[i] * {_qk_value(f, "k", shared)} * {f.exp_b("i")}, dtype)
     T.gemm(Tm_m, kb_m, W_f, clear_accum=True)
     T.copy(W_f, w_m)
     """
@@ -441,7 +481,8 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
                 for i, e2 in T.Parallel(C, BV):
-                    vb_m[i, e2] = T.cast(bt_s[i] * T.if_then_else(t0 + i < eos, T.cast(VV[t0 + i, h, v0 + e2], "float32"), 0.0), dtype)
+                    vb_m[i, e2] = T.cast(
+                        bt_s[i] * T.if_then_else(t0 + i < eos, T.cast(VV[t0 + i, h, v0 + e2], "float32"), 0.0), dtype)
                 T.gemm(Tm_m, vb_m, U_f, clear_accum=True)
                 for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
@@ -613,7 +654,8 @@ def _bwd_dh_pieces(f: _Features) -> dict:
     T.gemm(wn_m, du_m, dS, transpose_A=True)
     """, 0), "delta_params": ('        W: T.Tensor((NT, H, K), dtype),\n'
                              '        DVL: T.Tensor((NT, H, V), "float32"),\n'),
-            "delta_doc": " - w^T du, du = A^T dO + ke dS", "delta_inputs": ", w [NT, H, K] (stage wy), dvl [NT, H, V] (stage dv_local)"}
+            "delta_doc": " - w^T du, du = A^T dO + ke dS",
+            "delta_inputs": ", w [NT, H, K] (stage wy), dvl [NT, H, V] (stage dv_local)"}
 
 
 BWD_CHUNK = '''
@@ -990,25 +1032,33 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
         for i, j in T.Parallel(SB, C):
             pr_m[i, j] = T.cast(T.if_then_else(j < r * SB, {P}[r * SB + i, j], 0.0), dtype)
         for j, d in T.Parallel(C, K):
-            cg_m[j, d] = T.cast(T.if_then_else(j < r * SB, {Y}[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+            cg_m[j, d] = T.cast(T.if_then_else(
+                j < r * SB, {Y}[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
         T.gemm(pr_m, cg_m, part_f, clear_accum=True)
         for i, d in T.Parallel(SB, K):
             px_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d])
         for i, j in T.Parallel(C, SB):
             pc_m[i, j] = T.cast(T.if_then_else(i >= r * SB + SB, {P}[i, r * SB + j], 0.0), dtype)
         for i, d in T.Parallel(C, K):
-            cg_m[i, d] = T.cast(T.if_then_else(i >= r * SB + SB, {X}[i, d] * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
+            cg_m[i, d] = T.cast(T.if_then_else(
+                i >= r * SB + SB, {X}[i, d] * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
         T.gemm(pc_m, cg_m, part_f, transpose_A=True, clear_accum=True)
         for j, d in T.Parallel(SB, K):
             py_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
     for i, d in T.Parallel(C, K):
         {outx}[i, d] = px_s[i, d]
         for jj in T.serial(SB):
-            {outx}[i, d] += T.if_then_else({xmask}, {P}[i, i - i % SB + jj] * {Y}[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+            {outx}[i, d] += T.if_then_else(
+                {xmask},
+                {P}[i, i - i % SB + jj] * {Y}[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)),
+                0.0)
     for j, d in T.Parallel(C, K):
         {outy}[j, d] = py_s[j, d]
         for ii in T.serial(SB):
-            {outy}[j, d] += T.if_then_else({ymask}, {P}[j - j % SB + ii, j] * {X}[j - j % SB + ii, d] * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)), 0.0)
+            {outy}[j, d] += T.if_then_else(
+                {ymask},
+                {P}[j - j % SB + ii, j] * {X}[j - j % SB + ii, d] * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)),
+                0.0)
     """
     mask = "j < i" if strict else "j <= i"
     xm = "km_m" if strict else "qm_m"
@@ -1027,33 +1077,41 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
 def generate(spec: Spec) -> dict[str, str]:
     f = _Features(spec)
     common = {"params": _params(f), "inputs": "(" + ", ".join(_input_names(f)) + ")"}
-    at = lambda text, n: _ind(text, n)  # noqa: E731
+    at = lambda text, n: _ind("\n".join(line for line in text.splitlines() if line.strip()), n)  # noqa: E731
     factories = []
+    # the chunk-parallel forward stages keep q' and k' in registers, but a vector decay's C x C products read
+    # them from shared memory
+    shared = f.vector
     if f.delta:
         factories.append(WY.format(
-            allocs=at(_prep_allocs(f, q=False) + _cast_qk_allocs(f, q=False) + _wy_allocs(f) + _subblock_allocs(f),
-                      12),
-            body=at(_prep(f, q=False) + _cast_qk(f, q=False) + _wy(f), 12), **common))
+            allocs=at(_prep_allocs(f, q=False, shared=shared) + _cast_qk_allocs(f, q=False) + _wy_allocs(f)
+                      + _subblock_allocs(f), 12),
+            body=at(_prep(f, q=False, shared=shared) + _cast_qk(f, q=False, shared=shared) + _wy(f, shared), 12),
+            **common))
     st = _states_u(f)
     factories.append(STATES.format(
-        allocs=at(_prep_allocs(f, q=False, beta=False) + st["delta_allocs"], 12),
-        prep=at(_prep(f, q=False, beta=False), 16), ke=at(_ke(f), 16), u=at(st["u"], 16),
+        allocs=at(_prep_allocs(f, q=False, beta=False, shared=False) + st["delta_allocs"], 12),
+        prep=at(_prep(f, q=False, beta=False, shared=False), 16), ke=at(_ke(f, _scaled(f, "k")), 16),
+        u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=st["delta_params"],
         delta_inputs=st["delta_inputs"], delta_outputs=st["delta_outputs"], **common))
-    qk = dict(allocs=at(_prep_allocs(f, beta=False) + _cast_qk_allocs(f) + _subblock_allocs(f), 12),
-              prep=at(_prep(f, beta=False), 12),
-              cast_qk=at(_cast_qk(f), 12), attention_allocs=at(_attention_allocs(f), 12),
+    qk = dict(allocs=at(_prep_allocs(f, beta=False, shared=shared) + _cast_qk_allocs(f) + _subblock_allocs(f), 12),
+              prep=at(_prep(f, beta=False, shared=shared), 12),
+              cast_qk=at(_cast_qk(f, shared=shared), 12), attention_allocs=at(_attention_allocs(f), 12),
               attention=at(_attention(f), 12))
     factories.append(OUTPUT.format(
-        qe=at(_qe(f), 12), u_param='        VN: T.Tensor((NT, H, V), dtype),\n' if f.delta else "",
+        qe=at(_qe(f, _qk_value(f, "q", shared)), 12),
+        u_param='        VN: T.Tensor((NT, H, V), dtype),\n' if f.delta else "",
         load_u=at(_load_rows("VN" if f.delta else "VV", "u_m"), 16),
         u_doc=", vn [NT, H, V] (v_new, stage states)" if f.delta else "", **qk, **common))
     if f.delta:
         factories.append(DV_LOCAL.format(load_do=at(_load_rows("DO", "do_m"), 16), **qk, **common))
     dh = _bwd_dh_pieces(f)
     factories.append(BWD_DH.format(
-        allocs=at(_prep_allocs(f, k=f.delta, beta=False), 12), prep=at(_prep(f, k=f.delta, beta=False), 16),
-        qe=at(_qe(f) + (_ke(f) if f.delta else ""), 16), load_do=at(_load_rows("DO", "do_m"), 16),
+        allocs=at(_prep_allocs(f, k=f.delta, beta=False, shared=False), 12),
+        prep=at(_prep(f, k=f.delta, beta=False, shared=False), 16),
+        qe=at(_qe(f, _scaled(f, "q")) + (_ke(f, _scaled(f, "k")) if f.delta else ""), 16),
+        load_do=at(_load_rows("DO", "do_m"), 16),
         du=at(dh["du"], 16), dw=at(dh["dw"], 16), state_decay=at(_state_decay(f, "dS"), 16),
         delta_allocs=at(dh["delta_allocs"], 12), delta_params=dh["delta_params"], delta_doc=dh["delta_doc"],
         delta_inputs=dh["delta_inputs"], **common))
@@ -1100,5 +1158,5 @@ PASS_CONFIGS = {{
 }}
 ''' + MACROS
     text = (header(spec, "tilelang", "chunkwise forward and backward kernels") + meta
-            + "".join(compensate(factory) for factory in factories))
+            + "".join(compensate(_wrap_docstring(factory)) for factory in factories))
     return {filename(spec): text}

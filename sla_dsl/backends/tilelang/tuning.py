@@ -10,9 +10,9 @@ chunk size.
 Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
 stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (bwd_dh and bwd_chunk keep theirs),
 so that one flat override can name settings of both phases. Constraints: the kernels' K and V are the head
-dims rounded up to multiples of 16 (tensor-core tiles; `padded`); block_v divides that V. A setting whose buffers need more shared memory than a
-CTA may have is rejected before it compiles (`check_fits`); one that needs more registers than the GPU has
-fails to compile or launch, and the sweep skips it.
+dims rounded up to multiples of 16 (tensor-core tiles; `padded`); block_v divides that V. A setting whose
+buffers need more shared memory than a CTA may have is rejected before it compiles (`check_fits`); one that
+needs more registers than the GPU has fails to compile or launch, and the sweep skips it.
 """
 
 from __future__ import annotations
