@@ -1,5 +1,6 @@
 """The TileLang backend against the float64 reference on CPU: the generated kernels compiled by TileLang's C
-target (`sla_dsl.backends.tilelang.cpu_emulation`), fp32, small shapes, outputs poisoned before each run.
+target (`sla_dsl.backends.tilelang.cpu_emulation`), fp32 (and fp16 once), small shapes, outputs poisoned
+before each run.
 
 Every decay x write x gates combination forward and backward; variable lengths with an initial state; T not a
 multiple of the chunk; several blocks of V in every stage; head dims 12 to 48, multiples of 16 or not; the write
@@ -108,6 +109,12 @@ def test_feature_map_and_l2_norm_with_vector_delta():
     rec = testing.recurrence(Decay.VECTOR, WriteRule.DELTA, Gates.READ, feature_map_q=FeatureMap.ELU_PLUS_ONE,
                              feature_map_k=FeatureMap.SILU, qk_l2_norm=True)
     check(rec, 2, 40, 2, 16, 16)
+
+
+@pytest.mark.parametrize("write", list(WriteRule))
+def test_fp16_inputs_accumulate_in_fp32(write):
+    check(testing.recurrence(Decay.VECTOR, write, Gates.BOTH), 2, 40, 2, 16, 16, dtype=torch.float16,
+          tolerance=testing.TOLERANCES[torch.float16], config={"chunk": 32})
 
 
 @pytest.mark.parametrize("decay", [Decay.SCALAR, Decay.VECTOR])

@@ -46,7 +46,8 @@ def compile_kernel(module, name: str, heads: int, dim_k: int, dim_v: int, dtype:
     if target == cpu_emulation.TARGET:
         with cpu_emulation.emulated():
             func = getattr(module, name)(heads, dim_k, dim_v, dtype, **params)
-            return tilelang.compile(func, target=target, pass_configs=dict(module.PASS_CONFIGS),
+            return tilelang.compile(func, target=target,
+                                    pass_configs={**module.PASS_CONFIGS, **cpu_emulation.PASS_CONFIGS},
                                     execution_backend=cpu_emulation.EXECUTION_BACKEND)
     func = getattr(module, name)(heads, dim_k, dim_v, dtype, **params)
     return tilelang.compile(func, target=target or "auto", pass_configs=dict(module.PASS_CONFIGS),
