@@ -34,7 +34,7 @@ COMBINATION_SHAPE = dict(batch=2, length=1000, heads=4, dim_k=64, dim_v=64)
 VARLEN_BOUNDS = (0, 7, 1000, 1001, 2600, 4000)
 LONG_SHAPE = dict(batch=1, length=65536, heads=2, dim_k=64, dim_v=64)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# K = V head dims per backend, powers of two and not: Triton pads to a power of two, TileLang to a multiple of 16.
+# K = V head dims per backend, powers of two and not (both backends pad to a power of two).
 HEAD_DIMS = {"triton": (16, 32, 60, 64, 100, 128, 256), "tilelang": (16, 32, 48, 60, 100, 128, 256)}
 
 

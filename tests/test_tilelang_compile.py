@@ -60,6 +60,30 @@ def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
     record.write_text(json.dumps(previous, indent=1, sort_keys=True))
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("dim", [16, 48])
+@pytest.mark.parametrize("name", ["gla", "gdn"])
+def test_small_and_odd_head_dims_compile_for_sm90a(name, dim):
+    """At K = V = 16 a 16-row gemm tile has work for two warps only (the default gives such stages 64 threads,
+    and 128 is rejected before compiling); K = 48 runs padded to 64 (TileLang cannot lower some reductions over
+    48 columns). Every stage of both phases, bf16, at its default."""
+    from sla_dsl.autotune import ConfigRejected, Shape
+    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
+
+    kernels = TileLangKernels(next(s for s in SPECS if s.name == name))
+    shape = Shape(2, 1024, 4, dim, dim, "bfloat16")
+    for phase in ("fwd", "bwd"):
+        config = kernels.default_config(shape, phase)
+        for stage in tuning.phase_stages(kernels.module, phase):
+            params = tuning.kernel_params(config, stage)
+            compile_kernel(kernels.module, tuning.stage_kernel(stage), HEADS, tuning.padded(dim), tuning.padded(dim),
+                           "bfloat16", params, target=SM90_TARGET)
+    too_many = {**kernels.default_config(shape, "bwd"), "bwd_dh_threads": 128}
+    if dim == 16:
+        with pytest.raises(ConfigRejected, match="gemm tiles have work for at most 64"):
+            tuning.check_fits(kernels.module, "bwd_dh", too_many, shape)
+
+
 def test_shared_memory_accounting_rejects_what_the_h100_refused():
     """The accounting adds up a kernel's shared buffers (the compile test checks it against the layout TileLang
     emits; the sum matched the 254464 bytes the H100 refused for an earlier fused gdn forward). gdn's bwd_chunk

@@ -3,7 +3,7 @@ target (`sla_dsl.backends.tilelang.cpu_emulation`), fp32 (and fp16 once), small 
 before each run.
 
 Every decay x write x gates combination forward and backward; variable lengths with an initial state; T not a
-multiple of the chunk; several blocks of V in every stage; head dims 12 to 48, multiples of 16 or not; the write
+multiple of the chunk; several blocks of V in every stage; head dims 12 to 48, powers of two or not; the write
 gate on beta; feature maps and L2 normalisation; strong decay; no initial or final state. What the emulation cannot judge (layouts,
 pipelining, warp-level reductions on the H100) is the GPU suite's (`python -m sla_dsl gpu-check`).
 """

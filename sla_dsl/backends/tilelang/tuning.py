@@ -10,7 +10,7 @@ chunk size.
 Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
 stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (bwd_dh and bwd_chunk keep theirs),
 so that one flat override can name settings of both phases. Constraints: the kernels' K and V are the head
-dims rounded up to multiples of 16 (tensor-core tiles; `padded`); block_v divides that V. A setting whose
+dims rounded up to powers of two from 16 (tensor-core tiles; `padded`); block_v divides that V. A setting whose
 buffers need more shared memory than a CTA may have is rejected before it compiles (`check_fits`); one that
 needs more registers than the GPU has fails to compile or launch, and the sweep skips it.
 """
@@ -29,7 +29,7 @@ from sla_dsl.autotune.space import Space
 from sla_dsl.backends import SM90_SHARED_MEMORY_BYTES
 from sla_dsl.backends.tilelang.tf32x3 import FP32_ONLY
 
-TILE = 16  # K and V of the kernels are multiples of it
+TILE = 16  # the smallest K and V of the kernels: one tensor-core tile
 CHUNK_SIZES = (16, 32, 64)
 BLOCK_V = (16, 32, 64)
 THREADS = (64, 128, 256)
@@ -59,8 +59,11 @@ def _search_order(stages) -> tuple[str, ...]:
 
 
 def padded(dim: int) -> int:
-    """A head dim rounded up to the tensor-core tile (16): the kernels' K and V (the host pads the inputs)."""
-    return -(-dim // TILE) * TILE
+    """A head dim rounded up to a power of two, at least the tensor-core tile (16): the kernels' K and V (the
+    host pads the inputs). TileLang's layouts for multiples of 16 that are not powers of two fail to lower in
+    places (gla's bwd_chunk at K = 48: a reduction over a fragment "depends on a thread-owned reduce
+    segment"), as Triton's tiles need powers of two too."""
+    return max(TILE, 1 << (dim - 1).bit_length())
 
 
 def _padded_shape(shape):
@@ -89,13 +92,18 @@ def _shared_buffers(module, kernel: str) -> tuple[tuple[tuple[str, ...], bool, b
                  for dims, kind, fp32_only in _SHARED_ALLOC.findall(source))
 
 
+def _sizes(module, stage: str, config: dict, shape) -> dict[str, int]:
+    """The value of every dimension name a kernel's buffers are declared with."""
+    params = kernel_params(config, stage)
+    return {"C": params["chunk"], "BV": params["block_v"], "K": padded(shape.K), "V": padded(shape.V),
+            "SB": getattr(module, "SUB_BLOCK", 0)}
+
+
 def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
     """Shared memory of one stage's kernel under `config`: the sum of its buffers, which TileLang lays out
     side by side (the sum matched the 254464 bytes that the H100 refused for gdn's fwd at chunk 64, K 128).
     Float32 inputs add the scratch of their error-compensated gemms (`tf32x3`)."""
-    params = kernel_params(config, stage)
-    sizes = {"C": params["chunk"], "BV": params["block_v"], "K": padded(shape.K), "V": padded(shape.V),
-             "SB": getattr(module, "SUB_BLOCK", 0)}
+    sizes = _sizes(module, stage, config, shape)
     fp32_inputs = shape.dtype == "float32"
     element = 4 if fp32_inputs else 2
     total = 0
@@ -117,19 +125,42 @@ def shared_memory_limit() -> int:
     return SM90_SHARED_MEMORY_BYTES
 
 
-def max_threads(chunk: int) -> int:
-    """T.gemm gives each warp a multiple of 16 rows and 8 columns of a tile: the chunk x chunk products cover
-    at most (chunk / 16) * (chunk / 8) warps."""
-    return 32 * (chunk // 16) * (chunk // 8)
+_FRAGMENT_ALLOC = re.compile(r'^ *(\w+) = T\.alloc_fragment\(\(([^)]*)\), "float32"\)', re.M)
+_GEMM_ACCUMULATOR = re.compile(r'\b(?:T\.gemm|compensated_gemm)\(\w+, \w+, (\w+)')
+
+
+@functools.cache
+def _gemm_accumulators(module, kernel: str) -> tuple[tuple[str, ...], ...]:
+    """The dimension names of every fragment a T.gemm of a generated kernel factory accumulates into."""
+    source = inspect.getsource(getattr(module, kernel))
+    fragments = {name: tuple(d.strip() for d in dims.split(",") if d.strip())
+                 for name, dims in _FRAGMENT_ALLOC.findall(source)}
+    return tuple(fragments[name] for name in dict.fromkeys(_GEMM_ACCUMULATOR.findall(source)))
+
+
+def _warps_covering(rows: int, cols: int) -> int:
+    """The most warps (a power of two) T.gemm can split a rows x cols tile among: each warp owns a multiple of
+    16 rows and 8 columns, so m x n warps need m | rows / 16 and n | cols / 8."""
+    feasible = [w for w in (1, 2, 4, 8, 16)
+                if any((rows // 16) % m == 0 and (cols // 8) % (w // m) == 0 for m in (1, 2, 4, 8, 16) if w % m == 0)]
+    return max(feasible)
+
+
+def max_threads(module, stage: str, config: dict, shape) -> int:
+    """The most threads the stage's kernel can have: every gemm's accumulator tile must split among its warps
+    (16 x 16 has work for 2 warps, so a 16-row sub-block product at K = 16 allows 64 threads)."""
+    sizes = _sizes(module, stage, config, shape)
+    accumulators = _gemm_accumulators(module, stage_kernel(stage))
+    return 32 * min(_warps_covering(*(sizes[d] for d in dims)) for dims in accumulators)
 
 
 def check_fits(module, stage: str, config: dict, shape) -> None:
-    """Raises ConfigRejected when the stage's kernel cannot be built: more threads than its chunk's tiles
-    have warps for, or more shared memory than a CTA may have."""
-    params = kernel_params(config, stage)
-    if params["threads"] > max_threads(params["chunk"]):
-        raise ConfigRejected(f"tilelang {stage}: {params['threads']} threads at chunk {params['chunk']}; the "
-                             f"chunk's tiles have warps for at most {max_threads(params['chunk'])}")
+    """Raises ConfigRejected when the stage's kernel cannot be built: more threads than its gemm tiles have
+    warps for, or more shared memory than a CTA may have."""
+    params, most = kernel_params(config, stage), max_threads(module, stage, config, shape)
+    if params["threads"] > most:
+        raise ConfigRejected(f"tilelang {stage}: {params['threads']} threads at {params} for K={shape.K}, "
+                             f"V={shape.V}; its gemm tiles have work for at most {most}")
     needed, limit = shared_memory_bytes(module, stage, config, shape), shared_memory_limit()
     if needed > limit:
         raise ConfigRejected(f"tilelang {stage} at {kernel_params(config, stage)} for K={shape.K}, V={shape.V} "
@@ -159,10 +190,10 @@ def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list
     for stage in stages:
         # num_stages=0: the pipelined variants are left to the sweep, which checks each winner against the
         # float64 reference on the GPU
-        threads = min(128, max_threads(chunk))
-        fitting = (setting for setting in ({f"{stage}_block_v": b, f"{stage}_threads": threads,
-                                            f"{stage}_num_stages": 0} for b in block_sizes)
-                   if shared_memory_bytes(module, stage, {**config, **setting}, shape) <= limit)
+        candidates = ({**config, f"{stage}_block_v": b, f"{stage}_threads": 0, f"{stage}_num_stages": 0}
+                      for b in block_sizes)
+        fitting = ({**candidate, f"{stage}_threads": min(128, max_threads(module, stage, candidate, shape))}
+                   for candidate in candidates if shared_memory_bytes(module, stage, candidate, shape) <= limit)
         setting = next(fitting, None)
         if setting is None:
             return None
