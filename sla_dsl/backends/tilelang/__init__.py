@@ -94,10 +94,13 @@ class TileLangKernels:
         target = cpu_emulation.TARGET if device.type == "cpu" else None
         key = (name, heads, dim_k, dim_v, dtype, tuple(sorted(params.items())), target)
         if key not in self._compiled:
-            if target is None:  # the emulation has no CTA to fit in
-                tuning.check_fits(self.module, stage, config, Shape(1, 1, heads, dim_k, dim_v, dtype))
-            self._compiled[key] = compile_kernel(self.module, name, heads, dim_k, dim_v, _DTYPES[dtype], params,
-                                                 target=target)
+            shape = Shape(1, 1, heads, dim_k, dim_v, dtype)
+            if target is None:  # the emulation has no warps to split tiles among, nor a CTA to fit in
+                tuning.check_threads(self.module, stage, config, shape)
+            compiled = compile_kernel(self.module, name, heads, dim_k, dim_v, _DTYPES[dtype], params, target=target)
+            if target is None:
+                tuning.check_shared_memory(compiled.get_kernel_source(), self.module, stage, config, shape)
+            self._compiled[key] = compiled
         return self._compiled[key]
 
     def _kernels(self, phase: str, config: dict, q, v) -> dict:

@@ -10,9 +10,10 @@ chunk size.
 Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
 stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (bwd_dh and bwd_chunk keep theirs),
 so that one flat override can name settings of both phases. Constraints: the kernels' K and V are the head
-dims rounded up to powers of two from 16 (tensor-core tiles; `padded`); block_v divides that V. A setting whose
-buffers need more shared memory than a CTA may have is rejected before it compiles (`check_fits`); one that
-needs more registers than the GPU has fails to compile or launch, and the sweep skips it.
+dims rounded up to powers of two from 16 (tensor-core tiles; `padded`); block_v divides that V. A setting with
+more threads than its gemm tiles can split among is rejected before it compiles (`check_threads`), one whose
+compiled kernel needs more shared memory than a CTA may have before it launches (`check_shared_memory`); one
+that needs more registers than the GPU has fails to compile or launch, and the sweep skips it.
 """
 
 from __future__ import annotations
@@ -80,16 +81,18 @@ def tuning_space(module, shape, phase: str) -> Space:
     return Space([{"chunk": c} for c in CHUNK_SIZES], *stages, order=_search_order(names))
 
 
-_SHARED_ALLOC = re.compile(r'T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)(' + re.escape(FP32_ONLY) + ')?')
+_SHARED_ALLOC = re.compile(r'(\w+) = T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)(' + re.escape(FP32_ONLY) + ')?')
+# where the compiled CUDA places a shared buffer in the kernel's one dynamic allocation
+_SHARED_OFFSET = re.compile(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\)")
 
 
 @functools.cache
-def _shared_buffers(module, kernel: str) -> tuple[tuple[tuple[str, ...], bool, bool], ...]:
-    """(dimension names, is float32, exists only for float32 inputs) of every T.alloc_shared in the source of a
-    generated kernel factory."""
+def _shared_buffers(module, kernel: str) -> tuple[tuple[str, tuple[str, ...], bool, bool], ...]:
+    """(name, dimension names, is float32, exists only for float32 inputs) of every T.alloc_shared in the
+    source of a generated kernel factory."""
     source = inspect.getsource(getattr(module, kernel))
-    return tuple((tuple(d.strip() for d in dims.split(",") if d.strip()), kind == '"float32"', bool(fp32_only))
-                 for dims, kind, fp32_only in _SHARED_ALLOC.findall(source))
+    return tuple((name, tuple(d.strip() for d in dims.split(",") if d.strip()), kind == '"float32"', bool(fp32_only))
+                 for name, dims, kind, fp32_only in _SHARED_ALLOC.findall(source))
 
 
 def _sizes(module, stage: str, config: dict, shape) -> dict[str, int]:
@@ -99,22 +102,38 @@ def _sizes(module, stage: str, config: dict, shape) -> dict[str, int]:
             "SB": getattr(module, "SUB_BLOCK", 0)}
 
 
-def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
-    """Shared memory of one stage's kernel under `config`: the sum of its buffers, which TileLang lays out
-    side by side (the sum matched the 254464 bytes that the H100 refused for gdn's fwd at chunk 64, K 128).
-    Float32 inputs add the scratch of their error-compensated gemms (`tf32x3`)."""
+def _buffer_bytes(module, stage: str, config: dict, shape) -> dict[str, int]:
+    """Bytes of each shared buffer of the stage's kernel under `config` (float32 inputs add the scratch of
+    their error-compensated gemms, `tf32x3`)."""
     sizes = _sizes(module, stage, config, shape)
     fp32_inputs = shape.dtype == "float32"
-    element = 4 if fp32_inputs else 2
-    total = 0
-    for dims, is_float32, fp32_only in _shared_buffers(module, stage_kernel(stage)):
+    out = {}
+    for name, dims, is_float32, fp32_only in _shared_buffers(module, stage_kernel(stage)):
         if fp32_only and not fp32_inputs:
             continue
-        count = 1
+        count = 4 if is_float32 or fp32_inputs else 2
         for dim in dims:
             count *= sizes[dim]
-        total += count * (4 if is_float32 else element)
-    return total
+        out[name] = count
+    return out
+
+
+def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
+    """An upper bound on the shared memory of one stage's kernel under `config`, known before compiling: the
+    sum of its buffers. TileLang reuses the space of buffers no longer live, so the compiled kernel may take
+    about half (compiled_shared_memory_bytes); defaults kept within the bound always fit."""
+    return sum(_buffer_bytes(module, stage, config, shape).values())
+
+
+def compiled_shared_memory_bytes(kernel_source: str, module, stage: str, config: dict, shape) -> int:
+    """The shared memory a compiled kernel takes: the end of the last buffer in its one dynamic allocation, read
+    from the offsets in the CUDA source (`JITKernel.get_kernel_source()`). Buffers TileLang adds itself (the
+    workspaces of reductions, a few hundred bytes) are taken to reach the next buffer, or 1 KB past the last."""
+    sizes = _buffer_bytes(module, stage, config, shape)
+    placed = sorted((int(offset), name) for name, offset in _SHARED_OFFSET.findall(kernel_source))
+    ends = [offset + sizes.get(name, (placed[i + 1][0] - offset) if i + 1 < len(placed) else 1024)
+            for i, (offset, name) in enumerate(placed)]
+    return max(ends, default=0)
 
 
 def shared_memory_limit() -> int:
@@ -154,14 +173,19 @@ def max_threads(module, stage: str, config: dict, shape) -> int:
     return 32 * min(_warps_covering(*(sizes[d] for d in dims)) for dims in accumulators)
 
 
-def check_fits(module, stage: str, config: dict, shape) -> None:
-    """Raises ConfigRejected when the stage's kernel cannot be built: more threads than its gemm tiles have
-    warps for, or more shared memory than a CTA may have."""
+def check_threads(module, stage: str, config: dict, shape) -> None:
+    """Raises ConfigRejected, before compiling, when the stage's kernel has more threads than its gemm tiles
+    have warps for."""
     params, most = kernel_params(config, stage), max_threads(module, stage, config, shape)
     if params["threads"] > most:
         raise ConfigRejected(f"tilelang {stage}: {params['threads']} threads at {params} for K={shape.K}, "
                              f"V={shape.V}; its gemm tiles have work for at most {most}")
-    needed, limit = shared_memory_bytes(module, stage, config, shape), shared_memory_limit()
+
+
+def check_shared_memory(kernel_source: str, module, stage: str, config: dict, shape) -> None:
+    """Raises ConfigRejected, after compiling and before the launch would fail, when the compiled kernel needs
+    more shared memory than a CTA may have."""
+    needed, limit = compiled_shared_memory_bytes(kernel_source, module, stage, config, shape), shared_memory_limit()
     if needed > limit:
         raise ConfigRejected(f"tilelang {stage} at {kernel_params(config, stage)} for K={shape.K}, V={shape.V} "
                              f"needs {needed} bytes of shared memory; a CTA may have {limit}")
@@ -169,8 +193,9 @@ def check_fits(module, stage: str, config: dict, shape) -> None:
 
 def default_config(module, shape, phase: str) -> dict:
     """Heuristic settings for `shape` (a member of tuning_space): the largest chunk at which every stage fits
-    in shared memory, and at it each stage's largest block_v that fits. Blocks of V narrower than 32 are a
-    last resort: every V-block of a chunk recomputes the chunk's K-sized intra-chunk terms."""
+    in shared memory by the bound known before compiling (shared_memory_bytes), and at it each stage's largest
+    block_v that fits. Blocks of V narrower than 32 are a last resort: the sequential stages run one program per
+    block of V, each walking every chunk."""
     shape = _padded_shape(shape)
     stages = phase_stages(module, phase)
     block_sizes = [b for b in sorted(BLOCK_V, reverse=True) if shape.V % b == 0]
