@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: generated files are current, then every test (CPU: Triton interpreter, TileLang compile).
+# The test suite: generated files are current, then every test (CPU: Triton's interpreter; TileLang's kernels
+# compiled for sm_90a and run through its C target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,6 +1,6 @@
 """The shared correctness suite: every backend is checked here against the float64 reference.
 
-Used by the CPU tests (Triton interpreter, TileLang compile) and by the GPU suite (`python -m sla_dsl
+Used by the CPU tests (Triton's interpreter, TileLang's C target) and by the GPU suite (`python -m sla_dsl
 gpu-check`), so both judge kernels by the same inputs and tolerances.
 """
 

@@ -15,6 +15,14 @@ GRAD_OUTPUTS = ('dg',)
 EPS = 1e-06
 # Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).
 SUB_BLOCK = 16
+
+
+def state_dtype(dtype):
+    """The dtype of the stored per-chunk states and state gradients: the input dtype (the operand of the gemms
+    that read them), but float32 for float16 inputs, whose range a state with little decay outgrows."""
+    return "float32" if dtype == "float16" else dtype
+
+
 # The kernels each phase runs, in order (the host runtime and the tuning space follow it).
 PHASES = {'fwd': ('states', 'output'), 'bwd': ('states', 'bwd_dh', 'bwd_chunk')}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
@@ -68,6 +76,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     h0 [N, H, K, V] fp32; outputs hs [NC, H, K, V] (the state entering every chunk, in dtype: the operand of the
     chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -82,7 +91,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CU: T.Tensor((NB,), "int32"),
         CO: T.Tensor((N,), "int32"),
         H0: T.Tensor((N, H, K, V), "float32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
         HT: T.Tensor((N, H, K, V), "float32"),
     ):
         with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
@@ -111,7 +120,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     ke_m[i, d] = T.cast(kx[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
                 for a, e2 in T.Parallel(K, BV):
-                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], dtype)
+                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
@@ -127,6 +136,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     (q, k, v, g, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each chunk); output
     o [NT, H, V]."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -140,7 +150,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         SC: T.Tensor((1,), "float32"),
         CU: T.Tensor((NB,), "int32"),
         CI: T.Tensor((NC, 2), "int32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
         O: T.Tensor((NT, H, V), dtype),
     ):
         with T.Kernel(NC, H, threads=threads) as (ci, h):
@@ -209,7 +219,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
-                    S_m[a, e2] = HS[ci, h, a, v0 + e2]
+                    S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
                 compensated_gemm(qe_m, S_m, O_f, tf32_C_K, tf32_K_BV, clear_accum=True)
                 compensated_gemm(A_m, u_m, O_f, tf32_C_C, tf32_C_BV)
                 for i, e2 in T.Parallel(C, BV):
@@ -224,6 +234,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at the end of every
     chunk) and dh0 [N, H, K, V] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -239,7 +250,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CO: T.Tensor((N,), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
         DHT: T.Tensor((N, H, K, V), "float32"),
-        DH: T.Tensor((NC, H, K, V), dtype),
+        DH: T.Tensor((NC, H, K, V), state_dt),
         DH0: T.Tensor((N, H, K, V), "float32"),
     ):
         with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
@@ -273,7 +284,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i, d]), dtype)
                 for a, e2 in T.Parallel(K, BV):
-                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], dtype)
+                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
                 for i, e2 in T.Parallel(C, BV):
                     do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
@@ -290,6 +301,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg [NT, H(, K)],
     dbeta, dgq, dgk [NT, H] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -303,8 +315,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         SC: T.Tensor((1,), "float32"),
         CU: T.Tensor((NB,), "int32"),
         CI: T.Tensor((NC, 2), "int32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
-        DH: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
+        DH: T.Tensor((NC, H, K, V), state_dt),
         DO: T.Tensor((NT, H, V), dtype),
         DQ: T.Tensor((NT, H, K), dtype),
         DK: T.Tensor((NT, H, K), dtype),
@@ -355,13 +367,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             py_s = T.alloc_shared((C, K), "float32")
             rk_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
-            gk_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
-            yq_f = T.alloc_fragment((C, K), "float32")
-            yk_f = T.alloc_fragment((C, K), "float32")
-            rq_f = T.alloc_fragment((C,), "float32")
-            rk2_f = T.alloc_fragment((C,), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_SB_K = T.alloc_shared((SB, K), dtype) if dtype == "float32" else None
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
@@ -482,15 +489,10 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     DG[t0 + i, h, d] = db_s[i, d]
-            for i, d in T.Parallel(C, K):
-                yq_f[i, d] = T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')
-                yk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
             for i in T.Parallel(C):
-                gq_f[i] = 1.0 * SC[0]
-                gk_f[i] = 1.0
+                gq_f[i] = SC[0]
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
-                dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * 1.0, dtype)

@@ -13,6 +13,14 @@ INPUTS = ('q', 'k', 'v', 'g', 'beta', 'gq', 'gk', 'scale')
 # dg / dbeta / dgq / dgk outputs of bwd_chunk, in order.
 GRAD_OUTPUTS = ('dg', 'dbeta', 'dgq', 'dgk')
 EPS = 1e-06
+
+
+def state_dtype(dtype):
+    """The dtype of the stored per-chunk states and state gradients: the input dtype (the operand of the gemms
+    that read them), but float32 for float16 inputs, whose range a state with little decay outgrows."""
+    return "float32" if dtype == "float16" else dtype
+
+
 # The kernels each phase runs, in order (the host runtime and the tuning space follow it).
 PHASES = {'fwd': ('wy', 'states', 'output'), 'bwd': ('wy', 'states', 'dv_local', 'bwd_dh', 'bwd_chunk')}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
@@ -116,7 +124,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
@@ -165,6 +173,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     state entering every chunk, in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32 and
     v_new = u - w S [NT, H, V] in dtype (vn, before hs and ht in the arguments)."""
     C, BV = chunk, block_v
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -185,7 +194,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         U: T.Tensor((NT, H, V), dtype),
         VN: T.Tensor((NT, H, V), dtype),
         H0: T.Tensor((N, H, K, V), "float32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
         HT: T.Tensor((N, H, K, V), "float32"),
     ):
         with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
@@ -220,7 +229,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
                 for i, d in T.Parallel(C, K):
-                    kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+                    kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d]))), 0.0)
                 for i, d in T.Parallel(C, K):
                     sq[i, d] = kx[i, d] * kx[i, d]
                 T.reduce_sum(sq, kn, dim=1)
@@ -229,7 +238,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     ke_m[i, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
-                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], dtype)
+                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
                 T.copy(S, S_m)
                 for i, d in T.Parallel(C, K):
                     w_m[i, d] = T.if_then_else(t0 + i < eos, W[t0 + i, h, d], T.cast(0.0, dtype))
@@ -254,6 +263,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     (q, k, v, g, beta, gq, gk, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each
     chunk), vn [NT, H, V] (v_new, stage states); output o [NT, H, V]."""
     C, BV = chunk, block_v
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -270,7 +280,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         SC: T.Tensor((1,), "float32"),
         CU: T.Tensor((NB,), "int32"),
         CI: T.Tensor((NC, 2), "int32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
         VN: T.Tensor((NT, H, V), dtype),
         O: T.Tensor((NT, H, V), dtype),
     ):
@@ -307,7 +317,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
+                qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = qx[i, d] * qx[i, d]
             T.reduce_sum(sq, qn, dim=1)
@@ -316,7 +326,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
@@ -337,7 +347,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.if_then_else(t0 + i < eos, VN[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
-                    S_m[a, e2] = HS[ci, h, a, v0 + e2]
+                    S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
                 compensated_gemm(qe_m, S_m, O_f, tf32_C_K, tf32_K_BV, clear_accum=True)
                 compensated_gemm(A_m, u_m, O_f, tf32_C_C, tf32_C_BV)
                 for i, e2 in T.Parallel(C, BV):
@@ -400,7 +410,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
+                qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = qx[i, d] * qx[i, d]
             T.reduce_sum(sq, qn, dim=1)
@@ -409,7 +419,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
@@ -441,6 +451,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at the end of every chunk) and dh0
     [N, H, K, V] fp32."""
     C, BV = chunk, block_v
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -461,7 +472,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         W: T.Tensor((NT, H, K), dtype),
         DVL: T.Tensor((NT, H, V), "float32"),
         DHT: T.Tensor((N, H, K, V), "float32"),
-        DH: T.Tensor((NC, H, K, V), dtype),
+        DH: T.Tensor((NC, H, K, V), state_dt),
         DH0: T.Tensor((N, H, K, V), "float32"),
     ):
         with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
@@ -502,7 +513,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
                 for i, d in T.Parallel(C, K):
-                    qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
+                    qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d]))), 0.0)
                 for i, d in T.Parallel(C, K):
                     sq[i, d] = qx[i, d] * qx[i, d]
                 T.reduce_sum(sq, qn, dim=1)
@@ -511,7 +522,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
                 for i, d in T.Parallel(C, K):
-                    kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+                    kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d]))), 0.0)
                 for i, d in T.Parallel(C, K):
                     sq[i, d] = kx[i, d] * kx[i, d]
                 T.reduce_sum(sq, kn, dim=1)
@@ -522,7 +533,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     ke_m[i, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
-                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], dtype)
+                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
                 for i, e2 in T.Parallel(C, BV):
                     do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 T.copy(dS, dS_m)
@@ -547,6 +558,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     K, V] (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg
     [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
     C, BV = chunk, block_v
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -563,8 +575,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         SC: T.Tensor((1,), "float32"),
         CU: T.Tensor((NB,), "int32"),
         CI: T.Tensor((NC, 2), "int32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
-        DH: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
+        DH: T.Tensor((NC, H, K, V), state_dt),
         DO: T.Tensor((NT, H, V), dtype),
         DQ: T.Tensor((NT, H, K), dtype),
         DK: T.Tensor((NT, H, K), dtype),
@@ -651,9 +663,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             xr_f = T.alloc_fragment((C,), "float32")
             rk_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
-            gk_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
+            gk_f = T.alloc_fragment((C,), "float32")
             yq_f = T.alloc_fragment((C, K), "float32")
             yk_f = T.alloc_fragment((C, K), "float32")
             rq_f = T.alloc_fragment((C,), "float32")
@@ -672,7 +684,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                qx[i, d] = (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d])))
+                qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * T.if_then_else(qx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(qx[i, d]))), T.exp(qx[i, d]) / (1.0 + T.exp(qx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = qx[i, d] * qx[i, d]
             T.reduce_sum(sq, qn, dim=1)
@@ -683,7 +695,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d])))
+                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.if_then_else(kx[i, d] >= 0.0, 1.0 / (1.0 + T.exp(-(kx[i, d]))), T.exp(kx[i, d]) / (1.0 + T.exp(kx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
@@ -823,6 +835,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     DG[t0 + i, h] = dbr_s[i]
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = (T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.if_then_else(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')))), T.exp(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32'))))
+            for i, d in T.Parallel(C, K):
                 yk_f[i, d] = (T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.if_then_else(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')))), T.exp(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) / (1.0 + T.exp(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32'))))
             for i, d in T.Parallel(C, K):
                 rk_f[i, d] = yq_f[i, d] * yq_f[i, d]
@@ -838,6 +851,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 yk_f[i, d] = yk_f[i, d] * rk2_f[i]
             for i in T.Parallel(C):
                 gq_f[i] = GQ[T.min(t0 + i, NT - 1), h] * SC[0]
+            for i in T.Parallel(C):
                 gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
             for i, d in T.Parallel(C, K):
                 rk_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
@@ -856,6 +870,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     DBETA[t0 + i, h] = dbt_s[i]
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
+            for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
             for i, d in T.Parallel(C, K):
                 rk_f[i, d] = dqp_s[i, d] * yq_f[i, d]

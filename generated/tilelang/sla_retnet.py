@@ -13,6 +13,14 @@ INPUTS = ('q', 'k', 'v', 'gq', 'gk', 'log_gamma', 'scale')
 # dg / dbeta / dgq / dgk outputs of bwd_chunk, in order.
 GRAD_OUTPUTS = ('dgq', 'dgk')
 EPS = 1e-06
+
+
+def state_dtype(dtype):
+    """The dtype of the stored per-chunk states and state gradients: the input dtype (the operand of the gemms
+    that read them), but float32 for float16 inputs, whose range a state with little decay outgrows."""
+    return "float32" if dtype == "float16" else dtype
+
+
 # The kernels each phase runs, in order (the host runtime and the tuning space follow it).
 PHASES = {'fwd': ('states', 'output'), 'bwd': ('states', 'bwd_dh', 'bwd_chunk')}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
@@ -66,6 +74,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     each sequence), h0 [N, H, K, V] fp32; outputs hs [NC, H, K, V] (the state entering every chunk, in dtype: the
     operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
     C, BV = chunk, block_v
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -82,7 +91,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CU: T.Tensor((NB,), "int32"),
         CO: T.Tensor((N,), "int32"),
         H0: T.Tensor((N, H, K, V), "float32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
         HT: T.Tensor((N, H, K, V), "float32"),
     ):
         with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
@@ -113,7 +122,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     ke_m[i, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
-                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], dtype)
+                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
@@ -129,6 +138,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     (q, k, v, gq, gk, log_gamma, scale), cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering
     each chunk); output o [NT, H, V]."""
     C, BV = chunk, block_v
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -144,7 +154,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         SC: T.Tensor((1,), "float32"),
         CU: T.Tensor((NB,), "int32"),
         CI: T.Tensor((NC, 2), "int32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
         O: T.Tensor((NT, H, V), dtype),
     ):
         with T.Kernel(NC, H, threads=threads) as (ci, h):
@@ -196,7 +206,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
-                    S_m[a, e2] = HS[ci, h, a, v0 + e2]
+                    S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
                 compensated_gemm(qe_m, S_m, O_f, tf32_C_K, tf32_K_BV, clear_accum=True)
                 compensated_gemm(A_m, u_m, O_f, tf32_C_C, tf32_C_BV)
                 for i, e2 in T.Parallel(C, BV):
@@ -211,6 +221,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     (zeros when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at
     the end of every chunk) and dh0 [N, H, K, V] fp32."""
     C, BV = chunk, block_v
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -228,7 +239,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CO: T.Tensor((N,), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
         DHT: T.Tensor((N, H, K, V), "float32"),
-        DH: T.Tensor((NC, H, K, V), dtype),
+        DH: T.Tensor((NC, H, K, V), state_dt),
         DH0: T.Tensor((N, H, K, V), "float32"),
     ):
         with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
@@ -261,7 +272,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
-                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], dtype)
+                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
                 for i, e2 in T.Parallel(C, BV):
                     do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
@@ -278,6 +289,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     K, V] (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg
     [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
     C, BV = chunk, block_v
+    state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
@@ -293,8 +305,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         SC: T.Tensor((1,), "float32"),
         CU: T.Tensor((NB,), "int32"),
         CI: T.Tensor((NC, 2), "int32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
-        DH: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
+        DH: T.Tensor((NC, H, K, V), state_dt),
         DO: T.Tensor((NT, H, V), dtype),
         DQ: T.Tensor((NT, H, K), dtype),
         DK: T.Tensor((NT, H, K), dtype),
@@ -336,13 +348,11 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             P_m = T.alloc_shared((C, C), dtype)
             rk_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
-            gk_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
+            gk_f = T.alloc_fragment((C,), "float32")
             yq_f = T.alloc_fragment((C, K), "float32")
             yk_f = T.alloc_fragment((C, K), "float32")
-            rq_f = T.alloc_fragment((C,), "float32")
-            rk2_f = T.alloc_fragment((C,), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
@@ -408,9 +418,11 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 dkp_s[i, d] = T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + dkA_f[i, d]
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')
+            for i, d in T.Parallel(C, K):
                 yk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
             for i in T.Parallel(C):
                 gq_f[i] = GQ[T.min(t0 + i, NT - 1), h] * SC[0]
+            for i in T.Parallel(C):
                 gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
             for i, d in T.Parallel(C, K):
                 rk_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
@@ -426,6 +438,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     DGK[t0 + i, h] = dgk_f[i]
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
+            for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:

@@ -153,12 +153,13 @@ class TileLangKernels:
         return table.chunk_offsets[:-1].to(torch.int32), table.chunk_indices, table.num_chunks
 
     def _run_states(self, p, kernels: dict, chunk: int):
-        """Stages wy (delta rule) and states: the state entering every chunk (hs, in the input dtype), the final
-        state (ht), v_new (delta rule, else v), and the chunk tables."""
+        """Stages wy (delta rule) and states: the state entering every chunk (hs, in the input dtype, float32 for
+        float16), the final state (ht), v_new (delta rule, else v), and the chunk tables."""
         offsets, table, total = self._chunks(p, chunk)
         heads, dim_k, dim_v, nt = p["heads"], p["dim_k"], p["dim_v"], p["nt"]
         dtype, device = p["q"].dtype, p["q"].device
-        hs = new_output((max(total, 1), heads, dim_k, dim_v), dtype, device)
+        state_dtype = torch.float32 if dtype == torch.float16 else dtype  # the generated module's state_dtype
+        hs = new_output((max(total, 1), heads, dim_k, dim_v), state_dtype, device)
         ht = new_output((p["num_seq"], heads, dim_k, dim_v), torch.float32, device)
         v_new, wy = p["v"], []
         if "wy" in kernels:
@@ -220,7 +221,7 @@ class TileLangKernels:
         do_flat = _pad(do.reshape(nt, heads, p["real_v"]).to(dtype), dim_v, 0.0)
         dht = (_pad(_pad(dfinal_state.float(), dim_v, 0.0), dim_k, 0.0, dim=-2) if dfinal_state is not None
                else torch.zeros(num_seq, heads, dim_k, dim_v, dtype=torch.float32, device=device))
-        dh = new_output(st["hs"].shape, dtype, device)
+        dh = new_output(st["hs"].shape, st["hs"].dtype, device)
         dh0 = new_output((num_seq, heads, dim_k, dim_v), torch.float32, device)
         dq = new_output((nt, heads, dim_k), dtype, device)
         dk = new_output((nt, heads, dim_k), dtype, device)

@@ -21,8 +21,10 @@ Every T.gemm of the templates is emitted as `compensated_gemm` (`tf32x3`): the p
 dtypes, and for float32 an error-compensated product (3xTF32) that keeps fp32 accuracy on tf32 tensor cores.
 
 Tokens are packed ([total tokens, H, D]); sequences are described by cu_seqlens and a host-built chunk table,
-so batches and varlen share one code path. Padded rows of a partial chunk are masked to zero (k = v = 0,
-no decay, beta = 0). Every exp() argument is <= 0 (relative decays b_i - b_j with j <= i, b_C - b_i, b_i).
+so batches and varlen share one code path. Rows of a partial chunk past the sequence's end are zero (q', k',
+v, beta; their decay adds nothing to b). Every exp() whose value is used has an argument <= 0 (relative decays
+b_i - b_j with j <= i, b_C - b_i, b_i); masked entries of a scalar decay's C x C products compute exp(b_i -
+b_j) for j > i and drop it in a select, and a vector decay's clamp it at 0.
 """
 
 from __future__ import annotations
@@ -231,10 +233,10 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
     for i, d in T.Parallel(C, K):
         {side}x[i, d] = T.if_then_else(t0 + i < eos, T.cast({src}[t0 + i, h, d], "float32"), 0.0)
     """
-        if fm is not FeatureMap.IDENTITY:
+        if fm is not FeatureMap.IDENTITY:  # rows past the end stay zero (phi(0) is 1 for elu + 1, 1/2 for sigmoid)
             s += f"""
     for i, d in T.Parallel(C, K):
-        {side}x[i, d] = {_phi(fm, f"{side}x[i, d]")}
+        {side}x[i, d] = T.if_then_else(t0 + i < eos, {_phi(fm, f"{side}x[i, d]")}, 0.0)
     """
         if f.l2:
             s += f"""
@@ -336,7 +338,7 @@ def _decayed_products(X: str, Y: str, out: str, strict: bool) -> str:
 
 
 def _subblock_allocs(f: _Features) -> str:
-    """The scratch of _decayed_products and of the vector decay's _pair_terms."""
+    """The scratch of _decayed_products (cg_m is also _pair_terms', whose other buffers bwd_chunk allocates)."""
     if not f.vector:
         return ""
     return _ind("""
@@ -423,11 +425,11 @@ def _state_decay(f: _Features, target: str) -> str:
     """, 0)
 
 
-def _load_rows(src: str, dst: str, width: str = "BV", col0: str = "v0") -> str:
-    """Rows t0.. of token tensor `src` (columns col0 + [0, width)) into `dst`, zero past the sequence's end."""
+def _load_rows(src: str, dst: str) -> str:
+    """Rows t0.. of token tensor `src` (the V-block at v0) into `dst`, zero past the sequence's end."""
     return _ind(f"""
-    for i, e2 in T.Parallel(C, {width}):
-        {dst}[i, e2] = T.if_then_else(t0 + i < eos, {src}[t0 + i, h, {col0} + e2], T.cast(0.0, dtype))
+    for i, e2 in T.Parallel(C, BV):
+        {dst}[i, e2] = T.if_then_else(t0 + i < eos, {src}[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
     """, 0)
 
 
@@ -436,8 +438,7 @@ def _load_rows(src: str, dst: str, width: str = "BV", col0: str = "v0") -> str:
 #      ([...]: delta rule only). Chunk-parallel stages have grid (chunks, H) and read the chunk table; the two
 #      sequential ones (states, bwd_dh) have grid (V / block_v, N * H) and do only what the recurrence needs. ----
 
-SIGNATURE = '''    C, BV = chunk, block_v
-    # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
+SIGNATURE = '''{block_sizes}{state_dt}    # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
@@ -500,7 +501,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32{delta_outputs}."""
 ''' + SIGNATURE + '''        CO: T.Tensor((N,), "int32"),
 {delta_params}        H0: T.Tensor((N, H, K, V), "float32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
         HT: T.Tensor((N, H, K, V), "float32"),
     ):
 ''' + SEQUENTIAL_PROLOGUE + '''{allocs}            ke_m = T.alloc_shared((C, K), dtype)
@@ -511,7 +512,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
 {prep}{ke}                for a, e2 in T.Parallel(K, BV):
-                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], dtype)
+                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
 {u}{state_decay}                T.gemm(ke_m, u_m, S, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
@@ -558,7 +559,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     Inputs {inputs}, cu_seqlens, chunk_table [NC, 2] int32, hs [NC, H, K, V] (state entering each chunk){u_doc};
     output o [NT, H, V]."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
 {u_param}        O: T.Tensor((NT, H, V), dtype),
     ):
 ''' + CHUNK_PROLOGUE + '''{allocs}            qe_m = T.alloc_shared((C, K), dtype)
@@ -568,7 +569,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 {prep}{cast_qk}{qe}{attention}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
 {load_u}                for a, e2 in T.Parallel(K, BV):
-                    S_m[a, e2] = HS[ci, h, a, v0 + e2]
+                    S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
                 T.gemm(qe_m, S_m, O_f, clear_accum=True)
                 T.gemm(A_m, u_m, O_f)
                 for i, e2 in T.Parallel(C, BV):
@@ -608,7 +609,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 ''' + SIGNATURE + '''        CO: T.Tensor((N,), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
 {delta_params}        DHT: T.Tensor((N, H, K, V), "float32"),
-        DH: T.Tensor((NC, H, K, V), dtype),
+        DH: T.Tensor((NC, H, K, V), state_dt),
         DH0: T.Tensor((N, H, K, V), "float32"),
     ):
 ''' + SEQUENTIAL_PROLOGUE + '''{allocs}            qe_m = T.alloc_shared((C, K), dtype)
@@ -621,7 +622,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 c = nchunks - 1 - cc
                 t0 = bos + c * C
 {prep}{qe}                for a, e2 in T.Parallel(K, BV):
-                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], dtype)
+                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
 {load_do}{du}{state_decay}                T.gemm(qe_m, do_m, dS, transpose_A=True)
 {dw}            for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]
@@ -665,8 +666,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype,
     dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
-        HS: T.Tensor((NC, H, K, V), dtype),
-        DH: T.Tensor((NC, H, K, V), dtype),
+        HS: T.Tensor((NC, H, K, V), state_dt),
+        DH: T.Tensor((NC, H, K, V), state_dt),
         DO: T.Tensor((NT, H, V), dtype),
         DQ: T.Tensor((NT, H, K), dtype),
         DK: T.Tensor((NT, H, K), dtype),
@@ -762,11 +763,23 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     a += """
     rk_f = T.alloc_fragment((C, K), "float32")
     gq_f = T.alloc_fragment((C,), "float32")
-    gk_f = T.alloc_fragment((C,), "float32")
     dgq_f = T.alloc_fragment((C,), "float32")
     dgk_f = T.alloc_fragment((C,), "float32")
+    """
+    if f.key_gate:
+        a += """
+    gk_f = T.alloc_fragment((C,), "float32")
+    """
+    if f.l2 or f.read:
+        a += """
     yq_f = T.alloc_fragment((C, K), "float32")
+    """
+    if f.l2 or f.key_gate:
+        a += """
     yk_f = T.alloc_fragment((C, K), "float32")
+    """
+    if f.l2:
+        a += """
     rq_f = T.alloc_fragment((C,), "float32")
     rk2_f = T.alloc_fragment((C,), "float32")
     """
@@ -929,9 +942,15 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
             DG[t0 + i, h] = dbr_s[i]
     """
     # ---- chain through gates, scale, L2 norm and feature maps ----
-    p += f"""
+    # y = phi(x) (L2-normalised): what the gates and the L2 norm scale, needed for their gradients
+    if f.l2 or f.read:
+        p += f"""
     for i, d in T.Parallel(C, K):
         yq_f[i, d] = {_phi(f.fq, "T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')")}
+    """
+    if f.l2 or f.key_gate:
+        p += f"""
+    for i, d in T.Parallel(C, K):
         yk_f[i, d] = {_phi(f.fk, "T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')")}
     """
     if f.l2:
@@ -951,8 +970,12 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     """
     p += f"""
     for i in T.Parallel(C):
-        gq_f[i] = {"GQ[T.min(t0 + i, NT - 1), h]" if f.read else "1.0"} * SC[0]
-        gk_f[i] = {"GK[T.min(t0 + i, NT - 1), h]" if f.key_gate else "1.0"}
+        gq_f[i] = {"GQ[T.min(t0 + i, NT - 1), h] * " if f.read else ""}SC[0]
+    """
+    if f.key_gate:
+        p += """
+    for i in T.Parallel(C):
+        gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
     """
     if f.read:
         p += """
@@ -991,6 +1014,10 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     p += """
     for i, d in T.Parallel(C, K):
         dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
+    """
+    if f.key_gate:
+        p += """
+    for i, d in T.Parallel(C, K):
         dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
     """
     if f.l2:
@@ -1076,7 +1103,10 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
 
 def generate(spec: Spec) -> dict[str, str]:
     f = _Features(spec)
-    common = {"params": _params(f), "inputs": "(" + ", ".join(_input_names(f)) + ")"}
+    common = {"params": _params(f), "inputs": "(" + ", ".join(_input_names(f)) + ")", "state_dt": "",
+              "block_sizes": f"    C, BV{', SB' if f.vector else ''} = chunk, block_v{', SUB_BLOCK' if f.vector else ''}\n"}
+    # the kernels that store or read the per-chunk states and state gradients
+    with_states = {**common, "state_dt": "    state_dt = state_dtype(dtype)\n"}
     at = lambda text, n: _ind("\n".join(line for line in text.splitlines() if line.strip()), n)  # noqa: E731
     factories = []
     # the chunk-parallel forward stages keep q' and k' in registers, but a vector decay's C x C products read
@@ -1094,7 +1124,7 @@ def generate(spec: Spec) -> dict[str, str]:
         prep=at(_prep(f, q=False, beta=False, shared=False), 16), ke=at(_ke(f, _scaled(f, "k")), 16),
         u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=st["delta_params"],
-        delta_inputs=st["delta_inputs"], delta_outputs=st["delta_outputs"], **common))
+        delta_inputs=st["delta_inputs"], delta_outputs=st["delta_outputs"], **with_states))
     qk = dict(allocs=at(_prep_allocs(f, beta=False, shared=shared) + _cast_qk_allocs(f) + _subblock_allocs(f), 12),
               prep=at(_prep(f, beta=False, shared=shared), 12),
               cast_qk=at(_cast_qk(f, shared=shared), 12), attention_allocs=at(_attention_allocs(f), 12),
@@ -1103,7 +1133,7 @@ def generate(spec: Spec) -> dict[str, str]:
         qe=at(_qe(f, _qk_value(f, "q", shared)), 12),
         u_param='        VN: T.Tensor((NT, H, V), dtype),\n' if f.delta else "",
         load_u=at(_load_rows("VN" if f.delta else "VV", "u_m"), 16),
-        u_doc=", vn [NT, H, V] (v_new, stage states)" if f.delta else "", **qk, **common))
+        u_doc=", vn [NT, H, V] (v_new, stage states)" if f.delta else "", **qk, **with_states))
     if f.delta:
         factories.append(DV_LOCAL.format(load_do=at(_load_rows("DO", "do_m"), 16), **qk, **common))
     dh = _bwd_dh_pieces(f)
@@ -1114,7 +1144,7 @@ def generate(spec: Spec) -> dict[str, str]:
         load_do=at(_load_rows("DO", "do_m"), 16),
         du=at(dh["du"], 16), dw=at(dh["dw"], 16), state_decay=at(_state_decay(f, "dS"), 16),
         delta_allocs=at(dh["delta_allocs"], 12), delta_params=dh["delta_params"], delta_doc=dh["delta_doc"],
-        delta_inputs=dh["delta_inputs"], **common))
+        delta_inputs=dh["delta_inputs"], **with_states))
     pieces = _bwd_chunk_pieces(f)
     chunk_allocs = ('qe_m = T.alloc_shared((C, K), dtype)\nke_m = T.alloc_shared((C, K), dtype)\n'
                     + _attention_allocs(f) + _cast_qk_allocs(f) + (_wy_allocs(f) if f.delta else "")
@@ -1124,13 +1154,10 @@ def generate(spec: Spec) -> dict[str, str]:
         prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f), 12),
         common=at(chunk_common, 12), grad_params=pieces["grad_params"], allocs=at(pieces["allocs"], 12),
         pre_loop=at(pieces["pre_loop"], 12), vloop=at(pieces["vloop"], 16), post=at(pieces["post"], 12),
-        **common))
+        **with_states))
     wy = ("wy",) if f.delta else ()
     phases = {"fwd": (*wy, "states", "output"),
               "bwd": (*wy, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk")}
-    if f.vector:
-        factories = [text.replace("    C, BV = chunk, block_v\n", "    C, BV, SB = chunk, block_v, SUB_BLOCK\n")
-                     for text in factories]
     sub_block = ("# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).\n"
                  "SUB_BLOCK = 16\n" if f.vector else "")
     rec = spec.recurrence
@@ -1148,7 +1175,15 @@ INPUTS = {tuple(_input_names(f))!r}
 GRAD_OUTPUTS = {tuple(n for n, on in (("dg", f.has_b and f.decay is not Decay.CONSTANT), ("dbeta", f.delta),
                                         ("dgq", f.read), ("dgk", f.gk)) if on)!r}
 EPS = {L2_NORM_EPS!r}
-{sub_block}# The kernels each phase runs, in order (the host runtime and the tuning space follow it).
+{sub_block}
+
+def state_dtype(dtype):
+    """The dtype of the stored per-chunk states and state gradients: the input dtype (the operand of the gemms
+    that read them), but float32 for float16 inputs, whose range a state with little decay outgrows."""
+    return "float32" if dtype == "float16" else dtype
+
+
+# The kernels each phase runs, in order (the host runtime and the tuning space follow it).
 PHASES = {phases!r}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
 # TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).

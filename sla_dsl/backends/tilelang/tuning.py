@@ -35,6 +35,10 @@ CHUNK_SIZES = (16, 32, 64)
 BLOCK_V = (16, 32, 64)
 THREADS = (64, 128, 256)
 NUM_STAGES = (0, 1, 2)
+# The stages that walk a sequence's chunks in order. Their loads are masked element by element (a chunk may
+# end a sequence inside a packed batch), so their T.Pipelined loop has nothing to overlap: the CUDA is the
+# same at every num_stages, and the space offers them 0 only.
+SEQUENTIAL_KERNELS = ("states", "bwd_dh")
 STAGE_PARAMS = ("block_v", "threads", "num_stages")
 
 
@@ -74,11 +78,15 @@ def _padded_shape(shape):
 def tuning_space(module, shape, phase: str) -> Space:
     """Every valid config of `phase` of a generated module for `shape` (a sla_dsl.autotune.Shape)."""
     shape = _padded_shape(shape)
-    settings = [{"block_v": bv, "threads": t, "num_stages": s}
-                for bv in BLOCK_V if shape.V % bv == 0 for t in THREADS for s in NUM_STAGES]
     names = phase_stages(module, phase)
-    stages = [[{f"{stage}_{k}": v for k, v in setting.items()} for setting in settings] for stage in names]
-    return Space([{"chunk": c} for c in CHUNK_SIZES], *stages, order=_search_order(names))
+
+    def settings(stage: str) -> list[dict]:
+        depths = (0,) if stage_kernel(stage) in SEQUENTIAL_KERNELS else NUM_STAGES
+        return [{f"{stage}_block_v": bv, f"{stage}_threads": t, f"{stage}_num_stages": d}
+                for bv in BLOCK_V if shape.V % bv == 0 for t in THREADS for d in depths]
+
+    return Space([{"chunk": c} for c in CHUNK_SIZES], *(settings(stage) for stage in names),
+                 order=_search_order(names))
 
 
 _SHARED_ALLOC = re.compile(r'(\w+) = T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)(' + re.escape(FP32_ONLY) + ')?')
