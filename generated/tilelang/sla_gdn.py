@@ -555,8 +555,8 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, beta, gq, gk, scale), cu_seqlens,
     chunk_table [NC, 2] int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H,
-    K, V] (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg
-    [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
+    K, V] (gradient of the state leaving it), do [NT, H, V], u [NT, H, V] (stage wy), vn [NT, H, V] (v_new, stage
+    states); outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
     C, BV = chunk, block_v
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -578,6 +578,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         HS: T.Tensor((NC, H, K, V), state_dt),
         DH: T.Tensor((NC, H, K, V), state_dt),
         DO: T.Tensor((NT, H, V), dtype),
+        U: T.Tensor((NT, H, V), dtype),
+        VN: T.Tensor((NT, H, V), dtype),
         DQ: T.Tensor((NT, H, K), dtype),
         DK: T.Tensor((NT, H, K), dtype),
         DV: T.Tensor((NT, H, V), dtype),
@@ -637,9 +639,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dbr_f = T.alloc_fragment((C,), "float32")
             dbr_s = T.alloc_shared((C,), "float32")
             P_m = T.alloc_shared((C, C), dtype)
-            vb_m = T.alloc_shared((C, BV), dtype)
-            U_f = T.alloc_fragment((C, BV), "float32")
-            WS_f = T.alloc_fragment((C, BV), "float32")
             u_m = T.alloc_shared((C, BV), dtype)
             U1_m = T.alloc_shared((C, BV), dtype)
             du_m = T.alloc_shared((C, BV), dtype)
@@ -756,12 +755,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for a in T.Parallel(K):
                     dgc_s[a] = dgc_s[a] + sdr_f[a]
                 for i, e2 in T.Parallel(C, BV):
-                    vb_m[i, e2] = T.cast(bt_s[i] * T.cast(v_m[i, e2], "float32"), dtype)
-                compensated_gemm(Tm_m, vb_m, U_f, tf32_C_C, tf32_C_BV, clear_accum=True)
-                compensated_gemm(w_m, S_m, WS_f, tf32_C_K, tf32_K_BV, clear_accum=True)
-                for i, e2 in T.Parallel(C, BV):
-                    u_m[i, e2] = T.cast(U_f[i, e2] - WS_f[i, e2], dtype)
-                    U1_m[i, e2] = T.cast(U_f[i, e2], dtype)
+                    u_m[i, e2] = T.if_then_else(t0 + i < eos, VN[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+                    U1_m[i, e2] = T.if_then_else(t0 + i < eos, U[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 compensated_gemm(A_m, do_m, du_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
                 compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)
                 compensated_gemm(do_m, S_m, dqe_f, tf32_C_BV, tf32_K_BV, transpose_B=True)

@@ -173,7 +173,8 @@ class TileLangKernels:
             kernels["states"](*p["inputs"], p["cu"], offsets, *wy, p["h0"], hs, ht)
         else:
             ht.copy_(p["h0"])
-        return dict(hs=hs, ht=ht, v_new=v_new, w=wy[0] if wy else None, offsets=offsets, table=table)
+        return dict(hs=hs, ht=ht, v_new=v_new, w=wy[0] if wy else None, u=wy[1] if wy else None, offsets=offsets,
+                    table=table)
 
     # ---- the backend interface ----
 
@@ -237,7 +238,8 @@ class TileLangKernels:
                 kernels["dv_local"](*p["inputs"], p["cu"], st["table"], do_flat, dvl)
                 delta = [st["w"], dvl]
             kernels["bwd_dh"](*p["inputs"], p["cu"], st["offsets"], do_flat, *delta, dht, dh, dh0)
-            kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, dq, dk, dv,
+            uv = [st["u"], st["v_new"]] if "wy" in kernels else []
+            kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, *uv, dq, dk, dv,
                                  *small.values())
         else:
             dh0.copy_(dht)

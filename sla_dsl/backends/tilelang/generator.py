@@ -663,13 +663,13 @@ BWD_CHUNK = '''
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Every input gradient of one chunk (chunk-parallel). Inputs {inputs}, cu_seqlens, chunk_table [NC, 2]
     int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
-    (gradient of the state leaving it), do [NT, H, V]; outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype,
-    dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
+    (gradient of the state leaving it), do [NT, H, V]{delta_doc}; outputs dq, dk [NT, H, K], dv [NT, H, V] in
+    dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         HS: T.Tensor((NC, H, K, V), state_dt),
         DH: T.Tensor((NC, H, K, V), state_dt),
         DO: T.Tensor((NT, H, V), dtype),
-        DQ: T.Tensor((NT, H, K), dtype),
+{delta_params}        DQ: T.Tensor((NT, H, K), dtype),
         DK: T.Tensor((NT, H, K), dtype),
         DV: T.Tensor((NT, H, V), dtype),
 {grad_params}    ):
@@ -735,9 +735,6 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     """
     if f.delta:
         a += """
-    vb_m = T.alloc_shared((C, BV), dtype)
-    U_f = T.alloc_fragment((C, BV), "float32")
-    WS_f = T.alloc_fragment((C, BV), "float32")
     u_m = T.alloc_shared((C, BV), dtype)
     U1_m = T.alloc_shared((C, BV), dtype)
     du_m = T.alloc_shared((C, BV), dtype)
@@ -823,14 +820,11 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     u_name = "v_m"
     if f.delta:
         u_name = "u_m"
+        # v_new (u_m) and T beta v (U1_m) as stages states and wy stored them
         v += """
     for i, e2 in T.Parallel(C, BV):
-        vb_m[i, e2] = T.cast(bt_s[i] * T.cast(v_m[i, e2], "float32"), dtype)
-    T.gemm(Tm_m, vb_m, U_f, clear_accum=True)
-    T.gemm(w_m, S_m, WS_f, clear_accum=True)
-    for i, e2 in T.Parallel(C, BV):
-        u_m[i, e2] = T.cast(U_f[i, e2] - WS_f[i, e2], dtype)
-        U1_m[i, e2] = T.cast(U_f[i, e2], dtype)
+        u_m[i, e2] = T.if_then_else(t0 + i < eos, VN[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+        U1_m[i, e2] = T.if_then_else(t0 + i < eos, U[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
     """
     v += f"""
     T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
@@ -1041,7 +1035,11 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
             DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * {_dphi(f.fk, xk)}, dtype)
     """
     post = _ind(p, 0)
-    return {"grad_params": grad_params, "allocs": allocs, "pre_loop": pre_loop, "vloop": vloop, "post": post}
+    delta_params = ('        U: T.Tensor((NT, H, V), dtype),\n        VN: T.Tensor((NT, H, V), dtype),\n'
+                    if f.delta else "")
+    delta_doc = ", u [NT, H, V] (stage wy), vn [NT, H, V] (v_new, stage states)" if f.delta else ""
+    return {"grad_params": grad_params, "allocs": allocs, "pre_loop": pre_loop, "vloop": vloop, "post": post,
+            "delta_params": delta_params, "delta_doc": delta_doc}
 
 
 def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, strict: bool) -> str:
@@ -1153,6 +1151,7 @@ def generate(spec: Spec) -> dict[str, str]:
     factories.append(BWD_CHUNK.format(
         prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f), 12),
         common=at(chunk_common, 12), grad_params=pieces["grad_params"], allocs=at(pieces["allocs"], 12),
+        delta_params=pieces["delta_params"], delta_doc=pieces["delta_doc"],
         pre_loop=at(pieces["pre_loop"], 12), vloop=at(pieces["vloop"], 16), post=at(pieces["post"], 12),
         **with_states))
     wy = ("wy",) if f.delta else ()
