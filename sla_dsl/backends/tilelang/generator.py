@@ -642,7 +642,7 @@ def _bwd_dh_pieces(f: _Features) -> dict:
     wn_m = T.alloc_shared((C, K), dtype)
     """, 0)
     # du = A^T dO + ke dS_end (A^T dO from dv_local);  dS_in = gC dS_end + qe^T dO - w^T du
-    du = _ind(f"""
+    du = _ind("""
     T.copy(dS, dS_m)
     for i, e2 in T.Parallel(C, BV):
         du_f[i, e2] = T.if_then_else(t0 + i < eos, DVL[t0 + i, h, v0 + e2], 0.0)
