@@ -660,15 +660,17 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             Pt_f = T.alloc_fragment((C, K), "float32")
             rkr_f = T.alloc_fragment((C,), "float32")
             xr_f = T.alloc_fragment((C,), "float32")
-            rk_f = T.alloc_fragment((C, K), "float32")
+            terms_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
             gk_f = T.alloc_fragment((C,), "float32")
             yq_f = T.alloc_fragment((C, K), "float32")
             yk_f = T.alloc_fragment((C, K), "float32")
-            rq_f = T.alloc_fragment((C,), "float32")
-            rk2_f = T.alloc_fragment((C,), "float32")
+            inv_norm_q_f = T.alloc_fragment((C,), "float32")
+            inv_norm_k_f = T.alloc_fragment((C,), "float32")
+            dot_q_f = T.alloc_fragment((C,), "float32")
+            dot_k_f = T.alloc_fragment((C,), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
@@ -796,8 +798,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 dkb_s[i, d] = -dkb_f[i, d]
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = dkb_s[i, d] * kp_s[i, d] * T.exp(b_s[i])
-            T.reduce_sum(rk_f, rkr_f, dim=1)
+                terms_f[i, d] = dkb_s[i, d] * kp_s[i, d] * T.exp(b_s[i])
+            T.reduce_sum(terms_f, rkr_f, dim=1)
             for i in T.Parallel(C):
                 dbt_s[i] = dbv_s[i] + rkr_f[i]
             for i, j in T.Parallel(C, C):
@@ -816,13 +818,13 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 db_s[i, d] = db_s[i, d] + bt_s[i] * kp_s[i, d] * T.exp(b_s[i]) * dkb_s[i, d] + kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d]
-            T.reduce_sum(rk_f, bl_f, dim=0)
+                terms_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d]
+            T.reduce_sum(terms_f, bl_f, dim=0)
             for d in T.Parallel(K):
                 db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1])
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = db_s[i, d]
-            T.reduce_sum(rk_f, dbr_f, dim=1)
+                terms_f[i, d] = db_s[i, d]
+            T.reduce_sum(terms_f, dbr_f, dim=1)
             T.copy(dbr_f, dbr_s)
             T.cumsum(dbr_s, dim=0, reverse=True)
             for i in T.Parallel(C):
@@ -833,30 +835,30 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 yk_f[i, d] = (T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.if_then_else(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')))), T.exp(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) / (1.0 + T.exp(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32'))))
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = yq_f[i, d] * yq_f[i, d]
-            T.reduce_sum(rk_f, rq_f, dim=1)
+                terms_f[i, d] = yq_f[i, d] * yq_f[i, d]
+            T.reduce_sum(terms_f, inv_norm_q_f, dim=1)
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = yk_f[i, d] * yk_f[i, d]
-            T.reduce_sum(rk_f, rk2_f, dim=1)
+                terms_f[i, d] = yk_f[i, d] * yk_f[i, d]
+            T.reduce_sum(terms_f, inv_norm_k_f, dim=1)
             for i in T.Parallel(C):
-                rq_f[i] = T.rsqrt(rq_f[i] + EPS)
-                rk2_f[i] = T.rsqrt(rk2_f[i] + EPS)
+                inv_norm_q_f[i] = T.rsqrt(inv_norm_q_f[i] + EPS)
+                inv_norm_k_f[i] = T.rsqrt(inv_norm_k_f[i] + EPS)
             for i, d in T.Parallel(C, K):
-                yq_f[i, d] = yq_f[i, d] * rq_f[i]
-                yk_f[i, d] = yk_f[i, d] * rk2_f[i]
+                yq_f[i, d] = yq_f[i, d] * inv_norm_q_f[i]
+                yk_f[i, d] = yk_f[i, d] * inv_norm_k_f[i]
             for i in T.Parallel(C):
                 gq_f[i] = GQ[T.min(t0 + i, NT - 1), h] * SC[0]
             for i in T.Parallel(C):
                 gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
-            T.reduce_sum(rk_f, dgq_f, dim=1)
+                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+            T.reduce_sum(terms_f, dgq_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGQ[t0 + i, h] = dgq_f[i]
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(rk_f, dgk_f, dim=1)
+                terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+            T.reduce_sum(terms_f, dgk_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGK[t0 + i, h] = dgk_f[i]
@@ -868,14 +870,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = dqp_s[i, d] * yq_f[i, d]
-            T.reduce_sum(rk_f, dgq_f, dim=1)
+                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d]
+            T.reduce_sum(terms_f, dot_q_f, dim=1)
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(rk_f, dgk_f, dim=1)
+                terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+            T.reduce_sum(terms_f, dot_k_f, dim=1)
             for i, d in T.Parallel(C, K):
-                dqp_s[i, d] = rq_f[i] * (dqp_s[i, d] - yq_f[i, d] * dgq_f[i])
-                dkp_s[i, d] = rk2_f[i] * (dkp_s[i, d] - yk_f[i, d] * dgk_f[i])
+                dqp_s[i, d] = inv_norm_q_f[i] * (dqp_s[i, d] - yq_f[i, d] * dot_q_f[i])
+                dkp_s[i, d] = inv_norm_k_f[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (T.if_then_else(T.cast(Q[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32')))), T.exp(T.cast(Q[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.if_then_else(T.cast(Q[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32')))), T.exp(T.cast(Q[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)

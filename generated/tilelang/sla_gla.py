@@ -382,7 +382,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             part_f = T.alloc_fragment((SB, K), "float32")
             px_s = T.alloc_shared((C, K), "float32")
             py_s = T.alloc_shared((C, K), "float32")
-            rk_f = T.alloc_fragment((C, K), "float32")
+            terms_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
@@ -503,8 +503,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 db_s[i, d] = qp_s[i, d] * (T.exp(b_s[i, d]) * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d])
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d]
-            T.reduce_sum(rk_f, bl_f, dim=0)
+                terms_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d]
+            T.reduce_sum(terms_f, bl_f, dim=0)
             for d in T.Parallel(K):
                 db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1, d])
             T.cumsum(db_s, dim=0, reverse=True)
@@ -520,14 +520,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i in T.Parallel(C):
                 gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
-            T.reduce_sum(rk_f, dgq_f, dim=1)
+                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+            T.reduce_sum(terms_f, dgq_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGQ[t0 + i, h] = dgq_f[i]
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(rk_f, dgk_f, dim=1)
+                terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+            T.reduce_sum(terms_f, dgk_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGK[t0 + i, h] = dgk_f[i]

@@ -346,7 +346,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dqp_s = T.alloc_shared((C, K), "float32")
             dkp_s = T.alloc_shared((C, K), "float32")
             P_m = T.alloc_shared((C, C), dtype)
-            rk_f = T.alloc_fragment((C, K), "float32")
+            terms_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
@@ -425,14 +425,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i in T.Parallel(C):
                 gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
-            T.reduce_sum(rk_f, dgq_f, dim=1)
+                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+            T.reduce_sum(terms_f, dgq_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGQ[t0 + i, h] = dgq_f[i]
             for i, d in T.Parallel(C, K):
-                rk_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(rk_f, dgk_f, dim=1)
+                terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+            T.reduce_sum(terms_f, dgk_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGK[t0 + i, h] = dgk_f[i]

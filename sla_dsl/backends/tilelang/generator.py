@@ -438,7 +438,8 @@ def _load_rows(src: str, dst: str) -> str:
 #      ([...]: delta rule only). Chunk-parallel stages have grid (chunks, H) and read the chunk table; the two
 #      sequential ones (states, bwd_dh) have grid (V / block_v, N * H) and do only what the recurrence needs. ----
 
-SIGNATURE = '''{block_sizes}{state_dt}    # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
+SIGNATURE = '''{block_sizes}{state_dt}\
+    # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
@@ -758,7 +759,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     xr_f = T.alloc_fragment((C,), "float32")
     """
     a += """
-    rk_f = T.alloc_fragment((C, K), "float32")
+    terms_f = T.alloc_fragment((C, K), "float32")
     gq_f = T.alloc_fragment((C,), "float32")
     dgq_f = T.alloc_fragment((C,), "float32")
     dgk_f = T.alloc_fragment((C,), "float32")
@@ -777,8 +778,10 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     """
     if f.l2:
         a += """
-    rq_f = T.alloc_fragment((C,), "float32")
-    rk2_f = T.alloc_fragment((C,), "float32")
+    inv_norm_q_f = T.alloc_fragment((C,), "float32")
+    inv_norm_k_f = T.alloc_fragment((C,), "float32")
+    dot_q_f = T.alloc_fragment((C,), "float32")
+    dot_k_f = T.alloc_fragment((C,), "float32")
     """
     allocs = _ind(a, 0)
 
@@ -886,8 +889,8 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     for i, d in T.Parallel(C, K):
         dkb_s[i, d] = -dkb_f[i, d]
     for i, d in T.Parallel(C, K):
-        rk_f[i, d] = dkb_s[i, d] * kp_s[i, d] * {f.exp_b("i")}
-    T.reduce_sum(rk_f, rkr_f, dim=1)
+        terms_f[i, d] = dkb_s[i, d] * kp_s[i, d] * {f.exp_b("i")}
+    T.reduce_sum(terms_f, rkr_f, dim=1)
     for i in T.Parallel(C):
         dbt_s[i] = dbv_s[i] + rkr_f[i]
     for i, j in T.Parallel(C, C):
@@ -912,8 +915,8 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         # b_C enters through gC = exp(b_C) (state decay) and ke = k' exp(b_C - b)
         p += f"""
     for i, d in T.Parallel(C, K):
-        rk_f[i, d] = kp_s[i, d] * {f.exp_rest("i")} * dke_f[i, d]
-    T.reduce_sum(rk_f, bl_f, dim=0)
+        terms_f[i, d] = kp_s[i, d] * {f.exp_rest("i")} * dke_f[i, d]
+    T.reduce_sum(terms_f, bl_f, dim=0)
     for d in T.Parallel(K):
         db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * {"T.exp(b_s[C - 1, d])" if f.vector else "T.exp(b_s[C - 1])"}
     """
@@ -927,8 +930,8 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         elif f.decay is Decay.SCALAR:
             p += """
     for i, d in T.Parallel(C, K):
-        rk_f[i, d] = db_s[i, d]
-    T.reduce_sum(rk_f, dbr_f, dim=1)
+        terms_f[i, d] = db_s[i, d]
+    T.reduce_sum(terms_f, dbr_f, dim=1)
     T.copy(dbr_f, dbr_s)
     T.cumsum(dbr_s, dim=0, reverse=True)
     for i in T.Parallel(C):
@@ -950,17 +953,17 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     if f.l2:
         p += """
     for i, d in T.Parallel(C, K):
-        rk_f[i, d] = yq_f[i, d] * yq_f[i, d]
-    T.reduce_sum(rk_f, rq_f, dim=1)
+        terms_f[i, d] = yq_f[i, d] * yq_f[i, d]
+    T.reduce_sum(terms_f, inv_norm_q_f, dim=1)
     for i, d in T.Parallel(C, K):
-        rk_f[i, d] = yk_f[i, d] * yk_f[i, d]
-    T.reduce_sum(rk_f, rk2_f, dim=1)
+        terms_f[i, d] = yk_f[i, d] * yk_f[i, d]
+    T.reduce_sum(terms_f, inv_norm_k_f, dim=1)
     for i in T.Parallel(C):
-        rq_f[i] = T.rsqrt(rq_f[i] + EPS)
-        rk2_f[i] = T.rsqrt(rk2_f[i] + EPS)
+        inv_norm_q_f[i] = T.rsqrt(inv_norm_q_f[i] + EPS)
+        inv_norm_k_f[i] = T.rsqrt(inv_norm_k_f[i] + EPS)
     for i, d in T.Parallel(C, K):
-        yq_f[i, d] = yq_f[i, d] * rq_f[i]
-        yk_f[i, d] = yk_f[i, d] * rk2_f[i]
+        yq_f[i, d] = yq_f[i, d] * inv_norm_q_f[i]
+        yk_f[i, d] = yk_f[i, d] * inv_norm_k_f[i]
     """
     p += f"""
     for i in T.Parallel(C):
@@ -974,8 +977,8 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     if f.read:
         p += """
     for i, d in T.Parallel(C, K):
-        rk_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
-    T.reduce_sum(rk_f, dgq_f, dim=1)
+        terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+    T.reduce_sum(terms_f, dgq_f, dim=1)
     for i in T.Parallel(C):
         if t0 + i < eos:
             DGQ[t0 + i, h] = dgq_f[i]
@@ -983,8 +986,8 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     if f.key_gate:
         p += """
     for i, d in T.Parallel(C, K):
-        rk_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-    T.reduce_sum(rk_f, dgk_f, dim=1)
+        terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+    T.reduce_sum(terms_f, dgk_f, dim=1)
     """
     if f.beta_gate:
         p += """
@@ -1004,7 +1007,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         if t0 + i < eos:
             DBETA[t0 + i, h] = dbt_s[i]{bgate}
     """
-    # dy = dx' * gate * scale; L2: dx = r (dy - y sum(dy y)); then phi'
+    # dy = dx' * gate * scale; L2: dx = r (dy - y sum(dy y)) with r the inverse norm; then phi'
     p += """
     for i, d in T.Parallel(C, K):
         dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
@@ -1017,14 +1020,14 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     if f.l2:
         p += """
     for i, d in T.Parallel(C, K):
-        rk_f[i, d] = dqp_s[i, d] * yq_f[i, d]
-    T.reduce_sum(rk_f, dgq_f, dim=1)
+        terms_f[i, d] = dqp_s[i, d] * yq_f[i, d]
+    T.reduce_sum(terms_f, dot_q_f, dim=1)
     for i, d in T.Parallel(C, K):
-        rk_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-    T.reduce_sum(rk_f, dgk_f, dim=1)
+        terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+    T.reduce_sum(terms_f, dot_k_f, dim=1)
     for i, d in T.Parallel(C, K):
-        dqp_s[i, d] = rq_f[i] * (dqp_s[i, d] - yq_f[i, d] * dgq_f[i])
-        dkp_s[i, d] = rk2_f[i] * (dkp_s[i, d] - yk_f[i, d] * dgk_f[i])
+        dqp_s[i, d] = inv_norm_q_f[i] * (dqp_s[i, d] - yq_f[i, d] * dot_q_f[i])
+        dkp_s[i, d] = inv_norm_k_f[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
     """
     xq = "T.cast(Q[t0 + i, h, d], 'float32')"
     xk = "T.cast(KK[t0 + i, h, d], 'float32')"
@@ -1102,7 +1105,8 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
 def generate(spec: Spec) -> dict[str, str]:
     f = _Features(spec)
     common = {"params": _params(f), "inputs": "(" + ", ".join(_input_names(f)) + ")", "state_dt": "",
-              "block_sizes": f"    C, BV{', SB' if f.vector else ''} = chunk, block_v{', SUB_BLOCK' if f.vector else ''}\n"}
+              "block_sizes": ("    C, BV, SB = chunk, block_v, SUB_BLOCK\n" if f.vector
+                              else "    C, BV = chunk, block_v\n")}
     # the kernels that store or read the per-chunk states and state gradients
     with_states = {**common, "state_dt": "    state_dt = state_dtype(dtype)\n"}
     at = lambda text, n: _ind("\n".join(line for line in text.splitlines() if line.strip()), n)  # noqa: E731
