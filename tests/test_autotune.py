@@ -543,6 +543,41 @@ def test_a_dead_compile_worker_loses_only_its_config_and_the_pool_is_replaced(gl
     assert "a compile worker died" in compiler.summary()
 
 
+class _UnpicklableCompileError(Exception):
+    """Like TileLang's compile errors (tvm ffi objects): raising it is fine, pickling it is not."""
+
+    def __reduce__(self):
+        raise TypeError("Type `ffi.Error` does not support ToJSONGraph")
+
+
+def _compile_or_raise_unpicklable(backend, spec, shape, phase, config):
+    if config["block"] == 256:
+        raise _UnpicklableCompileError("Not a canonical GMMA_MN layout")
+
+
+def test_a_compile_error_that_does_not_pickle_fails_its_config_and_keeps_the_pool(gla):
+    """The H100 TileLang sweep of 2026-11-23 replaced its pool four times: each worker died sending back an
+    error that does not pickle."""
+    kernels = FakeKernels(gla)
+    task = Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")
+    configs = [c for c in Space.of(kernels.tuning_space(task.shape)) if not c["wrong"]]
+    pools = []
+
+    def make_pool(workers):
+        pools.append(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")))
+        return pools[-1]
+
+    compiler = Precompiler(2, make_pool=make_pool, job=_compile_or_raise_unpicklable)
+    try:
+        compiler.request(task, configs, 0)
+        assert all(compiler.wait(task, config, 60) for config in configs)
+    finally:
+        compiler.close()
+    assert compiler.pool_deaths == 0 and len(pools) == 1
+    assert compiler.failed == 3 and compiler.compiled == 6
+    assert compiler.errors == ["_UnpicklableCompileError: Not a canonical GMMA_MN layout"] * 3
+
+
 def _compile_slowly(*args):
     time.sleep(30)
 

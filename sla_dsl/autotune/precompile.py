@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from sla_dsl.autotune.isolate import describe_exit
 from sla_dsl.autotune.space import config_key
+from sla_dsl.autotune.sweep import RemoteError, is_skippable
 
 URGENT = -1  # the priority of a job the sweep waits for
 
@@ -75,12 +76,27 @@ def spawn_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
 
 
+def _portable(job, *args) -> None:
+    """Runs `job` in a pool worker; any error it raises comes back as a RemoteError. A worker whose exception
+    does not pickle (TileLang's compile errors are tvm ffi objects) dies sending it back and takes the whole
+    pool with it: the H100 sweep of 2026-11-23 replaced its pool four times for configs that merely did not
+    compile."""
+    try:
+        job(*args)
+    except Exception as exc:  # noqa: BLE001 -- every error, as something the parent can unpickle
+        raise RemoteError(type(exc).__name__, str(exc), is_skippable(exc)) from None
+
+
+def _error_name(exc: BaseException) -> str:
+    return exc.type_name if isinstance(exc, RemoteError) else type(exc).__name__
+
+
 def _marked(marks: str, number: int, job, *args) -> None:
     """Runs `job` in a pool worker after writing its number to marks/<pid> (so the job a dead worker was
     running is known)."""
     with open(os.path.join(marks, str(os.getpid())), "w") as handle:
         handle.write(str(number))
-    job(*args)
+    _portable(job, *args)
 
 
 @dataclass
@@ -218,7 +234,7 @@ class Precompiler:
                 self._fail(f"BrokenProcessPool: its compile worker died ({died})" if died else
                            "BrokenProcessPool: a compile worker died while it compiled")
             except Exception as exc:  # noqa: BLE001 -- counted; the sweep recompiles and reports it
-                self._fail(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+                self._fail(f"{_error_name(exc)}: {str(exc).strip()[:300]}")
             else:
                 self.compiled += 1
             job.done.set()
@@ -284,13 +300,13 @@ def compile_ahead(jobs: list[tuple], workers: int | None = None) -> list[str]:
     workers = workers or max(1, min(len(unique), (os.cpu_count() or 2) - 1))
     failures = []
     with spawn_pool(workers) as pool:
-        futures = {pool.submit(compile_config, backend, spec, shape, phase, None): (backend, spec.name, shape, phase)
-                   for backend, spec, shape, phase in unique}
+        futures = {pool.submit(_portable, compile_config, backend, spec, shape, phase, None):
+                   (backend, spec.name, shape, phase) for backend, spec, shape, phase in unique}
         for future in tqdm(as_completed(futures), total=len(futures), desc=f"compiling ahead ({workers} workers)",
                            leave=False):
             try:
                 future.result()
             except Exception as exc:  # noqa: BLE001 -- reported; the run itself compiles again and fails in context
                 backend, name, shape, phase = futures[future]
-                failures.append(f"{name}/{backend} {phase} {shape}: {type(exc).__name__}: {str(exc).strip()[:200]}")
+                failures.append(f"{name}/{backend} {phase} {shape}: {_error_name(exc)}: {str(exc).strip()[:200]}")
     return failures

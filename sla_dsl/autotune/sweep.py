@@ -73,6 +73,9 @@ class RemoteError(RuntimeError):
         super().__init__(message)
         self.type_name, self.skippable = type_name, skippable
 
+    def __reduce__(self):  # pickled with its three arguments (BaseException's default would pass only args)
+        return type(self), (self.type_name, str(self), self.skippable)
+
 
 class ConfigCrashed(RuntimeError):
     """Raised by measure/verify for a config that killed the process running it (a CUDA error that leaves the
