@@ -167,7 +167,8 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             xg_m = T.alloc_shared((SB, K), dtype)
             cg_m = T.alloc_shared((C, K), dtype)
             rows_f = T.alloc_fragment((SB, C), "float32")
-            diag_f = T.alloc_fragment((C, SB), "float32")
+            diag_terms_f = T.alloc_fragment((C, K), "float32")
+            diag_column_f = T.alloc_fragment((C,), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             A_s = T.alloc_shared((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
@@ -205,14 +206,14 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 compensated_gemm(xg_m, cg_m, rows_f, tf32_SB_K, tf32_C_K, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(SB, C):
                     A_s[r * SB + i, j] = rows_f[i, j]
-            for i, jj in T.Parallel(C, SB):
-                diag_f[i, jj] = 0.0
-                for d in T.serial(K):
-                    diag_f[i, jj] += T.if_then_else(
+            for jj in T.serial(SB):
+                for i, d in T.Parallel(C, K):
+                    diag_terms_f[i, d] = T.if_then_else(
                         jj <= i % SB,
                         qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
-            for i, jj in T.Parallel(C, SB):
-                A_s[i, i - i % SB + jj] = diag_f[i, jj]
+                T.reduce_sum(diag_terms_f, diag_column_f, dim=1)
+                for i in T.Parallel(C):
+                    A_s[i, i - i % SB + jj] = diag_column_f[i]
             T.copy(A_s, A_m)
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
@@ -341,7 +342,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             xg_m = T.alloc_shared((SB, K), dtype)
             cg_m = T.alloc_shared((C, K), dtype)
             rows_f = T.alloc_fragment((SB, C), "float32")
-            diag_f = T.alloc_fragment((C, SB), "float32")
+            diag_terms_f = T.alloc_fragment((C, K), "float32")
+            diag_column_f = T.alloc_fragment((C,), "float32")
             v_m = T.alloc_shared((C, BV), dtype)
             do_m = T.alloc_shared((C, BV), dtype)
             S_m = T.alloc_shared((K, BV), dtype)
@@ -406,14 +408,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 compensated_gemm(xg_m, cg_m, rows_f, tf32_SB_K, tf32_C_K, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(SB, C):
                     A_s[r * SB + i, j] = rows_f[i, j]
-            for i, jj in T.Parallel(C, SB):
-                diag_f[i, jj] = 0.0
-                for d in T.serial(K):
-                    diag_f[i, jj] += T.if_then_else(
+            for jj in T.serial(SB):
+                for i, d in T.Parallel(C, K):
+                    diag_terms_f[i, d] = T.if_then_else(
                         jj <= i % SB,
                         qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
-            for i, jj in T.Parallel(C, SB):
-                A_s[i, i - i % SB + jj] = diag_f[i, jj]
+                T.reduce_sum(diag_terms_f, diag_column_f, dim=1)
+                for i in T.Parallel(C):
+                    A_s[i, i - i % SB + jj] = diag_column_f[i]
             T.copy(A_s, A_m)
             T.clear(dqe_f)
             T.clear(dke_f)
@@ -462,19 +464,29 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for j, d in T.Parallel(SB, K):
                     py_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
             for i, d in T.Parallel(C, K):
-                dqA_f[i, d] = px_s[i, d]
-                for jj in T.serial(SB):
-                    dqA_f[i, d] += T.if_then_else(
+                diag_terms_f[i, d] = px_s[i, d]
+            for jj in T.serial(SB):
+                for i, d in T.Parallel(C, K):
+                    diag_terms_f[i, d] += T.if_then_else(
                         jj <= i % SB,
                         dA_s[i, i - i % SB + jj] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)),
                         0.0)
+            for i, d in T.Parallel(C, K):
+                px_s[i, d] = diag_terms_f[i, d]
             for j, d in T.Parallel(C, K):
-                dkA_f[j, d] = py_s[j, d]
-                for ii in T.serial(SB):
-                    dkA_f[j, d] += T.if_then_else(
+                diag_terms_f[j, d] = py_s[j, d]
+            for ii in T.serial(SB):
+                for j, d in T.Parallel(C, K):
+                    diag_terms_f[j, d] += T.if_then_else(
                         ii >= j % SB,
                         dA_s[j - j % SB + ii, j] * qp_s[j - j % SB + ii, d] * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)),
                         0.0)
+            for j, d in T.Parallel(C, K):
+                py_s[j, d] = diag_terms_f[j, d]
+            for i, d in T.Parallel(C, K):
+                dqA_f[i, d] = px_s[i, d]
+            for j, d in T.Parallel(C, K):
+                dkA_f[j, d] = py_s[j, d]
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = T.exp(b_s[i, d]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d] + dkA_f[i, d]
