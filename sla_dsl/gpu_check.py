@@ -7,12 +7,15 @@ decay x write rule x gates combination in bf16 with T not a multiple of the chun
 with an initial state, head dims from 16 to 256 (non-powers of two where the backend takes them), and
 T = 65536 with strong decay (no inf or NaN, still within tolerance).
 
-Writes `<out>/gpu-check-<backend>.json` (one row per case) and `<out>/gpu-check.log`, prints one line per
-case, and exits 1 if any case fails or errors.
+Writes `<out>/gpu-check-<backend>.json` (one row per case) and `<out>/gpu-check.log` after every case (a run
+cut short leaves what it did), prints one line per case, and exits 1 if any case fails or errors.
+`--shard K/N` runs every N-th case from the K-th (and compiles only their kernels), so the whole suite can be
+split over calls shorter than its compile time; its files are named `...-shardKofN`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -79,6 +82,22 @@ def cases(backend: str, quick: bool) -> list[Case]:
     return out
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 1 <= K <= N (the argparse type of --shard)."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 2/3, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"expected 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def shard(case_list: list[Case], k: int, n: int) -> list[Case]:
+    """Every n-th case from the k-th (1-based): each shard gets a mix of the suite's kinds of case."""
+    return case_list[k - 1::n]
+
+
 def _shape_text(shape: dict) -> str:
     return "B{batch} T{length} H{heads} K{dim_k} V{dim_v}".format(**shape)
 
@@ -126,6 +145,8 @@ def run_gpu_check(args) -> int:
     if not torch.cuda.is_available():
         print("gpu-check needs a CUDA GPU; on CPU the same suite runs as `bash scripts/test.sh`")
         return 1
+    k, n = args.shard or (1, 1)
+    suffix = f"-shard{k}of{n}" if args.shard else ""
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     out = Path(args.out) if args.out else Path("benchmarks") / gpu
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +159,7 @@ def run_gpu_check(args) -> int:
 
     for backend in args.backends:
         rows, kernels_cache = [], {}
-        case_list = cases(backend, args.quick)
+        case_list = shard(cases(backend, args.quick), k, n)
         for line in compile_ahead(compile_jobs(backend, case_list)):
             print(f"# compile ahead failed: {line}", flush=True)
         if args.compile_only:
@@ -155,14 +176,14 @@ def run_gpu_check(args) -> int:
             line = _line(row)
             log_lines.append(line)
             print(line, flush=True)
-        (out / f"gpu-check-{backend}.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+            (out / f"gpu-check-{backend}{suffix}.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+            (out / f"gpu-check{suffix}.log").write_text("\n".join(log_lines) + "\n")
         passed = sum(r["ok"] for r in rows)
         summary = f"# {backend}: {passed}/{len(rows)} cases passed"
         log_lines.append(summary)
         print(summary, flush=True)
-    if args.compile_only:
-        return 0
-    (out / "gpu-check.log").write_text("\n".join(log_lines) + "\n")
+    if not args.compile_only:
+        (out / f"gpu-check{suffix}.log").write_text("\n".join(log_lines) + "\n")
     return 1 if failures else 0
 
 
@@ -193,4 +214,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="only the seed specs at the real size")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile every kernel the cases run (into the disk caches) and stop")
+    parser.add_argument("--shard", default=None, type=parse_shard, metavar="K/N",
+                        help="only every N-th case from the K-th, e.g. 1/3 (the suite split over several runs)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/<gpu>/)")
