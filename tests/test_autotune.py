@@ -537,23 +537,30 @@ def _compile_or_die(backend, spec, shape, phase, config):
     time.sleep(0.2)
 
 
-def test_a_dead_compile_worker_loses_only_its_config_and_the_pool_is_replaced(gla):
+def _precompile_every_valid_config(gla, workers: int, job) -> tuple[Precompiler, list]:
+    """A Precompiler of `workers` forked workers running `job`, after it compiled the 9 valid configs of a fake
+    task (3 of them with block 256); returns it (closed) and every pool it made."""
     kernels = FakeKernels(gla)
     task = Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")
-    configs = [c for c in Space.of(kernels.tuning_space(task.shape)) if not c["wrong"]]  # 3 with block 256
-    assert len(configs) == 9
+    configs = [c for c in Space.of(kernels.tuning_space(task.shape)) if not c["wrong"]]
+    assert len(configs) == 9 and sum(c["block"] == 256 for c in configs) == 3
     pools = []
 
-    def make_pool(workers):
-        pools.append(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")))
+    def make_pool(count):
+        pools.append(ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork")))
         return pools[-1]
 
-    compiler = Precompiler(3, make_pool=make_pool, job=_compile_or_die)
+    compiler = Precompiler(workers, make_pool=make_pool, job=job)
     try:
         compiler.request(task, configs, 0)
         assert all(compiler.wait(task, config, 60) for config in configs)
     finally:
         compiler.close()
+    return compiler, pools
+
+
+def test_a_dead_compile_worker_loses_only_its_config_and_the_pool_is_replaced(gla):
+    compiler, pools = _precompile_every_valid_config(gla, 3, _compile_or_die)
     assert compiler.failed == 3 and compiler.compiled == 6 and 1 <= compiler.pool_deaths == len(pools) - 1
     assert compiler.errors == ["BrokenProcessPool: its compile worker died (exit code 7)"] * 3
     assert "a compile worker died" in compiler.summary()
@@ -574,21 +581,7 @@ def _compile_or_raise_unpicklable(backend, spec, shape, phase, config):
 def test_a_compile_error_that_does_not_pickle_fails_its_config_and_keeps_the_pool(gla):
     """The H100 TileLang sweep of 2026-11-23 replaced its pool four times: each worker died sending back an
     error that does not pickle."""
-    kernels = FakeKernels(gla)
-    task = Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")
-    configs = [c for c in Space.of(kernels.tuning_space(task.shape)) if not c["wrong"]]
-    pools = []
-
-    def make_pool(workers):
-        pools.append(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")))
-        return pools[-1]
-
-    compiler = Precompiler(2, make_pool=make_pool, job=_compile_or_raise_unpicklable)
-    try:
-        compiler.request(task, configs, 0)
-        assert all(compiler.wait(task, config, 60) for config in configs)
-    finally:
-        compiler.close()
+    compiler, pools = _precompile_every_valid_config(gla, 2, _compile_or_raise_unpicklable)
     assert compiler.pool_deaths == 0 and len(pools) == 1
     assert compiler.failed == 3 and compiler.compiled == 6
     assert compiler.errors == ["_UnpicklableCompileError: Not a canonical GMMA_MN layout"] * 3
