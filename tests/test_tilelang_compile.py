@@ -25,6 +25,13 @@ HEADS, DIM_K, DIM_V = 4, 128, 128
 # multiply (gla's forward had 16-way conflicts run 1024 times per thread, most of its H100 time). The
 # one-pass moves between gemm fragments and shared fp32 buffers conflict 4- to 8-way and run at most 32 times.
 HOT_LOOP_RUNS = 128
+
+
+def assert_no_bank_conflicts_in_loops(source: str, label: str) -> None:
+    from sla_dsl.backends.tilelang import bank_conflicts
+
+    hot = [spot for spot in bank_conflicts.hot_spots(source) if spot.runs >= HOT_LOOP_RUNS]
+    assert not hot, f"{label}: shared-memory bank conflicts in a loop:\n" + "\n".join(map(str, hot))
 TIMES: dict[str, float] = {}
 
 
@@ -33,7 +40,7 @@ TIMES: dict[str, float] = {}
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
     from sla_dsl.autotune import Shape
-    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, bank_conflicts, compile_kernel, tuning
+    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
 
     kernels = TileLangKernels(spec)
     total = 0.0
@@ -49,8 +56,7 @@ def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
         total += elapsed
         source = compiled.get_kernel_source()
         assert "__global__" in source
-        hot = [spot for spot in bank_conflicts.hot_spots(source) if spot.runs >= HOT_LOOP_RUNS]
-        assert not hot, f"{spec.name}.{stage}.{dtype}: bank conflicts in a loop:\n" + "\n".join(map(str, hot))
+        assert_no_bank_conflicts_in_loops(source, f"{spec.name}.{stage}.{dtype}")
         # the layout TileLang emitted is within the bound that picks the default, which fits an sm_90 CTA
         offsets = [int(o) for o in re.findall(r"buf_dyn_shmem \+ (\d+)\)", source)]
         compiled_bytes = tuning.compiled_shared_memory_bytes(source, kernels.module, stage, full_config, shape)
@@ -74,7 +80,7 @@ def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
 def test_small_and_odd_head_dims_compile_for_sm90a(name, dim):
     """At K = V = 16 a 16-row gemm tile has work for two warps only (the default gives such stages 64 threads,
     and 128 is rejected before compiling); K = 48 runs padded to 64 (TileLang cannot lower some reductions over
-    48 columns). Every stage of both phases, bf16, at its default."""
+    48 columns). Every stage of both phases, bf16, at its default, with no bank conflicts in its loops."""
     from sla_dsl.autotune import ConfigRejected, Shape
     from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
 
@@ -84,8 +90,9 @@ def test_small_and_odd_head_dims_compile_for_sm90a(name, dim):
         config = kernels.default_config(shape, phase)
         for stage in tuning.phase_stages(kernels.module, phase):
             params = tuning.kernel_params(config, stage)
-            compile_kernel(kernels.module, tuning.stage_kernel(stage), HEADS, tuning.padded(dim), tuning.padded(dim),
-                           "bfloat16", params, target=SM90_TARGET)
+            compiled = compile_kernel(kernels.module, tuning.stage_kernel(stage), HEADS, tuning.padded(dim),
+                                      tuning.padded(dim), "bfloat16", params, target=SM90_TARGET)
+            assert_no_bank_conflicts_in_loops(compiled.get_kernel_source(), f"{name}.{stage} K=V={dim}")
     too_many = {**kernels.default_config(shape, "bwd"), "bwd_dh_threads": 128}
     if dim == 16:
         with pytest.raises(ConfigRejected, match="gemm tiles have work for at most 64"):
