@@ -3,6 +3,8 @@ written the way TileLang emits them; the compile test applies it to every genera
 
 from __future__ import annotations
 
+import pytest
+
 from sla_dsl.backends.tilelang.bank_conflicts import hot_spots
 
 PROLOGUE = """
@@ -66,3 +68,10 @@ def test_tensor_core_operand_moves_and_global_memory_are_not_judged():
   tl::ptx_ldmatrix_x4((&(((bfloat16_t*)k_m)[((((int)threadIdx.x) & 15) * 128)])), (&(A_local[0])));
   acc[0] = ((float*)O)[((((int)threadIdx.x) & 15) * 128)];""")
     assert hot_spots(text) == []
+
+
+def test_an_address_it_cannot_read_is_an_error_naming_its_line():
+    text = kernel("""
+  acc[0] = ((float*)b_s)[(cond ? 1 : 2)];""")
+    with pytest.raises(ValueError, match=r"line 8: cannot read the shared-memory address '\(cond \? 1 : 2\)'"):
+        hot_spots(text)

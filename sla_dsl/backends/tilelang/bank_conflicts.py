@@ -130,7 +130,10 @@ def _line_hot_spots(line: str, number: int, shared: set[str], loops, min_factor:
                 continue
             index = line[start:_closing(line, start) + 1]
             width = _VECTOR_BYTES.get(match.group("vector") or "", element)
-        code = compile(_python(index), "<address>", "eval")
+        try:
+            code = compile(_python(index), "<address>", "eval")
+        except SyntaxError as exc:
+            raise ValueError(f"line {number}: cannot read the shared-memory address {index!r}") from exc
         names = set(code.co_names) - {"lane", "max", "min"}
         loop_vars = [(name, trips) for name, trips, _ in loops if name in names]
         worst = 0.0
