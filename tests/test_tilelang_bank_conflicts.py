@@ -63,6 +63,16 @@ def test_lanes_reading_one_word_share_it_and_runtime_loops_count_once():
     assert (spot.factor, spot.runs) == (8, 1)
 
 
+def test_tilelang_scan_down_the_rows_of_a_tile_is_judged_from_its_call():
+    text = kernel("""
+  for (int c = 0; c < ((eos + 63) >> 6); ++c) {
+    tl::CumSum2D<128, 0, false>::run((&(((float*)b_s)[0])), (&(((float*)b_s)[0])), 64, 128, 128, 128);
+    tl::CumSum2D<128, 1, false>::run((&(((float*)b_s)[0])), (&(((float*)b_s)[0])), 64, 128, 128, 128);
+  }""")
+    (spot,) = hot_spots(text)  # along the rows (axis 1) each lane reads the next word: no conflict
+    assert (spot.buffer, spot.factor, spot.runs, spot.excess) == ("b_s", 32, 32 * 2 * 2, 31 * 128)
+
+
 def test_tensor_core_operand_moves_and_global_memory_are_not_judged():
     text = kernel("""
   tl::ptx_ldmatrix_x4((&(((bfloat16_t*)k_m)[((((int)threadIdx.x) & 15) * 128)])), (&(A_local[0])));

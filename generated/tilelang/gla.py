@@ -114,7 +114,9 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 t0 = bos + c * C
                 for i, d in T.Parallel(C, K):
                     b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-                T.cumsum(b_s, dim=0)
+                for d in T.Parallel(K):
+                    for i in T.serial(C - 1):
+                        b_s[i + 1, d] = b_s[i + 1, d] + b_s[i, d]
                 for i, d in T.Parallel(C, K):
                     kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
                 for i, d in T.Parallel(C, K):
@@ -183,7 +185,9 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             for i, d in T.Parallel(C, K):
                 b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-            T.cumsum(b_s, dim=0)
+            for d in T.Parallel(K):
+                for i in T.serial(C - 1):
+                    b_s[i + 1, d] = b_s[i + 1, d] + b_s[i, d]
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
@@ -277,7 +281,9 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 t0 = bos + c * C
                 for i, d in T.Parallel(C, K):
                     b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-                T.cumsum(b_s, dim=0)
+                for d in T.Parallel(K):
+                    for i in T.serial(C - 1):
+                        b_s[i + 1, d] = b_s[i + 1, d] + b_s[i, d]
                 for i, d in T.Parallel(C, K):
                     qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
                 for i in T.Parallel(C):
@@ -383,7 +389,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
             for i, d in T.Parallel(C, K):
                 b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-            T.cumsum(b_s, dim=0)
+            for d in T.Parallel(K):
+                for i in T.serial(C - 1):
+                    b_s[i + 1, d] = b_s[i + 1, d] + b_s[i, d]
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
@@ -497,7 +505,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             T.reduce_sum(terms_f, bl_f, dim=0)
             for d in T.Parallel(K):
                 db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1, d])
-            T.cumsum(db_s, dim=0, reverse=True)
+            for d in T.Parallel(K):
+                for i in T.serial(C - 1):
+                    db_s[C - 2 - i, d] = db_s[C - 2 - i, d] + db_s[C - 1 - i, d]
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     DG[t0 + i, h, d] = db_s[i, d]

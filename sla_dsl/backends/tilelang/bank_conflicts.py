@@ -10,7 +10,8 @@ the first warp, at every value of the constant-bound loops around it (the lowere
 unrolled loops; a loop with a runtime bound counts once), and reports the accesses that take at least
 `min_factor` times their conflict-free wavefronts, with the number of times one thread runs them. Tensor-core
 operand moves (ldmatrix, stmatrix, cp.async, wgmma descriptors) are TileLang's own swizzled layouts and are not
-evaluated. Why it exists: gla's forward spent most of its time on the H100 in one loop that read 16 rows of a
+evaluated; TileLang's scan template (T.cumsum of a 2-D tile down its rows) is, from its call's arguments.
+Why it exists: gla's forward spent most of its time on the H100 in one loop that read 16 rows of a
 shared fp32 buffer at once, all from one bank; the generated Python gave no hint of it, the CUDA does.
 """
 
@@ -32,6 +33,9 @@ _ACCESS = re.compile(r"(?:\*\((?P<vector>\w+)\*\)\()?\(\((?P<element>float|bfloa
 _LOOP = re.compile(r"for \(int (\w+) = (-?\d+); \1 < (-?\d+); \+\+\1\)")
 _RUNTIME_LOOP = re.compile(r"for \(int (\w+) = ")
 _TENSOR_CORE_MOVES = ("ldmatrix", "stmatrix", "cp_async", "wgmma", "GmmaDescriptor")
+# T.cumsum of a 2-D tile down its rows: the warp's lanes take consecutive rows of one column, src_stride apart
+_COLUMN_SCAN = re.compile(r"tl::CumSum2D<(\d+), 0, \w+>::run\(\(&\(\(\((\w+)\*\)(\w+)\)\[0\]\)\), .*?, "
+                          r"(\d+), (\d+), (\d+), \d+\);")
 MAX_POINTS = 64  # loop-variable combinations evaluated per access
 
 
@@ -43,6 +47,11 @@ class HotSpot:
     factor: float  # wavefronts / conflict-free wavefronts, worst over the loop values evaluated
     runs: int  # times one thread runs the access per kernel invocation (loops with runtime bounds count once)
     address: str
+
+    @property
+    def excess(self) -> float:
+        """Wavefronts a warp spends on it beyond conflict-free ones, per conflict-free wavefront."""
+        return (self.factor - 1) * self.runs
 
     def __str__(self) -> str:
         return (f"line {self.line}: {self.buffer} ({self.bytes_per_lane} B per lane) {self.factor:g}x its "
@@ -101,6 +110,7 @@ def hot_spots(source: str, min_factor: float = 4.0) -> list[HotSpot]:
         runtime = _RUNTIME_LOOP.search(line) if loop is None else None
         if not any(move in line for move in _TENSOR_CORE_MOVES):
             found += _line_hot_spots(line, number, shared, loops, min_factor)
+        found += _column_scan_hot_spots(line, number, shared, loops, min_factor)
         depth += line.count("{")
         if loop is not None:
             loops.append((loop.group(1), int(loop.group(3)) - int(loop.group(2)), depth))
@@ -110,6 +120,23 @@ def hot_spots(source: str, min_factor: float = 4.0) -> list[HotSpot]:
         while loops and depth < loops[-1][2]:
             loops.pop()
     return found
+
+
+def _column_scan_hot_spots(line: str, number: int, shared: set[str], loops, min_factor: float) -> list[HotSpot]:
+    """TileLang's scan template (tl_templates/cuda/scan.h) gives each warp whole columns, one row per lane, and
+    reads then writes every element once."""
+    out = []
+    for match in _COLUMN_SCAN.finditer(line):
+        threads, element, name, rows, columns, stride = match.groups()
+        if name not in shared:
+            continue
+        width = _ELEMENT_BYTES[element]
+        factor = _wavefronts([lane * int(stride) * width for lane in range(WARP)], width) / max(1, width // 4)
+        per_lane = math.ceil(int(columns) / (int(threads) // WARP)) * math.ceil(int(rows) / WARP) * 2
+        if factor >= min_factor:
+            runs = per_lane * math.prod(trips for _, trips, _ in loops)
+            out.append(HotSpot(number, name, width, factor, runs, f"T.cumsum down {rows} rows, stride {stride}"))
+    return out
 
 
 def _line_hot_spots(line: str, number: int, shared: set[str], loops, min_factor: float) -> list[HotSpot]:

@@ -204,6 +204,24 @@ def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True
     return "".join(line + "\n" for line in lines)
 
 
+def _column_scan(buf: str, reverse: bool) -> str:
+    """Prefix (suffix if reverse) sums down the C rows of a shared [C, K] fp32 tile, one thread per column, in
+    place. Not T.cumsum: its 2-D form scans each column with the 32 lanes of a warp, one row per lane, so every
+    read and write of a [C, K] tile hits one shared-memory bank 32 times (a vector decay's b and db; the
+    sequential stages paid it once per chunk)."""
+    if reverse:
+        return f"""
+    for d in T.Parallel(K):
+        for i in T.serial(C - 1):
+            {buf}[C - 2 - i, d] = {buf}[C - 2 - i, d] + {buf}[C - 1 - i, d]
+    """
+    return f"""
+    for d in T.Parallel(K):
+        for i in T.serial(C - 1):
+            {buf}[i + 1, d] = {buf}[i + 1, d] + {buf}[i, d]
+    """
+
+
 def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True) -> str:
     """For the chunk at t0, each where asked for: the in-chunk cumulative log decay b (always), phi(x) and its
     row factors in registers (`_scaled` reads q' and k' from them), q' and k' in shared fp32 (`shared`), and
@@ -224,8 +242,7 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         s += """
     for i, d in T.Parallel(C, K):
         b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-    T.cumsum(b_s, dim=0)
-    """
+    """ + _column_scan("b_s", reverse=False)
     for side, src, fm, on in (("q", "Q", f.fq, q), ("k", "KK", f.fk, k)):
         if not on:
             continue
@@ -925,8 +942,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * {"T.exp(b_s[C - 1, d])" if f.vector else "T.exp(b_s[C - 1])"}
     """
         if f.decay is Decay.VECTOR:
-            p += """
-    T.cumsum(db_s, dim=0, reverse=True)
+            p += _column_scan("db_s", reverse=True) + """
     for i, d in T.Parallel(C, K):
         if t0 + i < eos:
             DG[t0 + i, h, d] = db_s[i, d]
