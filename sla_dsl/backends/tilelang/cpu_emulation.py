@@ -2,7 +2,7 @@
 
 TileLang's C target has no threads, fragments or shared memory, and no cumulative sum. While a kernel factory
 is traced, `emulated()` maps them onto what it has: every buffer becomes a program-private array, T.Parallel a
-serial loop nest, T.cumsum a serial prefix sum. T.gemm lowers to a scalar loop in fp32. A program then
+serial loop nest, T.cumsum (1-D) a serial prefix sum. T.gemm lowers to a scalar loop in fp32. A program then
 computes exactly what the kernel's arithmetic says, one tile program after another, so the CPU tests check the
 templates' math (indices, masks, decays, gradients) against the float64 reference. They do not check what only
 the GPU decides: layouts, pipelining, warp-level reductions; the GPU suite (`gpu-check`) does.
@@ -30,30 +30,17 @@ def _prefix_sum_1d(buf):
 
 
 @T.macro
-def _prefix_sum_2d(buf):
-    for i, d in T.grid(buf.shape[0] - 1, buf.shape[1]):
-        buf[i + 1, d] = buf[i + 1, d] + buf[i, d]
-
-
-@T.macro
 def _suffix_sum_1d(buf):
     for r in T.serial(buf.shape[0] - 1):
         buf[buf.shape[0] - 2 - r] = buf[buf.shape[0] - 2 - r] + buf[buf.shape[0] - 1 - r]
 
 
-@T.macro
-def _suffix_sum_2d(buf):
-    for r, d in T.grid(buf.shape[0] - 1, buf.shape[1]):
-        buf[buf.shape[0] - 2 - r, d] = buf[buf.shape[0] - 2 - r, d] + buf[buf.shape[0] - 1 - r, d]
-
-
 def _cumsum(src, dst=None, dim=0, reverse=False):
-    """T.cumsum in place along the first axis (what the templates use), as a serial scan."""
-    if dst is not None or dim != 0:
-        raise NotImplementedError("CPU emulation: T.cumsum in place along dim 0 only")
-    if reverse:
-        return _suffix_sum_1d(src) if len(src.shape) == 1 else _suffix_sum_2d(src)
-    return _prefix_sum_1d(src) if len(src.shape) == 1 else _prefix_sum_2d(src)
+    """T.cumsum of a 1-D buffer in place (what the templates use; they scan 2-D tiles themselves), as a serial
+    scan."""
+    if dst is not None or dim != 0 or len(src.shape) != 1:
+        raise NotImplementedError("CPU emulation: T.cumsum of a 1-D buffer in place only")
+    return _suffix_sum_1d(src) if reverse else _prefix_sum_1d(src)
 
 
 def _serial_nest(*extents, **_):
