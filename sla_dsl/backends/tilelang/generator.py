@@ -1074,8 +1074,8 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
         # _decayed_products: rows of sub-block r against the columns before it (reference: the row before the
         # sub-block), columns of sub-block r against the rows after it (reference: its last row). The diagonal
         # sub-blocks take the exact elementwise form, summed in diag_terms_f (threads along K, one row per warp)
-        # and handed to outx / outy through shared memory: summed in outx / outy themselves (gemm accumulators,
-        # 8 rows per warp) its reads of b_s and P hit one bank from 8 rows.
+        # and handed to outx / outy through shared memory. Summed in outx / outy themselves (gemm accumulators,
+        # 8 rows per warp), the reads of b_s and P hit one bank from 8 rows at a time.
         xmask, ymask = ("jj < i % SB", "ii > j % SB") if strict else ("jj <= i % SB", "ii >= j % SB")
         return f"""
     for r in T.serial(C // SB):
