@@ -57,13 +57,13 @@ def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
         total += elapsed
         source = compiled.get_kernel_source()
         assert "__global__" in source
-        assert_no_bank_conflicts_in_loops(source, f"{spec.name}.{stage}.{dtype}")
+        label = f"{spec.name}.{stage}.{dtype}"
+        assert_no_bank_conflicts_in_loops(source, label)
         # the layout TileLang emitted is within the bound that picks the default, which fits an sm_90 CTA
         offsets = [int(o) for o in re.findall(r"buf_dyn_shmem \+ (\d+)\)", source)]
         compiled_bytes = tuning.compiled_shared_memory_bytes(source, kernels.module, stage, full_config, shape)
         bound = tuning.shared_memory_bytes(kernels.module, stage, full_config, shape)
         assert offsets and max(offsets) < compiled_bytes <= bound <= tuning.SM90_SHARED_MEMORY_BYTES
-        label = f"{spec.name}.{stage}.{dtype}"
         TIMES[label] = elapsed
         print(f"compiled {label} ({config}) in {elapsed:.1f} s")
     TIMES[f"{spec.name}.{dtype}.total"] = total

@@ -22,9 +22,10 @@ import itertools
 import math
 import re
 
+from sla_dsl.backends.tilelang.tuning import shared_buffer_offsets
+
 BANKS = 32
 WARP = 32
-_SHARED_BUFFER = re.compile(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ \d+\)\)")
 _ELEMENT_BYTES = {"float": 4, "bfloat16_t": 2, "half_t": 2, "int": 4}
 _VECTOR_BYTES = {"float4": 16, "float2": 8, "uint4": 16, "uint2": 8, "uint1": 4, "float": 4, "int": 4}
 # (*(vector*)( ((element*)NAME) + ... ) or ((element*)NAME)[ ...
@@ -91,6 +92,11 @@ def _wavefronts(addresses: list[int], width: int) -> int:
     return total
 
 
+def _factor(addresses: list[int], width: int) -> float:
+    """Wavefronts of the request over those of a conflict-free one (width / 4)."""
+    return _wavefronts(addresses, width) / max(1, width // 4)
+
+
 def _points(loops: list[tuple[str, int]]):
     """Up to MAX_POINTS assignments of the loop variables, spread over their ranges."""
     ranges = [range(trips) for _, trips in loops]
@@ -103,7 +109,7 @@ def _points(loops: list[tuple[str, int]]):
 
 
 def hot_spots(source: str, min_factor: float = 4.0) -> list[HotSpot]:
-    shared = set(_SHARED_BUFFER.findall(source))
+    shared = set(shared_buffer_offsets(source))
     found, loops, depth = [], [], 0  # loops: (name, trips, brace depth inside it)
     for number, line in enumerate(source.splitlines(), 1):
         loop = _LOOP.search(line)
@@ -131,7 +137,7 @@ def _column_scan_hot_spots(line: str, number: int, shared: set[str], loops, min_
         if name not in shared:
             continue
         width = _ELEMENT_BYTES[element]
-        factor = _wavefronts([lane * int(stride) * width for lane in range(WARP)], width) / max(1, width // 4)
+        factor = _factor([lane * int(stride) * width for lane in range(WARP)], width)
         per_lane = math.ceil(int(columns) / (int(threads) // WARP)) * math.ceil(int(rows) / WARP) * 2
         if factor >= min_factor:
             runs = per_lane * math.prod(trips for _, trips, _ in loops)
@@ -168,7 +174,7 @@ def _line_hot_spots(line: str, number: int, shared: set[str], loops, min_factor:
             values = {name: point.get(name, 0) for name in names}
             addresses = [eval(code, {"max": max, "min": min}, {**values, "lane": lane}) * element  # noqa: S307
                          for lane in range(WARP)]
-            worst = max(worst, _wavefronts(addresses, width) / max(1, width // 4))
+            worst = max(worst, _factor(addresses, width))
         if worst >= min_factor:
             runs = math.prod(trips for _, trips, _ in loops)
             out.append(HotSpot(number, match.group("name"), width, worst, runs, index))

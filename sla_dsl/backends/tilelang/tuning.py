@@ -133,12 +133,18 @@ def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
     return sum(_buffer_bytes(module, stage, config, shape).values())
 
 
+def shared_buffer_offsets(kernel_source: str) -> dict[str, int]:
+    """Each shared buffer of a compiled kernel, by name, and its byte offset in the kernel's one dynamic
+    allocation, from the CUDA source."""
+    return {name: int(offset) for name, offset in _SHARED_OFFSET.findall(kernel_source)}
+
+
 def compiled_shared_memory_bytes(kernel_source: str, module, stage: str, config: dict, shape) -> int:
     """The shared memory a compiled kernel takes: the end of the last buffer in its one dynamic allocation, read
     from the offsets in the CUDA source (`JITKernel.get_kernel_source()`). Buffers TileLang adds itself (the
     workspaces of reductions, a few hundred bytes) are taken to reach the next buffer, or 1 KB past the last."""
     sizes = _buffer_bytes(module, stage, config, shape)
-    placed = sorted((int(offset), name) for name, offset in _SHARED_OFFSET.findall(kernel_source))
+    placed = sorted((offset, name) for name, offset in shared_buffer_offsets(kernel_source).items())
     ends = [offset + sizes.get(name, (placed[i + 1][0] - offset) if i + 1 < len(placed) else 1024)
             for i, (offset, name) in enumerate(placed)]
     return max(ends, default=0)
