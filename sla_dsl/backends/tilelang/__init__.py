@@ -158,7 +158,7 @@ class TileLangKernels:
         offsets, table, total = self._chunks(p, chunk)
         heads, dim_k, dim_v, nt = p["heads"], p["dim_k"], p["dim_v"], p["nt"]
         dtype, device = p["q"].dtype, p["q"].device
-        state_dtype = torch.float32 if dtype == torch.float16 else dtype  # the generated module's state_dtype
+        state_dtype = getattr(torch, self.module.state_dtype(_DTYPES[dtype]))
         hs = new_output((max(total, 1), heads, dim_k, dim_v), state_dtype, device)
         ht = new_output((p["num_seq"], heads, dim_k, dim_v), torch.float32, device)
         v_new, wy = p["v"], []
