@@ -1,5 +1,7 @@
-"""Per-kernel GPU time of one spec's forward and backward on one backend (torch.profiler), to see which stage
-of a schedule to work on. Usage: python scripts/profile_kernels.py SPEC BACKEND [BxTxHxK] [dtype]"""
+"""Per-kernel GPU time of specs' forward and backward (torch.profiler), to see which stage of a schedule to work on.
+Backends: triton, tilelang, or fla (fla's op doing the same work, as the bench runs it). TileLang kernels are named
+<spec>_<stage>_kernel.
+Usage: python scripts/profile_kernels.py SPEC[,SPEC...] BACKEND[,BACKEND...] [BxTxHxK] [dtype]"""
 
 from __future__ import annotations
 
@@ -9,28 +11,54 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sla_dsl
+from sla_dsl.autotune.precompile import compile_ahead
 from sla_dsl.autotune.runner import resolve_specs
 from sla_dsl.autotune.shapes import parse_shapes
-from sla_dsl.workloads import realistic_inputs
+from sla_dsl.workloads import fla_equivalent, realistic_inputs
+
+REPEATS = 5
 
 
-def main(spec_name: str, backend: str, shape_text: str = "4x8192x16x128", dtype: str = "bfloat16") -> None:
-    spec = resolve_specs([spec_name])[0]
-    shape = parse_shapes(shape_text, dtype)[0]
+def _forward(spec, backend: str, heads: int):
+    if backend == "fla":
+        found = fla_equivalent(spec.recurrence, heads)
+        if found is None:
+            raise SystemExit(f"fla has no op for {spec.name}")
+        return found[1]
     op = sla_dsl.compile(spec, backend)
+    return lambda **inputs: op(**inputs)[0]
+
+
+def profile_one(spec, backend: str, shape, dtype: torch.dtype) -> None:
+    forward = _forward(spec, backend, shape.H)
     inputs = realistic_inputs(spec.recurrence, shape.B, shape.T, shape.H, shape.K, shape.V,
-                              dtype=getattr(torch, dtype), device="cuda", requires_grad=True)
-    grad = torch.randn(shape.B, shape.T, shape.H, shape.V, device="cuda", dtype=getattr(torch, dtype))
-    for _ in range(3):  # compile and warm up
-        op(**inputs)[0].backward(grad)
+                              dtype=dtype, device="cuda", requires_grad=True)
+    grad = torch.randn(shape.B, shape.T, shape.H, shape.V, device="cuda", dtype=dtype)
+    for _ in range(3):  # compile, autotune (fla) and warm up
+        forward(**inputs).backward(grad)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            op(**inputs)[0].backward(grad)
+        for _ in range(REPEATS):
+            forward(**inputs).backward(grad)
         torch.cuda.synchronize()
-    print(f"{spec.name} {backend} {shape_text} {dtype}: CUDA time per forward+backward (mean of 5)")
-    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]:
-        print(f"  {event.device_time_total / 5 / 1e3:8.3f} ms  {event.count // 5:3d}x  {event.key[:90]}")
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events if e.device_time_total > 0 and e.count) / REPEATS / 1e3
+    print(f"{spec.name} {backend} {shape.B}x{shape.T}x{shape.H}x{shape.K} {dtype}: "
+          f"CUDA time per forward+backward (mean of {REPEATS}), kernels sum {total:.3f} ms")
+    for event in events[:14]:
+        print(f"  {event.device_time_total / REPEATS / 1e3:8.3f} ms  {event.count // REPEATS:3d}x  {event.key[:100]}")
+
+
+def main(specs: str, backends: str, shape_text: str = "4x8192x16x128", dtype: str = "bfloat16") -> None:
+    shape = parse_shapes(shape_text, dtype)[0]
+    specs, backends = resolve_specs(specs.split(",")), backends.split(",")
+    # TileLang compiles take up to half a minute each: all of them first, in parallel workers
+    for line in compile_ahead([(backend, spec, shape, phase) for spec in specs for backend in backends
+                               if backend != "fla" for phase in ("fwd", "bwd")]):
+        print(f"compile ahead failed: {line}", file=sys.stderr)
+    for spec in specs:
+        for backend in backends:
+            profile_one(spec, backend, shape, getattr(torch, dtype))
 
 
 if __name__ == "__main__":

@@ -329,6 +329,25 @@ def test_sweep_budget_always_times_the_default_and_counts_the_moves_left_unexplo
     assert result.tried == 1 and result.unexplored == 5 and result.config == kernels.default_config(None)
 
 
+def test_sweep_shares_the_budget_in_proportion_to_each_tasks_first_round(gla, monkeypatch):
+    from sla_dsl.autotune import sweep as sweep_module
+
+    kernels = FakeKernels(gla)
+    tasks = [Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), phase) for phase in ("fwd", "bwd")]
+    first_rounds = {"fwd": [{}], "bwd": [{}, {}, {}]}  # a backward with three times the forward's moves
+    deadlines = {}
+
+    def fake_run_task(task, *, deadline, **_):
+        deadlines[task.phase] = deadline
+        return sweep_module.TaskResult(task, error="not run")
+
+    monkeypatch.setattr(sweep_module, "first_round", lambda task: first_rounds[task.phase])
+    monkeypatch.setattr(sweep_module, "run_task", fake_run_task)
+    sweep(tasks, measure=fake_measure, verify=lambda t, c: (True, {}), budget_seconds=100, clock=lambda: 0.0)
+    # four fifths of each share is for the search: 1/4 of the budget for fwd, then all that is left for bwd
+    assert deadlines == {"fwd": pytest.approx(20.0), "bwd": pytest.approx(80.0)}
+
+
 def test_sweep_reports_when_no_config_passes(gla):
     kernels = FakeKernels(gla)
     report = sweep([Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")],

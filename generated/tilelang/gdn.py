@@ -77,7 +77,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def gdn_wy(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -161,7 +161,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         U[t0 + i, h, v0 + e2] = T.cast(U_f[i, e2], dtype)
 
-    return kernel
+    return gdn_wy
 
 def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state S[K,
@@ -177,7 +177,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def gdn_states(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -252,7 +252,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
 
-    return kernel
+    return gdn_states
 
 def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time). Inputs
@@ -265,7 +265,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def gdn_output(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -348,7 +348,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
 
-    return kernel
+    return gdn_output
 
 def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no C x C
@@ -360,7 +360,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def gdn_dv_local(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -434,7 +434,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         DVL[t0 + i, h, v0 + e2] = du_f[i, e2]
 
-    return kernel
+    return gdn_dv_local
 
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO -
@@ -449,7 +449,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def gdn_bwd_dh(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -540,7 +540,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]
 
-    return kernel
+    return gdn_bwd_dh
 
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table
@@ -554,7 +554,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def gdn_bwd_chunk(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -852,4 +852,4 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (T.if_then_else(T.cast(Q[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32')))), T.exp(T.cast(Q[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.if_then_else(T.cast(Q[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32')))), T.exp(T.cast(Q[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)
                     DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * (T.if_then_else(T.cast(KK[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(KK[t0 + i, h, d], 'float32')))), T.exp(T.cast(KK[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (T.if_then_else(T.cast(KK[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(KK[t0 + i, h, d], 'float32')))), T.exp(T.cast(KK[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
 
-    return kernel
+    return gdn_bwd_chunk

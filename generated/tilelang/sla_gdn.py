@@ -77,7 +77,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_gdn_wy(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -163,7 +163,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         U[t0 + i, h, v0 + e2] = T.cast(U_f[i, e2], dtype)
 
-    return kernel
+    return sla_gdn_wy
 
 def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state S[K,
@@ -179,7 +179,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_gdn_states(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -256,7 +256,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
 
-    return kernel
+    return sla_gdn_states
 
 def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time). Inputs
@@ -269,7 +269,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_gdn_output(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -354,7 +354,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
 
-    return kernel
+    return sla_gdn_output
 
 def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no C x C
@@ -366,7 +366,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_gdn_dv_local(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -442,7 +442,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         DVL[t0 + i, h, v0 + e2] = du_f[i, e2]
 
-    return kernel
+    return sla_gdn_dv_local
 
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO -
@@ -457,7 +457,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_gdn_bwd_dh(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -550,7 +550,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]
 
-    return kernel
+    return sla_gdn_bwd_dh
 
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, beta, gq, gk, scale), cu_seqlens,
@@ -564,7 +564,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_gdn_bwd_chunk(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -883,4 +883,4 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (T.if_then_else(T.cast(Q[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32')))), T.exp(T.cast(Q[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.if_then_else(T.cast(Q[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32')))), T.exp(T.cast(Q[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)
                     DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * (T.if_then_else(T.cast(KK[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(KK[t0 + i, h, d], 'float32')))), T.exp(T.cast(KK[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (T.if_then_else(T.cast(KK[t0 + i, h, d], 'float32') >= 0.0, 1.0 / (1.0 + T.exp(-(T.cast(KK[t0 + i, h, d], 'float32')))), T.exp(T.cast(KK[t0 + i, h, d], 'float32')) / (1.0 + T.exp(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
 
-    return kernel
+    return sla_gdn_bwd_chunk

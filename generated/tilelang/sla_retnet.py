@@ -80,7 +80,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_retnet_states(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -131,7 +131,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
 
-    return kernel
+    return sla_retnet_states
 
 def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """o = qe S + A u of every chunk (chunk-parallel; A once per chunk, then block_v columns of V at a time). Inputs
@@ -144,7 +144,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_retnet_output(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -213,7 +213,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
 
-    return kernel
+    return sla_retnet_output
 
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO.
@@ -227,7 +227,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_retnet_bwd_dh(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -281,7 +281,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]
 
-    return kernel
+    return sla_retnet_bwd_dh
 
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, gq, gk, log_gamma, scale), cu_seqlens,
@@ -295,7 +295,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def sla_retnet_bwd_chunk(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -445,4 +445,4 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * 1.0, dtype)
                     DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * 1.0, dtype)
 
-    return kernel
+    return sla_retnet_bwd_chunk

@@ -383,21 +383,26 @@ def run_task(task: Task, *, measure, verify, deadline: float, clock=time.monoton
 
 def sweep(tasks: list[Task], *, measure, verify, budget_seconds: float, on_result=None, clock=time.monotonic,
           progress=None, log=None, compiler=None) -> SweepReport:
-    """Runs every task within the budget (shared out evenly; time a task leaves unused goes to the rest).
+    """Runs every task within the budget, shared out in proportion to the size of each task's first round (a
+    backward phase has more stages, so more moves and more kernels to compile, than its forward); time a task
+    leaves unused goes to the rest.
     `on_result(result)` is called after each task (the CLI writes the table there). With a `compiler`, the
     first round of every task is queued at once, in task order, so compiling runs ahead of timing."""
     start = clock()
     results: list[TaskResult] = []
     aborted = None
-    if compiler is not None:
-        for number, task in enumerate(tasks):
-            try:
-                compiler.request(task, first_round(task), number)
-            except Exception:  # noqa: BLE001 -- run_task reports a broken tuning space
-                pass
+    weights = []
+    for number, task in enumerate(tasks):
+        try:
+            first = first_round(task)
+        except Exception:  # noqa: BLE001 -- run_task reports a broken tuning space
+            first = [None]
+        weights.append(len(first))
+        if compiler is not None and first[0] is not None:
+            compiler.request(task, first, number)
     for number, task in enumerate(tasks):
         remaining = budget_seconds - (clock() - start)
-        share = max(remaining, 0.0) / (len(tasks) - number)
+        share = max(remaining, 0.0) * weights[number] / sum(weights[number:])
         # leave a fifth of the share for the precise re-timing and the reference check
         deadline = clock() + 0.8 * share
         try:

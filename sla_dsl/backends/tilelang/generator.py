@@ -465,7 +465,7 @@ SIGNATURE = '''{block_sizes}{state_dt}\
     NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
 
     @T.prim_func
-    def kernel(
+    def {spec_name}_{stage}(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -511,7 +511,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         U[t0 + i, h, v0 + e2] = T.cast(U_f[i, e2], dtype)
 
-    return kernel
+    return {spec_name}_{stage}
 '''
 
 STATES = '''
@@ -539,7 +539,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
 
-    return kernel
+    return {spec_name}_{stage}
 '''
 
 
@@ -598,7 +598,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
 
-    return kernel
+    return {spec_name}_{stage}
 '''
 
 DV_LOCAL = '''
@@ -619,7 +619,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         DVL[t0 + i, h, v0 + e2] = du_f[i, e2]
 
-    return kernel
+    return {spec_name}_{stage}
 '''
 
 BWD_DH = '''
@@ -649,7 +649,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 {dw}            for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]
 
-    return kernel
+    return {spec_name}_{stage}
 '''
 
 
@@ -700,7 +700,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 v0 = iv * BV
 {vloop}
 {post}
-    return kernel
+    return {spec_name}_{stage}
 '''
 
 
@@ -1136,7 +1136,8 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
 
 def generate(spec: Spec) -> dict[str, str]:
     f = _Features(spec)
-    common = {"params": _params(f), "inputs": "(" + ", ".join(_input_names(f)) + ")", "state_dt": "",
+    # each prim_func is named <spec>_<stage>, so profiles and compiled CUDA name the stage (<spec>_<stage>_kernel)
+    common = {"spec_name": spec.name, "params": _params(f), "inputs": "(" + ", ".join(_input_names(f)) + ")", "state_dt": "",
               "block_sizes": ("    C, BV, SB = chunk, block_v, SUB_BLOCK\n" if f.vector
                               else "    C, BV = chunk, block_v\n")}
     # the kernels that store or read the per-chunk states and state gradients
@@ -1148,13 +1149,13 @@ def generate(spec: Spec) -> dict[str, str]:
     shared = f.vector
     if f.delta:
         factories.append(WY.format(
-            allocs=at(_prep_allocs(f, q=False, shared=shared) + _cast_qk_allocs(f, q=False) + _wy_allocs(f)
+            stage="wy", allocs=at(_prep_allocs(f, q=False, shared=shared) + _cast_qk_allocs(f, q=False) + _wy_allocs(f)
                       + _subblock_allocs(f), 12),
             body=at(_prep(f, q=False, shared=shared) + _cast_qk(f, q=False, shared=shared) + _wy(f, shared), 12),
             **common))
     st = _states_u(f)
     factories.append(STATES.format(
-        allocs=at(_prep_allocs(f, q=False, beta=False, shared=False) + st["delta_allocs"], 12),
+        stage="states", allocs=at(_prep_allocs(f, q=False, beta=False, shared=False) + st["delta_allocs"], 12),
         prep=at(_prep(f, q=False, beta=False, shared=False), 16), ke=at(_ke(f, _scaled(f, "k")), 16),
         u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=st["delta_params"],
@@ -1164,15 +1165,15 @@ def generate(spec: Spec) -> dict[str, str]:
               cast_qk=at(_cast_qk(f, shared=shared), 12), attention_allocs=at(_attention_allocs(f), 12),
               attention=at(_attention(f), 12))
     factories.append(OUTPUT.format(
-        qe=at(_qe(f, _qk_value(f, "q", shared)), 12),
+        stage="output", qe=at(_qe(f, _qk_value(f, "q", shared)), 12),
         u_param='        VN: T.Tensor((NT, H, V), dtype),\n' if f.delta else "",
         load_u=at(_load_rows("VN" if f.delta else "VV", "u_m"), 16),
         u_doc=", vn [NT, H, V] (v_new, stage states)" if f.delta else "", **qk, **with_states))
     if f.delta:
-        factories.append(DV_LOCAL.format(load_do=at(_load_rows("DO", "do_m"), 16), **qk, **common))
+        factories.append(DV_LOCAL.format(stage="dv_local", load_do=at(_load_rows("DO", "do_m"), 16), **qk, **common))
     dh = _bwd_dh_pieces(f)
     factories.append(BWD_DH.format(
-        allocs=at(_prep_allocs(f, k=f.delta, beta=False, shared=False), 12),
+        stage="bwd_dh", allocs=at(_prep_allocs(f, k=f.delta, beta=False, shared=False), 12),
         prep=at(_prep(f, k=f.delta, beta=False, shared=False), 16),
         qe=at(_qe(f, _scaled(f, "q")) + (_ke(f, _scaled(f, "k")) if f.delta else ""), 16),
         load_do=at(_load_rows("DO", "do_m"), 16),
@@ -1185,7 +1186,7 @@ def generate(spec: Spec) -> dict[str, str]:
                     + _subblock_allocs(f))
     chunk_common = _cast_qk(f) + _qe(f) + _ke(f) + _attention(f) + (_wy(f) if f.delta else "")
     factories.append(BWD_CHUNK.format(
-        prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f), 12),
+        stage="bwd_chunk", prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f), 12),
         common=at(chunk_common, 12), grad_params=pieces["grad_params"], allocs=at(pieces["allocs"], 12),
         delta_params=pieces["delta_params"], delta_doc=pieces["delta_doc"],
         pre_loop=at(pieces["pre_loop"], 12), vloop=at(pieces["vloop"], 16), post=at(pieces["post"], 12),
