@@ -45,7 +45,10 @@ def filename(spec: Spec) -> str:
 # ---- feature maps: value and derivative as TileLang expressions of x (a buffer load, safe to repeat) ----
 
 def _sigmoid(x: str) -> str:
-    return f"T.if_then_else({x} >= 0.0, 1.0 / (1.0 + T.exp(-({x}))), T.exp({x}) / (1.0 + T.exp({x})))"
+    # one exp and one division: at x < -88, exp(-x) is inf and the quotient the right limit, 0. (A branch on the
+    # sign, to keep exp's argument negative, cost three exps, two divisions and divergent warps: in gdn's output
+    # stage, which runs at two CTAs per SM, that made it issue five times the instructions of retnet's.)
+    return f"1.0 / (1.0 + T.exp(-({x})))"
 
 
 def _phi(fm: FeatureMap, x: str) -> str:
