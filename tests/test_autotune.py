@@ -377,6 +377,31 @@ class RecordingCompiler:
         return True
 
 
+@pytest.mark.parametrize("compile_wait_s, expected_tried", [(8.0, 9), (30.0, 2)])
+def test_waiting_for_compiles_moves_a_tasks_deadline_by_at_most_its_share(gla, compile_wait_s, expected_tried):
+    from sla_dsl.autotune.sweep import run_task
+
+    now = [0.0]
+
+    class SlowPool(RecordingCompiler):
+        def wait(self, task, config, timeout):
+            super().wait(task, config, timeout)
+            if sum(e[0] == "wait" for e in self.events) == 2:  # the first move, still compiling after the default
+                now[0] += compile_wait_s
+            return True
+
+    def one_second_each(task, config, precise=False):
+        now[0] += 1.0
+        return fake_measure(task, config, precise)
+
+    task = Task(FakeKernels(gla), gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")
+    result = run_task(task, measure=one_second_each, verify=lambda t, c: (True, {}), deadline=10.0,
+                      clock=lambda: now[0], compiler=SlowPool())
+    # 8 s of waiting leave the 10 s of timing whole: 9 configs of 1 s (without the extension the deadline would
+    # stop it at 3); 30 s of waiting extend it by the 10 s share only, gone by then: the default and the move
+    assert result.tried == expected_tried
+
+
 def test_sweep_queues_every_first_round_up_front_and_waits_before_each_timing(gla):
     kernels = FakeKernels(gla)
     compiler = RecordingCompiler()

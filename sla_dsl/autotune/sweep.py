@@ -205,6 +205,7 @@ class _Search:
         self.task, self.result, self.space = task, result, space
         self.measure, self.verify, self.deadline, self.clock = measure, verify, deadline, clock
         self.compiler, self.priority, self.bar = compiler, priority, bar
+        self.wait_credit = max(0.0, deadline - clock())  # seconds of compile waiting that extend the deadline
         self.timed: dict[tuple, tuple[float, int, dict]] = {}  # config key -> (ms, order of timing, config)
         self.seen: set[tuple] = set()
         self.verdicts: dict[tuple, tuple[bool, dict]] = {}  # config key -> (passed, relative errors)
@@ -228,8 +229,17 @@ class _Search:
         if not always and self.clock() > self.deadline:
             return False
         if self.compiler is not None:
-            timeout = DEFAULT_COMPILE_WAIT_S if always else max(0.0, self.deadline - self.clock())
-            if not self.compiler.wait(task, config, timeout) and not always:
+            waited_from = self.clock()
+            timeout = (DEFAULT_COMPILE_WAIT_S if always
+                       else max(0.0, self.deadline + self.wait_credit - waited_from))
+            ready = self.compiler.wait(task, config, timeout)
+            # the compile pool works through every task's first round in task order, so an early task waits for
+            # compiles while the later ones' finish in the background: time spent waiting moves the deadline, up
+            # to the task's share once more, and the tasks after it get what is left
+            extension = min(self.clock() - waited_from, self.wait_credit)
+            self.deadline += extension
+            self.wait_credit -= extension
+            if not ready and not always:
                 return False
         order = len(self.seen)  # the default is 0
         self.seen.add(config_key(config))
@@ -355,7 +365,8 @@ class _Search:
 
 def run_task(task: Task, *, measure, verify, deadline: float, clock=time.monotonic, progress=None, compiler=None,
              priority: int = 0) -> TaskResult:
-    """Searches one task until `deadline` (the default is always timed) and picks a verified winner.
+    """Searches one task until `deadline` (the default is always timed; waiting for compiles moves the deadline,
+    at most by the time it was given) and picks a verified winner.
     `compiler` (optional) compiles configs ahead: `request(task, configs, priority)` queues them, and
     `wait(task, config, timeout) -> bool` says whether one is ready (False: not within `timeout`)."""
     result = TaskResult(task)
