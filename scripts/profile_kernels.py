@@ -43,7 +43,8 @@ def profile_one(spec, backend: str, shape, dtype: torch.dtype) -> None:
         torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in events if e.device_time_total > 0 and e.count) / REPEATS / 1e3
-    print(f"{spec.name} {backend} {shape.B}x{shape.T}x{shape.H}x{shape.K} {dtype}: "
+    # a line of its own: progress bars before it end in a carriage return, not a newline
+    print(f"\n{spec.name} {backend} {shape.B}x{shape.T}x{shape.H}x{shape.K} {dtype}: "
           f"CUDA time per forward+backward (mean of {REPEATS}), kernels sum {total:.3f} ms")
     for event in events[:14]:
         print(f"  {event.device_time_total / REPEATS / 1e3:8.3f} ms  {event.count // REPEATS:3d}x  {event.key[:100]}")

@@ -697,3 +697,22 @@ def test_timing_compiling_and_checking_pass_the_same_kinds_of_arguments(gla):
             assert {n: t.dtype for n, t in timed.items() if t is not None} == {n: t.dtype for n, t in inputs.items()}
             assert (cu_seqlens is None) == (verify_cu_seqlens is None) == (not varlen)
             assert do.dtype == torch.bfloat16 and dfinal.dtype == torch.float32
+
+
+def test_git_revision_says_when_the_files_differ_from_head(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "kernel.py").write_text("a\n")
+    git("add", "kernel.py")
+    git("commit", "-qm", "one")
+    head = table.git_revision(tmp_path)
+    assert head and not head.endswith("+dirty")
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert table.git_revision(tmp_path) == head
+    (tmp_path / "kernel.py").write_text("b\n")
+    assert table.git_revision(tmp_path) == head + "+dirty"

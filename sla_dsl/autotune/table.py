@@ -112,12 +112,22 @@ def versions() -> dict[str, str | None]:
             found[key] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             found[key] = None
-    try:
-        found["git"] = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
-                                      capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        found["git"] = None
+    found["git"] = git_revision(REPO_ROOT)
     return found
+
+
+def git_revision(root: Path) -> str | None:
+    """HEAD of the checkout at `root`, with "+dirty" when tracked files differ from it (a copy of a working tree
+    carried to another machine keeps whatever .git it finds there, so HEAD alone may name an older commit)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = head and git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def utc_now() -> str:
