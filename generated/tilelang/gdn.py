@@ -122,7 +122,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * 1.0 / (1.0 + T.exp(-(kx[i, d]))), 0.0)
+                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(kx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
@@ -225,7 +225,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
                 for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * 1.0 / (1.0 + T.exp(-(kx[i, d]))), 0.0)
+                    kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(kx[i, d]))), 0.0)
                 for i, d in T.Parallel(C, K):
                     sq[i, d] = kx[i, d] * kx[i, d]
                 T.reduce_sum(sq, kn, dim=1)
@@ -311,7 +311,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * 1.0 / (1.0 + T.exp(-(qx[i, d]))), 0.0)
+                qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(qx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = qx[i, d] * qx[i, d]
             T.reduce_sum(sq, qn, dim=1)
@@ -320,7 +320,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * 1.0 / (1.0 + T.exp(-(kx[i, d]))), 0.0)
+                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(kx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
@@ -402,7 +402,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * 1.0 / (1.0 + T.exp(-(qx[i, d]))), 0.0)
+                qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(qx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = qx[i, d] * qx[i, d]
             T.reduce_sum(sq, qn, dim=1)
@@ -411,7 +411,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * 1.0 / (1.0 + T.exp(-(kx[i, d]))), 0.0)
+                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(kx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
@@ -503,7 +503,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
                 for i, d in T.Parallel(C, K):
-                    qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * 1.0 / (1.0 + T.exp(-(qx[i, d]))), 0.0)
+                    qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(qx[i, d]))), 0.0)
                 for i, d in T.Parallel(C, K):
                     sq[i, d] = qx[i, d] * qx[i, d]
                 T.reduce_sum(sq, qn, dim=1)
@@ -512,7 +512,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, d in T.Parallel(C, K):
                     kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
                 for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * 1.0 / (1.0 + T.exp(-(kx[i, d]))), 0.0)
+                    kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(kx[i, d]))), 0.0)
                 for i, d in T.Parallel(C, K):
                     sq[i, d] = kx[i, d] * kx[i, d]
                 T.reduce_sum(sq, kn, dim=1)
@@ -670,7 +670,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * 1.0 / (1.0 + T.exp(-(qx[i, d]))), 0.0)
+                qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(qx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = qx[i, d] * qx[i, d]
             T.reduce_sum(sq, qn, dim=1)
@@ -681,7 +681,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
-                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * 1.0 / (1.0 + T.exp(-(kx[i, d]))), 0.0)
+                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(kx[i, d]))), 0.0)
             for i, d in T.Parallel(C, K):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
@@ -816,9 +816,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 if t0 + i < eos:
                     DG[t0 + i, h] = dbr_s[i]
             for i, d in T.Parallel(C, K):
-                yq_f[i, d] = (T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) * 1.0 / (1.0 + T.exp(-(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32'))))
+                yq_f[i, d] = (T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32'))))
             for i, d in T.Parallel(C, K):
-                yk_f[i, d] = (T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) * 1.0 / (1.0 + T.exp(-(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32'))))
+                yk_f[i, d] = (T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32'))))
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = yq_f[i, d] * yq_f[i, d]
             T.reduce_sum(terms_f, inv_norm_q_f, dim=1)
@@ -849,7 +849,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 dkp_s[i, d] = inv_norm_k_f[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
-                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (1.0 / (1.0 + T.exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)
-                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * (1.0 / (1.0 + T.exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (1.0 / (1.0 + T.exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
+                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)
+                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
 
     return gdn_bwd_chunk

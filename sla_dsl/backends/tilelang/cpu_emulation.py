@@ -47,8 +47,13 @@ def _serial_nest(*extents, **_):
     return T.grid(*extents)
 
 
+def _reciprocal(x):
+    return 1.0 / x
+
+
+# the C target has no fast-math intrinsics: the exact functions stand in for them
 _SUBSTITUTES = {"alloc_fragment": T.alloc_local, "alloc_shared": T.alloc_local, "Parallel": _serial_nest,
-                "cumsum": _cumsum}
+                "cumsum": _cumsum, "__exp": T.exp, "fast_rcp": _reciprocal}
 
 
 @contextlib.contextmanager

@@ -45,10 +45,12 @@ def filename(spec: Spec) -> str:
 # ---- feature maps: value and derivative as TileLang expressions of x (a buffer load, safe to repeat) ----
 
 def _sigmoid(x: str) -> str:
-    # one exp and one division: at x < -88, exp(-x) is inf and the quotient the right limit, 0. (A branch on the
-    # sign, to keep exp's argument negative, cost three exps, two divisions and divergent warps: in gdn's output
-    # stage, which runs at two CTAs per SM, that made it issue five times the instructions of retnet's.)
-    return f"1.0 / (1.0 + T.exp(-({x})))"
+    # one exp and one reciprocal, both the hardware's approximations (__expf, rcp.approx: a few ulp, far inside
+    # the fp32 bound): the stages run at one or two CTAs per SM, where every instruction is paid in latency, and
+    # expf and an IEEE division are ~10 each. At x < -88, exp(-x) is inf and its reciprocal the right limit, 0.
+    # (A branch on the sign, to keep exp's argument negative, cost three exps, two divisions and divergent warps:
+    # gdn's output stage issued five times the instructions of retnet's.)
+    return f"T.fast_rcp(1.0 + T.__exp(-({x})))"
 
 
 def _phi(fm: FeatureMap, x: str) -> str:
@@ -57,7 +59,7 @@ def _phi(fm: FeatureMap, x: str) -> str:
     if fm is FeatureMap.RELU:
         return f"T.max({x}, 0.0)"
     if fm is FeatureMap.ELU_PLUS_ONE:
-        return f"T.if_then_else({x} > 0.0, {x} + 1.0, T.exp(T.min({x}, 0.0)))"
+        return f"T.if_then_else({x} > 0.0, {x} + 1.0, T.__exp(T.min({x}, 0.0)))"
     if fm is FeatureMap.SILU:
         return f"({x}) * {_sigmoid(x)}"
     if fm is FeatureMap.SIGMOID:
@@ -71,7 +73,7 @@ def _dphi(fm: FeatureMap, x: str) -> str:
     if fm is FeatureMap.RELU:
         return f"T.if_then_else({x} > 0.0, 1.0, 0.0)"
     if fm is FeatureMap.ELU_PLUS_ONE:
-        return f"T.if_then_else({x} > 0.0, 1.0, T.exp(T.min({x}, 0.0)))"
+        return f"T.if_then_else({x} > 0.0, 1.0, T.__exp(T.min({x}, 0.0)))"
     s = _sigmoid(x)
     if fm is FeatureMap.SILU:
         return f"({s}) * (1.0 + ({x}) * (1.0 - ({s})))"
