@@ -69,8 +69,9 @@ def tf32_lo(x, part):
 
 def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's WY form of every chunk (chunk-parallel). Inputs (q, k, v, g, beta, gq, gk, scale),
-    cu_seqlens, chunk_table [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)) and
-    u [NT, H, V] = T (beta v) in dtype, T = (I + beta M)^-1 the chunk's triangular solve."""
+    cu_seqlens, chunk_table [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)), u
+    [NT, H, V] = T (beta v) and ke [NT, H, K] = k' exp(b_C - b) in dtype, T = (I + beta M)^-1 the chunk's triangular
+    solve."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -90,6 +91,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CI: T.Tensor((NC, 2), "int32"),
         W: T.Tensor((NT, H, K), dtype),
         U: T.Tensor((NT, H, V), dtype),
+        KE: T.Tensor((NT, H, K), dtype),
     ):
         with T.Kernel(NC, H, threads=threads) as (ci, h):
             n = CI[ci, 0]
@@ -133,6 +135,9 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i in T.Parallel(C):
                 bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
             for i, d in T.Parallel(C, K):
+                if t0 + i < eos:
+                    KE[t0 + i, h, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
+            for i, d in T.Parallel(C, K):
                 km_m[i, d] = T.cast(kx[i, d] * kr[i], dtype)
             compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
@@ -169,9 +174,9 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state S[K,
     block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks, S <- exp(b_C) S +
     ke^T u. Inputs (q, k, v, g, beta, gq, gk, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of
-    each sequence), h0 [N, H, K, V] fp32, w [NT, H, K] and u [NT, H, V] from stage wy; outputs hs [NC, H, K, V] (the
-    state entering every chunk, in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32 and
-    v_new = u - w S [NT, H, V] in dtype (vn, before hs and ht in the arguments)."""
+    each sequence), h0 [N, H, K, V] fp32, w [NT, H, K], u [NT, H, V] and ke [NT, H, K] from stage wy; outputs hs
+    [NC, H, K, V] (the state entering every chunk, in dtype: the operand of the chunk-parallel stages' gemms), ht
+    [N, H, K, V] fp32 and v_new = u - w S [NT, H, V] in dtype (vn, before hs and ht in the arguments)."""
     C, BV = chunk, block_v
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -192,6 +197,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CO: T.Tensor((N,), "int32"),
         W: T.Tensor((NT, H, K), dtype),
         U: T.Tensor((NT, H, V), dtype),
+        KE: T.Tensor((NT, H, K), dtype),
         VN: T.Tensor((NT, H, V), dtype),
         H0: T.Tensor((N, H, K, V), "float32"),
         HS: T.Tensor((NC, H, K, V), state_dt),
@@ -204,10 +210,6 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             b_s = T.alloc_shared((C,), "float32")
-            kx = T.alloc_fragment((C, K), "float32")
-            kn = T.alloc_fragment((C,), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            sq = T.alloc_fragment((C, K), "float32")
             S_m = T.alloc_shared((K, BV), dtype)
             w_m = T.alloc_shared((C, K), dtype)
             u_f = T.alloc_fragment((C, BV), "float32")
@@ -227,16 +229,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
                 T.cumsum(b_s, dim=0)
                 for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(kx[i, d]))), 0.0)
-                for i, d in T.Parallel(C, K):
-                    sq[i, d] = kx[i, d] * kx[i, d]
-                T.reduce_sum(sq, kn, dim=1)
-                for i in T.Parallel(C):
-                    kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * GK[t0 + i, h], 0.0)
-                for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
+                    ke_m[i, d] = T.if_then_else(t0 + i < eos, KE[t0 + i, h, d], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
                     HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
                 T.copy(S, S_m)

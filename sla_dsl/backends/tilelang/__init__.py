@@ -161,16 +161,15 @@ class TileLangKernels:
         state_dtype = getattr(torch, self.module.state_dtype(_DTYPES[dtype]))
         hs = new_output((max(total, 1), heads, dim_k, dim_v), state_dtype, device)
         ht = new_output((p["num_seq"], heads, dim_k, dim_v), torch.float32, device)
-        v_new, wy = p["v"], []
+        v_new, wy, delta = p["v"], [], []
         if "wy" in kernels:
-            w = new_output((nt, heads, dim_k), dtype, device)
-            u = new_output((nt, heads, dim_v), dtype, device)
+            wy = [new_output((nt, heads, dim), dtype, device) for dim in (dim_k, dim_v, dim_k)]  # w, u, ke
             v_new = new_output((nt, heads, dim_v), dtype, device)
-            wy = [w, u, v_new]
+            delta = [*wy, v_new]
         if nt > 0:
             if wy:
-                kernels["wy"](*p["inputs"], p["cu"], table, *wy[:2])
-            kernels["states"](*p["inputs"], p["cu"], offsets, *wy, p["h0"], hs, ht)
+                kernels["wy"](*p["inputs"], p["cu"], table, *wy)
+            kernels["states"](*p["inputs"], p["cu"], offsets, *delta, p["h0"], hs, ht)
         else:
             ht.copy_(p["h0"])
         return dict(hs=hs, ht=ht, v_new=v_new, w=wy[0] if wy else None, u=wy[1] if wy else None, offsets=offsets,

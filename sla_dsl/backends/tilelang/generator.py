@@ -304,6 +304,25 @@ def _ke(f: _Features, k: str = "kp_s[i, d]") -> str:
     """, 0)
 
 
+def _store_ke(f: _Features, k: str) -> str:
+    """The delta rule's stage wy writes ke = k' exp(b_C - b) of its chunk to KE, in dtype (`k` as in _qe): stage
+    states, which walks the chunks in order, reads it instead of recomputing k' (feature map, l2 norm, write gate)
+    on its critical path."""
+    return _ind(f"""
+    for i, d in T.Parallel(C, K):
+        if t0 + i < eos:
+            KE[t0 + i, h, d] = T.cast({k} * {f.exp_rest("i")}, dtype)
+    """, 0)
+
+
+def _load_ke() -> str:
+    """ke of the chunk at t0 from KE (stage wy), zero past the sequence's end."""
+    return _ind("""
+    for i, d in T.Parallel(C, K):
+        ke_m[i, d] = T.if_then_else(t0 + i < eos, KE[t0 + i, h, d], T.cast(0.0, dtype))
+    """, 0)
+
+
 def _cast_qk(f: _Features, q: bool = True, shared: bool = True) -> str:
     """q' and k' in dtype (operands of the C x C gemms of a scalar or constant decay); `shared` as in _qk_value."""
     if f.vector:
@@ -495,11 +514,12 @@ CHUNK_PROLOGUE = '''        with T.Kernel(NC, H, threads=threads) as (ci, h):
 WY = '''
 def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's WY form of every chunk (chunk-parallel). Inputs {inputs}, cu_seqlens, chunk_table
-    [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)) and u [NT, H, V] =
-    T (beta v) in dtype, T = (I + beta M)^-1 the chunk's triangular solve."""
+    [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)), u [NT, H, V] =
+    T (beta v) and ke [NT, H, K] = k' exp(b_C - b) in dtype, T = (I + beta M)^-1 the chunk's triangular solve."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         W: T.Tensor((NT, H, K), dtype),
         U: T.Tensor((NT, H, V), dtype),
+        KE: T.Tensor((NT, H, K), dtype),
     ):
 ''' + CHUNK_PROLOGUE + '''{allocs}            vb_m = T.alloc_shared((C, BV), dtype)
             U_f = T.alloc_fragment((C, BV), "float32")
@@ -569,14 +589,14 @@ def _states_u(f: _Features) -> dict:
     """, 0)
     return {"u": u,
             "delta_params": ('        W: T.Tensor((NT, H, K), dtype),\n        U: T.Tensor((NT, H, V), dtype),\n'
-                             '        VN: T.Tensor((NT, H, V), dtype),\n'),
+                             '        KE: T.Tensor((NT, H, K), dtype),\n        VN: T.Tensor((NT, H, V), dtype),\n'),
             "delta_allocs": _ind("""
     S_m = T.alloc_shared((K, BV), dtype)
     w_m = T.alloc_shared((C, K), dtype)
     u_f = T.alloc_fragment((C, BV), "float32")
     WS_f = T.alloc_fragment((C, BV), "float32")
     """, 0),
-            "delta_inputs": ", w [NT, H, K] and u [NT, H, V] from stage wy",
+            "delta_inputs": ", w [NT, H, K], u [NT, H, V] and ke [NT, H, K] from stage wy",
             "delta_outputs": " and v_new = u - w S [NT, H, V] in dtype (vn, before hs and ht in the arguments)"}
 
 
@@ -1156,12 +1176,16 @@ def generate(spec: Spec) -> dict[str, str]:
         factories.append(WY.format(
             stage="wy", allocs=at(_prep_allocs(f, q=False, shared=shared) + _cast_qk_allocs(f, q=False) + _wy_allocs(f)
                       + _subblock_allocs(f), 12),
-            body=at(_prep(f, q=False, shared=shared) + _cast_qk(f, q=False, shared=shared) + _wy(f, shared), 12),
+            body=at(_prep(f, q=False, shared=shared) + _store_ke(f, _qk_value(f, "k", shared))
+                    + _cast_qk(f, q=False, shared=shared) + _wy(f, shared), 12),
             **common))
     st = _states_u(f)
+    k_prep = not f.delta  # the delta rule's states reads ke from stage wy
     factories.append(STATES.format(
-        stage="states", allocs=at(_prep_allocs(f, q=False, beta=False, shared=False) + st["delta_allocs"], 12),
-        prep=at(_prep(f, q=False, beta=False, shared=False), 16), ke=at(_ke(f, _scaled(f, "k")), 16),
+        stage="states",
+        allocs=at(_prep_allocs(f, q=False, k=k_prep, beta=False, shared=False) + st["delta_allocs"], 12),
+        prep=at(_prep(f, q=False, k=k_prep, beta=False, shared=False), 16),
+        ke=at(_ke(f, _scaled(f, "k")) if k_prep else _load_ke(), 16),
         u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=st["delta_params"],
         delta_inputs=st["delta_inputs"], delta_outputs=st["delta_outputs"], **with_states))
