@@ -351,8 +351,8 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
 def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no C x C
-    product. Inputs (q, k, v, g, beta, gq, gk, scale), cu_seqlens, chunk_table [NC, 2] int32, do [NT, H, V]; output
-    dvl [NT, H, V] fp32."""
+    product. Inputs (q, k, v, g, beta, gq, gk, scale), cu_seqlens, chunk_table [NC, 2] int32, do [NT, H, V]; outputs
+    dvl [NT, H, V] fp32 and qe [NT, H, K] = q' exp(b) in dtype (for bwd_dh)."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -372,6 +372,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CI: T.Tensor((NC, 2), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
         DVL: T.Tensor((NT, H, V), "float32"),
+        QE: T.Tensor((NT, H, K), dtype),
     ):
         with T.Kernel(NC, H, threads=threads) as (ci, h):
             n = CI[ci, 0]
@@ -419,6 +420,9 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i in T.Parallel(C):
                 kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * GK[t0 + i, h], 0.0)
             for i, d in T.Parallel(C, K):
+                if t0 + i < eos:
+                    QE[t0 + i, h, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
+            for i, d in T.Parallel(C, K):
                 km_m[i, d] = T.cast(kx[i, d] * kr[i], dtype)
             for i, d in T.Parallel(C, K):
                 qm_m[i, d] = T.cast(qx[i, d] * qr[i], dtype)
@@ -440,9 +444,9 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO -
     w^T du, du = A^T dO + ke dS. Inputs (q, k, v, g, beta, gq, gk, scale), cu_seqlens, chunk_offsets, do [NT, H, V],
-    w [NT, H, K] (stage wy), dvl [NT, H, V] (stage dv_local), dht [N, H, K, V] fp32 (zeros when the final state has
-    no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at the end of every chunk) and dh0
-    [N, H, K, V] fp32."""
+    w and ke [NT, H, K] (stage wy), dvl [NT, H, V] and qe [NT, H, K] (stage dv_local), dht [N, H, K, V] fp32 (zeros
+    when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at the end
+    of every chunk) and dh0 [N, H, K, V] fp32."""
     C, BV = chunk, block_v
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -464,6 +468,8 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         DO: T.Tensor((NT, H, V), dtype),
         W: T.Tensor((NT, H, K), dtype),
         DVL: T.Tensor((NT, H, V), "float32"),
+        QE: T.Tensor((NT, H, K), dtype),
+        KE: T.Tensor((NT, H, K), dtype),
         DHT: T.Tensor((N, H, K, V), "float32"),
         DH: T.Tensor((NC, H, K, V), state_dt),
         DH0: T.Tensor((N, H, K, V), "float32"),
@@ -475,13 +481,6 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             b_s = T.alloc_shared((C,), "float32")
-            qx = T.alloc_fragment((C, K), "float32")
-            qn = T.alloc_fragment((C,), "float32")
-            qr = T.alloc_fragment((C,), "float32")
-            kx = T.alloc_fragment((C, K), "float32")
-            kn = T.alloc_fragment((C,), "float32")
-            kr = T.alloc_fragment((C,), "float32")
-            sq = T.alloc_fragment((C, K), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
@@ -504,27 +503,9 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
                 T.cumsum(b_s, dim=0)
                 for i, d in T.Parallel(C, K):
-                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+                    qe_m[i, d] = T.if_then_else(t0 + i < eos, QE[t0 + i, h, d], T.cast(0.0, dtype))
                 for i, d in T.Parallel(C, K):
-                    qx[i, d] = T.if_then_else(t0 + i < eos, (qx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(qx[i, d]))), 0.0)
-                for i, d in T.Parallel(C, K):
-                    sq[i, d] = qx[i, d] * qx[i, d]
-                T.reduce_sum(sq, qn, dim=1)
-                for i in T.Parallel(C):
-                    qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * GQ[t0 + i, h] * SC[0], 0.0)
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(kx[i, d]))), 0.0)
-                for i, d in T.Parallel(C, K):
-                    sq[i, d] = kx[i, d] * kx[i, d]
-                T.reduce_sum(sq, kn, dim=1)
-                for i in T.Parallel(C):
-                    kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * GK[t0 + i, h], 0.0)
-                for i, d in T.Parallel(C, K):
-                    qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
-                for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
+                    ke_m[i, d] = T.if_then_else(t0 + i < eos, KE[t0 + i, h, d], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
                     DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
                 for i, e2 in T.Parallel(C, BV):

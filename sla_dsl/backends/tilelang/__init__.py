@@ -172,8 +172,8 @@ class TileLangKernels:
             kernels["states"](*p["inputs"], p["cu"], offsets, *delta, p["h0"], hs, ht)
         else:
             ht.copy_(p["h0"])
-        return dict(hs=hs, ht=ht, v_new=v_new, w=wy[0] if wy else None, u=wy[1] if wy else None, offsets=offsets,
-                    table=table)
+        w, u, ke = wy or (None, None, None)
+        return dict(hs=hs, ht=ht, v_new=v_new, w=w, u=u, ke=ke, offsets=offsets, table=table)
 
     # ---- the backend interface ----
 
@@ -234,8 +234,9 @@ class TileLangKernels:
             delta = []
             if "dv_local" in kernels:
                 dvl = new_output((nt, heads, dim_v), torch.float32, device)
-                kernels["dv_local"](*p["inputs"], p["cu"], st["table"], do_flat, dvl)
-                delta = [st["w"], dvl]
+                qe = new_output((nt, heads, dim_k), dtype, device)
+                kernels["dv_local"](*p["inputs"], p["cu"], st["table"], do_flat, dvl, qe)
+                delta = [st["w"], dvl, qe, st["ke"]]
             kernels["bwd_dh"](*p["inputs"], p["cu"], st["offsets"], do_flat, *delta, dht, dh, dh0)
             uv = [st["u"], st["v_new"]] if "wy" in kernels else []
             kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, *uv, dq, dk, dv,

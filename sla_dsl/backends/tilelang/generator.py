@@ -304,22 +304,23 @@ def _ke(f: _Features, k: str = "kp_s[i, d]") -> str:
     """, 0)
 
 
-def _store_ke(f: _Features, k: str) -> str:
-    """The delta rule's stage wy writes ke = k' exp(b_C - b) of its chunk to KE, in dtype (`k` as in _qe): stage
-    states, which walks the chunks in order, reads it instead of recomputing k' (feature map, l2 norm, write gate)
-    on its critical path."""
+def _store_rows(dst: str, value: str) -> str:
+    """`value` at [i, d] of every row of the chunk at t0 to the token tensor `dst` [NT, H, K], in dtype. The
+    delta rule's chunk-parallel stages write ke = k' exp(b_C - b) (wy) and qe = q' exp(b) (dv_local) this way,
+    so that the sequential stages read them instead of recomputing q' and k' (feature map, l2 norm, gates) once
+    per chunk on their critical path."""
     return _ind(f"""
     for i, d in T.Parallel(C, K):
         if t0 + i < eos:
-            KE[t0 + i, h, d] = T.cast({k} * {f.exp_rest("i")}, dtype)
+            {dst}[t0 + i, h, d] = T.cast({value}, dtype)
     """, 0)
 
 
-def _load_ke() -> str:
-    """ke of the chunk at t0 from KE (stage wy), zero past the sequence's end."""
-    return _ind("""
+def _load_k_rows(src: str, dst: str) -> str:
+    """Rows t0.. of token tensor `src` [NT, H, K] into `dst`, zero past the sequence's end."""
+    return _ind(f"""
     for i, d in T.Parallel(C, K):
-        ke_m[i, d] = T.if_then_else(t0 + i < eos, KE[t0 + i, h, d], T.cast(0.0, dtype))
+        {dst}[i, d] = T.if_then_else(t0 + i < eos, {src}[t0 + i, h, d], T.cast(0.0, dtype))
     """, 0)
 
 
@@ -629,15 +630,16 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 DV_LOCAL = '''
 def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no
-    C x C product. Inputs {inputs}, cu_seqlens, chunk_table [NC, 2] int32, do [NT, H, V]; output
-    dvl [NT, H, V] fp32."""
+    C x C product. Inputs {inputs}, cu_seqlens, chunk_table [NC, 2] int32, do [NT, H, V]; outputs
+    dvl [NT, H, V] fp32 and qe [NT, H, K] = q' exp(b) in dtype (for bwd_dh)."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
         DVL: T.Tensor((NT, H, V), "float32"),
+        QE: T.Tensor((NT, H, K), dtype),
     ):
 ''' + CHUNK_PROLOGUE + '''{allocs}{attention_allocs}            do_m = T.alloc_shared((C, BV), dtype)
             du_f = T.alloc_fragment((C, BV), "float32")
-{prep}{cast_qk}{attention}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
+{prep}{store_qe}{cast_qk}{attention}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
 {load_do}                T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
                 for i, e2 in T.Parallel(C, BV):
@@ -701,9 +703,10 @@ def _bwd_dh_pieces(f: _Features) -> dict:
     return {"delta_allocs": delta_allocs, "du": du, "dw": _ind("""
     T.gemm(wn_m, du_m, dS, transpose_A=True)
     """, 0), "delta_params": ('        W: T.Tensor((NT, H, K), dtype),\n'
-                             '        DVL: T.Tensor((NT, H, V), "float32"),\n'),
+                             '        DVL: T.Tensor((NT, H, V), "float32"),\n'
+                             '        QE: T.Tensor((NT, H, K), dtype),\n        KE: T.Tensor((NT, H, K), dtype),\n'),
             "delta_doc": " - w^T du, du = A^T dO + ke dS",
-            "delta_inputs": ", w [NT, H, K] (stage wy), dvl [NT, H, V] (stage dv_local)"}
+            "delta_inputs": ", w and ke [NT, H, K] (stage wy), dvl [NT, H, V] and qe [NT, H, K] (stage dv_local)"}
 
 
 BWD_CHUNK = '''
@@ -1176,7 +1179,8 @@ def generate(spec: Spec) -> dict[str, str]:
         factories.append(WY.format(
             stage="wy", allocs=at(_prep_allocs(f, q=False, shared=shared) + _cast_qk_allocs(f, q=False) + _wy_allocs(f)
                       + _subblock_allocs(f), 12),
-            body=at(_prep(f, q=False, shared=shared) + _store_ke(f, _qk_value(f, "k", shared))
+            body=at(_prep(f, q=False, shared=shared)
+                    + _store_rows("KE", f"{_qk_value(f, 'k', shared)} * {f.exp_rest('i')}")
                     + _cast_qk(f, q=False, shared=shared) + _wy(f, shared), 12),
             **common))
     st = _states_u(f)
@@ -1185,7 +1189,7 @@ def generate(spec: Spec) -> dict[str, str]:
         stage="states",
         allocs=at(_prep_allocs(f, q=False, k=k_prep, beta=False, shared=False) + st["delta_allocs"], 12),
         prep=at(_prep(f, q=False, k=k_prep, beta=False, shared=False), 16),
-        ke=at(_ke(f, _scaled(f, "k")) if k_prep else _load_ke(), 16),
+        ke=at(_ke(f, _scaled(f, "k")) if k_prep else _load_k_rows("KE", "ke_m"), 16),
         u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=st["delta_params"],
         delta_inputs=st["delta_inputs"], delta_outputs=st["delta_outputs"], **with_states))
@@ -1199,12 +1203,16 @@ def generate(spec: Spec) -> dict[str, str]:
         load_u=at(_load_rows("VN" if f.delta else "VV", "u_m"), 16),
         u_doc=", vn [NT, H, V] (v_new, stage states)" if f.delta else "", **qk, **with_states))
     if f.delta:
-        factories.append(DV_LOCAL.format(stage="dv_local", load_do=at(_load_rows("DO", "do_m"), 16), **qk, **common))
+        factories.append(DV_LOCAL.format(
+            stage="dv_local", load_do=at(_load_rows("DO", "do_m"), 16),
+            store_qe=at(_store_rows("QE", f"{_qk_value(f, 'q', shared)} * {f.exp_b('i')}"), 12), **qk, **common))
     dh = _bwd_dh_pieces(f)
+    qk_prep = not f.delta  # the delta rule's bwd_dh reads qe (dv_local) and ke (wy)
     factories.append(BWD_DH.format(
-        stage="bwd_dh", allocs=at(_prep_allocs(f, k=f.delta, beta=False, shared=False), 12),
-        prep=at(_prep(f, k=f.delta, beta=False, shared=False), 16),
-        qe=at(_qe(f, _scaled(f, "q")) + (_ke(f, _scaled(f, "k")) if f.delta else ""), 16),
+        stage="bwd_dh", allocs=at(_prep_allocs(f, q=qk_prep, k=False, beta=False, shared=False), 12),
+        prep=at(_prep(f, q=qk_prep, k=False, beta=False, shared=False), 16),
+        qe=at(_qe(f, _scaled(f, "q")) if qk_prep
+              else _load_k_rows("QE", "qe_m") + _load_k_rows("KE", "ke_m"), 16),
         load_do=at(_load_rows("DO", "do_m"), 16),
         du=at(dh["du"], 16), dw=at(dh["dw"], 16), state_decay=at(_state_decay(f, "dS"), 16),
         delta_allocs=at(dh["delta_allocs"], 12), delta_params=dh["delta_params"], delta_doc=dh["delta_doc"],
