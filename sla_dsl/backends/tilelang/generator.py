@@ -1165,7 +1165,8 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
 def generate(spec: Spec) -> dict[str, str]:
     f = _Features(spec)
     # each prim_func is named <spec>_<stage>, so profiles and compiled CUDA name the stage (<spec>_<stage>_kernel)
-    common = {"spec_name": spec.name, "params": _params(f), "inputs": "(" + ", ".join(_input_names(f)) + ")", "state_dt": "",
+    common = {"spec_name": spec.name, "params": _params(f), "inputs": "(" + ", ".join(_input_names(f)) + ")",
+              "state_dt": "",
               "block_sizes": ("    C, BV, SB = chunk, block_v, SUB_BLOCK\n" if f.vector
                               else "    C, BV = chunk, block_v\n")}
     # the kernels that store or read the per-chunk states and state gradients
@@ -1223,7 +1224,8 @@ def generate(spec: Spec) -> dict[str, str]:
                     + _subblock_allocs(f))
     chunk_common = _cast_qk(f) + _qe(f) + _ke(f) + _attention(f) + (_wy(f) if f.delta else "")
     factories.append(BWD_CHUNK.format(
-        stage="bwd_chunk", prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f), 12),
+        stage="bwd_chunk", prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12),
+        prep=at(_prep(f), 12),
         common=at(chunk_common, 12), grad_params=pieces["grad_params"], allocs=at(pieces["allocs"], 12),
         delta_params=pieces["delta_params"], delta_doc=pieces["delta_doc"],
         pre_loop=at(pieces["pre_loop"], 12), vloop=at(pieces["vloop"], 16), post=at(pieces["post"], 12),
