@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sla_dsl.experiments.grid import PRESETS, TASKS
+from sla_dsl.experiments.grid import PRESETS
 
 
 def _list_of(kind):
