@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m sla_dsl generate --check
-exec .venv/bin/python -m pytest -q -ra "$@"
+# one worker per core, a test file per worker at a time (the TileLang compiles and the CPU emulation dominate)
+exec .venv/bin/python -m pytest -q -ra -n auto --dist loadfile "$@"
