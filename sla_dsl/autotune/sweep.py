@@ -407,9 +407,9 @@ def sweep(tasks: list[Task], *, measure, verify, budget_seconds: float, on_resul
         try:
             first = first_round(task)
         except Exception:  # noqa: BLE001 -- run_task reports a broken tuning space
-            first = [None]
-        weights.append(len(first))
-        if compiler is not None and first[0] is not None:
+            first = []
+        weights.append(max(len(first), 1))
+        if compiler is not None and first:
             compiler.request(task, first, number)
     for number, task in enumerate(tasks):
         remaining = budget_seconds - (clock() - start)

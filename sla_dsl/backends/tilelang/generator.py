@@ -316,14 +316,6 @@ def _store_rows(dst: str, value: str) -> str:
     """, 0)
 
 
-def _load_k_rows(src: str, dst: str) -> str:
-    """Rows t0.. of token tensor `src` [NT, H, K] into `dst`, zero past the sequence's end."""
-    return _ind(f"""
-    for i, d in T.Parallel(C, K):
-        {dst}[i, d] = T.if_then_else(t0 + i < eos, {src}[t0 + i, h, d], T.cast(0.0, dtype))
-    """, 0)
-
-
 def _cast_qk(f: _Features, q: bool = True, shared: bool = True) -> str:
     """q' and k' in dtype (operands of the C x C gemms of a scalar or constant decay); `shared` as in _qk_value."""
     if f.vector:
@@ -479,6 +471,14 @@ def _load_rows(src: str, dst: str) -> str:
     """, 0)
 
 
+def _load_k_rows(src: str, dst: str) -> str:
+    """Rows t0.. of token tensor `src` [NT, H, K] into `dst`, zero past the sequence's end."""
+    return _ind(f"""
+    for i, d in T.Parallel(C, K):
+        {dst}[i, d] = T.if_then_else(t0 + i < eos, {src}[t0 + i, h, d], T.cast(0.0, dtype))
+    """, 0)
+
+
 # ---- kernel templates. Each is one stage; the host (`sla_dsl.backends.tilelang`) runs them in order:
 #      forward:  [wy] -> states -> output          backward: [wy] -> states -> [dv_local] -> bwd_dh -> bwd_chunk
 #      ([...]: delta rule only). Chunk-parallel stages have grid (chunks, H) and read the chunk table; the two
@@ -575,10 +575,7 @@ def _states_u(f: _Features) -> dict:
     if not f.delta:
         return {"u": _ind(_load_rows("VV", "u_m"), 0), "delta_params": "", "delta_allocs": "",
                 "delta_inputs": "", "delta_outputs": ""}
-    u = _ind("""
-    T.copy(S, S_m)
-    for i, d in T.Parallel(C, K):
-        w_m[i, d] = T.if_then_else(t0 + i < eos, W[t0 + i, h, d], T.cast(0.0, dtype))
+    u = "T.copy(S, S_m)\n" + _load_k_rows("W", "w_m") + _ind("""
     for i, e2 in T.Parallel(C, BV):
         u_f[i, e2] = T.if_then_else(t0 + i < eos, T.cast(U[t0 + i, h, v0 + e2], "float32"), 0.0)
     T.gemm(w_m, S_m, WS_f, clear_accum=True)
