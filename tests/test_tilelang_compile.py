@@ -9,7 +9,6 @@ so repeated runs are fast. Compile times are printed and recorded in <cache>/til
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 
@@ -60,7 +59,7 @@ def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
         label = f"{spec.name}.{stage}.{dtype}"
         assert_no_bank_conflicts_in_loops(source, label)
         # the layout TileLang emitted is within the bound that picks the default, which fits an sm_90 CTA
-        offsets = [int(o) for o in re.findall(r"buf_dyn_shmem \+ (\d+)\)", source)]
+        offsets = list(tuning.shared_buffer_offsets(source).values())
         compiled_bytes = tuning.compiled_shared_memory_bytes(source, kernels.module, stage, full_config, shape)
         bound = tuning.shared_memory_bytes(kernels.module, stage, full_config, shape)
         assert offsets and max(offsets) < compiled_bytes <= bound <= tuning.SM90_SHARED_MEMORY_BYTES

@@ -24,7 +24,7 @@ def state_dtype(dtype):
 
 
 # The kernels each phase runs, in order (the host runtime and the tuning space follow it).
-PHASES = {'fwd': ('states', 'output'), 'bwd': ('states', 'bwd_dh', 'bwd_chunk')}
+PHASES = {'fwd': ('prep', 'states', 'output'), 'bwd': ('prep', 'states', 'bwd_dh', 'bwd_chunk')}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
 # TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).
 PASS_CONFIGS = {
@@ -69,12 +69,66 @@ def tf32_lo(x, part):
     for i, j in T.Parallel(*x.shape):
         part[i, j] = x[i, j] - tf32_round(x[i, j])
 
+def prep(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """What the sequential stages of a vector decay read per chunk, computed chunk-parallel so that its column scan
+    of the chunk's decays and q' and k' stay off their critical path. Inputs (q, k, v, g, scale), cu_seqlens,
+    chunk_table [NC, 2] int32; outputs ke [NT, H, K] = k' exp(b_C - b) (for states) and qe [NT, H, K] = q' exp(b)
+    (for bwd_dh) in dtype, gc [NC, H, K] = exp(b_C) fp32 (the chunk's decay of the state)."""
+    C, BV, SB = chunk, block_v, SUB_BLOCK
+    # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
+    # cannot solve N + 1 for N
+    NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
+
+    @T.prim_func
+    def gla_prep(
+        Q: T.Tensor((NT, H, K), dtype),
+        KK: T.Tensor((NT, H, K), dtype),
+        VV: T.Tensor((NT, H, V), dtype),
+        G: T.Tensor((NT, H, K), "float32"),
+        SC: T.Tensor((1,), "float32"),
+        CU: T.Tensor((NB,), "int32"),
+        CI: T.Tensor((NC, 2), "int32"),
+        KE: T.Tensor((NT, H, K), dtype),
+        QE: T.Tensor((NT, H, K), dtype),
+        GC: T.Tensor((NC, H, K), "float32"),
+    ):
+        with T.Kernel(NC, H, threads=threads) as (ci, h):
+            n = CI[ci, 0]
+            bos = CU[n]
+            eos = CU[n + 1]
+            t0 = bos + CI[ci, 1] * C
+            b_s = T.alloc_shared((C, K), "float32")
+            qx = T.alloc_fragment((C, K), "float32")
+            qr = T.alloc_fragment((C,), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
+            for i, d in T.Parallel(C, K):
+                b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
+            for d in T.Parallel(K):
+                for i in T.serial(C - 1):
+                    b_s[i + 1, d] = b_s[i + 1, d] + b_s[i, d]
+            for i, d in T.Parallel(C, K):
+                qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+            for i in T.Parallel(C):
+                qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+            for i, d in T.Parallel(C, K):
+                if t0 + i < eos:
+                    KE[t0 + i, h, d] = T.cast(kx[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
+            for i, d in T.Parallel(C, K):
+                if t0 + i < eos:
+                    QE[t0 + i, h, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i, d]), dtype)
+            for d in T.Parallel(K):
+                GC[ci, h, d] = T.exp(b_s[C - 1, d])
+
+    return gla_prep
+
 def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state S[K,
     block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks, S <- exp(b_C) S +
     ke^T u. Inputs (q, k, v, g, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of each sequence),
-    h0 [N, H, K, V] fp32; outputs hs [NC, H, K, V] (the state entering every chunk, in dtype: the operand of the
-    chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
+    h0 [N, H, K, V] fp32, ke [NT, H, K] and gc [NC, H, K] from stage prep; outputs hs [NC, H, K, V] (the state
+    entering every chunk, in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -90,6 +144,8 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         SC: T.Tensor((1,), "float32"),
         CU: T.Tensor((NB,), "int32"),
         CO: T.Tensor((N,), "int32"),
+        KE: T.Tensor((NT, H, K), dtype),
+        GC: T.Tensor((NC, H, K), "float32"),
         H0: T.Tensor((N, H, K, V), "float32"),
         HS: T.Tensor((NC, H, K, V), state_dt),
         HT: T.Tensor((N, H, K, V), "float32"),
@@ -100,8 +156,6 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
-            b_s = T.alloc_shared((C, K), "float32")
-            kx = T.alloc_fragment((C, K), "float32")
             ke_m = T.alloc_shared((C, K), dtype)
             S = T.alloc_fragment((K, BV), "float32")
             u_m = T.alloc_shared((C, BV), dtype)
@@ -113,20 +167,13 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
                 for i, d in T.Parallel(C, K):
-                    b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-                for d in T.Parallel(K):
-                    for i in T.serial(C - 1):
-                        b_s[i + 1, d] = b_s[i + 1, d] + b_s[i, d]
-                for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-                for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.cast(kx[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
+                    ke_m[i, d] = T.if_then_else(t0 + i < eos, KE[t0 + i, h, d], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
                     HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
-                    S[a, e2] = S[a, e2] * T.exp(b_s[C - 1, a])
+                    S[a, e2] = S[a, e2] * GC[CO[n] + c, h, a]
                 compensated_gemm(ke_m, u_m, S, tf32_C_K, tf32_C_BV, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
@@ -235,9 +282,9 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO.
-    Inputs (q, k, v, g, scale), cu_seqlens, chunk_offsets, do [NT, H, V], dht [N, H, K, V] fp32 (zeros when the
-    final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at the end of every
-    chunk) and dh0 [N, H, K, V] fp32."""
+    Inputs (q, k, v, g, scale), cu_seqlens, chunk_offsets, do [NT, H, V], qe [NT, H, K] and gc [NC, H, K] from stage
+    prep, dht [N, H, K, V] fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the
+    gradient of the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -254,6 +301,8 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CU: T.Tensor((NB,), "int32"),
         CO: T.Tensor((N,), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
+        QE: T.Tensor((NT, H, K), dtype),
+        GC: T.Tensor((NC, H, K), "float32"),
         DHT: T.Tensor((N, H, K, V), "float32"),
         DH: T.Tensor((NC, H, K, V), state_dt),
         DH0: T.Tensor((N, H, K, V), "float32"),
@@ -264,9 +313,6 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
-            b_s = T.alloc_shared((C, K), "float32")
-            qx = T.alloc_fragment((C, K), "float32")
-            qr = T.alloc_fragment((C,), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
@@ -280,22 +326,13 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 c = nchunks - 1 - cc
                 t0 = bos + c * C
                 for i, d in T.Parallel(C, K):
-                    b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-                for d in T.Parallel(K):
-                    for i in T.serial(C - 1):
-                        b_s[i + 1, d] = b_s[i + 1, d] + b_s[i, d]
-                for i, d in T.Parallel(C, K):
-                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
-                for i in T.Parallel(C):
-                    qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
-                for i, d in T.Parallel(C, K):
-                    qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i, d]), dtype)
+                    qe_m[i, d] = T.if_then_else(t0 + i < eos, QE[t0 + i, h, d], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
                     DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
                 for i, e2 in T.Parallel(C, BV):
                     do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
-                    dS[a, e2] = dS[a, e2] * T.exp(b_s[C - 1, a])
+                    dS[a, e2] = dS[a, e2] * GC[CO[n] + c, h, a]
                 compensated_gemm(qe_m, do_m, dS, tf32_C_K, tf32_C_BV, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]

@@ -5,8 +5,10 @@ varlen, allocates outputs and the tensors the stages pass on, compiles kernels (
 under our cache directory; its key is the kernel's full TIR, so a changed template or spec never reuses a
 stale binary) and launches the generated module's `PHASES` in order:
 
-    forward:  [wy ->] states -> output
-    backward: [wy ->] states -> [dv_local ->] bwd_dh -> bwd_chunk        ([...]: delta rule only)
+    forward:  [wy | prep ->] states -> output
+    backward: [wy | prep ->] states -> [dv_local ->] bwd_dh -> bwd_chunk
+
+(wy and dv_local: the delta rule; prep: a vector decay without it).
 
 CPU tensors run the same kernels compiled by TileLang's C target (`cpu_emulation`): slow, for tests.
 
@@ -153,27 +155,37 @@ class TileLangKernels:
         return table.chunk_offsets[:-1].to(torch.int32), table.chunk_indices, table.num_chunks
 
     def _run_states(self, p, kernels: dict, chunk: int):
-        """Stages wy (delta rule) and states: the state entering every chunk (hs, in the input dtype, float32 for
-        float16), the final state (ht), v_new (delta rule, else v), and the chunk tables."""
+        """Stages wy (delta rule) or prep, and states: the state entering every chunk (hs, in the input dtype,
+        float32 for float16), the final state (ht), v_new (delta rule, else v), what wy or prep wrote for the
+        backward's bwd_dh (ke, qe, a vector decay's gc), and the chunk tables."""
         offsets, table, total = self._chunks(p, chunk)
         heads, dim_k, dim_v, nt = p["heads"], p["dim_k"], p["dim_v"], p["nt"]
         dtype, device = p["q"].dtype, p["q"].device
         state_dtype = getattr(torch, self.module.state_dtype(_DTYPES[dtype]))
         hs = new_output((max(total, 1), heads, dim_k, dim_v), state_dtype, device)
         ht = new_output((p["num_seq"], heads, dim_k, dim_v), torch.float32, device)
-        v_new, wy, delta = p["v"], [], []
+        vector = self.recurrence.decay is Decay.VECTOR
+        # a vector decay's exp(b_C) per chunk, written by wy or prep
+        gc = [new_output((max(total, 1), heads, dim_k), torch.float32, device)] if vector else []
+        v_new, wy, prep, extra = p["v"], [], [], []
         if "wy" in kernels:
             wy = [new_output((nt, heads, dim), dtype, device) for dim in (dim_k, dim_v, dim_k)]  # w, u, ke
             v_new = new_output((nt, heads, dim_v), dtype, device)
-            delta = [*wy, v_new]
+            extra = [*wy, v_new, *gc]
+        elif "prep" in kernels:
+            prep = [new_output((nt, heads, dim_k), dtype, device) for _ in range(2)]  # ke, qe
+            extra = [prep[0], *gc]
         if nt > 0:
             if wy:
-                kernels["wy"](*p["inputs"], p["cu"], table, *wy)
-            kernels["states"](*p["inputs"], p["cu"], offsets, *delta, p["h0"], hs, ht)
+                kernels["wy"](*p["inputs"], p["cu"], table, *wy, *gc)
+            if prep:
+                kernels["prep"](*p["inputs"], p["cu"], table, *prep, *gc)
+            kernels["states"](*p["inputs"], p["cu"], offsets, *extra, p["h0"], hs, ht)
         else:
             ht.copy_(p["h0"])
-        w, u, ke = wy or (None, None, None)
-        return dict(hs=hs, ht=ht, v_new=v_new, w=w, u=u, ke=ke, offsets=offsets, table=table)
+        w, u, ke = wy or (None, None, prep[0] if prep else None)
+        return dict(hs=hs, ht=ht, v_new=v_new, w=w, u=u, ke=ke, qe=prep[1] if prep else None, gc=gc,
+                    offsets=offsets, table=table)
 
     # ---- the backend interface ----
 
@@ -231,13 +243,13 @@ class TileLangKernels:
             shape = (nt, heads, dim_k) if name == "dg" and self.recurrence.decay is Decay.VECTOR else (nt, heads)
             small[name] = new_output(shape, torch.float32, device)
         if nt > 0:
-            delta = []
+            extra = [st["qe"]] if "prep" in kernels else []
             if "dv_local" in kernels:
                 dvl = new_output((nt, heads, dim_v), torch.float32, device)
                 qe = new_output((nt, heads, dim_k), dtype, device)
                 kernels["dv_local"](*p["inputs"], p["cu"], st["table"], do_flat, dvl, qe)
-                delta = [st["w"], dvl, qe, st["ke"]]
-            kernels["bwd_dh"](*p["inputs"], p["cu"], st["offsets"], do_flat, *delta, dht, dh, dh0)
+                extra = [st["w"], dvl, qe, st["ke"]]
+            kernels["bwd_dh"](*p["inputs"], p["cu"], st["offsets"], do_flat, *extra, *st["gc"], dht, dh, dh0)
             uv = [st["u"], st["v_new"]] if "wy" in kernels else []
             kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, *uv, dq, dk, dv,
                                  *small.values())

@@ -187,10 +187,11 @@ def _qk_value(f: _Features, side: str, shared: bool) -> str:
     return f"{side}p_s[i, d]" if shared else _scaled(f, side)
 
 
-def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True) -> str:
-    """The buffers of `_prep` for what it computes (q', k', beta'; b always)."""
+def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True,
+                 decay: bool = True) -> str:
+    """The buffers of `_prep` for what it computes (q', k', beta', b)."""
     lines = []
-    if f.has_b:
+    if f.has_b and decay:
         lines.append(f'b_s = T.alloc_shared(({"C, K" if f.vector else "C,"}), "float32")')
     for side, on in (("q", q), ("k", k)):
         if not on:
@@ -227,23 +228,24 @@ def _column_scan(buf: str, reverse: bool) -> str:
     """
 
 
-def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True) -> str:
-    """For the chunk at t0, each where asked for: the in-chunk cumulative log decay b (always), phi(x) and its
+def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True,
+          decay: bool = True) -> str:
+    """For the chunk at t0, each where asked for: the in-chunk cumulative log decay b (`decay`), phi(x) and its
     row factors in registers (`_scaled` reads q' and k' from them), q' and k' in shared fp32 (`shared`), and
     beta'. Rows past the sequence's end are zero."""
     s = ""
-    if f.decay is Decay.CONSTANT:
+    if decay and f.decay is Decay.CONSTANT:
         s += """
     for i in T.Parallel(C):
         b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
     """
-    elif f.decay is Decay.SCALAR:
+    elif decay and f.decay is Decay.SCALAR:
         s += """
     for i in T.Parallel(C):
         b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
     T.cumsum(b_s, dim=0)
     """
-    elif f.decay is Decay.VECTOR:
+    elif decay and f.decay is Decay.VECTOR:
         s += """
     for i, d in T.Parallel(C, K):
         b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
@@ -456,7 +458,9 @@ def _wy_allocs(f: _Features) -> str:
 def _state_decay(f: _Features, target: str) -> str:
     if not f.has_b:
         return ""
-    e = "T.exp(b_s[C - 1, a])" if f.vector else "T.exp(b_s[C - 1])"
+    # a vector decay's exp(b_C) comes from a chunk-parallel stage (gc), so that the sequential stages do no
+    # column scan of the chunk's decays
+    e = "GC[CO[n] + c, h, a]" if f.vector else "T.exp(b_s[C - 1])"
     return _ind(f"""
     for a, e2 in T.Parallel(K, BV):
         {target}[a, e2] = {target}[a, e2] * {e}
@@ -480,8 +484,8 @@ def _load_k_rows(src: str, dst: str) -> str:
 
 
 # ---- kernel templates. Each is one stage; the host (`sla_dsl.backends.tilelang`) runs them in order:
-#      forward:  [wy] -> states -> output          backward: [wy] -> states -> [dv_local] -> bwd_dh -> bwd_chunk
-#      ([...]: delta rule only). Chunk-parallel stages have grid (chunks, H) and read the chunk table; the two
+#      forward:  [wy|prep] -> states -> output     backward: [wy|prep] -> states -> [dv_local] -> bwd_dh -> bwd_chunk
+#      (wy, dv_local: delta rule only; prep: a vector decay without it). Chunk-parallel stages have grid (chunks, H) and read the chunk table; the two
 #      sequential ones (states, bwd_dh) have grid (V / block_v, N * H) and do only what the recurrence needs. ----
 
 SIGNATURE = '''{block_sizes}{state_dt}\
@@ -516,12 +520,13 @@ WY = '''
 def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's WY form of every chunk (chunk-parallel). Inputs {inputs}, cu_seqlens, chunk_table
     [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)), u [NT, H, V] =
-    T (beta v) and ke [NT, H, K] = k' exp(b_C - b) in dtype, T = (I + beta M)^-1 the chunk's triangular solve."""
+    T (beta v) and ke [NT, H, K] = k' exp(b_C - b) in dtype, T = (I + beta M)^-1 the chunk's triangular
+    solve{gc_doc}."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         W: T.Tensor((NT, H, K), dtype),
         U: T.Tensor((NT, H, V), dtype),
         KE: T.Tensor((NT, H, K), dtype),
-    ):
+{gc_param}    ):
 ''' + CHUNK_PROLOGUE + '''{allocs}            vb_m = T.alloc_shared((C, BV), dtype)
             U_f = T.alloc_fragment((C, BV), "float32")
 {body}            for i, d in T.Parallel(C, K):
@@ -537,6 +542,21 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     if t0 + i < eos:
                         U[t0 + i, h, v0 + e2] = T.cast(U_f[i, e2], dtype)
 
+    return {spec_name}_{stage}
+'''
+
+PREP = '''
+def prep(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """What the sequential stages of a vector decay read per chunk, computed chunk-parallel so that its column
+    scan of the chunk's decays and q' and k' stay off their critical path. Inputs {inputs}, cu_seqlens,
+    chunk_table [NC, 2] int32; outputs ke [NT, H, K] = k' exp(b_C - b) (for states) and qe [NT, H, K] =
+    q' exp(b) (for bwd_dh) in dtype, gc [NC, H, K] = exp(b_C) fp32 (the chunk's decay of the state)."""
+''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
+        KE: T.Tensor((NT, H, K), dtype),
+        QE: T.Tensor((NT, H, K), dtype),
+        GC: T.Tensor((NC, H, K), "float32"),
+    ):
+''' + CHUNK_PROLOGUE + '''{allocs}{body}
     return {spec_name}_{stage}
 '''
 
@@ -1173,24 +1193,44 @@ def generate(spec: Spec) -> dict[str, str]:
     # the chunk-parallel forward stages keep q' and k' in registers, but a vector decay's C x C products read
     # them from shared memory
     shared = f.vector
+    # The sequential stages (states, bwd_dh) read what a chunk-parallel stage wrote where computing it per chunk
+    # would sit on their critical path: the delta rule's ke (wy) and qe (dv_local); a vector decay's exp(b_C)
+    # (gc: wy, or prep without the delta rule), and without the delta rule its ke and qe too (prep).
+    gc_param = '        GC: T.Tensor((NC, H, K), "float32"),\n' if f.vector else ""
+    store_gc = _ind("""
+    for d in T.Parallel(K):
+        GC[ci, h, d] = T.exp(b_s[C - 1, d])
+    """, 0) if f.vector else ""
     if f.delta:
         factories.append(WY.format(
             stage="wy", allocs=at(_prep_allocs(f, q=False, shared=shared) + _cast_qk_allocs(f, q=False) + _wy_allocs(f)
                       + _subblock_allocs(f), 12),
             body=at(_prep(f, q=False, shared=shared)
-                    + _store_rows("KE", f"{_qk_value(f, 'k', shared)} * {f.exp_rest('i')}")
+                    + _store_rows("KE", f"{_qk_value(f, 'k', shared)} * {f.exp_rest('i')}") + store_gc
                     + _cast_qk(f, q=False, shared=shared) + _wy(f, shared), 12),
+            gc_param=gc_param, gc_doc=", and gc [NC, H, K] = exp(b_C) fp32" if f.vector else "", **common))
+    prep_stage = f.vector and not f.delta
+    if prep_stage:
+        factories.append(PREP.format(
+            stage="prep", allocs=at(_prep_allocs(f, beta=False, shared=False), 12),
+            body=at(_prep(f, beta=False, shared=False)
+                    + _store_rows("KE", f"{_scaled(f, 'k')} * {f.exp_rest('i')}")
+                    + _store_rows("QE", f"{_scaled(f, 'q')} * {f.exp_b('i')}") + store_gc, 12),
             **common))
     st = _states_u(f)
-    k_prep = not f.delta  # the delta rule's states reads ke from stage wy
+    k_prep = not (f.delta or prep_stage)
+    states_params = st["delta_params"] + ('        KE: T.Tensor((NT, H, K), dtype),\n' if prep_stage else "") + gc_param
+    states_inputs = st["delta_inputs"] + (", ke [NT, H, K] and gc [NC, H, K] from stage prep" if prep_stage
+                                          else ", gc [NC, H, K] from stage wy" if f.vector else "")
     factories.append(STATES.format(
         stage="states",
-        allocs=at(_prep_allocs(f, q=False, k=k_prep, beta=False, shared=False) + st["delta_allocs"], 12),
-        prep=at(_prep(f, q=False, k=k_prep, beta=False, shared=False), 16),
+        allocs=at(_prep_allocs(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector)
+                  + st["delta_allocs"], 12),
+        prep=at(_prep(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector), 16),
         ke=at(_ke(f, _scaled(f, "k")) if k_prep else _load_k_rows("KE", "ke_m"), 16),
         u=at(st["u"], 16),
-        state_decay=at(_state_decay(f, "S"), 16), delta_params=st["delta_params"],
-        delta_inputs=st["delta_inputs"], delta_outputs=st["delta_outputs"], **with_states))
+        state_decay=at(_state_decay(f, "S"), 16), delta_params=states_params,
+        delta_inputs=states_inputs, delta_outputs=st["delta_outputs"], **with_states))
     qk = dict(allocs=at(_prep_allocs(f, beta=False, shared=shared) + _cast_qk_allocs(f) + _subblock_allocs(f), 12),
               prep=at(_prep(f, beta=False, shared=shared), 12),
               cast_qk=at(_cast_qk(f, shared=shared), 12), attention_allocs=at(_attention_allocs(f), 12),
@@ -1205,16 +1245,20 @@ def generate(spec: Spec) -> dict[str, str]:
             stage="dv_local", load_do=at(_load_rows("DO", "do_m"), 16),
             store_qe=at(_store_rows("QE", f"{_qk_value(f, 'q', shared)} * {f.exp_b('i')}"), 12), **qk, **common))
     dh = _bwd_dh_pieces(f)
-    qk_prep = not f.delta  # the delta rule's bwd_dh reads qe (dv_local) and ke (wy)
+    q_prep = not (f.delta or prep_stage)
+    dh_params = dh["delta_params"] + ('        QE: T.Tensor((NT, H, K), dtype),\n' if prep_stage else "") + gc_param
+    dh_inputs = dh["delta_inputs"] + (", qe [NT, H, K] and gc [NC, H, K] from stage prep" if prep_stage
+                                      else ", gc [NC, H, K] from stage wy" if f.vector else "")
     factories.append(BWD_DH.format(
-        stage="bwd_dh", allocs=at(_prep_allocs(f, q=qk_prep, k=False, beta=False, shared=False), 12),
-        prep=at(_prep(f, q=qk_prep, k=False, beta=False, shared=False), 16),
-        qe=at(_qe(f, _scaled(f, "q")) if qk_prep
-              else _load_k_rows("QE", "qe_m") + _load_k_rows("KE", "ke_m"), 16),
+        stage="bwd_dh",
+        allocs=at(_prep_allocs(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector), 12),
+        prep=at(_prep(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector), 16),
+        qe=at(_qe(f, _scaled(f, "q")) if q_prep else _load_k_rows("QE", "qe_m")
+              + (_load_k_rows("KE", "ke_m") if f.delta else ""), 16),
         load_do=at(_load_rows("DO", "do_m"), 16),
         du=at(dh["du"], 16), dw=at(dh["dw"], 16), state_decay=at(_state_decay(f, "dS"), 16),
-        delta_allocs=at(dh["delta_allocs"], 12), delta_params=dh["delta_params"], delta_doc=dh["delta_doc"],
-        delta_inputs=dh["delta_inputs"], **with_states))
+        delta_allocs=at(dh["delta_allocs"], 12), delta_params=dh_params, delta_doc=dh["delta_doc"],
+        delta_inputs=dh_inputs, **with_states))
     pieces = _bwd_chunk_pieces(f)
     chunk_allocs = ('qe_m = T.alloc_shared((C, K), dtype)\nke_m = T.alloc_shared((C, K), dtype)\n'
                     + _attention_allocs(f) + _cast_qk_allocs(f) + (_wy_allocs(f) if f.delta else "")
@@ -1227,9 +1271,9 @@ def generate(spec: Spec) -> dict[str, str]:
         delta_params=pieces["delta_params"], delta_doc=pieces["delta_doc"],
         pre_loop=at(pieces["pre_loop"], 12), vloop=at(pieces["vloop"], 16), post=at(pieces["post"], 12),
         **with_states))
-    wy = ("wy",) if f.delta else ()
-    phases = {"fwd": (*wy, "states", "output"),
-              "bwd": (*wy, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk")}
+    first = ("wy",) if f.delta else ("prep",) if prep_stage else ()
+    phases = {"fwd": (*first, "states", "output"),
+              "bwd": (*first, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk")}
     sub_block = ("# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).\n"
                  "SUB_BLOCK = 16\n" if f.vector else "")
     rec = spec.recurrence

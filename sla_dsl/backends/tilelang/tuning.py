@@ -3,8 +3,8 @@
 Each kernel factory takes a chunk size, a V-block (block_v: the grid's split of V in the sequential stages,
 the inner loop's block in the chunk-parallel ones), its thread count and the software pipelining depth of its
 main loop (num_stages; 0 leaves the loop unpipelined). A generated module lists the kernels of each phase in
-the order they run (`PHASES`): fwd runs [wy,] states, output; bwd runs [wy,] states, [dv_local,] bwd_dh,
-bwd_chunk ([...]: delta rule only). The stages of a phase exchange per-chunk tensors, so a phase has one
+the order they run (`PHASES`): fwd runs [wy|prep,] states, output; bwd runs [wy|prep,] states, [dv_local,]
+bwd_dh, bwd_chunk (wy and dv_local: delta rule only; prep: a vector decay without it). The stages of a phase exchange per-chunk tensors, so a phase has one
 chunk size.
 
 Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
@@ -39,6 +39,9 @@ NUM_STAGES = (0, 1, 2)
 # end a sequence inside a packed batch), so their T.Pipelined loop has nothing to overlap: the CUDA is the
 # same at every num_stages, and the space offers them 0 only.
 SEQUENTIAL_KERNELS = ("states", "bwd_dh")
+# The stages with no loop over blocks of V: block_v and num_stages change nothing in them, so the space offers
+# one of each (the largest block_v, as default_config picks).
+UNBLOCKED_KERNELS = ("prep",)
 STAGE_PARAMS = ("block_v", "threads", "num_stages")
 
 
@@ -81,9 +84,12 @@ def tuning_space(module, shape, phase: str) -> Space:
     names = phase_stages(module, phase)
 
     def settings(stage: str) -> list[dict]:
-        depths = (0,) if stage_kernel(stage) in SEQUENTIAL_KERNELS else NUM_STAGES
+        kernel = stage_kernel(stage)
+        depths = (0,) if kernel in SEQUENTIAL_KERNELS + UNBLOCKED_KERNELS else NUM_STAGES
+        blocks = [bv for bv in BLOCK_V if shape.V % bv == 0]
+        blocks = blocks[-1:] if kernel in UNBLOCKED_KERNELS else blocks
         return [{f"{stage}_block_v": bv, f"{stage}_threads": t, f"{stage}_num_stages": d}
-                for bv in BLOCK_V if shape.V % bv == 0 for t in THREADS for d in depths]
+                for bv in blocks for t in THREADS for d in depths]
 
     return Space([{"chunk": c} for c in CHUNK_SIZES], *(settings(stage) for stage in names),
                  order=_search_order(names))
@@ -133,10 +139,16 @@ def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
     return sum(_buffer_bytes(module, stage, config, shape).values())
 
 
+# a kernel with one shared buffer declares that buffer as the dynamic allocation itself
+_SHARED_EXTERN = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?\w+ (\w+)\[\];")
+
+
 def shared_buffer_offsets(kernel_source: str) -> dict[str, int]:
     """Each shared buffer of a compiled kernel, by name, and its byte offset in the kernel's one dynamic
     allocation, from the CUDA source."""
-    return {name: int(offset) for name, offset in _SHARED_OFFSET.findall(kernel_source)}
+    offsets = {name: 0 for name in _SHARED_EXTERN.findall(kernel_source) if name != "buf_dyn_shmem"}
+    offsets.update({name: int(offset) for name, offset in _SHARED_OFFSET.findall(kernel_source)})
+    return offsets
 
 
 def compiled_shared_memory_bytes(kernel_source: str, module, stage: str, config: dict, shape) -> int:
@@ -184,7 +196,9 @@ def max_threads(module, stage: str, config: dict, shape) -> int:
     (16 x 16 has work for 2 warps, so a 16-row sub-block product at K = 16 allows 64 threads)."""
     sizes = _sizes(module, stage, config, shape)
     accumulators = _gemm_accumulators(module, stage_kernel(stage))
-    return 32 * min(_warps_covering(*(sizes[d] for d in dims)) for dims in accumulators)
+    # a kernel with no gemm (prep) splits its element-wise loops among any number of threads
+    return 32 * min((_warps_covering(*(sizes[d] for d in dims)) for dims in accumulators),
+                    default=max(THREADS) // 32)
 
 
 def check_threads(module, stage: str, config: dict, shape) -> None:
