@@ -52,9 +52,12 @@ class Case:
     reference_chunk_size: int = 16
 
 
-def cases(backend: str, quick: bool) -> list[Case]:
+def cases(backend: str, quick: bool, specs: list[str] | None = None) -> list[Case]:
+    """The suite; `specs`: only these seed specs' cases (by name), the cases of other recurrences as before."""
     out = []
     for spec in seed_specs():
+        if specs is not None and spec.name not in specs:
+            continue
         for label, dtype in DTYPES.items():
             out.append(Case(f"{spec.name} {label} {_shape_text(SEED_SHAPE)}", spec.recurrence, SEED_SHAPE, dtype,
                             reference_chunk_size=64))
@@ -159,7 +162,7 @@ def run_gpu_check(args) -> int:
 
     for backend in args.backends:
         rows, kernels_cache = [], {}
-        case_list = shard(cases(backend, args.quick), k, n)
+        case_list = shard(cases(backend, args.quick, args.specs), k, n)
         for line in compile_ahead(compile_jobs(backend, case_list)):
             print(f"# compile ahead failed: {line}", flush=True)
         if args.compile_only:
@@ -212,6 +215,8 @@ def _versions() -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--backends", nargs="+", default=["triton", "tilelang"], choices=["triton", "tilelang"])
     parser.add_argument("--quick", action="store_true", help="only the seed specs at the real size")
+    parser.add_argument("--specs", nargs="+", default=None, metavar="NAME", choices=[s.name for s in seed_specs()],
+                        help="only these seed specs' cases (with --quick: nothing else)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile every kernel the cases run (into the disk caches) and stop")
     parser.add_argument("--shard", default=None, type=parse_shard, metavar="K/N",

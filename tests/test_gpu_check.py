@@ -28,3 +28,14 @@ def test_shard_option_parses_and_rejects_with_a_clear_message(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["gpu-check", "--shard", bad])
         assert why in capsys.readouterr().err
+
+
+def test_specs_option_keeps_only_those_seed_specs_cases():
+    args = build_parser().parse_args(["gpu-check", "--quick", "--specs", "gla", "sla_gla"])
+    picked = gpu_check.cases("tilelang", args.quick, args.specs)
+    assert sorted({case.name.split()[0] for case in picked}) == ["gla", "sla_gla"] and len(picked) == 6
+    everything = gpu_check.cases("tilelang", quick=False)
+    without_seeds = [c for c in everything if "B2 T4096" not in c.name]
+    assert len(gpu_check.cases("tilelang", False, ["gla"])) == len(without_seeds) + 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["gpu-check", "--specs", "no_such_spec"])
