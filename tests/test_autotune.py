@@ -716,3 +716,11 @@ def test_git_revision_says_when_the_files_differ_from_head(tmp_path):
     assert table.git_revision(tmp_path) == head
     (tmp_path / "kernel.py").write_text("b\n")
     assert table.git_revision(tmp_path) == head + "+dirty"
+
+
+def test_tilelang_default_chunk_is_32_for_a_vector_decay_or_the_delta_rule():
+    from sla_dsl.backends.tilelang import TileLangKernels
+
+    shape = Shape(4, 8192, 16, 128, 128, "bfloat16")
+    chunks = {spec.name: TileLangKernels(spec).default_config(shape, "fwd")["chunk"] for spec in seed_specs()}
+    assert chunks == {"retnet": 64, "sla_retnet": 64, "gla": 32, "sla_gla": 32, "gdn": 32, "sla_gdn": 32}
