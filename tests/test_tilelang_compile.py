@@ -67,11 +67,13 @@ def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
         print(f"compiled {label} ({config}) in {elapsed:.1f} s")
     TIMES[f"{spec.name}.{dtype}.total"] = total
     print(f"{spec.name}: all {dtype} TileLang kernels compiled in {total:.1f} s")
+    from sla_dsl.autotune.table import file_lock, write_atomically
+
     record = cache_dir() / "tilelang_compile_times.json"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(record.read_text()) if record.exists() else {}
-    previous.update(TIMES)
-    record.write_text(json.dumps(previous, indent=1, sort_keys=True))
+    with file_lock(record):  # pytest-xdist workers record their cases into the one file
+        previous = json.loads(record.read_text()) if record.exists() else {}
+        previous.update(TIMES)
+        write_atomically(record, json.dumps(previous, indent=1, sort_keys=True))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
