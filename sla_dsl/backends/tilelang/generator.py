@@ -307,15 +307,23 @@ def _ke(f: _Features, k: str = "kp_s[i, d]") -> str:
 
 
 def _store_rows(dst: str, value: str) -> str:
-    """`value` at [i, d] of every row of the chunk at t0 to the token tensor `dst` [NT, H, K], in dtype. The
-    delta rule's chunk-parallel stages write ke = k' exp(b_C - b) (wy) and qe = q' exp(b) (dv_local) this way,
-    so that the sequential stages read them instead of recomputing q' and k' (feature map, l2 norm, gates) once
-    per chunk on their critical path."""
+    """`value` at [i, d] of every row of the chunk at t0 to the token tensor `dst` [NT, H, K], in dtype."""
     return _ind(f"""
     for i, d in T.Parallel(C, K):
         if t0 + i < eos:
             {dst}[t0 + i, h, d] = T.cast({value}, dtype)
     """, 0)
+
+
+def _store_ke(f: _Features, k: str) -> str:
+    """ke = k' exp(b_C - b) to KE (`k`: k' at [i, d]). A chunk-parallel stage (wy, prep) writes it so that the
+    sequential stages read it instead of recomputing k' (feature map, l2 norm, gates) on their critical path."""
+    return _store_rows("KE", f"{k} * {f.exp_rest('i')}")
+
+
+def _store_qe(f: _Features, q: str) -> str:
+    """qe = q' exp(b) to QE (`q`: q' at [i, d]), for bwd_dh as _store_ke is for states (dv_local, prep)."""
+    return _store_rows("QE", f"{q} * {f.exp_b('i')}")
 
 
 def _cast_qk(f: _Features, q: bool = True, shared: bool = True) -> str:
@@ -485,8 +493,9 @@ def _load_k_rows(src: str, dst: str) -> str:
 
 # ---- kernel templates. Each is one stage; the host (`sla_dsl.backends.tilelang`) runs them in order:
 #      forward:  [wy|prep] -> states -> output     backward: [wy|prep] -> states -> [dv_local] -> bwd_dh -> bwd_chunk
-#      (wy, dv_local: delta rule only; prep: a vector decay without it). Chunk-parallel stages have grid (chunks, H) and read the chunk table; the two
-#      sequential ones (states, bwd_dh) have grid (V / block_v, N * H) and do only what the recurrence needs. ----
+#      (wy, dv_local: delta rule only; prep: a vector decay without it). Chunk-parallel stages have grid
+#      (chunks, H) and read the chunk table; the two sequential ones (states, bwd_dh) have grid
+#      (V / block_v, N * H) and do only what the recurrence needs. ----
 
 SIGNATURE = '''{block_sizes}{state_dt}\
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -1206,7 +1215,7 @@ def generate(spec: Spec) -> dict[str, str]:
             stage="wy", allocs=at(_prep_allocs(f, q=False, shared=shared) + _cast_qk_allocs(f, q=False) + _wy_allocs(f)
                       + _subblock_allocs(f), 12),
             body=at(_prep(f, q=False, shared=shared)
-                    + _store_rows("KE", f"{_qk_value(f, 'k', shared)} * {f.exp_rest('i')}") + store_gc
+                    + _store_ke(f, _qk_value(f, "k", shared)) + store_gc
                     + _cast_qk(f, q=False, shared=shared) + _wy(f, shared), 12),
             gc_param=gc_param, gc_doc=", and gc [NC, H, K] = exp(b_C) fp32" if f.vector else "", **common))
     prep_stage = f.vector and not f.delta
@@ -1214,8 +1223,7 @@ def generate(spec: Spec) -> dict[str, str]:
         factories.append(PREP.format(
             stage="prep", allocs=at(_prep_allocs(f, beta=False, shared=False), 12),
             body=at(_prep(f, beta=False, shared=False)
-                    + _store_rows("KE", f"{_scaled(f, 'k')} * {f.exp_rest('i')}")
-                    + _store_rows("QE", f"{_scaled(f, 'q')} * {f.exp_b('i')}") + store_gc, 12),
+                    + _store_ke(f, _scaled(f, "k")) + _store_qe(f, _scaled(f, "q")) + store_gc, 12),
             **common))
     st = _states_u(f)
     k_prep = not (f.delta or prep_stage)
@@ -1243,7 +1251,7 @@ def generate(spec: Spec) -> dict[str, str]:
     if f.delta:
         factories.append(DV_LOCAL.format(
             stage="dv_local", load_do=at(_load_rows("DO", "do_m"), 16),
-            store_qe=at(_store_rows("QE", f"{_qk_value(f, 'q', shared)} * {f.exp_b('i')}"), 12), **qk, **common))
+            store_qe=at(_store_qe(f, _qk_value(f, "q", shared)), 12), **qk, **common))
     dh = _bwd_dh_pieces(f)
     q_prep = not (f.delta or prep_stage)
     dh_params = dh["delta_params"] + ('        QE: T.Tensor((NT, H, K), dtype),\n' if prep_stage else "") + gc_param

@@ -4,8 +4,8 @@ Each kernel factory takes a chunk size, a V-block (block_v: the grid's split of 
 the inner loop's block in the chunk-parallel ones), its thread count and the software pipelining depth of its
 main loop (num_stages; 0 leaves the loop unpipelined). A generated module lists the kernels of each phase in
 the order they run (`PHASES`): fwd runs [wy|prep,] states, output; bwd runs [wy|prep,] states, [dv_local,]
-bwd_dh, bwd_chunk (wy and dv_local: delta rule only; prep: a vector decay without it). The stages of a phase exchange per-chunk tensors, so a phase has one
-chunk size.
+bwd_dh, bwd_chunk (wy and dv_local: delta rule only; prep: a vector decay without it). The stages of a phase
+exchange per-chunk tensors, so a phase has one chunk size.
 
 Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
 stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (bwd_dh and bwd_chunk keep theirs),
