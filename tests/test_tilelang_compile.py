@@ -58,6 +58,10 @@ def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
         assert "__global__" in source
         label = f"{spec.name}.{stage}.{dtype}"
         assert_no_bank_conflicts_in_loops(source, label)
+        if name in tuning.SEQUENTIAL_KERNELS:
+            # their default issues the next chunk's loads while this chunk computes: asynchronous copies, not
+            # loads the sequential loop waits for where they stand
+            assert config["num_stages"] >= 1 and "cp_async_commit" in source, label
         # the layout TileLang emitted is within the bound that picks the default, which fits an sm_90 CTA
         offsets = list(tuning.shared_buffer_offsets(source).values())
         compiled_bytes = tuning.compiled_shared_memory_bytes(source, kernels.module, stage, full_config, shape)

@@ -205,9 +205,10 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             b_s = T.alloc_shared((C,), "float32")
+            g_s = T.alloc_shared((C,), "float32")
             S_m = T.alloc_shared((K, BV), dtype)
             w_m = T.alloc_shared((C, K), dtype)
-            u_f = T.alloc_fragment((C, BV), "float32")
+            us_m = T.alloc_shared((C, BV), dtype)
             WS_f = T.alloc_fragment((C, BV), "float32")
             ke_m = T.alloc_shared((C, K), dtype)
             S = T.alloc_fragment((K, BV), "float32")
@@ -220,21 +221,19 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 S[a, e2] = H0[n, h, a, v0 + e2]
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
+                T.copy(G[t0:t0 + C, h], g_s)
                 for i in T.Parallel(C):
-                    b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+                    b_s[i] = T.if_then_else(t0 + i < eos, g_s[i], 0.0)
                 T.cumsum(b_s, dim=0)
-                for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.if_then_else(t0 + i < eos, KE[t0 + i, h, d], T.cast(0.0, dtype))
+                T.copy(KE[t0:t0 + C, h, :], ke_m)
                 for a, e2 in T.Parallel(K, BV):
                     HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
                 T.copy(S, S_m)
-                for i, d in T.Parallel(C, K):
-                    w_m[i, d] = T.if_then_else(t0 + i < eos, W[t0 + i, h, d], T.cast(0.0, dtype))
-                for i, e2 in T.Parallel(C, BV):
-                    u_f[i, e2] = T.if_then_else(t0 + i < eos, T.cast(U[t0 + i, h, v0 + e2], "float32"), 0.0)
+                T.copy(W[t0:t0 + C, h, :], w_m)
+                T.copy(U[t0:t0 + C, h, v0:v0 + BV], us_m)
                 compensated_gemm(w_m, S_m, WS_f, tf32_C_K, tf32_K_BV, clear_accum=True)
                 for i, e2 in T.Parallel(C, BV):
-                    u_m[i, e2] = T.cast(u_f[i, e2] - WS_f[i, e2], dtype)
+                    u_m[i, e2] = T.if_then_else(t0 + i < eos, T.cast(T.cast(us_m[i, e2], "float32") - WS_f[i, e2], dtype), T.cast(0.0, dtype))
                 for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
                         VN[t0 + i, h, v0 + e2] = u_m[i, e2]
@@ -470,14 +469,17 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             b_s = T.alloc_shared((C,), "float32")
+            g_s = T.alloc_shared((C,), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
             ke_m = T.alloc_shared((C, K), dtype)
             dS_m = T.alloc_shared((K, BV), dtype)
             du_f = T.alloc_fragment((C, BV), "float32")
-            du_m = T.alloc_shared((C, BV), dtype)
-            wn_m = T.alloc_shared((C, K), dtype)
+            dvl_s = T.alloc_shared((C, BV), "float32")
+            ndu_m = T.alloc_shared((C, BV), dtype)
+            w_m = T.alloc_shared((C, K), dtype)
+            dor_m = T.alloc_shared((C, BV), dtype)
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
@@ -488,28 +490,28 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for cc in T.Pipelined(nchunks, num_stages=num_stages):
                 c = nchunks - 1 - cc
                 t0 = bos + c * C
+                T.copy(G[t0:t0 + C, h], g_s)
                 for i in T.Parallel(C):
-                    b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+                    b_s[i] = T.if_then_else(t0 + i < eos, g_s[i], 0.0)
                 T.cumsum(b_s, dim=0)
-                for i, d in T.Parallel(C, K):
-                    qe_m[i, d] = T.if_then_else(t0 + i < eos, QE[t0 + i, h, d], T.cast(0.0, dtype))
-                for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.if_then_else(t0 + i < eos, KE[t0 + i, h, d], T.cast(0.0, dtype))
+                T.copy(QE[t0:t0 + C, h, :], qe_m)
+                T.copy(KE[t0:t0 + C, h, :], ke_m)
                 for a, e2 in T.Parallel(K, BV):
                     DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
+                T.copy(DO[t0:t0 + C, h, v0:v0 + BV], dor_m)
                 for i, e2 in T.Parallel(C, BV):
-                    do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+                    do_m[i, e2] = T.if_then_else(t0 + i < eos, T.cast(dor_m[i, e2], dtype), T.cast(0.0, dtype))
                 T.copy(dS, dS_m)
-                for i, e2 in T.Parallel(C, BV):
-                    du_f[i, e2] = T.if_then_else(t0 + i < eos, DVL[t0 + i, h, v0 + e2], 0.0)
+                T.copy(DVL[t0:t0 + C, h, v0:v0 + BV], dvl_s)
+                T.copy(dvl_s, du_f)
                 compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)
-                T.copy(du_f, du_m)
-                for i, d in T.Parallel(C, K):
-                    wn_m[i, d] = T.if_then_else(t0 + i < eos, -W[t0 + i, h, d], T.cast(0.0, dtype))
+                for i, e2 in T.Parallel(C, BV):
+                    ndu_m[i, e2] = T.if_then_else(t0 + i < eos, T.cast(-du_f[i, e2], dtype), T.cast(0.0, dtype))
+                T.copy(W[t0:t0 + C, h, :], w_m)
                 for a, e2 in T.Parallel(K, BV):
                     dS[a, e2] = dS[a, e2] * T.exp(b_s[C - 1])
                 compensated_gemm(qe_m, do_m, dS, tf32_C_K, tf32_C_BV, transpose_A=True)
-                compensated_gemm(wn_m, du_m, dS, tf32_C_K, tf32_C_BV, transpose_A=True)
+                compensated_gemm(w_m, ndu_m, dS, tf32_C_K, tf32_C_BV, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]
 

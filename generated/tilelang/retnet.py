@@ -99,6 +99,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             b_s = T.alloc_shared((C,), "float32")
+            kraw_m = T.alloc_shared((C, K), dtype)
             kx = T.alloc_fragment((C, K), "float32")
             ke_m = T.alloc_shared((C, K), dtype)
             S = T.alloc_fragment((K, BV), "float32")
@@ -112,14 +113,14 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 t0 = bos + c * C
                 for i in T.Parallel(C):
                     b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
+                T.copy(KK[t0:t0 + C, h, :], kraw_m)
                 for i, d in T.Parallel(C, K):
-                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(kraw_m[i, d], "float32"), 0.0)
                 for i, d in T.Parallel(C, K):
                     ke_m[i, d] = T.cast(kx[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
                     HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
-                for i, e2 in T.Parallel(C, BV):
-                    u_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+                T.copy(VV[t0:t0 + C, h, v0:v0 + BV], u_m)
                 for a, e2 in T.Parallel(K, BV):
                     S[a, e2] = S[a, e2] * T.exp(b_s[C - 1])
                 compensated_gemm(ke_m, u_m, S, tf32_C_K, tf32_C_BV, transpose_A=True)
@@ -237,6 +238,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             b_s = T.alloc_shared((C,), "float32")
+            qraw_m = T.alloc_shared((C, K), dtype)
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
@@ -253,16 +255,16 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 t0 = bos + c * C
                 for i in T.Parallel(C):
                     b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
+                T.copy(Q[t0:t0 + C, h, :], qraw_m)
                 for i, d in T.Parallel(C, K):
-                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
+                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(qraw_m[i, d], "float32"), 0.0)
                 for i in T.Parallel(C):
                     qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
                 for i, d in T.Parallel(C, K):
                     qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
                 for a, e2 in T.Parallel(K, BV):
                     DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
-                for i, e2 in T.Parallel(C, BV):
-                    do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+                T.copy(DO[t0:t0 + C, h, v0:v0 + BV], do_m)
                 for a, e2 in T.Parallel(K, BV):
                     dS[a, e2] = dS[a, e2] * T.exp(b_s[C - 1])
                 compensated_gemm(qe_m, do_m, dS, tf32_C_K, tf32_C_BV, transpose_A=True)

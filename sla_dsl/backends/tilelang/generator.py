@@ -165,15 +165,15 @@ def _input_names(f: _Features) -> list[str]:
     return names
 
 
-def _row_factor(f: _Features, side: str) -> str:
+def _row_factor(f: _Features, side: str, staged: bool = False) -> str:
     """What scales each row of phi(x) into q' or k': the L2 norm's 1/||phi(x)||, the read gate and the scale
-    (q), the write gate on the key (k); "1.0" when nothing does."""
+    (q), the write gate on the key (k); "1.0" when nothing does. `staged`: the gates from _prep's copies."""
     factors = [f"T.rsqrt({side}n[i] + EPS)"] if f.l2 else []
     if side == "q":
-        factors += ["GQ[t0 + i, h]"] if f.read else []
+        factors += ["gq_s[i]" if staged else "GQ[t0 + i, h]"] if f.read else []
         factors += ["SC[0]"]
     elif f.key_gate:
-        factors += ["GK[t0 + i, h]"]
+        factors += ["gk_s[i]" if staged else "GK[t0 + i, h]"]
     return " * ".join(factors) or "1.0"
 
 
@@ -188,14 +188,20 @@ def _qk_value(f: _Features, side: str, shared: bool) -> str:
 
 
 def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True,
-                 decay: bool = True) -> str:
+                 decay: bool = True, staged: bool = False) -> str:
     """The buffers of `_prep` for what it computes (q', k', beta', b)."""
     lines = []
     if f.has_b and decay:
         lines.append(f'b_s = T.alloc_shared(({"C, K" if f.vector else "C,"}), "float32")')
+        if staged and f.decay is Decay.SCALAR:
+            lines.append('g_s = T.alloc_shared((C,), "float32")')
     for side, on in (("q", q), ("k", k)):
         if not on:
             continue
+        if staged:
+            lines.append(f'{side}raw_m = T.alloc_shared((C, K), dtype)')
+            if (side == "q" and f.read) or (side == "k" and f.key_gate):
+                lines.append(f'g{side}_s = T.alloc_shared((C,), "float32")')
         lines.append(f'{side}x = T.alloc_fragment((C, K), "float32")')
         if f.l2:
             lines.append(f'{side}n = T.alloc_fragment((C,), "float32")')
@@ -229,10 +235,11 @@ def _column_scan(buf: str, reverse: bool) -> str:
 
 
 def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True,
-          decay: bool = True) -> str:
+          decay: bool = True, staged: bool = False) -> str:
     """For the chunk at t0, each where asked for: the in-chunk cumulative log decay b (`decay`), phi(x) and its
     row factors in registers (`_scaled` reads q' and k' from them), q' and k' in shared fp32 (`shared`), and
-    beta'. Rows past the sequence's end are zero."""
+    beta'. Rows past the sequence's end are zero. `staged` (the sequential stages): the inputs are read by
+    T.copy's into shared memory first, which their pipelined loop issues a chunk ahead (_copy_rows)."""
     s = ""
     if decay and f.decay is Decay.CONSTANT:
         s += """
@@ -240,9 +247,12 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
     """
     elif decay and f.decay is Decay.SCALAR:
-        s += """
+        g = "g_s[i]" if staged else "G[t0 + i, h]"
+        s += ("""
+    T.copy(G[t0:t0 + C, h], g_s)
+    """ if staged else "") + f"""
     for i in T.Parallel(C):
-        b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+        b_s[i] = T.if_then_else(t0 + i < eos, {g}, 0.0)
     T.cumsum(b_s, dim=0)
     """
     elif decay and f.decay is Decay.VECTOR:
@@ -250,12 +260,22 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
     for i, d in T.Parallel(C, K):
         b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
     """ + _column_scan("b_s", reverse=False)
-    for side, src, fm, on in (("q", "Q", f.fq, q), ("k", "KK", f.fk, k)):
+    for side, src, gate, fm, on in (("q", "Q", "GQ", f.fq, q), ("k", "KK", "GK", f.fk, k)):
         if not on:
             continue
+        x = f"{src}[t0 + i, h, d]"
+        if staged:
+            x = f"{side}raw_m[i, d]"
+            s += f"""
+    T.copy({src}[t0:t0 + C, h, :], {side}raw_m)
+    """
+            if (side == "q" and f.read) or (side == "k" and f.key_gate):
+                s += f"""
+    T.copy({gate}[t0:t0 + C, h], g{side}_s)
+    """
         s += f"""
     for i, d in T.Parallel(C, K):
-        {side}x[i, d] = T.if_then_else(t0 + i < eos, T.cast({src}[t0 + i, h, d], "float32"), 0.0)
+        {side}x[i, d] = T.if_then_else(t0 + i < eos, T.cast({x}, "float32"), 0.0)
     """
         if fm is not FeatureMap.IDENTITY:  # rows past the end stay zero (phi(0) is 1 for elu + 1, 1/2 for sigmoid)
             s += f"""
@@ -268,7 +288,7 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         sq[i, d] = {side}x[i, d] * {side}x[i, d]
     T.reduce_sum(sq, {side}n, dim=1)
     """
-        factor = _row_factor(f, side)
+        factor = _row_factor(f, side, staged)
         if factor != "1.0":
             s += f"""
     for i in T.Parallel(C):
@@ -483,11 +503,24 @@ def _load_rows(src: str, dst: str) -> str:
     """, 0)
 
 
-def _load_k_rows(src: str, dst: str) -> str:
-    """Rows t0.. of token tensor `src` [NT, H, K] into `dst`, zero past the sequence's end."""
+def _copy_rows(src: str, dst: str, width: str) -> str:
+    """Rows t0.. of token tensor `src` into shared `dst` (all K columns, or the V-block at v0) as stored, for
+    the sequential stages: a T.copy is what their T.Pipelined issues ahead (cp.async), so the next chunk's loads
+    overlap this chunk's math on the critical path, where an element-wise masked load (_load_rows) is waited
+    for where it stands. T.copy zero-fills past NT only: rows past eos hold the next packed sequence's tokens,
+    and the stage zeroes them in an operand it computes (`_masked`). The copy's buffer itself stays as loaded:
+    the pipeline planner rejects a second write to it."""
+    cols = ":" if width == "K" else "v0:v0 + BV"
     return _ind(f"""
-    for i, d in T.Parallel(C, K):
-        {dst}[i, d] = T.if_then_else(t0 + i < eos, {src}[t0 + i, h, d], T.cast(0.0, dtype))
+    T.copy({src}[t0:t0 + C, h, {cols}], {dst})
+    """, 0)
+
+
+def _masked(dst: str, value: str, width: str = "BV") -> str:
+    """`dst`[i, e2] = `value` (at [i, e2]) in dtype, zero past the sequence's end."""
+    return _ind(f"""
+    for i, e2 in T.Parallel(C, {width}):
+        {dst}[i, e2] = T.if_then_else(t0 + i < eos, T.cast({value}, dtype), T.cast(0.0, dtype))
     """, 0)
 
 
@@ -602,14 +635,16 @@ def _states_u(f: _Features) -> dict:
     """u of the state update: v (additive), or v_new = u - w S for the delta rule (S entering the chunk,
     written to vn for the output and read back by nothing else)."""
     if not f.delta:
-        return {"u": _ind(_load_rows("VV", "u_m"), 0), "delta_params": "", "delta_allocs": "",
-                "delta_inputs": "", "delta_outputs": ""}
-    u = "T.copy(S, S_m)\n" + _load_k_rows("W", "w_m") + _ind("""
-    for i, e2 in T.Parallel(C, BV):
-        u_f[i, e2] = T.if_then_else(t0 + i < eos, T.cast(U[t0 + i, h, v0 + e2], "float32"), 0.0)
+        # ke^T u needs the rows past eos zero in one operand: ke is, where this stage computes it (_prep);
+        # a vector decay's ke is a copy of prep's, so u is masked instead
+        if not f.vector:
+            return {"u": _copy_rows("VV", "u_m", "BV"), "delta_params": "", "delta_allocs": "",
+                    "delta_inputs": "", "delta_outputs": ""}
+        return {"u": _copy_rows("VV", "v_m", "BV") + _masked("u_m", "v_m[i, e2]"), "delta_params": "",
+                "delta_allocs": 'v_m = T.alloc_shared((C, BV), dtype)\n', "delta_inputs": "", "delta_outputs": ""}
+    u = "T.copy(S, S_m)\n" + _copy_rows("W", "w_m", "K") + _copy_rows("U", "us_m", "BV") + _ind("""
     T.gemm(w_m, S_m, WS_f, clear_accum=True)
-    for i, e2 in T.Parallel(C, BV):
-        u_m[i, e2] = T.cast(u_f[i, e2] - WS_f[i, e2], dtype)
+    """, 0) + _masked("u_m", 'T.cast(us_m[i, e2], "float32") - WS_f[i, e2]') + _ind("""
     for i, e2 in T.Parallel(C, BV):
         if t0 + i < eos:
             VN[t0 + i, h, v0 + e2] = u_m[i, e2]
@@ -620,7 +655,7 @@ def _states_u(f: _Features) -> dict:
             "delta_allocs": _ind("""
     S_m = T.alloc_shared((K, BV), dtype)
     w_m = T.alloc_shared((C, K), dtype)
-    u_f = T.alloc_fragment((C, BV), "float32")
+    us_m = T.alloc_shared((C, BV), dtype)
     WS_f = T.alloc_fragment((C, BV), "float32")
     """, 0),
             "delta_inputs": ", w [NT, H, K], u [NT, H, V] and ke [NT, H, K] from stage wy",
@@ -713,21 +748,18 @@ def _bwd_dh_pieces(f: _Features) -> dict:
     ke_m = T.alloc_shared((C, K), dtype)
     dS_m = T.alloc_shared((K, BV), dtype)
     du_f = T.alloc_fragment((C, BV), "float32")
-    du_m = T.alloc_shared((C, BV), dtype)
-    wn_m = T.alloc_shared((C, K), dtype)
+    dvl_s = T.alloc_shared((C, BV), "float32")
+    ndu_m = T.alloc_shared((C, BV), dtype)
+    w_m = T.alloc_shared((C, K), dtype)
     """, 0)
-    # du = A^T dO + ke dS_end (A^T dO from dv_local);  dS_in = gC dS_end + qe^T dO - w^T du
-    du = _ind("""
-    T.copy(dS, dS_m)
-    for i, e2 in T.Parallel(C, BV):
-        du_f[i, e2] = T.if_then_else(t0 + i < eos, DVL[t0 + i, h, v0 + e2], 0.0)
+    # du = A^T dO + ke dS_end (A^T dO from dv_local);  dS_in = gC dS_end + qe^T dO - w^T du, added as
+    # w^T (-du) so that w is read as stored (a plain copy)
+    du = "T.copy(dS, dS_m)\n" + _copy_rows("DVL", "dvl_s", "BV") + _ind("""
+    T.copy(dvl_s, du_f)
     T.gemm(ke_m, dS_m, du_f)
-    T.copy(du_f, du_m)
-    for i, d in T.Parallel(C, K):
-        wn_m[i, d] = T.if_then_else(t0 + i < eos, -W[t0 + i, h, d], T.cast(0.0, dtype))
-    """, 0)
+    """, 0) + _masked("ndu_m", "-du_f[i, e2]") + _copy_rows("W", "w_m", "K")
     return {"delta_allocs": delta_allocs, "du": du, "dw": _ind("""
-    T.gemm(wn_m, du_m, dS, transpose_A=True)
+    T.gemm(w_m, ndu_m, dS, transpose_A=True)
     """, 0), "delta_params": ('        W: T.Tensor((NT, H, K), dtype),\n'
                              '        DVL: T.Tensor((NT, H, V), "float32"),\n'
                              '        QE: T.Tensor((NT, H, K), dtype),\n        KE: T.Tensor((NT, H, K), dtype),\n'),
@@ -1232,10 +1264,10 @@ def generate(spec: Spec) -> dict[str, str]:
                                           else ", gc [NC, H, K] from stage wy" if f.vector else "")
     factories.append(STATES.format(
         stage="states",
-        allocs=at(_prep_allocs(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector)
+        allocs=at(_prep_allocs(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector, staged=True)
                   + st["delta_allocs"], 12),
-        prep=at(_prep(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector), 16),
-        ke=at(_ke(f, _scaled(f, "k")) if k_prep else _load_k_rows("KE", "ke_m"), 16),
+        prep=at(_prep(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector, staged=True), 16),
+        ke=at(_ke(f, _scaled(f, "k")) if k_prep else _copy_rows("KE", "ke_m", "K"), 16),
         u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=states_params,
         delta_inputs=states_inputs, delta_outputs=st["delta_outputs"], **with_states))
@@ -1259,13 +1291,16 @@ def generate(spec: Spec) -> dict[str, str]:
                                       else ", gc [NC, H, K] from stage wy" if f.vector else "")
     factories.append(BWD_DH.format(
         stage="bwd_dh",
-        allocs=at(_prep_allocs(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector), 12),
-        prep=at(_prep(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector), 16),
-        qe=at(_qe(f, _scaled(f, "q")) if q_prep else _load_k_rows("QE", "qe_m")
-              + (_load_k_rows("KE", "ke_m") if f.delta else ""), 16),
-        load_do=at(_load_rows("DO", "do_m"), 16),
+        allocs=at(_prep_allocs(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector, staged=True),
+                  12),
+        prep=at(_prep(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector, staged=True), 16),
+        qe=at(_qe(f, _scaled(f, "q")) if q_prep else _copy_rows("QE", "qe_m", "K")
+              + (_copy_rows("KE", "ke_m", "K") if f.delta else ""), 16),
+        load_do=at(_copy_rows("DO", "do_m", "BV") if q_prep
+                   else _copy_rows("DO", "dor_m", "BV") + _masked("do_m", "dor_m[i, e2]"), 16),
         du=at(dh["du"], 16), dw=at(dh["dw"], 16), state_decay=at(_state_decay(f, "dS"), 16),
-        delta_allocs=at(dh["delta_allocs"], 12), delta_params=dh_params, delta_doc=dh["delta_doc"],
+        delta_allocs=at(dh["delta_allocs"] + ("" if q_prep else "dor_m = T.alloc_shared((C, BV), dtype)\n"), 12),
+        delta_params=dh_params, delta_doc=dh["delta_doc"],
         delta_inputs=dh_inputs, **with_states))
     pieces = _bwd_chunk_pieces(f)
     chunk_allocs = ('qe_m = T.alloc_shared((C, K), dtype)\nke_m = T.alloc_shared((C, K), dtype)\n'

@@ -35,10 +35,12 @@ CHUNK_SIZES = (16, 32, 64)
 BLOCK_V = (16, 32, 64)
 THREADS = (64, 128, 256)
 NUM_STAGES = (0, 1, 2)
-# The stages that walk a sequence's chunks in order. Their loads are masked element by element (a chunk may
-# end a sequence inside a packed batch), so their T.Pipelined loop has nothing to overlap: the CUDA is the
-# same at every num_stages, and the space offers them 0 only.
+# The stages that walk a sequence's chunks in order. Their loads are T.copy's that num_stages 1 issues as
+# cp.async once their buffers are free, so the next chunk's loads overlap this chunk's math; 0 waits for
+# each load where it stands. Two stages fail to lower (the wait count of a loop whose trip count is a
+# sequence's length is not a constant), so the space offers 0 and 1, and the default is 1.
 SEQUENTIAL_KERNELS = ("states", "bwd_dh")
+SEQUENTIAL_NUM_STAGES = (0, 1)
 # The stages with no loop over blocks of V: block_v and num_stages change nothing in them, so the space offers
 # one of each (the largest block_v, as default_config picks).
 UNBLOCKED_KERNELS = ("prep",)
@@ -85,7 +87,8 @@ def tuning_space(module, shape, phase: str) -> Space:
 
     def settings(stage: str) -> list[dict]:
         kernel = stage_kernel(stage)
-        depths = (0,) if kernel in SEQUENTIAL_KERNELS + UNBLOCKED_KERNELS else NUM_STAGES
+        depths = ((0,) if kernel in UNBLOCKED_KERNELS
+                  else SEQUENTIAL_NUM_STAGES if kernel in SEQUENTIAL_KERNELS else NUM_STAGES)
         blocks = [bv for bv in BLOCK_V if shape.V % bv == 0]
         blocks = blocks[-1:] if kernel in UNBLOCKED_KERNELS else blocks
         return [{f"{stage}_block_v": bv, f"{stage}_threads": t, f"{stage}_num_stages": d}
@@ -253,9 +256,11 @@ def default_config(module, shape, phase: str) -> dict:
 def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list[int], limit: int) -> dict | None:
     config = {"chunk": chunk}
     for stage in stages:
-        # num_stages=0: the pipelined variants are left to the sweep, which checks each winner against the
-        # float64 reference on the GPU
-        candidates = ({**config, f"{stage}_block_v": b, f"{stage}_threads": 0, f"{stage}_num_stages": 0}
+        # num_stages=0 in the chunk-parallel stages: their pipelined variants are left to the sweep, which
+        # checks each winner against the float64 reference on the GPU. The sequential stages are built to
+        # prefetch (SEQUENTIAL_KERNELS).
+        depth = SEQUENTIAL_NUM_STAGES[-1] if stage_kernel(stage) in SEQUENTIAL_KERNELS else 0
+        candidates = ({**config, f"{stage}_block_v": b, f"{stage}_threads": 0, f"{stage}_num_stages": depth}
                       for b in block_sizes)
         fitting = ({**candidate, f"{stage}_threads": min(128, max_threads(module, stage, candidate, shape))}
                    for candidate in candidates if shared_memory_bytes(module, stage, candidate, shape) <= limit)
