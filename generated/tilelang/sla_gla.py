@@ -163,7 +163,6 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
-            v_m = T.alloc_shared((C, BV), dtype)
             ke_m = T.alloc_shared((C, K), dtype)
             S = T.alloc_fragment((K, BV), "float32")
             u_m = T.alloc_shared((C, BV), dtype)
@@ -177,9 +176,8 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 T.copy(KE[t0:t0 + C, h, :], ke_m)
                 for a, e2 in T.Parallel(K, BV):
                     HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
-                T.copy(VV[t0:t0 + C, h, v0:v0 + BV], v_m)
                 for i, e2 in T.Parallel(C, BV):
-                    u_m[i, e2] = T.if_then_else(t0 + i < eos, T.cast(v_m[i, e2], dtype), T.cast(0.0, dtype))
+                    u_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
                     S[a, e2] = S[a, e2] * GC[CO[n] + c, h, a]
                 compensated_gemm(ke_m, u_m, S, tf32_C_K, tf32_C_BV, transpose_A=True)
@@ -331,7 +329,6 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
-            dor_m = T.alloc_shared((C, BV), dtype)
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
@@ -344,9 +341,8 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 T.copy(QE[t0:t0 + C, h, :], qe_m)
                 for a, e2 in T.Parallel(K, BV):
                     DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
-                T.copy(DO[t0:t0 + C, h, v0:v0 + BV], dor_m)
                 for i, e2 in T.Parallel(C, BV):
-                    do_m[i, e2] = T.if_then_else(t0 + i < eos, T.cast(dor_m[i, e2], dtype), T.cast(0.0, dtype))
+                    do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
                     dS[a, e2] = dS[a, e2] * GC[CO[n] + c, h, a]
                 compensated_gemm(qe_m, do_m, dS, tf32_C_K, tf32_C_BV, transpose_A=True)

@@ -38,7 +38,7 @@ NUM_STAGES = (0, 1, 2)
 # The stages that walk a sequence's chunks in order. Their loads are T.copy's that num_stages 1 issues as
 # cp.async once their buffers are free, so the next chunk's loads overlap this chunk's math; 0 waits for
 # each load where it stands. Two stages fail to lower (the wait count of a loop whose trip count is a
-# sequence's length is not a constant), so the space offers 0 and 1, and the default is 1.
+# sequence's length is not a constant), so the space offers 0 and 1 (default: sequential_num_stages).
 SEQUENTIAL_KERNELS = ("states", "bwd_dh")
 SEQUENTIAL_NUM_STAGES = (0, 1)
 # The stages with no loop over blocks of V: block_v and num_stages change nothing in them, so the space offers
@@ -135,11 +135,18 @@ def _buffer_bytes(module, stage: str, config: dict, shape) -> dict[str, int]:
     return out
 
 
+# TileLang starts each shared buffer that a gemm reads (swizzled) on a multiple of this many bytes
+SHARED_ALIGNMENT = 1024
+
+
 def shared_memory_bytes(module, stage: str, config: dict, shape) -> int:
     """An upper bound on the shared memory of one stage's kernel under `config`, known before compiling: the
-    sum of its buffers. TileLang reuses the space of buffers no longer live, so the compiled kernel may take
-    about half (compiled_shared_memory_bytes); defaults kept within the bound always fit."""
-    return sum(_buffer_bytes(module, stage, config, shape).values())
+    sum of its buffers, each rounded up to SHARED_ALIGNMENT (the padding before a swizzled buffer, which a
+    sequential stage, all of whose buffers live through its loop, does take). TileLang reuses the space of
+    buffers no longer live, so a chunk-parallel kernel may take about half (compiled_shared_memory_bytes);
+    defaults kept within the bound always fit."""
+    return sum(-(-size // SHARED_ALIGNMENT) * SHARED_ALIGNMENT
+               for size in _buffer_bytes(module, stage, config, shape).values())
 
 
 # a kernel with one shared buffer declares that buffer as the dynamic allocation itself
@@ -234,6 +241,15 @@ def chunk_preference(module) -> tuple[int, ...]:
     return tuple(sorted(CHUNK_SIZES, reverse=True))
 
 
+def sequential_num_stages(module) -> int:
+    """num_stages of the sequential stages in default_config. Measured on the H100 at 4x8192x16x128 bf16, each
+    spec at its tuned config otherwise (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-23-session10): 1 made gdn's
+    forward 1.17x and backward 1.17x faster than 0, and retnet's backward 1.13x; it made gla's forward 1.16x
+    and backward 1.09x slower (its states and bwd_dh copy only ke or qe ahead)."""
+    features = module.FEATURES
+    return 0 if features["decay"] == "vector" and features["write"] != "delta" else 1
+
+
 def default_config(module, shape, phase: str) -> dict:
     """Heuristic settings for `shape` (a member of tuning_space): the first chunk of chunk_preference at which
     every stage fits in shared memory by the bound known before compiling (shared_memory_bytes), and at it each
@@ -257,9 +273,9 @@ def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list
     config = {"chunk": chunk}
     for stage in stages:
         # num_stages=0 in the chunk-parallel stages: their pipelined variants are left to the sweep, which
-        # checks each winner against the float64 reference on the GPU. The sequential stages are built to
-        # prefetch (SEQUENTIAL_KERNELS).
-        depth = SEQUENTIAL_NUM_STAGES[-1] if stage_kernel(stage) in SEQUENTIAL_KERNELS else 0
+        # checks each winner against the float64 reference on the GPU. The sequential stages' is measured
+        # (sequential_num_stages).
+        depth = sequential_num_stages(module) if stage_kernel(stage) in SEQUENTIAL_KERNELS else 0
         candidates = ({**config, f"{stage}_block_v": b, f"{stage}_threads": 0, f"{stage}_num_stages": depth}
                       for b in block_sizes)
         fitting = ({**candidate, f"{stage}_threads": min(128, max_threads(module, stage, candidate, shape))}
