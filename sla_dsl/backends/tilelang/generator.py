@@ -638,8 +638,8 @@ def _states_u(f: _Features) -> dict:
     if not f.delta:
         # ke^T u needs the rows past eos zero in one operand: ke is, where this stage computes it (_prep); a
         # vector decay's ke is a copy of prep's, so u keeps its masked load. (Copying v and masking it in a
-        # second pass made gla's forward 5% slower on the H100, benchmarks/NVIDIA_H100_80GB_HBM3/
-        # 2026-11-23-session10.)
+        # second pass made gla's forward 5% slower on the H100: benchmarks/NVIDIA_H100_80GB_HBM3/
+        # 2026-11-23-session10/ab-5.log.)
         u = _copy_rows("VV", "u_m", "BV") if not f.vector else _load_rows("VV", "u_m")
         return {"u": u, "delta_params": "", "delta_allocs": "", "delta_inputs": "", "delta_outputs": ""}
     u = "T.copy(S, S_m)\n" + _copy_rows("W", "w_m", "K") + _copy_rows("U", "us_m", "BV") + _ind("""
@@ -1298,7 +1298,8 @@ def generate(spec: Spec) -> dict[str, str]:
               + (_copy_rows("KE", "ke_m", "K") if f.delta else ""), 16),
         # qe^T dO needs the rows past eos zero in one operand: qe is where this stage computes it. Where qe is
         # a copy, dO is masked: loaded masked for a vector decay (as u in states), copied and masked in a
-        # second pass for the delta rule, whose bwd_dh that made 6% faster on the H100 (the same A/B).
+        # second pass for the delta rule, whose backward that made 6% faster on the H100 (ab-5.log against
+        # ab-6.log, same directory).
         load_do=at(_copy_rows("DO", "do_m", "BV") if q_prep
                    else _copy_rows("DO", "dor_m", "BV") + _masked("do_m", "dor_m[i, e2]") if f.delta
                    else _load_rows("DO", "do_m"), 16),

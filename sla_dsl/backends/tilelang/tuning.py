@@ -243,9 +243,9 @@ def chunk_preference(module) -> tuple[int, ...]:
 
 def sequential_num_stages(module) -> int:
     """num_stages of the sequential stages in default_config. Measured on the H100 at 4x8192x16x128 bf16, each
-    spec at its tuned config otherwise (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-23-session10): 1 made gdn's
-    forward 1.17x and backward 1.17x faster than 0, and retnet's backward 1.13x; it made gla's forward 1.16x
-    and backward 1.09x slower (its states and bwd_dh copy only ke or qe ahead)."""
+    spec at its tuned config otherwise (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-23-session10, ab-*.log): 1
+    made gdn's forward 1.14x and backward 1.08x faster than 0, and retnet's backward 1.13x; it made gla's
+    forward 1.16x and backward 1.09x slower (its states and bwd_dh copy only ke or qe ahead)."""
     features = module.FEATURES
     return 0 if features["decay"] == "vector" and features["write"] != "delta" else 1
 
