@@ -109,9 +109,9 @@ def test_small_and_odd_head_dims_compile_for_sm90a(name, dim):
 def test_shared_memory_of_the_compiled_layout_decides():
     """TileLang reuses the shared memory of buffers no longer live, so a compiled kernel may need about half
     the sum of its buffers. retnet's bwd_chunk at chunk 64 (K=V=128, bf16) sums to 279552 bytes (each buffer
-    rounded up to its alignment), over what an sm_90 CTA may have, and its layout takes 115712: it runs. gdn's at block_v 16 takes 263424 and is refused
-    after compiling, before a launch would fail. Every seed spec's default fits by the sum, for the usual head
-    dims and dtypes."""
+    rounded up to its alignment), over what an sm_90 CTA may have, and its layout takes 115712: it runs.
+    gdn's at block_v 16 takes 263424 and is refused after compiling, before a launch would fail. Every seed
+    spec's default fits by the sum, for the usual head dims and dtypes."""
     from sla_dsl.autotune import ConfigRejected, Shape
     from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
 

@@ -37,7 +37,7 @@ THREADS = (64, 128, 256)
 NUM_STAGES = (0, 1, 2)
 # The stages that walk a sequence's chunks in order. Their loads are T.copy's that num_stages 1 issues as
 # cp.async once their buffers are free, so the next chunk's loads overlap this chunk's math; 0 waits for
-# each load where it stands. Two stages fail to lower (the wait count of a loop whose trip count is a
+# each load where it stands. num_stages 2 fails to lower (the wait count of a loop whose trip count is a
 # sequence's length is not a constant), so the space offers 0 and 1 (default: sequential_num_stages).
 SEQUENTIAL_KERNELS = ("states", "bwd_dh")
 SEQUENTIAL_NUM_STAGES = (0, 1)
