@@ -1,0 +1,68 @@
+"""scripts/ab_generated.py: the snapshot of a revision's kernels and tables that its GPU A/B runs against (the
+timing itself needs a GPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sla_dsl.autotune.shapes import Shape
+from sla_dsl.codegen import seed_specs
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("ab_generated", REPO / "scripts" / "ab_generated.py")
+ab = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ab)
+
+
+@pytest.fixture(scope="module")
+def head_snapshot(tmp_path_factory):
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("needs the git repository")
+    out = tmp_path_factory.mktemp("ab") / "base"
+    ab.prepare("HEAD", out, "tilelang")
+    return out
+
+
+def test_prepare_writes_the_revisions_kernels_and_tables(head_snapshot):
+    base = head_snapshot / "tilelang"
+    for spec in seed_specs():
+        committed = subprocess.run(["git", "show", f"HEAD:generated/tilelang/{spec.name}.py"], cwd=REPO,
+                                   capture_output=True, text=True).stdout
+        assert (base / f"{spec.name}.py").read_text() == committed
+    tables = sorted(p.relative_to(base / "tables").as_posix() for p in (base / "tables").glob("*/*.json"))
+    shipped = sorted(p.relative_to(REPO / "autotune").as_posix().replace("/tilelang/", "/")
+                     for p in (REPO / "autotune").glob("*/tilelang/*.json"))
+    assert tables == shipped and tables
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert (head_snapshot / "REVISION").read_text().strip() == head
+
+
+def test_tuned_configs_come_from_the_nearest_bucket_of_that_gpus_table(head_snapshot):
+    base = head_snapshot / "tilelang"
+    gpu = next((base / "tables").iterdir()).name
+    table = json.loads((base / "tables" / gpu / "gdn.json").read_text())
+    key = next(iter(table["entries"]))
+    entry = table["entries"][key]
+    shape = Shape.from_key(key)
+    # a length the table lacks still finds the stored bucket (same K, V and dtype)
+    longer = dataclasses.replace(shape, T=shape.T * 2)
+    assert ab._tuned(base, gpu, "gdn", longer) == {"fwd": entry["fwd"]["config"], "bwd": entry["bwd"]["config"]}
+    assert ab._tuned(base, "No_Such_GPU", "gdn", shape) is None
+    assert ab._tuned(base, gpu, "gdn", dataclasses.replace(shape, K=shape.K * 2)) is None
+
+
+def test_settings_parse_as_numbers_or_names():
+    assert ab._parse_sets(["states_num_stages=1", "PREC=tf32"]) == {"states_num_stages": 1, "PREC": "tf32"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        ab._parse_sets(["states_num_stages"])
+
+
+def test_prepare_refuses_an_unknown_backend(tmp_path):
+    with pytest.raises(SystemExit, match="--backend"):
+        ab.prepare("HEAD", tmp_path, "cuda")
