@@ -89,6 +89,16 @@ def test_head_dims_not_multiples_of_16(fmap, write):
 
 
 @pytest.mark.parametrize("write", list(WriteRule))
+@pytest.mark.parametrize("decay", [Decay.CONSTANT, Decay.VECTOR])
+def test_an_empty_sequence_keeps_its_initial_state(decay, write):
+    # the sequential stages walk no chunk of it (their pipelined loops' prologue and epilogue included): its final
+    # state is its initial state and dh0 its dht; its neighbours' chunks are unaffected
+    cu_seqlens = torch.tensor([0, 21, 21, 50])
+    check(testing.recurrence(decay, write, Gates.BOTH), 1, 50, 2, 16, 32, cu_seqlens=cu_seqlens, num_sequences=3,
+          config={"chunk": 16})
+
+
+@pytest.mark.parametrize("write", list(WriteRule))
 def test_chunk_16_one_sub_block_and_one_block_of_v(write):
     check(testing.recurrence(Decay.VECTOR, write, Gates.BOTH), 2, 70, 2, 32, 32, config={"chunk": 16,
                                                                                        "block_v": 32})

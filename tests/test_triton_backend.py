@@ -64,6 +64,14 @@ def test_varlen_with_initial_state_and_odd_head_dims(decay, write):
 
 
 @pytest.mark.parametrize("write", list(WriteRule))
+def test_an_empty_sequence_keeps_its_initial_state(write):
+    # no chunk of it is walked: its final state is its initial state and dh0 its dht
+    cu_seqlens = torch.tensor([0, 21, 21, 50])
+    check(testing.recurrence(Decay.VECTOR, write, Gates.BOTH), 1, 50, 2, 16, 16, cu_seqlens=cu_seqlens,
+          num_sequences=3)
+
+
+@pytest.mark.parametrize("write", list(WriteRule))
 def test_vector_decay_sub_chunks(write):
     """BT = 32 with BC = 16 takes the tensor-core path for the off-diagonal sub-blocks."""
     check(testing.recurrence(Decay.VECTOR, write, Gates.BOTH), 2, 70, 2, 16, 16, config={"BT": 32, "BC": 16})
