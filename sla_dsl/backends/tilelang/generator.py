@@ -165,15 +165,20 @@ def _input_names(f: _Features) -> list[str]:
     return names
 
 
+def _row_gate(f: _Features, side: str) -> str | None:
+    """The [NT, H] gate tensor that scales q' (the read gate) or k' (the write gate on the key), if any."""
+    return "GQ" if side == "q" and f.read else "GK" if side == "k" and f.key_gate else None
+
+
 def _row_factor(f: _Features, side: str, staged: bool = False) -> str:
     """What scales each row of phi(x) into q' or k': the L2 norm's 1/||phi(x)||, the read gate and the scale
     (q), the write gate on the key (k); "1.0" when nothing does. `staged`: the gates from _prep's copies."""
     factors = [f"T.rsqrt({side}n[i] + EPS)"] if f.l2 else []
+    gate = _row_gate(f, side)
+    if gate:
+        factors.append(f"g{side}_s[i]" if staged else f"{gate}[t0 + i, h]")
     if side == "q":
-        factors += ["gq_s[i]" if staged else "GQ[t0 + i, h]"] if f.read else []
-        factors += ["SC[0]"]
-    elif f.key_gate:
-        factors += ["gk_s[i]" if staged else "GK[t0 + i, h]"]
+        factors.append("SC[0]")
     return " * ".join(factors) or "1.0"
 
 
@@ -200,7 +205,7 @@ def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True
             continue
         if staged:
             lines.append(f'{side}raw_m = T.alloc_shared((C, K), dtype)')
-            if (side == "q" and f.read) or (side == "k" and f.key_gate):
+            if _row_gate(f, side):
                 lines.append(f'g{side}_s = T.alloc_shared((C,), "float32")')
         lines.append(f'{side}x = T.alloc_fragment((C, K), "float32")')
         if f.l2:
@@ -260,7 +265,7 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
     for i, d in T.Parallel(C, K):
         b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
     """ + _column_scan("b_s", reverse=False)
-    for side, src, gate, fm, on in (("q", "Q", "GQ", f.fq, q), ("k", "KK", "GK", f.fk, k)):
+    for side, src, fm, on in (("q", "Q", f.fq, q), ("k", "KK", f.fk, k)):
         if not on:
             continue
         x = f"{src}[t0 + i, h, d]"
@@ -269,9 +274,9 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
             s += f"""
     T.copy({src}[t0:t0 + C, h, :], {side}raw_m)
     """
-            if (side == "q" and f.read) or (side == "k" and f.key_gate):
+            if _row_gate(f, side):
                 s += f"""
-    T.copy({gate}[t0:t0 + C, h], g{side}_s)
+    T.copy({_row_gate(f, side)}[t0:t0 + C, h], g{side}_s)
     """
         s += f"""
     for i, d in T.Parallel(C, K):
