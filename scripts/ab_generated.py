@@ -1,5 +1,5 @@
-"""A/B of a template change on the GPU, in one process: the generated kernels of a git revision ("base") against
-the working tree's ("new"), each at the base's tuned config for the shape, forward and backward timed with
+"""A/B of a template change on the GPU, in one process: the generated kernels of a git revision ("base"), run by
+that revision's host runtime, against the working tree's ("new"), each at the base's tuned config for the shape, forward and backward timed with
 triton.testing.do_bench. What to run before a re-sweep: the working tree's kernels have no table yet (their
 source hash changed), and timings from two processes or two device calls differ by more than many changes gain.
 
@@ -26,6 +26,8 @@ from pathlib import Path
 from sla_dsl.codegen import SEED_SPECS_DIR, seed_specs
 
 REPO = Path(__file__).resolve().parent.parent
+# each backend's host side (allocations, launch order, kernel arguments): a change may move work between stages
+RUNTIMES = {"tilelang": "sla_dsl/backends/tilelang/__init__.py", "triton": "sla_dsl/backends/triton/runtime.py"}
 
 
 def _git_show(rev: str, path: str) -> str | None:
@@ -34,12 +36,11 @@ def _git_show(rev: str, path: str) -> str | None:
 
 
 def prepare(rev: str, out: Path, backend: str) -> None:
-    """Writes out/<backend>/<spec>.py (the base's generated kernels) and out/<backend>/tables/<gpu>/<spec>.json
-    (its tuned tables, every GPU that had one) for every seed spec, and out/REVISION."""
-    from sla_dsl.backends import BACKENDS
-
-    if backend not in BACKENDS:
-        raise SystemExit(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    """Writes out/<backend>/<spec>.py (the base's generated kernels), out/<backend>/runtime.py (its host runtime)
+    and out/<backend>/tables/<gpu>/<spec>.json (its tuned tables, every GPU that had one) for every seed spec,
+    and out/REVISION."""
+    if backend not in RUNTIMES:
+        raise SystemExit(f"--backend: expected one of {', '.join(RUNTIMES)}, got {backend!r}")
     listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "autotune/"], cwd=REPO,
                             capture_output=True, text=True)
     if listed.returncode != 0:
@@ -60,6 +61,7 @@ def prepare(rev: str, out: Path, backend: str) -> None:
                 table.write_text(_git_show(rev, path))
     if not written:
         raise SystemExit(f"{rev} has no generated {backend} kernels of the seed specs")
+    (out / backend / "runtime.py").write_text(_git_show(rev, RUNTIMES[backend]))
     (out / "REVISION").write_text(subprocess.run(["git", "rev-parse", rev], cwd=REPO, capture_output=True,
                                                  text=True).stdout)
     print(f"wrote {written} {backend} module(s) of {rev} and their tables under {out}")
@@ -70,6 +72,15 @@ def _load_module(path: Path):
     module = importlib.util.module_from_spec(loader_spec)
     loader_spec.loader.exec_module(module)
     return module
+
+
+def _base_kernels(backend: str, runtime, spec, module):
+    """The backend object of the base: its host runtime (`runtime`, a loaded runtime.py) running its kernels."""
+    if backend == "tilelang":
+        kernels = runtime.TileLangKernels(spec)
+        kernels.module = module
+        return kernels
+    return runtime.TritonKernels(spec, module)
 
 
 def _tuned(base: Path, gpu: str, spec_name: str, shape) -> dict | None:
@@ -111,6 +122,7 @@ def run(base_dir: Path, spec_names: list[str], shape_text: str, sets: dict) -> N
         raise SystemExit(f"{base_dir}: expected one backend folder from `prepare`, found {backends}")
     backend, shape, gpu = backends[0], parse_shape(shape_text), gpu_name()
     base = base_dir / backend
+    base_runtime = _load_module(base / "runtime.py")
     revision = (base_dir / "REVISION").read_text().strip()[:12] if (base_dir / "REVISION").exists() else "?"
     print(f"A/B on {gpu}, {backend}, {shape}: base {revision} against the working tree")
     for name in spec_names:
@@ -122,9 +134,8 @@ def run(base_dir: Path, spec_names: list[str], shape_text: str, sets: dict) -> N
         do = torch.randn_like(inputs["v"])
         scale = shape.K ** -0.5
         for side in ("base", "new"):
-            kernels = build_backend(backend, spec)
-            if side == "base":
-                kernels.module = _load_module(base / f"{spec.name}.py")
+            kernels = (_base_kernels(backend, base_runtime, spec, _load_module(base / f"{spec.name}.py"))
+                       if side == "base" else build_backend(backend, spec))
             configs = {}
             for phase in ("fwd", "bwd"):
                 # each side's own keys (a change may add or remove a stage), at the base's tuned values

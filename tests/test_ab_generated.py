@@ -29,12 +29,15 @@ def head_snapshot(tmp_path_factory):
     return out
 
 
-def test_prepare_writes_the_revisions_kernels_and_tables(head_snapshot):
+def test_prepare_writes_the_revisions_kernels_runtime_and_tables(head_snapshot):
     base = head_snapshot / "tilelang"
     for spec in seed_specs():
         committed = subprocess.run(["git", "show", f"HEAD:generated/tilelang/{spec.name}.py"], cwd=REPO,
                                    capture_output=True, text=True).stdout
         assert (base / f"{spec.name}.py").read_text() == committed
+    runtime = subprocess.run(["git", "show", "HEAD:sla_dsl/backends/tilelang/__init__.py"], cwd=REPO,
+                             capture_output=True, text=True).stdout
+    assert (base / "runtime.py").read_text() == runtime
     tables = sorted(p.relative_to(base / "tables").as_posix() for p in (base / "tables").glob("*/*.json"))
     shipped = sorted(p.relative_to(REPO / "autotune").as_posix().replace("/tilelang/", "/")
                      for p in (REPO / "autotune").glob("*/tilelang/*.json"))
@@ -66,3 +69,14 @@ def test_settings_parse_as_numbers_or_names():
 def test_prepare_refuses_an_unknown_backend(tmp_path):
     with pytest.raises(SystemExit, match="--backend"):
         ab.prepare("HEAD", tmp_path, "cuda")
+
+
+def test_the_base_side_runs_the_revisions_runtime(head_snapshot):
+    """The base's kernels go through the base's host runtime (a change may move work between stages), loaded
+    from the snapshot, not through the working tree's."""
+    base = head_snapshot / "tilelang"
+    runtime = ab._load_module(base / "runtime.py")
+    module = ab._load_module(base / "gdn.py")
+    spec = next(s for s in seed_specs() if s.name == "gdn")
+    kernels = ab._base_kernels("tilelang", runtime, spec, module)
+    assert type(kernels).__module__ == runtime.__name__ and kernels.module is module

@@ -70,7 +70,8 @@ def tf32_lo(x, part):
 def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's WY form of every chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens,
     chunk_table [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)), u [NT, H, V] =
-    T (beta v) and ke [NT, H, K] = k' exp(b_C - b) in dtype, T = (I + beta M)^-1 the chunk's triangular solve."""
+    T (beta v), ke [NT, H, K] = k' exp(b_C - b) and tm [NC, H, C, C] = T in dtype, T = (I + beta M)^-1 the chunk's
+    triangular solve (tm: for bwd_chunk)."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -89,6 +90,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         W: T.Tensor((NT, H, K), dtype),
         U: T.Tensor((NT, H, V), dtype),
         KE: T.Tensor((NT, H, K), dtype),
+        TM: T.Tensor((NC, H, C, C), dtype),
     ):
         with T.Kernel(NC, H, threads=threads) as (ci, h):
             n = CI[ci, 0]
@@ -155,6 +157,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     W[t0 + i, h, d] = w_m[i, d]
+            T.copy(Tm_m, TM[ci, h, :, :])
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
                 for i, e2 in T.Parallel(C, BV):
@@ -520,8 +523,9 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table
     [NC, 2] int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
-    (gradient of the state leaving it), do [NT, H, V], u [NT, H, V] (stage wy), vn [NT, H, V] (v_new, stage states);
-    outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
+    (gradient of the state leaving it), do [NT, H, V], w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage wy),
+    vn [NT, H, V] (v_new, stage states); outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg [NT, H(, K)], dbeta,
+    dgq, dgk [NT, H] fp32."""
     C, BV = chunk, block_v
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -541,6 +545,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         HS: T.Tensor((NC, H, K, V), state_dt),
         DH: T.Tensor((NC, H, K, V), state_dt),
         DO: T.Tensor((NT, H, V), dtype),
+        W: T.Tensor((NT, H, K), dtype),
+        TM: T.Tensor((NC, H, C, C), dtype),
         U: T.Tensor((NT, H, V), dtype),
         VN: T.Tensor((NT, H, V), dtype),
         DQ: T.Tensor((NT, H, K), dtype),
@@ -573,11 +579,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             qm_m = T.alloc_shared((C, K), dtype)
             M_f = T.alloc_fragment((C, C), "float32")
             M_s = T.alloc_shared((C, C), "float32")
-            L_s = T.alloc_shared((C, C), "float32")
-            Tm_s = T.alloc_shared((C, C), "float32")
             Tm_m = T.alloc_shared((C, C), dtype)
-            kb_m = T.alloc_shared((C, K), dtype)
-            W_f = T.alloc_fragment((C, K), "float32")
             w_m = T.alloc_shared((C, K), dtype)
             v_m = T.alloc_shared((C, BV), dtype)
             do_m = T.alloc_shared((C, BV), dtype)
@@ -682,18 +684,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, j in T.Parallel(C, C):
                 M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
             T.copy(M_f, M_s)
-            for i, j in T.Parallel(C, C):
-                L_s[i, j] = bt_s[i] * M_s[i, j]
-                Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
-            for j in T.serial(C - 1):
-                for i, c2 in T.Parallel(C, C):
-                    if i > j and c2 <= j:
-                        Tm_s[i, c2] = Tm_s[i, c2] - L_s[i, j] * Tm_s[j, c2]
-            T.copy(Tm_s, Tm_m)
+            T.copy(TM[ci, h, :, :], Tm_m)
             for i, d in T.Parallel(C, K):
-                kb_m[i, d] = T.cast(bt_s[i] * kp_s[i, d] * T.exp(b_s[i]), dtype)
-            compensated_gemm(Tm_m, kb_m, W_f, tf32_C_C, tf32_C_K, clear_accum=True)
-            T.copy(W_f, w_m)
+                w_m[i, d] = T.if_then_else(t0 + i < eos, W[t0 + i, h, d], T.cast(0.0, dtype))
             T.clear(dqe_f)
             T.clear(dke_f)
             T.clear(dA_f)

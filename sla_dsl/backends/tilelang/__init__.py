@@ -157,7 +157,8 @@ class TileLangKernels:
     def _run_states(self, p, kernels: dict, chunk: int):
         """Stages wy (delta rule) or prep, and states: the state entering every chunk (hs, in the input dtype,
         float32 for float16), the final state (ht), v_new (delta rule, else v), what wy or prep wrote for the
-        backward's bwd_dh (ke, qe, a vector decay's gc), and the chunk tables."""
+        backward's bwd_dh (ke, qe, a vector decay's gc) and bwd_chunk (w, u and tm, the delta rule's solve), and
+        the chunk tables."""
         offsets, table, total = self._chunks(p, chunk)
         heads, dim_k, dim_v, nt = p["heads"], p["dim_k"], p["dim_v"], p["nt"]
         dtype, device = p["q"].dtype, p["q"].device
@@ -167,9 +168,10 @@ class TileLangKernels:
         vector = self.recurrence.decay is Decay.VECTOR
         # a vector decay's exp(b_C) per chunk, written by wy or prep
         gc = [new_output((max(total, 1), heads, dim_k), torch.float32, device)] if vector else []
-        v_new, wy, prep, extra = p["v"], [], [], []
+        v_new, wy, tm, prep, extra = p["v"], [], [], [], []
         if "wy" in kernels:
             wy = [new_output((nt, heads, dim), dtype, device) for dim in (dim_k, dim_v, dim_k)]  # w, u, ke
+            tm = [new_output((max(total, 1), heads, chunk, chunk), dtype, device)]  # the solve T, for bwd_chunk
             v_new = new_output((nt, heads, dim_v), dtype, device)
             extra = [*wy, v_new, *gc]
         elif "prep" in kernels:
@@ -177,15 +179,15 @@ class TileLangKernels:
             extra = [prep[0], *gc]
         if nt > 0:
             if wy:
-                kernels["wy"](*p["inputs"], p["cu"], table, *wy, *gc)
+                kernels["wy"](*p["inputs"], p["cu"], table, *wy, *tm, *gc)
             if prep:
                 kernels["prep"](*p["inputs"], p["cu"], table, *prep, *gc)
             kernels["states"](*p["inputs"], p["cu"], offsets, *extra, p["h0"], hs, ht)
         else:
             ht.copy_(p["h0"])
         w, u, ke = wy or (None, None, prep[0] if prep else None)
-        return dict(hs=hs, ht=ht, v_new=v_new, w=w, u=u, ke=ke, qe=prep[1] if prep else None, gc=gc,
-                    offsets=offsets, table=table)
+        return dict(hs=hs, ht=ht, v_new=v_new, w=w, u=u, ke=ke, tm=tm[0] if tm else None,
+                    qe=prep[1] if prep else None, gc=gc, offsets=offsets, table=table)
 
     # ---- the backend interface ----
 
@@ -250,8 +252,8 @@ class TileLangKernels:
                 kernels["dv_local"](*p["inputs"], p["cu"], st["table"], do_flat, dvl, qe)
                 extra = [st["w"], dvl, qe, st["ke"]]
             kernels["bwd_dh"](*p["inputs"], p["cu"], st["offsets"], do_flat, *extra, *st["gc"], dht, dh, dh0)
-            uv = [st["u"], st["v_new"]] if "wy" in kernels else []
-            kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, *uv, dq, dk, dv,
+            wy = [st["w"], st["tm"], st["u"], st["v_new"]] if "wy" in kernels else []
+            kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, *wy, dq, dk, dv,
                                  *small.values())
         else:
             dh0.copy_(dht)

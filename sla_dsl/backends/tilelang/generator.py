@@ -444,20 +444,23 @@ def _attention_allocs(f: _Features) -> str:
     """, 0)
 
 
-def _wy(f: _Features, shared: bool = True) -> str:
-    """The delta rule's WY form: M (strict, decayed k' k'^T, into M_s), L = beta M, T = (I + L)^-1 (forward
-    substitution in shared memory) and w = T (beta k' exp(b)), into Tm_m, W_f and w_m. `shared` as in
-    _qk_value (a vector decay's M needs k' in shared memory)."""
+def _wy_gram(f: _Features) -> str:
+    """M = strict(decayed k' k'^T) into M_s, the matrix the delta rule's triangular solve inverts I + beta M of."""
     if f.vector:
-        s = _decayed_products("kp_s", "kp_s", "M_s", strict=True)
-    else:
-        s = f"""
+        return _ind(_decayed_products("kp_s", "kp_s", "M_s", strict=True), 0)
+    return _ind(f"""
     T.gemm(km_m, km_m, M_f, transpose_B=True, clear_accum=True)
     for i, j in T.Parallel(C, C):
         M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * {f.exp_rel("i", "j")}, 0.0)
     T.copy(M_f, M_s)
-    """
-    s += f"""
+    """, 0)
+
+
+def _wy(f: _Features, shared: bool = True) -> str:
+    """The delta rule's WY form (stage wy): M (_wy_gram), L = beta M, T = (I + L)^-1 (forward substitution in
+    shared memory) and w = T (beta k' exp(b)), into Tm_m, W_f and w_m. `shared` as in _qk_value (a vector
+    decay's M needs k' in shared memory)."""
+    return _wy_gram(f) + _ind(f"""
     for i, j in T.Parallel(C, C):
         L_s[i, j] = bt_s[i] * M_s[i, j]
         Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
@@ -470,22 +473,39 @@ def _wy(f: _Features, shared: bool = True) -> str:
         kb_m[i, d] = T.cast(bt_s[i] * {_qk_value(f, "k", shared)} * {f.exp_b("i")}, dtype)
     T.gemm(Tm_m, kb_m, W_f, clear_accum=True)
     T.copy(W_f, w_m)
-    """
-    return _ind(s, 0)
+    """, 0)
 
 
-def _wy_allocs(f: _Features) -> str:
-    return _ind(("" if f.vector else """
+def _wy_loaded() -> str:
+    """The WY form as stage wy stored it, for bwd_chunk: T (TM) and w (W, zero past the sequence's end). The
+    solve is a C - 1 step serial loop over shared memory; reading its result keeps it out of the backward's
+    heaviest kernel, and w with it."""
+    return _ind("""
+    T.copy(TM[ci, h, :, :], Tm_m)
+    for i, d in T.Parallel(C, K):
+        w_m[i, d] = T.if_then_else(t0 + i < eos, W[t0 + i, h, d], T.cast(0.0, dtype))
+    """, 0)
+
+
+def _wy_allocs(f: _Features, solve: bool = True) -> str:
+    """The buffers of _wy (solve) or of _wy_gram and _wy_loaded."""
+    gram = ("" if f.vector else """
     M_f = T.alloc_fragment((C, C), "float32")
     """) + """
     M_s = T.alloc_shared((C, C), "float32")
+    """
+    solved = """
     L_s = T.alloc_shared((C, C), "float32")
     Tm_s = T.alloc_shared((C, C), "float32")
     Tm_m = T.alloc_shared((C, C), dtype)
     kb_m = T.alloc_shared((C, K), dtype)
     W_f = T.alloc_fragment((C, K), "float32")
     w_m = T.alloc_shared((C, K), dtype)
-    """, 0)
+    """ if solve else """
+    Tm_m = T.alloc_shared((C, C), dtype)
+    w_m = T.alloc_shared((C, K), dtype)
+    """
+    return _ind(gram + solved, 0)
 
 
 def _state_decay(f: _Features, target: str) -> str:
@@ -568,18 +588,20 @@ WY = '''
 def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's WY form of every chunk (chunk-parallel). Inputs {inputs}, cu_seqlens, chunk_table
     [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)), u [NT, H, V] =
-    T (beta v) and ke [NT, H, K] = k' exp(b_C - b) in dtype, T = (I + beta M)^-1 the chunk's triangular
-    solve{gc_doc}."""
+    T (beta v), ke [NT, H, K] = k' exp(b_C - b) and tm [NC, H, C, C] = T in dtype, T = (I + beta M)^-1 the
+    chunk's triangular solve (tm: for bwd_chunk){gc_doc}."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         W: T.Tensor((NT, H, K), dtype),
         U: T.Tensor((NT, H, V), dtype),
         KE: T.Tensor((NT, H, K), dtype),
+        TM: T.Tensor((NC, H, C, C), dtype),
 {gc_param}    ):
 ''' + CHUNK_PROLOGUE + '''{allocs}            vb_m = T.alloc_shared((C, BV), dtype)
             U_f = T.alloc_fragment((C, BV), "float32")
 {body}            for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     W[t0 + i, h, d] = w_m[i, d]
+            T.copy(Tm_m, TM[ci, h, :, :])
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
                 for i, e2 in T.Parallel(C, BV):
@@ -1149,9 +1171,11 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
             DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * {_dphi(f.fk, xk)}, dtype)
     """
     post = _ind(p, 0)
-    delta_params = ('        U: T.Tensor((NT, H, V), dtype),\n        VN: T.Tensor((NT, H, V), dtype),\n'
+    delta_params = ('        W: T.Tensor((NT, H, K), dtype),\n        TM: T.Tensor((NC, H, C, C), dtype),\n'
+                    '        U: T.Tensor((NT, H, V), dtype),\n        VN: T.Tensor((NT, H, V), dtype),\n'
                     if f.delta else "")
-    delta_doc = ", u [NT, H, V] (stage wy), vn [NT, H, V] (v_new, stage states)" if f.delta else ""
+    delta_doc = (", w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage wy), vn [NT, H, V] (v_new, stage states)"
+                 if f.delta else "")
     return {"grad_params": grad_params, "allocs": allocs, "pre_loop": pre_loop, "vloop": vloop, "post": post,
             "delta_params": delta_params, "delta_doc": delta_doc}
 
@@ -1314,9 +1338,9 @@ def generate(spec: Spec) -> dict[str, str]:
         delta_inputs=dh_inputs, **with_states))
     pieces = _bwd_chunk_pieces(f)
     chunk_allocs = ('qe_m = T.alloc_shared((C, K), dtype)\nke_m = T.alloc_shared((C, K), dtype)\n'
-                    + _attention_allocs(f) + _cast_qk_allocs(f) + (_wy_allocs(f) if f.delta else "")
+                    + _attention_allocs(f) + _cast_qk_allocs(f) + (_wy_allocs(f, solve=False) if f.delta else "")
                     + _subblock_allocs(f))
-    chunk_common = _cast_qk(f) + _qe(f) + _ke(f) + _attention(f) + (_wy(f) if f.delta else "")
+    chunk_common = _cast_qk(f) + _qe(f) + _ke(f) + _attention(f) + (_wy_gram(f) + _wy_loaded() if f.delta else "")
     factories.append(BWD_CHUNK.format(
         stage="bwd_chunk", prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12),
         prep=at(_prep(f), 12),
