@@ -6,6 +6,7 @@ ms by `triton.testing.do_bench`. Every callable runs once (compilation, fla's au
 before it is timed. A failure becomes a row with an error; it never stops the run.
 
 Writes `<out>/bench.json` (rows), `bench.md` (table + environment + command) and `bench.png`.
+`bench --merge DIR...` writes the same three files from several runs' folders (`merge_runs`, no GPU).
 Speed-ups: `FLA_CACHE_RESULTS=1` (set by default here) with a persisted `TRITON_CACHE_DIR` lets fla skip
 its autotuning on later runs; TILELANG_CACHE_DIR does the same for TileLang builds.
 """
@@ -88,24 +89,37 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
-    from sla_dsl.autotune.table import write_atomically
-
+def _run_lines(meta: dict) -> list[str]:
+    """The date, versions, command, timing settings and wall time of one run, as bullets of bench.md."""
     versions = meta.get("versions", {})
-    head = [f"# sla-dsl benchmark: {meta.get('device', '?')}", "",
-            f"- date: {meta.get('date', '?')}",
-            f"- device: {meta.get('device', '?')}",
+    return [f"- date: {meta.get('date', '?')}",
             "- versions: " + ", ".join(f"{k} {versions.get(k) or 'n/a'}"
                                        for k in ("torch", "triton", "tilelang", "fla", "sla_dsl", "git")),
             f"- command: `{meta.get('command', '?')}`",
             f"- timing: median of `triton.testing.do_bench` (warmup {meta.get('warmup_ms', '?')} ms, rep "
             f"{meta.get('rep_ms', '?')} ms); compilation, fla's autotuning and table lookups happen before timing",
+            f"- wall time: {meta.get('wall_s', '?')} s"
+            + ("" if meta.get("complete", True) else " (incomplete: the run stopped before its last spec)")]
+
+
+def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
+    """meta: one run's (_meta), or {"device", "command", "runs": {folder: the lines _run_lines wrote}} for a
+    merge."""
+    from sla_dsl.autotune.table import write_atomically
+
+    if "runs" in meta:
+        runs = [f"- merged by `{meta['command']}` from {len(meta['runs'])} runs; each row comes from one run, "
+                "timed there side by side with its fla row:"]
+        for folder, lines in meta["runs"].items():
+            runs += [f"  - `{folder}`:"] + [f"    {line}" for line in lines]
+    else:
+        runs = _run_lines(meta)
+    head = [f"# sla-dsl benchmark: {meta.get('device', '?')}", "",
+            f"- device: {meta.get('device', '?')}", *runs,
             "- fwd: forward under no_grad; fwdbwd: forward + backward of o against a fixed random gradient",
             "- fla: the backbone's fla op doing the same work; what fla cannot fuse (the SLA gates, the silu "
             "feature map, the l2 norm when gates follow it) runs in torch around it and is timed with it "
-            "(see notes). SDPA: `F.scaled_dot_product_attention(is_causal=True)` on [B, H, T, D].",
-            f"- wall time: {meta.get('wall_s', '?')} s"
-            + ("" if meta.get("complete", True) else " (incomplete: the run stopped before its last spec)"), ""]
+            "(see notes). SDPA: `F.scaled_dot_product_attention(is_causal=True)` on [B, H, T, D].", ""]
     write_atomically(Path(path), "\n".join(head + table_lines(rows)) + "\n")
 
 
@@ -186,6 +200,30 @@ def write_all(rows: list[dict], out: Path, meta: dict) -> list[Path]:
     return paths
 
 
+_RUN_BULLETS = ("- date: ", "- versions: ", "- command: ", "- timing: ", "- wall time: ")
+_ROW_IDENTITY = ("spec", "backend", "B", "T", "H", "K", "V", "dtype", "phase")
+
+
+def merge_runs(folders: list[Path], out: Path, command: str) -> list[Path]:
+    """bench.json, bench.md and bench.png in `out` from the folders of several runs (one benchmark split over
+    calls with a time limit, e.g. one shape per call). A row is identified by spec, backend, shape, dtype and
+    phase; a later folder's row replaces an earlier one's. Rows keep the times and fla baselines their own run
+    measured side by side; bench.md lists each run's date, versions, command and wall time."""
+    rows: dict[tuple, dict] = {}
+    runs: dict[str, list[str]] = {}
+    device = "?"
+    for folder in map(Path, folders):
+        table, notes = folder / "bench.json", folder / "bench.md"
+        if not table.is_file():
+            raise FileNotFoundError(f"--merge: {folder} has no bench.json (a folder `bench --out` wrote)")
+        for row in json.loads(table.read_text()):
+            rows[tuple(row.get(key) for key in _ROW_IDENTITY)] = row
+        lines = notes.read_text().splitlines() if notes.is_file() else []
+        device = next((line.split(": ", 1)[1] for line in lines if line.startswith("# sla-dsl benchmark: ")), device)
+        runs[folder.as_posix()] = [line for line in lines if line.startswith(_RUN_BULLETS)] or ["- (no bench.md)"]
+    return write_all(list(rows.values()), out, {"device": device, "command": command, "runs": runs})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Timing (GPU)
 
@@ -248,6 +286,14 @@ def _measure(timer, forward, phase, leaves, out_grad):
 
 
 def run_bench(args) -> int:
+    if args.merge:
+        if not args.out:
+            print("--merge needs --out (the folder to write)")
+            return 2
+        command = "python -m sla_dsl " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+        paths = merge_runs([Path(folder) for folder in args.merge], Path(args.out), command)
+        print("wrote " + ", ".join(map(str, paths)))
+        return 0
     import torch
 
     device = args.device
@@ -423,3 +469,5 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rep-ms", type=float, default=100.0)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a smoke run of the harness (e.g. with --backends reference); no real timings")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="time nothing: write --out's bench.json, .md and .png from these runs' folders")

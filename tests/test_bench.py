@@ -50,6 +50,28 @@ def test_writers_on_synthetic_rows(tmp_path):
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[2].stat().st_size > 10_000
 
 
+def test_merge_combines_runs_split_by_shape_and_a_later_row_wins(tmp_path):
+    """A benchmark split over runs (one shape per device call): one table and plot over every shape, each row
+    as its own run measured it, and every run's date and command in bench.md."""
+    rows = synthetic_rows()
+    meta = {"device": "NVIDIA H100 80GB HBM3", "command": "python -m sla_dsl bench", "wall_s": 1.0,
+            "warmup_ms": 25.0, "rep_ms": 100.0, "versions": {"fla": "0.6.0"}}
+    small = [r for r in rows if r["T"] == 2048]
+    rest = [r for r in rows if r["T"] != 2048]
+    retimed = dict(small[0], ms=0.123)  # the second run measured this row again
+    bench.write_all(small, tmp_path / "a", {**meta, "date": "2025-01-01 00:00 UTC"})
+    bench.write_all(rest + [retimed], tmp_path / "b", {**meta, "date": "2025-01-02 00:00 UTC"})
+    paths = bench.merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "merged", "python -m sla_dsl bench --merge a b")
+    merged = json.loads(paths[0].read_text())
+    assert len(merged) == len(rows) and retimed in merged and small[0] not in merged
+    md = paths[1].read_text()
+    assert "2025-01-01 00:00 UTC" in md and "2025-01-02 00:00 UTC" in md and "from 2 runs" in md
+    assert "| gla | triton | 8x2048x16x64x64 | fwd | 0.900 |" in md and "| gla | triton | 1x32768" in md
+    assert paths[2].name == "bench.png"
+    with pytest.raises(FileNotFoundError, match="no bench.json"):
+        bench.merge_runs([tmp_path / "missing"], tmp_path / "merged", "x")
+
+
 def test_plot_with_only_errors_still_writes(tmp_path):
     rows = [bench.make_row("gla", "triton", (1, 64, 2, 16, 16, "bfloat16"), "fwd", None, error="x")]
     bench.write_plot(rows, tmp_path / "p.png")
