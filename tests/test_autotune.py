@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -327,6 +328,48 @@ def test_sweep_budget_always_times_the_default_and_counts_the_moves_left_unexplo
                    clock=lambda: next(ticks))
     result = report.results[0]
     assert result.tried == 1 and result.unexplored == 5 and result.config == kernels.default_config(None)
+
+
+def test_seeds_are_timed_after_the_default_and_the_search_starts_from_the_fastest(gla):
+    """A warm start: the table's winner of another bucket is timed right after the default, so that even a budget
+    that stops there writes it; configs outside the space and repeats of the default are left out."""
+    kernels = FakeKernels(gla)
+    neighbour = {"block": 64, "num_warps": 2, "wrong": False}
+    seeds = (kernels.default_config(None), {"block": 128, "num_warps": 2, "wrong": False}, neighbour, neighbour)
+    task = Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd", seeds=seeds)
+    ticks = iter(range(0, 10_000, 100))
+    report = sweep([task], measure=fake_measure, verify=lambda t, c: verify_config(t, c, device="cpu"),
+                   budget_seconds=2, clock=lambda: next(ticks))
+    result = report.results[0]
+    assert result.tried == 2 and result.config == neighbour and result.ms < result.default_ms
+    # with time to search, the moves start from the seed: its one-key moves, not the default's
+    kernels.calls.clear()
+    report = sweep([task], measure=fake_measure, verify=lambda t, c: verify_config(t, c, device="cpu"),
+                   budget_seconds=120)
+    timed = [c for phase, c in kernels.calls if c is not None]
+    assert timed[:2] == [kernels.default_config(None), neighbour]
+    assert {"block": 64, "num_warps": 8, "wrong": False} in timed  # a move of the seed
+    assert {"block": 32, "num_warps": 8, "wrong": False} not in timed  # a move of the default only
+    assert report.results[0].config == neighbour
+
+
+def test_table_seeds_are_the_other_buckets_winners_nearest_first(tables, gla, monkeypatch):
+    from sla_dsl.autotune import runner
+    from sla_dsl.autotune.runner import table_seeds
+
+    monkeypatch.setattr(runner, "source_hash", table.source_hash)
+
+    here, near, far, other = (Shape(1, 32768, 16, 128, 128), Shape(4, 8192, 16, 128, 128),
+                              Shape(4, 512, 16, 128, 128), Shape(8, 2048, 16, 64, 64))
+    for shape, warps in ((here, 1), (near, 2), (far, 4), (other, 8)):
+        write(tables, gla, entry(shape, fwd={"num_warps": warps}))
+    write(tables, gla, entry(near, bwd={"num_warps": 16}))
+    task = Task(None, gla, "triton", here, "fwd")
+    assert table_seeds(task, tables, GPU) == ({"num_warps": 2}, {"num_warps": 4}, {"num_warps": 8})
+    assert table_seeds(dataclasses.replace(task, phase="bwd"), tables, GPU) == ({"num_warps": 16},)
+    assert table_seeds(task, tables, "Other_GPU") == ()
+    write(tables, gla, entry(near, fwd={"num_warps": 2}), source="f" * 64)  # tuned for other kernels
+    assert table_seeds(task, tables, GPU) == ()
 
 
 def test_sweep_shares_the_budget_in_proportion_to_each_tasks_first_round(gla, monkeypatch):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -12,9 +13,9 @@ import torch
 from sla_dsl.autotune.isolate import DEFAULT_TIMEOUT_S, IsolatedDevice
 from sla_dsl.autotune.precompile import Precompiler
 from sla_dsl.autotune.protocol import config_label, default_config, is_tunable, tuning_space
-from sla_dsl.autotune.shapes import Shape, parse_shapes
+from sla_dsl.autotune.shapes import Shape, distance, parse_shapes
 from sla_dsl.autotune.sweep import Task, stderr_log, sweep
-from sla_dsl.autotune.table import gpu_name, source_hash, table_path, table_root, update_table
+from sla_dsl.autotune.table import gpu_name, read_table, source_hash, table_path, table_root, update_table
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float64": torch.float64}
@@ -231,6 +232,26 @@ def build_tasks(specs, backends, shapes, phases=("fwd", "bwd"), log=stderr_log):
     return tasks, problems
 
 
+def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
+    """The configs the GPU's table holds for the task's spec, backend and phase in its other shape buckets (those
+    with the task's K, V and dtype first, nearest first; the sweep keeps those in the task's space): its warm
+    start. None from a table tuned for
+    other generated kernels, or one that cannot be read (the sweep then starts from the default alone)."""
+    try:
+        data = read_table(table_path(gpu, task.backend, task.spec.name, root))
+    except (OSError, ValueError):
+        return ()
+    if data is None or data["source_sha256"] != source_hash(task.spec, task.backend):
+        return ()
+    here = task.shape.bucket()
+    stored = []
+    for key, entry in data["entries"].items():
+        if task.phase in entry and key != here.key:
+            apart = distance(here, Shape.from_key(key))
+            stored.append((apart is None, apart or 0.0, key, entry[task.phase]["config"]))
+    return tuple(config for *_, config in sorted(stored, key=lambda item: item[:3]))
+
+
 def run_autotune(args) -> int:
     backends = ["triton", "tilelang"] if args.backend == "all" else [args.backend]
     shapes = parse_shapes(args.shapes, args.dtype)
@@ -255,6 +276,7 @@ def run_autotune(args) -> int:
     if not tasks:
         print("nothing to tune:\n  " + "\n  ".join(problems))
         return 1
+    tasks = [dataclasses.replace(task, seeds=table_seeds(task, root, gpu)) for task in tasks]
     print(f"autotune on {gpu}: {len(tasks)} task(s) ({len({(t.spec.name, t.backend) for t in tasks})} "
           f"spec/backend pair(s) x {len(shapes)} shape(s) x fwd, bwd), budget {args.budget_seconds:.0f} s; "
           f"tables under {root / gpu}", flush=True)

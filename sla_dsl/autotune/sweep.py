@@ -1,7 +1,9 @@
 """The sweep driver behind `python -m sla_dsl autotune`.
 
-For every task (spec, backend, shape, phase): time the default config, then search the backend's tuning space
-by coordinate moves: each round times every config one key away from the best so far (the keys that matter
+For every task (spec, backend, shape, phase): time the default config and the task's seeds (the winners the
+GPU's table already holds for the spec's other shape buckets: a warm start, timed whatever the budget, so that
+a search cut short never leaves a bucket slower than its neighbour's config would run it), then search the backend's tuning space from
+the fastest of them that passes the check, by coordinate moves: each round times every config one key away from the best so far (the keys that matter
 most first, so a task cut short by its budget has tried them), then the combination of every improving move
 (the stages of a phase are separate kernels, so their gains add up), and starts the next round from the
 fastest config that passes the check against the float64 reference. It stops when a round finds nothing
@@ -95,6 +97,8 @@ class Task:
     backend: str
     shape: Shape
     phase: str  # 'fwd' | 'bwd'
+    # configs timed right after the default, the search starting from the fastest (runner.table_seeds)
+    seeds: tuple = ()
 
     @property
     def label(self) -> str:
@@ -172,10 +176,20 @@ def start_of(task: Task):
     return default, space
 
 
+def seeds_of(task: Task, default: dict, space) -> list[dict]:
+    """The task's seeds that are settings of its space, once each, the default left out."""
+    out = []
+    for config in task.seeds:
+        if config in space and config != default and config not in out:
+            out.append(dict(config))
+    return out
+
+
 def first_round(task: Task) -> list[dict]:
-    """The default and the configs one key away from it: what a task times first (compiled ahead)."""
+    """The default, the seeds and the configs one key away from the default: what a task times first (compiled
+    ahead)."""
     default, space = start_of(task)
-    return [default, *space.moves(default)]
+    return [default, *seeds_of(task, default, space), *space.moves(default)]
 
 
 def _short(exc: BaseException) -> str:
@@ -303,6 +317,13 @@ class _Search:
     def search(self, default: dict) -> None:
         self.attempt(default, always=True)
         current = default
+        seeds = seeds_of(self.task, default, self.space)
+        if seeds:
+            if self.compiler is not None:
+                self.compiler.request(self.task, seeds, self.priority)
+            for config in seeds:  # like the default, whatever the budget: a few configs, compiled ahead
+                self.attempt(config, always=True)
+            current = self.next_base(current)
         for _ in range(MAX_ROUNDS):
             moves = [c for c in self.space.moves(current) if config_key(c) not in self.seen]
             if not moves:
