@@ -204,23 +204,27 @@ _RUN_BULLETS = ("- date: ", "- versions: ", "- command: ", "- timing: ", "- wall
 _ROW_IDENTITY = ("spec", "backend", "B", "T", "H", "K", "V", "dtype", "phase")
 
 
-def merge_runs(folders: list[Path], out: Path, command: str) -> list[Path]:
+def merge_runs(folders: list[str], out: Path, command: str) -> list[Path]:
     """bench.json, bench.md and bench.png in `out` from the folders of several runs (one benchmark split over
-    calls with a time limit, e.g. one shape per call). A row is identified by spec, backend, shape, dtype and
+    calls with a time limit, e.g. one shape per call). A folder given as DIR:SPEC,SPEC contributes those specs'
+    rows only (SDPA's spec is causal_softmax_attention). A row is identified by spec, backend, shape, dtype and
     phase; a later folder's row replaces an earlier one's. Rows keep the times and fla baselines their own run
     measured side by side; bench.md lists each run's date, versions, command and wall time."""
     rows: dict[tuple, dict] = {}
     runs: dict[str, list[str]] = {}
     device = "?"
-    for folder in map(Path, folders):
+    for given in map(str, folders):
+        name, _, only = given.partition(":")
+        folder, specs = Path(name), set(filter(None, only.split(",")))
         table, notes = folder / "bench.json", folder / "bench.md"
         if not table.is_file():
             raise FileNotFoundError(f"--merge: {folder} has no bench.json (a folder `bench --out` wrote)")
         for row in json.loads(table.read_text()):
-            rows[tuple(row.get(key) for key in _ROW_IDENTITY)] = row
+            if not specs or row["spec"] in specs:
+                rows[tuple(row.get(key) for key in _ROW_IDENTITY)] = row
         lines = notes.read_text().splitlines() if notes.is_file() else []
         device = next((line.split(": ", 1)[1] for line in lines if line.startswith("# sla-dsl benchmark: ")), device)
-        runs[folder.as_posix()] = [line for line in lines if line.startswith(_RUN_BULLETS)] or ["- (no bench.md)"]
+        runs[given] = [line for line in lines if line.startswith(_RUN_BULLETS)] or ["- (no bench.md)"]
     return write_all(list(rows.values()), out, {"device": device, "command": command, "runs": runs})
 
 
@@ -291,7 +295,7 @@ def run_bench(args) -> int:
             print("--merge needs --out (the folder to write)")
             return 2
         command = "python -m sla_dsl " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
-        paths = merge_runs([Path(folder) for folder in args.merge], Path(args.out), command)
+        paths = merge_runs(args.merge, Path(args.out), command)
         print("wrote " + ", ".join(map(str, paths)))
         return 0
     import torch
@@ -469,5 +473,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rep-ms", type=float, default=100.0)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a smoke run of the harness (e.g. with --backends reference); no real timings")
-    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                        help="time nothing: write --out's bench.json, .md and .png from these runs' folders")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR[:SPEC,...]",
+                        help="time nothing: write --out's bench.json, .md and .png from these runs' folders (a "
+                             "later folder's row replaces an earlier one's; :SPEC,... takes those specs' rows only)")

@@ -68,6 +68,11 @@ def test_merge_combines_runs_split_by_shape_and_a_later_row_wins(tmp_path):
     assert "2025-01-01 00:00 UTC" in md and "2025-01-02 00:00 UTC" in md and "from 2 runs" in md
     assert "| gla | triton | 8x2048x16x64x64 | fwd | 0.900 |" in md and "| gla | triton | 1x32768" in md
     assert paths[2].name == "bench.png"
+    # a folder limited to some specs contributes only their rows
+    paths = bench.merge_runs([tmp_path / "a", f"{tmp_path / 'b'}:sla_gla"], tmp_path / "some", "x")
+    merged = json.loads(paths[0].read_text())
+    assert {r["T"] for r in merged if r["spec"] == "gla"} == {2048}
+    assert {r["T"] for r in merged if r["spec"] == "sla_gla"} == {2048, 8192, 32768}
     with pytest.raises(FileNotFoundError, match="no bench.json"):
         bench.merge_runs([tmp_path / "missing"], tmp_path / "merged", "x")
 
