@@ -977,7 +977,10 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
             DV[t0 + i, h, v0 + e2] = T.cast(du_f[i, e2], dtype)
     """
     else:
-        # dw = -du S^T (accumulated as +du S^T), dvb = T^T du, dL part dvb U1^T, dbeta part sum_v dvb v
+        # dw = -du S^T (accumulated as +du S^T), dvb = T^T du, dL part dvb U1^T, dbeta part sum_v dvb v.
+        # At chunk 64 and 256 threads, TileLang's ThreadSync pass warns that the guarded `dbv_s[i] += tvr_f[i]`
+        # (and `dbt_s` below) keeps a race: a false positive. After the reduction one thread of each row's
+        # replicas writes that row, and no two writers share a row (all 256 threads enumerated, session 11).
         v += """
     T.copy(du_f, du_m)
     T.gemm(du_m, S_m, dws_f, transpose_B=True)
