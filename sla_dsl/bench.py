@@ -295,7 +295,11 @@ def run_bench(args) -> int:
             print("--merge needs --out (the folder to write)")
             return 2
         command = "python -m sla_dsl " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
-        paths = merge_runs(args.merge, Path(args.out), command)
+        try:
+            paths = merge_runs(args.merge, Path(args.out), command)
+        except (OSError, ValueError, KeyError) as exc:  # a missing folder, a bench.json of another format
+            print(f"bench --merge: {type(exc).__name__}: {exc}")
+            return 2
         print("wrote " + ", ".join(map(str, paths)))
         return 0
     import torch

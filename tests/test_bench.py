@@ -75,6 +75,7 @@ def test_merge_combines_runs_split_by_shape_and_a_later_row_wins(tmp_path):
     assert {r["T"] for r in merged if r["spec"] == "sla_gla"} == {2048, 8192, 32768}
     with pytest.raises(FileNotFoundError, match="no bench.json"):
         bench.merge_runs([tmp_path / "missing"], tmp_path / "merged", "x")
+    assert main(["bench", "--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
 
 
 def test_plot_with_only_errors_still_writes(tmp_path):

@@ -235,8 +235,8 @@ def build_tasks(specs, backends, shapes, phases=("fwd", "bwd"), log=stderr_log):
 def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
     """The configs the GPU's table holds for the task's spec, backend and phase in its other shape buckets (those
     with the task's K, V and dtype first, nearest first; the sweep keeps those in the task's space): its warm
-    start. None from a table tuned for
-    other generated kernels, or one that cannot be read (the sweep then starts from the default alone)."""
+    start. Nothing from a table tuned for other generated kernels or one that cannot be read (the sweep then
+    starts from the default alone)."""
     try:
         data = read_table(table_path(gpu, task.backend, task.spec.name, root))
     except (OSError, ValueError):

@@ -2,9 +2,10 @@
 
 For every task (spec, backend, shape, phase): time the default config and the task's seeds (the winners the
 GPU's table already holds for the spec's other shape buckets: a warm start, timed whatever the budget, so that
-a search cut short never leaves a bucket slower than its neighbour's config would run it), then search the backend's tuning space from
-the fastest of them that passes the check, by coordinate moves: each round times every config one key away from the best so far (the keys that matter
-most first, so a task cut short by its budget has tried them), then the combination of every improving move
+a search cut short never leaves a bucket slower than its neighbour's config would run it), then search the
+backend's tuning space from the fastest of them that passes the check, by coordinate moves: each round times
+every config one key away from the best so far (the keys that matter most first, so a task cut short by its
+budget has tried them), then the combination of every improving move
 (the stages of a phase are separate kernels, so their gains add up), and starts the next round from the
 fastest config that passes the check against the float64 reference. It stops when a round finds nothing
 faster, after MAX_ROUNDS, or at the task's deadline. The best few are re-timed with longer runs, and the
