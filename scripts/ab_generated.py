@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,11 +85,12 @@ def _base_kernels(backend: str, runtime, spec, module):
 def _tuned(base: Path, gpu: str, spec_name: str, shape) -> dict | None:
     """The base table's fwd and bwd configs of the bucket nearest `shape` (none: None)."""
     from sla_dsl.autotune.shapes import Shape, nearest
+    from sla_dsl.autotune.table import read_table
 
-    path = base / "tables" / gpu / f"{spec_name}.json"
-    if not path.exists():
+    data = read_table(base / "tables" / gpu / f"{spec_name}.json")
+    if data is None:
         return None
-    entries = json.loads(path.read_text())["entries"]
+    entries = data["entries"]
     found = nearest(shape, [Shape.from_key(key) for key in entries])
     return None if found is None else {phase: entries[found.key][phase]["config"] for phase in ("fwd", "bwd")}
 
