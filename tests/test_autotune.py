@@ -353,7 +353,7 @@ def test_seeds_are_timed_after_the_default_and_the_search_starts_from_the_fastes
     assert report.results[0].config == neighbour
 
 
-def test_table_seeds_are_the_other_buckets_winners_nearest_first(tables, gla, monkeypatch):
+def test_table_seeds_are_the_buckets_winners_own_bucket_first_then_nearest(tables, gla, monkeypatch):
     from sla_dsl.autotune import runner
     from sla_dsl.autotune.runner import table_seeds
 
@@ -361,14 +361,33 @@ def test_table_seeds_are_the_other_buckets_winners_nearest_first(tables, gla, mo
 
     here, near, far, other = (Shape(1, 32768, 16, 128, 128), Shape(4, 8192, 16, 128, 128),
                               Shape(4, 512, 16, 128, 128), Shape(8, 2048, 16, 64, 64))
-    for shape, warps in ((here, 1), (near, 2), (far, 4), (other, 8)):
+    for shape, warps in ((far, 4), (near, 2), (other, 8)):
         write(tables, gla, entry(shape, fwd={"num_warps": warps}))
     write(tables, gla, entry(near, bwd={"num_warps": 16}))
     task = Task(None, gla, "triton", here, "fwd")
     assert table_seeds(task, tables, GPU) == ({"num_warps": 2}, {"num_warps": 4}, {"num_warps": 8})
     assert table_seeds(dataclasses.replace(task, phase="bwd"), tables, GPU) == ({"num_warps": 16},)
+    write(tables, gla, entry(here, fwd={"num_warps": 1}))  # a re-run of a tuned bucket starts from its winner
+    assert table_seeds(task, tables, GPU) == ({"num_warps": 1}, {"num_warps": 2}, {"num_warps": 4},
+                                              {"num_warps": 8})
     assert table_seeds(task, tables, "Other_GPU") == ()
-    write(tables, gla, entry(near, fwd={"num_warps": 2}), source="f" * 64)  # tuned for other kernels
+
+
+def test_a_table_for_other_kernels_still_seeds_the_retuning(tables, gla, monkeypatch):
+    """After a template change the table is stale (ignored at call time), but its winners are where the
+    re-tuning starts; update_table then replaces the stale table bucket by bucket."""
+    from sla_dsl.autotune import runner
+    from sla_dsl.autotune.runner import table_seeds
+
+    monkeypatch.setattr(runner, "source_hash", table.source_hash)
+    here, near = Shape(4, 8192, 16, 128, 128), Shape(1, 32768, 16, 128, 128)
+    write(tables, gla, entry(here, fwd={"num_warps": 2}), source="f" * 64)
+    write(tables, gla, entry(near, fwd={"num_warps": 4}), source="f" * 64)
+    assert table.read_table(table.table_path(GPU, "triton", gla.name, tables))["source_sha256"] != \
+        table.source_hash(gla, "triton")
+    task = Task(None, gla, "triton", here, "fwd")
+    assert table_seeds(task, tables, GPU) == ({"num_warps": 2}, {"num_warps": 4})
+    (tables / GPU / "triton" / f"{gla.name}.json").write_text("{ truncated")
     assert table_seeds(task, tables, GPU) == ()
 
 

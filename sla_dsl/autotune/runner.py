@@ -233,23 +233,25 @@ def build_tasks(specs, backends, shapes, phases=("fwd", "bwd"), log=stderr_log):
 
 
 def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
-    """The configs the GPU's table holds for the task's spec, backend and phase in its other shape buckets (those
-    with the task's K, V and dtype first, nearest first; the sweep keeps those in the task's space): its warm
-    start. Nothing from a table tuned for other generated kernels or one that cannot be read (the sweep then
-    starts from the default alone)."""
+    """The configs the GPU's table holds for the task's spec, backend and phase: its warm start. The task's own
+    bucket first (a re-run never starts behind the table), then the other buckets, those with the task's K, V
+    and dtype first, nearest first. A table tuned for other generated kernels (a template changed since) gives
+    its configs too: re-tuning after a template change starts from the previous winners. Each seed is timed
+    and its winner checked against the reference like any config, and the sweep keeps only those in the task's
+    space. Nothing from a table that cannot be read (the sweep then starts from the default alone)."""
     try:
         data = read_table(table_path(gpu, task.backend, task.spec.name, root))
     except (OSError, ValueError):
         return ()
-    if data is None or data["source_sha256"] != source_hash(task.spec, task.backend):
+    if data is None:
         return ()
     here = task.shape.bucket()
     stored = []
     for key, entry in data["entries"].items():
-        if task.phase in entry and key != here.key:
-            apart = distance(here, Shape.from_key(key))
-            stored.append((apart is None, apart or 0.0, key, entry[task.phase]["config"]))
-    return tuple(config for *_, config in sorted(stored, key=lambda item: item[:3]))
+        if task.phase in entry:
+            apart = 0.0 if key == here.key else distance(here, Shape.from_key(key))
+            stored.append((apart is None, apart or 0.0, key != here.key, key, entry[task.phase]["config"]))
+    return tuple(config for *_, config in sorted(stored, key=lambda item: item[:4]))
 
 
 def run_autotune(args) -> int:
