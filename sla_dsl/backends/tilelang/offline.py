@@ -1,0 +1,93 @@
+"""Compiling the generated TileLang kernels for sm_90a on a machine without a GPU, and reading what each one uses:
+registers and spill stores (from ptxas), shared memory (its compiled layout), and the resident CTAs per SM these
+allow. What bounds a chunk-parallel stage's occupancy, to read next to a profile (scripts/profile_kernels.py). The
+configs are a GPU's tuned ones for the shape (its table under autotune/), else the default.
+
+    python -m sla_dsl.backends.tilelang.offline SPEC[,SPEC...] [BxTxHxK] [--dtype DTYPE] [--gpu GPU]
+
+CTAs per SM is an estimate from the sm_90 limits below (registers allocated per warp in units of 256, shared memory
+per CTA plus 1 KB the driver reserves); a sequential stage's grid (V / block_v x N * H CTAs) is usually smaller than
+the GPU, so its occupancy is its grid's, not this figure."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tilelang import env as tilelang_env
+
+from sla_dsl.autotune.runner import resolve_specs
+from sla_dsl.autotune.shapes import parse_shapes
+from sla_dsl.autotune.table import lookup
+from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
+
+SM90_REGISTERS_PER_SM = 65536
+SM90_SHARED_MEMORY_PER_SM = 233472
+SM90_RESERVED_SHARED_PER_CTA = 1024
+SM90_THREADS_PER_SM = 2048
+SM90_CTAS_PER_SM = 32
+_REGISTERS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores")
+
+
+def ptxas_usage(cuda_source: str) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) of a compiled kernel's CUDA source, from `ptxas -v`."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "kernel.cu"
+        path.write_text(cuda_source)
+        found = subprocess.run(
+            ["nvcc", "-arch=sm_90a", "-cubin", "-std=c++17", "-O3", "-DENABLE_BF16",
+             f"-I{tilelang_env.TILELANG_TEMPLATE_PATH}", f"-I{tilelang_env.CUTLASS_INCLUDE_DIR}",
+             "-Xptxas", "-v", "-o", str(Path(scratch) / "kernel.cubin"), str(path)],
+            capture_output=True, text=True)
+    registers = _REGISTERS.search(found.stderr)
+    if found.returncode != 0 or registers is None:
+        raise RuntimeError(f"nvcc failed on the kernel:\n{found.stderr[-2000:]}")
+    return int(registers[1]), int(_SPILLS.search(found.stderr)[1])
+
+
+def ctas_per_sm(registers: int, threads: int, shared_bytes: int) -> dict[str, int]:
+    """Resident CTAs per SM allowed by each sm_90 limit."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return {"registers": SM90_REGISTERS_PER_SM // (per_warp * (threads // 32)),
+            "shared": SM90_SHARED_MEMORY_PER_SM // (shared_bytes + SM90_RESERVED_SHARED_PER_CTA),
+            "threads": SM90_THREADS_PER_SM // threads}
+
+
+def report(spec, shape, gpu: str) -> None:
+    kernels = TileLangKernels(spec)
+    for phase in ("fwd", "bwd"):
+        tuned = lookup(spec, "tilelang", shape, phase=phase, gpu=gpu)
+        config = tuned if tuned is not None else kernels.default_config(shape, phase)
+        origin = "tuned" if tuned is not None else "default"
+        for stage in tuning.phase_stages(kernels.module, phase):
+            params = tuning.kernel_params(config, stage)
+            compiled = compile_kernel(kernels.module, tuning.stage_kernel(stage), shape.H, tuning.padded(shape.K),
+                                      tuning.padded(shape.V), shape.dtype, params, target=SM90_TARGET)
+            source = compiled.get_kernel_source()
+            shared = tuning.compiled_shared_memory_bytes(source, kernels.module, stage, config, shape)
+            registers, spills = ptxas_usage(source)
+            limits = ctas_per_sm(registers, params["threads"], shared)
+            bound = min(limits, key=limits.get)
+            print(f"{spec.name} {phase} {stage} ({origin}: chunk {params['chunk']}, block_v {params['block_v']}, "
+                  f"{params['threads']} threads): {registers} registers, {spills} B spilled, {shared} B shared; "
+                  f"{min(SM90_CTAS_PER_SM, limits[bound])} CTAs / SM ({bound} bound)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("specs", help="comma-separated spec names or paths")
+    parser.add_argument("shape", nargs="?", default="4x8192x16x128", help="BxTxHxK[xV]")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--gpu", default="NVIDIA_H100_80GB_HBM3", help="whose tuned table (autotune/<gpu>/)")
+    args = parser.parse_args()
+    (shape,) = parse_shapes(args.shape, args.dtype)
+    for spec in resolve_specs(args.specs.split(",")):
+        report(spec, shape, args.gpu)
+
+
+if __name__ == "__main__":
+    main()

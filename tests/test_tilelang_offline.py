@@ -1,0 +1,30 @@
+"""sla_dsl.backends.tilelang.offline: registers from ptxas and the sm_90 limits that bound resident CTAs (no GPU
+needed)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sla_dsl.backends.tilelang import offline
+
+
+def test_ctas_per_sm_follows_each_sm90_limit():
+    # 244 registers round up to 248 per thread, 7936 per warp: 8 warps take 63488 of 65536
+    assert offline.ctas_per_sm(244, 256, 132992) == {"registers": 1, "shared": 1, "threads": 8}
+    assert offline.ctas_per_sm(64, 128, 0) == {"registers": 8, "shared": 228, "threads": 16}
+    assert offline.ctas_per_sm(96, 128, 104960)["shared"] == 2
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_ptxas_reports_registers_and_spills_of_a_cuda_kernel():
+    source = """
+    extern "C" __global__ void __launch_bounds__(128, 1) axpy(float a, const float* x, float* y) {
+        y[threadIdx.x] = a * x[threadIdx.x] + y[threadIdx.x];
+    }
+    """
+    registers, spills = offline.ptxas_usage(source)
+    assert 0 < registers < 32 and spills == 0
+    with pytest.raises(RuntimeError, match="nvcc failed"):
+        offline.ptxas_usage("this is not CUDA")
