@@ -786,3 +786,22 @@ def test_tilelang_default_chunk_is_32_for_a_vector_decay_or_the_delta_rule():
     shape = Shape(4, 8192, 16, 128, 128, "bfloat16")
     chunks = {spec.name: TileLangKernels(spec).default_config(shape, "fwd")["chunk"] for spec in seed_specs()}
     assert chunks == {"retnet": 64, "sla_retnet": 64, "gla": 32, "sla_gla": 32, "gdn": 32, "sla_gdn": 32}
+
+
+def test_tilelang_default_narrows_the_sequential_stages_blocks_until_their_grid_fills_the_gpu():
+    """states and bwd_dh run one CTA per (sequence, head, block of V): at one sequence of 16 heads block_v 64
+    gives 32 CTAs for 132 SMs, so the default takes 16 (128 CTAs); the chunk-parallel stages keep their widest."""
+    from sla_dsl.backends import SEQUENTIAL_PROGRAMS
+    from sla_dsl.backends.tilelang import TileLangKernels, tuning
+
+    kernels = TileLangKernels(next(s for s in seed_specs() if s.name == "gdn"))
+    for shape, block in ((Shape(1, 32768, 16, 128, 128, "bfloat16"), 16),
+                         (Shape(4, 8192, 16, 128, 128, "bfloat16"), 32),
+                         (Shape(32, 2048, 16, 128, 128, "bfloat16"), 128),
+                         (Shape(1, 64, 1, 128, 128, "float32"), 16)):
+        assert tuning.sequential_block_v(shape) == block
+        assert block == 16 or shape.B * shape.H * shape.V // block >= SEQUENTIAL_PROGRAMS
+        config = kernels.default_config(shape, "bwd")
+        assert config in kernels.tuning_space(shape, "bwd")
+        assert config["bwd_states_block_v"] <= block and config["bwd_dh_block_v"] <= block
+        assert config["bwd_wy_block_v"] == 64

@@ -19,6 +19,11 @@ import importlib
 BACKENDS = ("reference", "triton", "tilelang")
 # The opt-in shared memory of one CTA on sm_90 (H100, H200): the target CI compiles for without a GPU.
 SM90_SHARED_MEMORY_BYTES = 227 * 1024
+# Programs (CTAs) the sequential passes' default configs aim for: the H100's 132 SMs. A sequential pass runs one
+# program per (sequence, head, block of K and V), each walking all its sequence's chunks, so with fewer programs
+# than SMs the rest idle; a GPU with fewer SMs only gets narrower blocks than it needs, and its own sweep replaces
+# the default anyway.
+SEQUENTIAL_PROGRAMS = 132
 
 
 def build_backend(name: str, spec):

@@ -27,7 +27,7 @@ import torch
 
 from sla_dsl.autotune.protocol import ConfigRejected
 from sla_dsl.autotune.space import Space
-from sla_dsl.backends import SM90_SHARED_MEMORY_BYTES
+from sla_dsl.backends import SEQUENTIAL_PROGRAMS, SM90_SHARED_MEMORY_BYTES
 from sla_dsl.backends.tilelang.tf32x3 import FP32_ONLY
 
 TILE = 16  # the smallest K and V of the kernels: one tensor-core tile
@@ -253,8 +253,9 @@ def sequential_num_stages(module) -> int:
 def default_config(module, shape, phase: str) -> dict:
     """Heuristic settings for `shape` (a member of tuning_space): the first chunk of chunk_preference at which
     every stage fits in shared memory by the bound known before compiling (shared_memory_bytes), and at it each
-    stage's largest block_v that fits. Blocks of V narrower than 32 are a last resort: the sequential stages run
-    one program per block of V, each walking every chunk."""
+    chunk-parallel stage's largest block_v that fits (narrower than 32 only as a last resort: those stages loop
+    over the blocks of V, redoing each chunk's C x C work per block's gemms at smaller tiles), and each sequential
+    stage's largest that fits within sequential_block_v."""
     shape = _padded_shape(shape)
     stages = phase_stages(module, phase)
     block_sizes = [b for b in sorted(BLOCK_V, reverse=True) if shape.V % b == 0]
@@ -269,15 +270,30 @@ def default_config(module, shape, phase: str) -> dict:
                      f"{phase} kernels for K={shape.K}, V={shape.V} in {limit} bytes of shared memory")
 
 
+def sequential_block_v(shape) -> int:
+    """The widest block_v at which a sequential stage's grid, V / block_v x B * H CTAs, has SEQUENTIAL_PROGRAMS,
+    else the narrowest (TILE). Each CTA walks all its sequence's chunks, so the stage takes one CTA's walk, and
+    with fewer CTAs than SMs the rest idle. On the H100 at (1, 32768, 16, 128) the sweeps chose block_v 16 for
+    states and bwd_dh of all six seed specs (128 CTAs; block_v 64 gives 32): retnet's backward 2.21 ms against
+    4.68 at the default, gdn's 6.82 against 11.69 (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session12)."""
+    block_v = shape.V
+    while block_v > TILE and shape.B * shape.H * (shape.V // block_v) < SEQUENTIAL_PROGRAMS:
+        block_v //= 2
+    return block_v
+
+
 def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list[int], limit: int) -> dict | None:
     config = {"chunk": chunk}
     for stage in stages:
         # num_stages=0 in the chunk-parallel stages: their pipelined variants are left to the sweep, which
         # checks each winner against the float64 reference on the GPU. The sequential stages' is measured
         # (sequential_num_stages).
-        depth = sequential_num_stages(module) if stage_kernel(stage) in SEQUENTIAL_KERNELS else 0
+        sequential = stage_kernel(stage) in SEQUENTIAL_KERNELS
+        depth = sequential_num_stages(module) if sequential else 0
+        blocks = ([b for b in BLOCK_V[::-1] if shape.V % b == 0 and b <= sequential_block_v(shape)] if sequential
+                  else block_sizes)
         candidates = ({**config, f"{stage}_block_v": b, f"{stage}_threads": 0, f"{stage}_num_stages": depth}
-                      for b in block_sizes)
+                      for b in blocks)
         fitting = ({**candidate, f"{stage}_threads": min(128, max_threads(module, stage, candidate, shape))}
                    for candidate in candidates if shared_memory_bytes(module, stage, candidate, shape) <= limit)
         setting = next(fitting, None)

@@ -36,6 +36,7 @@ from sla_dsl.alloc import new_output
 from sla_dsl.autotune import Shape, resolve_config
 from sla_dsl.autotune.protocol import override_config
 from sla_dsl.autotune.space import Space
+from sla_dsl.backends import SEQUENTIAL_PROGRAMS
 from sla_dsl.backends.triton.generator import fused_qk
 from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_dqk, tpl_bwd_wy, tpl_output, tpl_prep, tpl_states
 from sla_dsl.launch_tables import chunk_table, log_gammas, scalar
@@ -65,9 +66,6 @@ MIN_BV = {"output": 64}
 # blocked (I + L)^-1, is right and only the forward is wrong (states or output; benchmarks/NVIDIA_H100_80GB_HBM3/
 # 2026-11-23-session4/delta-chunk64.txt). Chunk 64 was also slower there. The delta rule's chunk stays <= 32.
 MAX_DELTA_BT = 32
-# Programs the sequential passes aim for: the H100's 132 SMs (a GPU with fewer only gets narrower V-blocks than it
-# needs; its own sweep replaces the default anyway)
-SEQUENTIAL_PROGRAMS = 132
 CONSTRAINTS = ("BC <= BT and BT % BC == 0", "every stage's BV <= padded V (next power of two >= 16)",
                "output_BV >= min(64, padded V) (MIN_BV)", "delta rule: BT <= 32 (MAX_DELTA_BT)",
                "states_BK, bwd_states_BK, bwd_dh_BK: padded K (next power of two >= 16) or, for an additive write,"
