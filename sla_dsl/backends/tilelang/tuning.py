@@ -253,8 +253,7 @@ def sequential_num_stages(module) -> int:
 def default_config(module, shape, phase: str) -> dict:
     """Heuristic settings for `shape` (a member of tuning_space): the first chunk of chunk_preference at which
     every stage fits in shared memory by the bound known before compiling (shared_memory_bytes), and at it each
-    chunk-parallel stage's largest block_v that fits (narrower than 32 only as a last resort: those stages loop
-    over the blocks of V, redoing each chunk's C x C work per block's gemms at smaller tiles), and each sequential
+    chunk-parallel stage's largest block_v that fits (narrower than 32 only as a last resort) and each sequential
     stage's largest that fits within sequential_block_v."""
     shape = _padded_shape(shape)
     stages = phase_stages(module, phase)
