@@ -805,3 +805,29 @@ def test_tilelang_default_narrows_the_sequential_stages_blocks_until_their_grid_
         assert config in kernels.tuning_space(shape, "bwd")
         assert config["bwd_states_block_v"] <= block and config["bwd_dh_block_v"] <= block
         assert config["bwd_wy_block_v"] == 64
+
+
+def test_sigterm_ends_the_sweep_with_the_finished_tasks_and_a_summary(gla):
+    """`timeout` around a sweep sends SIGTERM: the task under way ends unwritten, the finished ones keep their
+    results (and tables, written as each ends), the summary says why, and the handler is restored after."""
+    import signal
+
+    from sla_dsl.autotune.runner import sigterm_stops_the_sweep
+
+    kernels = FakeKernels(gla)
+    tasks = [Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), phase) for phase in ("fwd", "bwd")]
+    written = []
+
+    def measure(task, config, precise=False):
+        if task.phase == "bwd":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fake_measure(task, config, precise)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_stops_the_sweep():
+        report = sweep(tasks, measure=measure, verify=lambda t, c: verify_config(t, c, device="cpu"),
+                       budget_seconds=60, on_result=written.append)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [r.task.phase for r in written] == ["fwd"] and written[0].config is not None
+    assert report.results[1].config is None and report.aborted.startswith("SIGTERM received")
+    assert "ABORTED: SIGTERM received (0 later task(s) not run)" in report.summary()

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from sla_dsl.autotune.isolate import DEFAULT_TIMEOUT_S, IsolatedDevice
 from sla_dsl.autotune.precompile import Precompiler
 from sla_dsl.autotune.protocol import config_label, default_config, is_tunable, tuning_space
 from sla_dsl.autotune.shapes import Shape, distance, parse_shapes
-from sla_dsl.autotune.sweep import Task, stderr_log, sweep
+from sla_dsl.autotune.sweep import SweepStopped, Task, stderr_log, sweep
 from sla_dsl.autotune.table import gpu_name, read_table, source_hash, table_path, table_root, update_table
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -254,6 +256,20 @@ def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
     return tuple(config for *_, config in sorted(stored, key=lambda item: item[:4]))
 
 
+@contextlib.contextmanager
+def sigterm_stops_the_sweep():
+    """While active, SIGTERM (what `timeout` sends) raises SweepStopped in the sweep: the task under way ends
+    unwritten, and the sweep returns its report of the finished ones, whose tables are already written."""
+    def stop(signum, frame):
+        raise SweepStopped(f"{signal.Signals(signum).name} received")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_autotune(args) -> int:
     backends = ["triton", "tilelang"] if args.backend == "all" else [args.backend]
     shapes = parse_shapes(args.shapes, args.dtype)
@@ -305,8 +321,9 @@ def run_autotune(args) -> int:
 
     progress = None if args.no_progress else (lambda **kw: tqdm(leave=False, dynamic_ncols=True, **kw))
     try:
-        report = sweep(tasks, measure=worker.measure, verify=worker.verify, budget_seconds=args.budget_seconds,
-                       on_result=on_result, progress=progress, log=stderr_log, compiler=compiler)
+        with sigterm_stops_the_sweep():
+            report = sweep(tasks, measure=worker.measure, verify=worker.verify, budget_seconds=args.budget_seconds,
+                           on_result=on_result, progress=progress, log=stderr_log, compiler=compiler)
     finally:
         worker.close()
         if compiler is not None:

@@ -91,6 +91,13 @@ class SweepAborted(RuntimeError):
     config kills it): the sweep stops and keeps what it has written."""
 
 
+class SweepStopped(BaseException):
+    """Raised in the sweep's process when it is asked to stop (runner.sigterm_stops_the_sweep: a `timeout` around
+    the sweep): the task under way ends unwritten, the finished tasks' tables are kept and the summary still
+    prints. A BaseException, like KeyboardInterrupt, so that no handler of a config's errors takes it for a
+    failure of that config."""
+
+
 @dataclass
 class Task:
     kernels: object
@@ -441,7 +448,7 @@ def sweep(tasks: list[Task], *, measure, verify, budget_seconds: float, on_resul
         try:
             result = run_task(task, measure=measure, verify=verify, deadline=deadline, clock=clock,
                               progress=progress, compiler=compiler, priority=number)
-        except SweepAborted as exc:
+        except (SweepAborted, SweepStopped) as exc:
             aborted = f"{exc} ({len(tasks) - number - 1} later task(s) not run)"
             results.append(TaskResult(task, error=f"stopped: {exc}"))
             break
