@@ -112,6 +112,7 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
                 "timed there side by side with its fla row:"]
         for folder, lines in meta["runs"].items():
             runs += [f"  - `{folder}`:"] + [f"    {line}" for line in lines]
+        runs += baseline_spread(rows)
     else:
         runs = _run_lines(meta)
     head = [f"# sla-dsl benchmark: {meta.get('device', '?')}", "",
@@ -121,6 +122,29 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
             "feature map, the l2 norm when gates follow it) runs in torch around it and is timed with it "
             "(see notes). SDPA: `F.scaled_dot_product_attention(is_causal=True)` on [B, H, T, D].", ""]
     write_atomically(Path(path), "\n".join(head + table_lines(rows)) + "\n")
+
+
+# fla's times for one workload, as the merged runs measured them, that differ by more than this factor
+BASELINE_SPREAD = 1.2
+
+
+def baseline_spread(rows: list[dict]) -> list[str]:
+    """Bullets for a merged bench.md: each workload (spec, shape, dtype, phase) whose fla rows, from different
+    runs, differ by more than BASELINE_SPREAD. Each ratio is honest within its own run, but comparing the two
+    backends' ratios on that row compares runs as much as backends."""
+    fla: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row.get("baseline") == "fla" and row.get("baseline_ms"):
+            key = tuple(row[k] for k in _ROW_IDENTITY if k != "backend")
+            fla.setdefault(key, []).append(row["baseline_ms"])
+    spread = [(key, min(times), max(times)) for key, times in sorted(fla.items(), key=str)
+              if max(times) > BASELINE_SPREAD * min(times)]
+    if not spread:
+        return []
+    return ([f"- fla's time for the same workload differs between the merged runs by more than "
+             f"{BASELINE_SPREAD:g}x on {len(spread)} row(s) (their backends' ratios come from different runs):"]
+            + [f"  - {spec} {b}x{t}x{h}x{k}x{v} {dtype} {phase}: fla {low:.3f} to {high:.3f} ms"
+               for (spec, b, t, h, k, v, dtype, phase), low, high in spread])
 
 
 def write_plot(rows: list[dict], path: Path, title: str = "") -> None:

@@ -73,6 +73,14 @@ def test_merge_combines_runs_split_by_shape_and_a_later_row_wins(tmp_path):
     merged = json.loads(paths[0].read_text())
     assert {r["T"] for r in merged if r["spec"] == "gla"} == {2048}
     assert {r["T"] for r in merged if r["spec"] == "sla_gla"} == {2048, 8192, 32768}
+    assert "differs between the merged runs" not in md  # one fla time per workload
+    # two runs whose fla times for one workload differ: the merged table says so
+    slower_fla = [dict(r, baseline_ms=r["baseline_ms"] * 1.5) for r in small if r["baseline"] == "fla"]
+    other = next(r for r in slower_fla if r["backend"] == "triton")
+    bench.write_all([other], tmp_path / "c", {**meta, "date": "2025-01-03 00:00 UTC"})
+    md = bench.merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "spread", "x")[1].read_text()
+    assert "differs between the merged runs by more than 1.2x on 1 row(s)" in md
+    assert f"  - {other['spec']} 8x2048x16x64x64 {other['dtype']} {other['phase']}: fla " in md
     with pytest.raises(FileNotFoundError, match="no bench.json"):
         bench.merge_runs([tmp_path / "missing"], tmp_path / "merged", "x")
     assert main(["bench", "--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
