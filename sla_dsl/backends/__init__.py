@@ -26,6 +26,15 @@ SM90_SHARED_MEMORY_BYTES = 227 * 1024
 SEQUENTIAL_PROGRAMS = 132
 
 
+def sequential_block(widest: int, dim: int, programs_per_block: int, narrowest: int = 16) -> int:
+    """The block of `dim` for a sequential pass's default: halved from `widest`, down to `narrowest`, until
+    ceil(dim / block) blocks of `programs_per_block` programs each reach SEQUENTIAL_PROGRAMS."""
+    block = widest
+    while block > narrowest and programs_per_block * -(-dim // block) < SEQUENTIAL_PROGRAMS:
+        block //= 2
+    return block
+
+
 def build_backend(name: str, spec):
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} or auto, got {name!r}")

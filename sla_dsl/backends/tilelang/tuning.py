@@ -27,7 +27,7 @@ import torch
 
 from sla_dsl.autotune.protocol import ConfigRejected
 from sla_dsl.autotune.space import Space
-from sla_dsl.backends import SEQUENTIAL_PROGRAMS, SM90_SHARED_MEMORY_BYTES
+from sla_dsl.backends import SM90_SHARED_MEMORY_BYTES, sequential_block
 from sla_dsl.backends.tilelang.tf32x3 import FP32_ONLY
 
 TILE = 16  # the smallest K and V of the kernels: one tensor-core tile
@@ -275,24 +275,22 @@ def sequential_block_v(shape) -> int:
     with fewer CTAs than SMs the rest idle. On the H100 at (1, 32768, 16, 128) the sweeps chose block_v 16 for
     states and bwd_dh of all six seed specs (128 CTAs; block_v 64 gives 32): retnet's backward 2.21 ms against
     4.68 at the default, gdn's 6.82 against 11.69 (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session12)."""
-    block_v = shape.V
-    while block_v > TILE and shape.B * shape.H * (shape.V // block_v) < SEQUENTIAL_PROGRAMS:
-        block_v //= 2
-    return block_v
+    return sequential_block(shape.V, shape.V, shape.B * shape.H, narrowest=TILE)
 
 
 def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list[int], limit: int) -> dict | None:
     config = {"chunk": chunk}
+    # the sequential stages' candidates ignore the chunk-parallel stages' floor of 32 (default_config)
+    sequential_blocks = [b for b in sorted(BLOCK_V, reverse=True)
+                         if shape.V % b == 0 and b <= sequential_block_v(shape)]
     for stage in stages:
         # num_stages=0 in the chunk-parallel stages: their pipelined variants are left to the sweep, which
         # checks each winner against the float64 reference on the GPU. The sequential stages' is measured
         # (sequential_num_stages).
         sequential = stage_kernel(stage) in SEQUENTIAL_KERNELS
         depth = sequential_num_stages(module) if sequential else 0
-        blocks = ([b for b in BLOCK_V[::-1] if shape.V % b == 0 and b <= sequential_block_v(shape)] if sequential
-                  else block_sizes)
         candidates = ({**config, f"{stage}_block_v": b, f"{stage}_threads": 0, f"{stage}_num_stages": depth}
-                      for b in blocks)
+                      for b in (sequential_blocks if sequential else block_sizes))
         fitting = ({**candidate, f"{stage}_threads": min(128, max_threads(module, stage, candidate, shape))}
                    for candidate in candidates if shared_memory_bytes(module, stage, candidate, shape) <= limit)
         setting = next(fitting, None)

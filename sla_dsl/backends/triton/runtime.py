@@ -36,7 +36,7 @@ from sla_dsl.alloc import new_output
 from sla_dsl.autotune import Shape, resolve_config
 from sla_dsl.autotune.protocol import override_config
 from sla_dsl.autotune.space import Space
-from sla_dsl.backends import SEQUENTIAL_PROGRAMS
+from sla_dsl.backends import sequential_block
 from sla_dsl.backends.triton.generator import fused_qk
 from sla_dsl.backends.triton import tpl_bwd_dh, tpl_bwd_dqk, tpl_bwd_wy, tpl_output, tpl_prep, tpl_states
 from sla_dsl.launch_tables import chunk_table, log_gammas, scalar
@@ -153,10 +153,8 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
     # ... and narrower where B * H * cdiv(K, BK) * cdiv(V, BV) programs would leave SMs idle. On the H100 at
     # (1, 32768, 16, 128) the sweep chose BV 16 for every sequential pass of all six specs, with one K-block
     # (retnet fwd 1.05 ms; 1.47 with BV 32-64)
-    programs_per_v_block = shape.B * shape.H * triton.cdiv(shape.K, seq_BK)
-    while not interpreting() and seq_BV > 16 \
-            and programs_per_v_block * triton.cdiv(shape.V, seq_BV) < SEQUENTIAL_PROGRAMS:
-        seq_BV //= 2
+    if not interpreting():
+        seq_BV = sequential_block(seq_BV, shape.V, shape.B * shape.H * triton.cdiv(shape.K, seq_BK))
     # the delta rule's solve and the vector decay's in-chunk products keep [BT, BT] and [BT, KP] tiles live
     heavy_warps = 8 if KP > 64 and (rec.write is WriteRule.DELTA or rec.decay is Decay.VECTOR) else 4
     stage_defaults = {"prep": {"BV": min(VP, 64), "num_warps": heavy_warps, "num_stages": 1},
