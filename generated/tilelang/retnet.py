@@ -311,7 +311,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             qp_s = T.alloc_shared((C, K), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
-            qe_m = T.alloc_shared((C, K), dtype)
             ke_m = T.alloc_shared((C, K), dtype)
             A_f = T.alloc_fragment((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
@@ -321,7 +320,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             do_m = T.alloc_shared((C, BV), dtype)
             S_m = T.alloc_shared((K, BV), dtype)
             dS_m = T.alloc_shared((K, BV), dtype)
-            du_f = T.alloc_fragment((C, BV), "float32")
             dqe_f = T.alloc_fragment((C, K), "float32")
             dke_f = T.alloc_fragment((C, K), "float32")
             dA_f = T.alloc_fragment((C, C), "float32")
@@ -331,6 +329,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dqp_s = T.alloc_shared((C, K), "float32")
             dkp_s = T.alloc_shared((C, K), "float32")
             P_m = T.alloc_shared((C, C), dtype)
+            du_f = T.alloc_fragment((C, BV), "float32")
             terms_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
@@ -359,8 +358,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 km_m[i, d] = T.cast(kp_s[i, d], dtype)
             for i, d in T.Parallel(C, K):
                 qm_m[i, d] = T.cast(qp_s[i, d], dtype)
-            for i, d in T.Parallel(C, K):
-                qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i]), dtype)
             for i, d in T.Parallel(C, K):
                 ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)

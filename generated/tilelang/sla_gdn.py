@@ -447,7 +447,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     w^T du, du = A^T dO + ke dS. Inputs (q, k, v, g, beta, gq, gk, scale), cu_seqlens, chunk_offsets, do [NT, H, V],
     w and ke [NT, H, K] (stage wy), dvl [NT, H, V] and qe [NT, H, K] (stage dv_local), dht [N, H, K, V] fp32 (zeros
     when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of the state at the end
-    of every chunk) and dh0 [N, H, K, V] fp32."""
+    of every chunk) and dh0 [N, H, K, V] fp32, and du [NT, H, V] in dtype (the gradient of v_new, for bwd_chunk)."""
     C, BV = chunk, block_v
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -474,6 +474,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         DHT: T.Tensor((N, H, K, V), "float32"),
         DH: T.Tensor((NC, H, K, V), state_dt),
         DH0: T.Tensor((N, H, K, V), "float32"),
+        DU: T.Tensor((NT, H, V), dtype),
     ):
         with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
             n = nh // H
@@ -519,6 +520,9 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 T.copy(dvl_s, du_f)
                 compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)
                 for i, e2 in T.Parallel(C, BV):
+                    if t0 + i < eos:
+                        DU[t0 + i, h, v0 + e2] = T.cast(du_f[i, e2], dtype)
+                for i, e2 in T.Parallel(C, BV):
                     ndu_m[i, e2] = T.if_then_else(t0 + i < eos, T.cast(-du_f[i, e2], dtype), T.cast(0.0, dtype))
                 T.copy(W[t0:t0 + C, h, :], w_m)
                 for a, e2 in T.Parallel(K, BV):
@@ -534,8 +538,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, beta, gq, gk, scale), cu_seqlens,
     chunk_table [NC, 2] int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H,
     K, V] (gradient of the state leaving it), do [NT, H, V], w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage
-    wy), vn [NT, H, V] (v_new, stage states); outputs dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg [NT, H(, K)],
-    dbeta, dgq, dgk [NT, H] fp32."""
+    wy), vn [NT, H, V] (v_new, stage states), du [NT, H, V] (the gradient of v_new, stage bwd_dh); outputs dq, dk
+    [NT, H, K], dv [NT, H, V] in dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
     C, BV = chunk, block_v
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -561,6 +565,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         TM: T.Tensor((NC, H, C, C), dtype),
         U: T.Tensor((NT, H, V), dtype),
         VN: T.Tensor((NT, H, V), dtype),
+        DU: T.Tensor((NT, H, V), dtype),
         DQ: T.Tensor((NT, H, K), dtype),
         DK: T.Tensor((NT, H, K), dtype),
         DV: T.Tensor((NT, H, V), dtype),
@@ -585,10 +590,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             kp_s = T.alloc_shared((C, K), "float32")
             sq = T.alloc_fragment((C, K), "float32")
             bt_s = T.alloc_shared((C,), "float32")
-            qe_m = T.alloc_shared((C, K), dtype)
-            ke_m = T.alloc_shared((C, K), dtype)
-            A_f = T.alloc_fragment((C, C), "float32")
-            A_m = T.alloc_shared((C, C), dtype)
             km_m = T.alloc_shared((C, K), dtype)
             qm_m = T.alloc_shared((C, K), dtype)
             M_f = T.alloc_fragment((C, C), "float32")
@@ -599,7 +600,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             do_m = T.alloc_shared((C, BV), dtype)
             S_m = T.alloc_shared((K, BV), dtype)
             dS_m = T.alloc_shared((K, BV), dtype)
-            du_f = T.alloc_fragment((C, BV), "float32")
             dqe_f = T.alloc_fragment((C, K), "float32")
             dke_f = T.alloc_fragment((C, K), "float32")
             dA_f = T.alloc_fragment((C, C), "float32")
@@ -651,10 +651,10 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
-            tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             tf32_C_BV_2 = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
+            tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
 
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
@@ -687,14 +687,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 km_m[i, d] = T.cast(kp_s[i, d], dtype)
             for i, d in T.Parallel(C, K):
                 qm_m[i, d] = T.cast(qp_s[i, d], dtype)
-            for i, d in T.Parallel(C, K):
-                qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i]), dtype)
-            for i, d in T.Parallel(C, K):
-                ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
-            compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
-            for i, j in T.Parallel(C, C):
-                A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
-            T.copy(A_f, A_m)
             compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
@@ -727,12 +719,10 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.if_then_else(t0 + i < eos, VN[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                     U1_m[i, e2] = T.if_then_else(t0 + i < eos, U[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
-                compensated_gemm(A_m, do_m, du_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
-                compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)
+                    du_m[i, e2] = T.if_then_else(t0 + i < eos, DU[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 compensated_gemm(do_m, S_m, dqe_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
                 compensated_gemm(do_m, u_m, dA_f, tf32_C_BV, tf32_C_BV_2, transpose_B=True)
                 compensated_gemm(u_m, dS_m, dke_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
-                T.copy(du_f, du_m)
                 compensated_gemm(du_m, S_m, dws_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
                 compensated_gemm(Tm_m, du_m, dvb_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
                 T.copy(dvb_f, dvb_m)

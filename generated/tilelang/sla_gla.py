@@ -395,7 +395,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             kx = T.alloc_fragment((C, K), "float32")
             kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
-            qe_m = T.alloc_shared((C, K), dtype)
             ke_m = T.alloc_shared((C, K), dtype)
             A_s = T.alloc_shared((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
@@ -408,7 +407,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             do_m = T.alloc_shared((C, BV), dtype)
             S_m = T.alloc_shared((K, BV), dtype)
             dS_m = T.alloc_shared((K, BV), dtype)
-            du_f = T.alloc_fragment((C, BV), "float32")
             dqe_f = T.alloc_fragment((C, K), "float32")
             dke_f = T.alloc_fragment((C, K), "float32")
             dA_f = T.alloc_fragment((C, C), "float32")
@@ -427,6 +425,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             part_f = T.alloc_fragment((SB, K), "float32")
             px_s = T.alloc_shared((C, K), "float32")
             py_s = T.alloc_shared((C, K), "float32")
+            du_f = T.alloc_fragment((C, BV), "float32")
             terms_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
@@ -461,8 +460,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 kr[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
             for i, d in T.Parallel(C, K):
                 kp_s[i, d] = kx[i, d] * kr[i]
-            for i, d in T.Parallel(C, K):
-                qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i, d]), dtype)
             for i, d in T.Parallel(C, K):
                 ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
             for r in T.serial(C // SB):

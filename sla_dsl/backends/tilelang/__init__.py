@@ -245,14 +245,15 @@ class TileLangKernels:
             shape = (nt, heads, dim_k) if name == "dg" and self.recurrence.decay is Decay.VECTOR else (nt, heads)
             small[name] = new_output(shape, torch.float32, device)
         if nt > 0:
-            extra = [st["qe"]] if "prep" in kernels else []
+            extra, du = ([st["qe"]] if "prep" in kernels else []), []
             if "dv_local" in kernels:
                 dvl = new_output((nt, heads, dim_v), torch.float32, device)
                 qe = new_output((nt, heads, dim_k), dtype, device)
                 kernels["dv_local"](*p["inputs"], p["cu"], st["table"], do_flat, dvl, qe)
                 extra = [st["w"], dvl, qe, st["ke"]]
-            kernels["bwd_dh"](*p["inputs"], p["cu"], st["offsets"], do_flat, *extra, *st["gc"], dht, dh, dh0)
-            wy = [st["w"], st["tm"], st["u"], st["v_new"]] if "wy" in kernels else []
+                du = [new_output((nt, heads, dim_v), dtype, device)]  # the delta rule's gradient of v_new
+            kernels["bwd_dh"](*p["inputs"], p["cu"], st["offsets"], do_flat, *extra, *st["gc"], dht, dh, dh0, *du)
+            wy = [st["w"], st["tm"], st["u"], st["v_new"], *du] if "wy" in kernels else []
             kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, *wy, dq, dk, dv,
                                  *small.values())
         else:

@@ -11,6 +11,7 @@ and do only what the recurrence needs there; everything else is chunk-parallel (
     output      o = qe S + A u, with the chunk's C x C attention A computed once for all blocks of V
     dv_local    (delta rule) A^T dO, the in-chunk part of du
     bwd_dh      sequential, reverse: dS <- exp(b_C) dS + qe^T dO (- w^T du); writes dS at every chunk's end
+                (and the delta rule's du = A^T dO + ke dS, which bwd_chunk reads)
     bwd_chunk   every input gradient of one chunk: loops over V-blocks accumulating the K-side gradients in
                 fp32 fragments, then chains through decay cumsum, gates, L2 norm and feature maps
 
@@ -742,13 +743,13 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS +
     qe^T dO{delta_doc}. Inputs {inputs}, cu_seqlens, chunk_offsets, do [NT, H, V]{delta_inputs}, dht [N, H, K, V]
     fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] in dtype (the gradient of
-    the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
+    the state at the end of every chunk) and dh0 [N, H, K, V] fp32{delta_outputs}."""
 ''' + SIGNATURE + '''        CO: T.Tensor((N,), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
 {delta_params}        DHT: T.Tensor((N, H, K, V), "float32"),
         DH: T.Tensor((NC, H, K, V), state_dt),
         DH0: T.Tensor((N, H, K, V), "float32"),
-    ):
+{delta_out_params}    ):
 ''' + SEQUENTIAL_PROLOGUE + '''{allocs}            qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
@@ -770,7 +771,8 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
 def _bwd_dh_pieces(f: _Features) -> dict:
     if not f.delta:
-        return {"delta_allocs": "", "du": "", "dw": "", "delta_params": "", "delta_doc": "", "delta_inputs": ""}
+        return {"delta_allocs": "", "du": "", "dw": "", "delta_params": "", "delta_doc": "", "delta_inputs": "",
+                "delta_outputs": "", "delta_out_params": ""}
     delta_allocs = _ind("""
     ke_m = T.alloc_shared((C, K), dtype)
     dS_m = T.alloc_shared((K, BV), dtype)
@@ -780,10 +782,14 @@ def _bwd_dh_pieces(f: _Features) -> dict:
     w_m = T.alloc_shared((C, K), dtype)
     """, 0)
     # du = A^T dO + ke dS_end (A^T dO from dv_local);  dS_in = gC dS_end + qe^T dO - w^T du, added as
-    # w^T (-du) so that w is read as stored (a plain copy)
+    # w^T (-du) so that w is read as stored (a plain copy). du is also stored for bwd_chunk, which would
+    # otherwise recompute it per V-block with two more gemms and the chunk's C x C attention.
     du = "T.copy(dS, dS_m)\n" + _copy_rows("DVL", "dvl_s", "BV") + _ind("""
     T.copy(dvl_s, du_f)
     T.gemm(ke_m, dS_m, du_f)
+    for i, e2 in T.Parallel(C, BV):
+        if t0 + i < eos:
+            DU[t0 + i, h, v0 + e2] = T.cast(du_f[i, e2], dtype)
     """, 0) + _masked("ndu_m", "-du_f[i, e2]") + _copy_rows("W", "w_m", "K")
     return {"delta_allocs": delta_allocs, "du": du, "dw": _ind("""
     T.gemm(w_m, ndu_m, dS, transpose_A=True)
@@ -791,7 +797,9 @@ def _bwd_dh_pieces(f: _Features) -> dict:
                              '        DVL: T.Tensor((NT, H, V), "float32"),\n'
                              '        QE: T.Tensor((NT, H, K), dtype),\n        KE: T.Tensor((NT, H, K), dtype),\n'),
             "delta_doc": " - w^T du, du = A^T dO + ke dS",
-            "delta_inputs": ", w and ke [NT, H, K] (stage wy), dvl [NT, H, V] and qe [NT, H, K] (stage dv_local)"}
+            "delta_inputs": ", w and ke [NT, H, K] (stage wy), dvl [NT, H, V] and qe [NT, H, K] (stage dv_local)",
+            "delta_outputs": ", and du [NT, H, V] in dtype (the gradient of v_new, for bwd_chunk)",
+            "delta_out_params": '        DU: T.Tensor((NT, H, V), dtype),\n'}
 
 
 BWD_CHUNK = '''
@@ -833,7 +841,6 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     do_m = T.alloc_shared((C, BV), dtype)
     S_m = T.alloc_shared((K, BV), dtype)
     dS_m = T.alloc_shared((K, BV), dtype)
-    du_f = T.alloc_fragment((C, BV), "float32")
     dqe_f = T.alloc_fragment((C, K), "float32")
     dke_f = T.alloc_fragment((C, K), "float32")
     dA_f = T.alloc_fragment((C, C), "float32")
@@ -867,6 +874,10 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     else:
         a += """
     P_m = T.alloc_shared((C, C), dtype)
+    """
+    if not f.delta:
+        a += """
+    du_f = T.alloc_fragment((C, BV), "float32")
     """
     if f.delta:
         a += """
@@ -957,15 +968,19 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     u_name = "v_m"
     if f.delta:
         u_name = "u_m"
-        # v_new (u_m) and T beta v (U1_m) as stages states and wy stored them
+        # v_new (u_m), T beta v (U1_m) and du as stages states, wy and bwd_dh stored them
         v += """
     for i, e2 in T.Parallel(C, BV):
         u_m[i, e2] = T.if_then_else(t0 + i < eos, VN[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
         U1_m[i, e2] = T.if_then_else(t0 + i < eos, U[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+        du_m[i, e2] = T.if_then_else(t0 + i < eos, DU[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
     """
-    v += f"""
+    else:
+        v += """
     T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
     T.gemm(ke_m, dS_m, du_f)
+    """
+    v += f"""
     T.gemm(do_m, S_m, dqe_f, transpose_B=True)
     T.gemm(do_m, {u_name}, dA_f, transpose_B=True)
     T.gemm({u_name}, dS_m, dke_f, transpose_B=True)
@@ -982,7 +997,6 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         # (and `dbt_s` below) keeps a race: a false positive. After the reduction one thread of each row's
         # replicas writes that row, and no two writers share a row (all 256 threads enumerated, session 11).
         v += """
-    T.copy(du_f, du_m)
     T.gemm(du_m, S_m, dws_f, transpose_B=True)
     T.gemm(Tm_m, du_m, dvb_f, transpose_A=True, clear_accum=True)
     T.copy(dvb_f, dvb_m)
@@ -1176,9 +1190,9 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     post = _ind(p, 0)
     delta_params = ('        W: T.Tensor((NT, H, K), dtype),\n        TM: T.Tensor((NC, H, C, C), dtype),\n'
                     '        U: T.Tensor((NT, H, V), dtype),\n        VN: T.Tensor((NT, H, V), dtype),\n'
-                    if f.delta else "")
-    delta_doc = (", w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage wy), vn [NT, H, V] (v_new, stage states)"
-                 if f.delta else "")
+                    '        DU: T.Tensor((NT, H, V), dtype),\n' if f.delta else "")
+    delta_doc = (", w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage wy), vn [NT, H, V] (v_new, stage states),"
+                 " du [NT, H, V] (the gradient of v_new, stage bwd_dh)" if f.delta else "")
     return {"grad_params": grad_params, "allocs": allocs, "pre_loop": pre_loop, "vloop": vloop, "post": post,
             "delta_params": delta_params, "delta_doc": delta_doc}
 
@@ -1338,12 +1352,14 @@ def generate(spec: Spec) -> dict[str, str]:
         du=at(dh["du"], 16), dw=at(dh["dw"], 16), state_decay=at(_state_decay(f, "dS"), 16),
         delta_allocs=at(dh["delta_allocs"] + ("dor_m = T.alloc_shared((C, BV), dtype)\n" if f.delta else ""), 12),
         delta_params=dh_params, delta_doc=dh["delta_doc"],
-        delta_inputs=dh_inputs, **with_states))
+        delta_inputs=dh_inputs, delta_outputs=dh["delta_outputs"], delta_out_params=dh["delta_out_params"],
+        **with_states))
     pieces = _bwd_chunk_pieces(f)
-    chunk_allocs = ('qe_m = T.alloc_shared((C, K), dtype)\nke_m = T.alloc_shared((C, K), dtype)\n'
-                    + _attention_allocs(f) + _cast_qk_allocs(f) + (_wy_allocs(f, solve=False) if f.delta else "")
+    # du = A^T dO + ke dS: the delta rule reads it as bwd_dh stored it; an additive write computes it per V-block
+    du_operands = "" if f.delta else "ke_m = T.alloc_shared((C, K), dtype)\n" + _attention_allocs(f)
+    chunk_allocs = (du_operands + _cast_qk_allocs(f) + (_wy_allocs(f, solve=False) if f.delta else "")
                     + _subblock_allocs(f))
-    chunk_common = _cast_qk(f) + _qe(f) + _ke(f) + _attention(f) + (_wy_gram(f) + _wy_loaded() if f.delta else "")
+    chunk_common = _cast_qk(f) + (_wy_gram(f) + _wy_loaded() if f.delta else _ke(f) + _attention(f))
     factories.append(BWD_CHUNK.format(
         stage="bwd_chunk", prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12),
         prep=at(_prep(f), 12),
