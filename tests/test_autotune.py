@@ -142,10 +142,22 @@ def test_every_shipped_table_was_tuned_for_the_kernels_generated_now(path):
         f"on that GPU, or delete it")
 
 
-def test_stale_entries_are_dropped_when_the_source_changes(tables, gla):
-    write(tables, gla, entry(Shape(4, 8192, 16, 128, 128), fwd={"a": 1}), source="old" * 20)
-    path = write(tables, gla, entry(Shape(8, 2048, 16, 64, 64), fwd={"a": 2}))
-    assert list(table.read_table(path)["entries"]) == [Shape(8, 2048, 16, 64, 64).key]
+def test_stale_entries_are_superseded_when_the_source_changes_until_retuned(tables, gla):
+    """Entries tuned for other kernels leave "entries" (what lookups read) for "superseded_entries" (seeds of
+    the re-tuning only), and leave those too, bucket by bucket and phase by phase, as they are re-tuned."""
+    mid, small = Shape(4, 8192, 16, 128, 128), Shape(8, 2048, 16, 64, 64)
+    write(tables, gla, {**entry(mid, fwd={"a": 1}, bwd={"a": 3})}, source="old" * 20)
+    path = write(tables, gla, entry(small, fwd={"a": 2}))
+    data = table.read_table(path)
+    assert list(data["entries"]) == [small.key]
+    assert data["superseded_entries"][mid.key]["fwd"]["config"] == {"a": 1}
+    assert table.lookup(gla, "triton", mid, gpu=GPU, root=tables) is None or \
+        table.lookup(gla, "triton", mid, gpu=GPU, root=tables) != {"a": 1}
+    write(tables, gla, entry(mid, fwd={"a": 4}))  # the forward re-tuned: only the backward stays superseded
+    data = table.read_table(path)
+    assert set(data["superseded_entries"][mid.key]) == {"shape", "bwd"}
+    write(tables, gla, entry(mid, bwd={"a": 5}))
+    assert "superseded_entries" not in table.read_table(path)
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "wrong-structure", "empty"])
@@ -387,6 +399,13 @@ def test_a_table_for_other_kernels_still_seeds_the_retuning(tables, gla, monkeyp
         table.source_hash(gla, "triton")
     task = Task(None, gla, "triton", here, "fwd")
     assert table_seeds(task, tables, GPU) == ({"num_warps": 2}, {"num_warps": 4})
+    # a sweep cut short after re-tuning the other bucket: the superseded winner of this one still comes first
+    write(tables, gla, entry(near, fwd={"num_warps": 8}))
+    assert table_seeds(task, tables, GPU) == ({"num_warps": 2}, {"num_warps": 8})
+    write(tables, gla, entry(here, bwd={"num_warps": 16}))  # another phase re-tuned: this one's still superseded
+    assert table_seeds(task, tables, GPU) == ({"num_warps": 2}, {"num_warps": 8})
+    write(tables, gla, entry(here, fwd={"num_warps": 1}))  # re-tuned, from that seed: its superseded one is gone
+    assert table_seeds(task, tables, GPU) == ({"num_warps": 1}, {"num_warps": 8})
     (tables / GPU / "triton" / f"{gla.name}.json").write_text("{ truncated")
     assert table_seeds(task, tables, GPU) == ()
 

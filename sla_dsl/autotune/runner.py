@@ -237,8 +237,9 @@ def build_tasks(specs, backends, shapes, phases=("fwd", "bwd"), log=stderr_log):
 def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
     """The configs the GPU's table holds for the task's spec, backend and phase: its warm start. The task's own
     bucket first (a re-run never starts behind the table), then the other buckets, those with the task's K, V
-    and dtype first, nearest first. A table tuned for other generated kernels (a template changed since) gives
-    its configs too: re-tuning after a template change starts from the previous winners. Each seed is timed
+    and dtype first, nearest first. Winners tuned for other generated kernels (a stale table, or the
+    superseded entries update_table keeps) seed it too, each after the current one of its bucket: re-tuning
+    after a template change starts from the previous winners. Each seed is timed
     and its winner checked against the reference like any config, and the sweep keeps only those in the task's
     space. Nothing from a table that cannot be read (the sweep then starts from the default alone)."""
     try:
@@ -249,11 +250,16 @@ def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
         return ()
     here = task.shape.bucket()
     stored = []
-    for key, entry in data["entries"].items():
-        if task.phase in entry:
-            apart = 0.0 if key == here.key else distance(here, Shape.from_key(key))
-            stored.append((apart is None, apart or 0.0, key != here.key, key, entry[task.phase]["config"]))
-    return tuple(config for *_, config in sorted(stored, key=lambda item: item[:4]))
+    for older, entries in enumerate((data["entries"], data.get("superseded_entries", {}))):
+        for key, entry in entries.items():
+            if task.phase in entry:
+                apart = 0.0 if key == here.key else distance(here, Shape.from_key(key))
+                stored.append((apart is None, apart or 0.0, key != here.key, key, older, entry[task.phase]["config"]))
+    seeds = []
+    for *_, config in sorted(stored, key=lambda item: item[:5]):
+        if config not in seeds:
+            seeds.append(config)
+    return tuple(seeds)
 
 
 @contextlib.contextmanager

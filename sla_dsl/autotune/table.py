@@ -8,7 +8,8 @@ File format (keys sorted, indent 1):
      "tilelang": ..., "sla_dsl": ..., "git": ...}, "date": "2025-...Z",
      "entries": {"B4_T8192_H16_K128_V128_bfloat16": {"shape": {...},
                  "fwd": {"config": {...}, "ms": 1.23, "default_ms": 1.50, "tried": 40, "verified": {...}},
-                 "bwd": {...}}}}
+                 "bwd": {...}}},
+     "superseded_entries": {...}}   (optional: the same form; see update_table)
 
 A table whose source hash differs from the current generated kernels is ignored (one warning); a corrupt or
 truncated file gives one warning and defaults; a GPU without tables gives one warning naming the command
@@ -162,7 +163,10 @@ def parse_table(text: str) -> dict:
     entries = data.get("entries")
     if not isinstance(entries, dict):
         raise TableError("missing 'entries'")
-    for key, entry in entries.items():
+    superseded = data.get("superseded_entries", {})
+    if not isinstance(superseded, dict):
+        raise TableError("'superseded_entries' is not an object")
+    for key, entry in [*entries.items(), *superseded.items()]:
         try:
             Shape.from_key(key)
         except ValueError as exc:
@@ -357,11 +361,24 @@ def file_lock(path: Path):
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _merged_entries(older: dict[str, dict], newer: dict[str, dict]) -> dict[str, dict]:
+    """Bucket by bucket and phase by phase, `newer`'s over `older`'s."""
+    merged = {key: dict(entry) for key, entry in older.items()}
+    for key, entry in newer.items():
+        merged.setdefault(key, {}).update(entry)
+    return merged
+
+
 def update_table(path: Path, *, spec_name: str, spec_sha256: str, backend: str, gpu: str, source_sha256: str,
                  entries: dict[str, dict], extra: dict | None = None) -> dict:
     """Merges `entries` (bucket key -> {"shape", "fwd"?, "bwd"?}) into the table at `path` under its lock and
-    writes it atomically. Entries of an existing table for other kernels (another source hash), or of an
-    unreadable one, are dropped. Returns the table written."""
+    writes it atomically. Returns the table written.
+
+    Entries of an existing table for other kernels (another source hash) move to "superseded_entries": lookups
+    never read them, but they seed the re-tuning (runner.table_seeds) until each bucket's phase is tuned for the
+    current kernels, when its superseded one is dropped. So a re-sweep after a template change that is cut
+    short, or that tunes one phase or shape at a time, loses no previous winner. An unreadable table is
+    replaced."""
     path = Path(path)
     with file_lock(path):
         try:
@@ -369,13 +386,24 @@ def update_table(path: Path, *, spec_name: str, spec_sha256: str, backend: str, 
         except (OSError, ValueError):
             old = None
         merged: dict[str, dict] = {}
-        if old is not None and old["source_sha256"] == source_sha256 and old["backend"] == backend:
-            merged = {k: dict(v) for k, v in old["entries"].items()}
-        for key, entry in entries.items():
-            merged.setdefault(key, {}).update(entry)
+        superseded: dict[str, dict] = {}
+        if old is not None and old["backend"] == backend:
+            superseded = old.get("superseded_entries", {})
+            if old["source_sha256"] == source_sha256:
+                merged = old["entries"]
+            else:
+                superseded = _merged_entries(superseded, old["entries"])
+        merged = _merged_entries(merged, entries)
+        still_superseded = {}
+        for key, entry in superseded.items():
+            phases = {phase: entry[phase] for phase in PHASES if phase in entry and phase not in merged.get(key, {})}
+            if phases:
+                still_superseded[key] = {**{k: v for k, v in entry.items() if k not in PHASES}, **phases}
         data = {"format": FORMAT, "spec": spec_name, "spec_sha256": spec_sha256, "backend": backend,
                 "gpu": gpu, "source_sha256": source_sha256, "versions": versions(), "date": utc_now(),
                 "entries": merged}
+        if still_superseded:
+            data["superseded_entries"] = still_superseded
         if extra:
             data.update(extra)
         write_atomically(path, dumps(data))
