@@ -385,6 +385,26 @@ def test_table_seeds_are_the_buckets_winners_own_bucket_first_then_nearest(table
     assert table_seeds(task, tables, "Other_GPU") == ()
 
 
+def test_other_specs_winners_of_the_bucket_seed_after_the_specs_own(tables, gla, monkeypatch):
+    """Another spec's winner for the task's bucket is a seed (the sweep keeps it where it is a member of the
+    task's space: same stages); its other buckets are not."""
+    from sla_dsl.autotune import runner
+    from sla_dsl.autotune.runner import table_seeds
+
+    monkeypatch.setattr(runner, "source_hash", table.source_hash)
+    sibling = dataclasses.replace(gla, name="sla_" + gla.name)
+    here, near = Shape(4, 8192, 16, 128, 128), Shape(1, 32768, 16, 128, 128)
+    write(tables, sibling, {**entry(here, fwd={"num_warps": 8})})
+    write(tables, sibling, entry(near, fwd={"num_warps": 16}))
+    task = Task(None, gla, "triton", here, "fwd")
+    assert table_seeds(task, tables, GPU) == ({"num_warps": 8},)  # a spec never tuned here
+    write(tables, gla, entry(near, fwd={"num_warps": 2}))
+    write(tables, gla, entry(here, fwd={"num_warps": 8}))
+    assert table_seeds(task, tables, GPU) == ({"num_warps": 8}, {"num_warps": 2})  # once each, its own first
+    (tables / GPU / "triton" / f"{sibling.name}.json").write_text("{ truncated")
+    assert table_seeds(task, tables, GPU) == ({"num_warps": 8}, {"num_warps": 2})
+
+
 def test_a_table_for_other_kernels_still_seeds_the_retuning(tables, gla, monkeypatch):
     """After a template change the table is stale (ignored at call time), but its winners are where the
     re-tuning starts; update_table then replaces the stale table bucket by bucket."""

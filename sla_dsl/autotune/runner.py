@@ -239,27 +239,43 @@ def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
     bucket first (a re-run never starts behind the table), then the other buckets, those with the task's K, V
     and dtype first, nearest first. Winners tuned for other generated kernels (a stale table, or the
     superseded entries update_table keeps) seed it too, each after the current one of its bucket: re-tuning
-    after a template change starts from the previous winners. Each seed is timed
+    after a template change starts from the previous winners. Last, the winners of the task's bucket in the
+    GPU's other tables of the backend: another spec's config is a member of this task's space only where its
+    kernels have the same stages (an SLA variant and its backbone), so those seed a spec never tuned here, or
+    tuned with a smaller budget, from its sibling's winner. Each seed is timed
     and its winner checked against the reference like any config, and the sweep keeps only those in the task's
     space. Nothing from a table that cannot be read (the sweep then starts from the default alone)."""
-    try:
-        data = read_table(table_path(gpu, task.backend, task.spec.name, root))
-    except (OSError, ValueError):
-        return ()
-    if data is None:
-        return ()
+    own = table_path(gpu, task.backend, task.spec.name, root)
     here = task.shape.bucket()
-    stored = []
-    for older, entries in enumerate((data["entries"], data.get("superseded_entries", {}))):
-        for key, entry in entries.items():
-            if task.phase in entry:
-                apart = 0.0 if key == here.key else distance(here, Shape.from_key(key))
-                stored.append((apart is None, apart or 0.0, key != here.key, key, older, entry[task.phase]["config"]))
     seeds = []
-    for *_, config in sorted(stored, key=lambda item: item[:5]):
+
+    def add(config):
         if config not in seeds:
             seeds.append(config)
+
+    data = _readable_table(own)
+    if data is not None:
+        stored = []
+        for older, entries in enumerate((data["entries"], data.get("superseded_entries", {}))):
+            for key, entry in entries.items():
+                if task.phase in entry:
+                    apart = 0.0 if key == here.key else distance(here, Shape.from_key(key))
+                    stored.append((apart is None, apart or 0.0, key != here.key, key, older,
+                                   entry[task.phase]["config"]))
+        for *_, config in sorted(stored, key=lambda item: item[:5]):
+            add(config)
+    for path in sorted(own.parent.glob("*.json")):
+        sibling = _readable_table(path) if path != own else None
+        if sibling is not None and task.phase in sibling["entries"].get(here.key, {}):
+            add(sibling["entries"][here.key][task.phase]["config"])
     return tuple(seeds)
+
+
+def _readable_table(path: Path) -> dict | None:
+    try:
+        return read_table(path)
+    except (OSError, ValueError):
+        return None
 
 
 @contextlib.contextmanager
