@@ -6,6 +6,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -140,6 +141,7 @@ def test_every_shipped_table_was_tuned_for_the_kernels_generated_now(path):
     assert data["source_sha256"] == table.source_hash(spec, data["backend"]), (
         f"{path} was tuned for other generated kernels: re-tune with `{table.tune_command(spec, data['backend'])}` "
         f"on that GPU, or delete it")
+    assert data["phase_source_sha256"] == table.phase_source_hashes(spec, data["backend"])
 
 
 def test_stale_entries_are_superseded_when_the_source_changes_until_retuned(tables, gla):
@@ -184,6 +186,52 @@ def test_source_hash_mismatch_warns_once_and_gives_none(tables, gla):
         assert table.lookup(gla, "triton", Shape(4, 8192, 16, 128, 128), phase="bwd", gpu=GPU) is None
     found = autotune_warnings(record)
     assert len(found) == 1 and "other generated kernels" in str(found[0].message)
+
+
+@pytest.mark.parametrize("backend, fwd_only, bwd_only, shared", [
+    ("triton", "output_kernel", "bwd_dqk_kernel", "_dot"), ("tilelang", "output", "bwd_chunk", "state_dtype")])
+def test_a_phase_hash_changes_only_with_what_that_phase_runs(backend, fwd_only, bwd_only, shared):
+    from sla_dsl.codegen import generator
+
+    gdn = load_spec(SEED_SPECS_DIR / "gdn.yaml")
+    files = generator(backend).generate(gdn)
+    kernels = generator(backend).phase_kernels(gdn)
+    assert set(kernels) == set(table.PHASES) and fwd_only in kernels["fwd"] and bwd_only in kernels["bwd"]
+    before = table.phase_digests(files, kernels)
+
+    def edited(function):  # a statement added to the body of one top-level function
+        return {name: re.sub(rf"^(def {function}\(.*?:\n)", r"\1    pass\n", text, count=1, flags=re.M | re.S)
+                for name, text in files.items()}
+
+    for function, changed in ((fwd_only, {"fwd"}), (bwd_only, {"bwd"}), (shared, {"fwd", "bwd"})):
+        after = table.phase_digests(edited(function), kernels)
+        assert edited(function) != files
+        assert {phase for phase in table.PHASES if after[phase] != before[phase]} == changed, function
+
+
+def test_a_table_stale_for_one_phase_keeps_the_other(tables, gla, monkeypatch):
+    """A template change to backward kernels only: lookups keep the forward's configs, ignore the backward's
+    (one warning naming it), and a re-tune supersedes the backward's entries only."""
+    monkeypatch.setattr(table, "phase_source_hashes", lambda spec, backend: {"fwd": "a" * 64, "bwd": "b" * 64})
+    mid, long = Shape(4, 8192, 16, 128, 128), Shape(1, 32768, 16, 128, 128)
+    path = table.table_path(GPU, "triton", gla.name, tables)
+    table.update_table(path, spec_name=gla.name, spec_sha256=gla.source_sha256, backend="triton", gpu=GPU,
+                       source_sha256="f" * 64, phase_source_sha256={"fwd": "a" * 64, "bwd": "c" * 64},
+                       entries=entry(mid, fwd={"num_warps": 4}, bwd={"num_warps": 8}))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert table.lookup(gla, "triton", mid, gpu=GPU) == {"num_warps": 4}
+        assert table.lookup(gla, "triton", mid, phase="bwd", gpu=GPU) is None
+    found = autotune_warnings(record)
+    assert len(found) == 1 and "ignoring the bwd configs" in str(found[0].message)
+    assert "fwd only" in table.describe(gla, "triton", gpu=GPU, root=tables)
+    table.update_table(path, spec_name=gla.name, spec_sha256=gla.source_sha256, backend="triton", gpu=GPU,
+                       source_sha256=HASH, phase_source_sha256={"fwd": "a" * 64, "bwd": "b" * 64},
+                       entries=entry(long, bwd={"num_warps": 2}))
+    data = table.read_table(path)
+    assert data["entries"][mid.key]["fwd"]["config"] == {"num_warps": 4} and "bwd" not in data["entries"][mid.key]
+    assert data["superseded_entries"][mid.key]["bwd"]["config"] == {"num_warps": 8}
+    assert data["phase_source_sha256"] == {"fwd": "a" * 64, "bwd": "b" * 64}
 
 
 def test_missing_gpu_table_warns_exactly_once_naming_the_command(tables, gla):

@@ -17,7 +17,8 @@ from sla_dsl.autotune.precompile import Precompiler
 from sla_dsl.autotune.protocol import config_label, default_config, is_tunable, tuning_space
 from sla_dsl.autotune.shapes import Shape, distance, parse_shapes
 from sla_dsl.autotune.sweep import SweepStopped, Task, stderr_log, sweep
-from sla_dsl.autotune.table import gpu_name, read_table, source_hash, table_path, table_root, update_table
+from sla_dsl.autotune.table import (gpu_name, phase_source_hashes, read_table, source_hash, table_path, table_root,
+                                    update_table)
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float64": torch.float64}
@@ -335,6 +336,7 @@ def run_autotune(args) -> int:
         bucket = task.shape.bucket()
         update_table(path, spec_name=task.spec.name, spec_sha256=task.spec.source_sha256, backend=task.backend,
                      gpu=gpu, source_sha256=source_hash(task.spec, task.backend),
+                     phase_source_sha256=phase_source_hashes(task.spec, task.backend),
                      entries={bucket.key: {"shape": task.shape.as_dict(), task.phase: result.entry()}})
         if str(path) not in written:
             written.append(str(path))

@@ -4,14 +4,18 @@ call time by `lookup()` (never benchmarks; every file is read once per process a
 File format (keys sorted, indent 1):
 
     {"format": 1, "spec": "gla", "spec_sha256": ..., "backend": "triton", "gpu": "NVIDIA_H100_80GB_HBM3",
-     "source_sha256": <sha256 of the generated kernel source>, "versions": {"torch": ..., "triton": ...,
+     "source_sha256": <sha256 of the generated kernel source>,
+     "phase_source_sha256": {"fwd": <sha256 of the source the forward runs>, "bwd": ...},
+     "versions": {"torch": ..., "triton": ...,
      "tilelang": ..., "sla_dsl": ..., "git": ...}, "date": "2025-...Z",
      "entries": {"B4_T8192_H16_K128_V128_bfloat16": {"shape": {...},
                  "fwd": {"config": {...}, "ms": 1.23, "default_ms": 1.50, "tried": 40, "verified": {...}},
                  "bwd": {...}}},
      "superseded_entries": {...}}   (optional: the same form; see update_table)
 
-A table whose source hash differs from the current generated kernels is ignored (one warning); a corrupt or
+A table whose source hash differs from the current generated kernels is ignored (one warning), but for the
+phases whose own source hash still matches (a change to backward kernels only keeps the forward's configs); a
+corrupt or
 truncated file gives one warning and defaults; a GPU without tables gives one warning naming the command
 that tunes it. Writers take a lock file, merge with what is there, and replace the file atomically.
 `$SLA_DSL_AUTOTUNE_GPU` names the GPU directory lookups read instead of the running GPU's.
@@ -19,6 +23,7 @@ that tunes it. Writers take a lock file, merge with what is there, and replace t
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime
 import hashlib
@@ -85,21 +90,66 @@ def table_path(gpu: str, backend: str, spec_name: str, root: Path | None = None)
     return (root or table_root()) / gpu / backend / f"{spec_name}.json"
 
 
-_source_hashes: dict[tuple[str, str, str], str] = {}
+_source_hashes: dict[tuple[str, str, str], dict] = {}
 
 
-def source_hash(spec, backend: str) -> str:
-    """sha256 of the generated source of `spec` for `backend` (every generated file, by name)."""
+def source_digest(files: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    return digest.hexdigest()
+
+
+def without_functions(text: str, names: set[str]) -> str:
+    """Python source `text` without its top-level functions named in `names` (decorators included)."""
+    lines = text.splitlines(keepends=True)
+    dropped = set()
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and node.name in names:
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            dropped.update(range(first - 1, node.end_lineno))
+    return "".join(line for number, line in enumerate(lines) if number not in dropped)
+
+
+def phase_digests(files: dict[str, str], kernels: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Per phase, the sha256 of the generated files without the kernels only other phases run (`kernels`: the
+    generator's phase_kernels). Helpers the phases share count for every phase."""
+    every = set().union(*kernels.values())
+    return {phase: source_digest({name: without_functions(text, every - set(own)) for name, text in files.items()})
+            for phase, own in kernels.items()}
+
+
+def _hashes(spec, backend: str) -> dict:
     key = (backend, spec.name, spec.source_sha256)
     if key not in _source_hashes:
         from sla_dsl.codegen import generator
 
         files = generator(backend).generate(spec)
-        digest = hashlib.sha256()
-        for name in sorted(files):
-            digest.update(name.encode() + b"\0" + files[name].encode() + b"\0")
-        _source_hashes[key] = digest.hexdigest()
+        _source_hashes[key] = {"all": source_digest(files),
+                               "phases": phase_digests(files, generator(backend).phase_kernels(spec))}
     return _source_hashes[key]
+
+
+def source_hash(spec, backend: str) -> str:
+    """sha256 of the generated source of `spec` for `backend` (every generated file, by name)."""
+    return _hashes(spec, backend)["all"]
+
+
+def phase_source_hashes(spec, backend: str) -> dict[str, str]:
+    """Per phase, the sha256 of the generated source that phase runs (phase_digests)."""
+    return dict(_hashes(spec, backend)["phases"])
+
+
+def valid_phases(data: dict, spec, backend: str) -> tuple[str, ...]:
+    """The phases of a table tuned for the kernels generated now: all of them when its source hash matches,
+    else those whose phase source hash does (a template change that left their kernels as they were)."""
+    if data["spec"] != spec.name or data["backend"] != backend:
+        return ()
+    if data["source_sha256"] == source_hash(spec, backend):
+        return PHASES
+    current = phase_source_hashes(spec, backend)
+    stored = data.get("phase_source_sha256") or {}
+    return tuple(phase for phase in PHASES if stored.get(phase) is not None and stored.get(phase) == current.get(phase))
 
 
 def versions() -> dict[str, str | None]:
@@ -163,6 +213,9 @@ def parse_table(text: str) -> dict:
     entries = data.get("entries")
     if not isinstance(entries, dict):
         raise TableError("missing 'entries'")
+    phase_hashes = data.get("phase_source_sha256", {})
+    if not isinstance(phase_hashes, dict) or not all(isinstance(v, str) for v in phase_hashes.values()):
+        raise TableError("'phase_source_sha256' is not an object of strings")
     superseded = data.get("superseded_entries", {})
     if not isinstance(superseded, dict):
         raise TableError("'superseded_entries' is not an object")
@@ -193,11 +246,11 @@ def read_table(path: Path) -> dict | None:
 class _Loaded:
     """One table file as lookup() uses it: buckets per phase, or nothing (missing/stale/corrupt)."""
 
-    def __init__(self, data: dict | None):
+    def __init__(self, data: dict | None, phases: tuple[str, ...] = PHASES):
         self.data = data
         self.buckets = {phase: {} for phase in PHASES}
         for key, entry in (data or {}).get("entries", {}).items():
-            for phase in PHASES:
+            for phase in phases:
                 if phase in entry:
                     self.buckets[phase][Shape.from_key(key)] = entry[phase]["config"]
         self.resolved: dict[tuple[str, Shape], dict | None] = {}
@@ -228,7 +281,7 @@ def _load(spec, backend: str, gpu: str, root: Path) -> _Loaded:
     path = table_path(gpu, backend, spec.name, root)
     if path in _tables:
         return _tables[path]
-    data = None
+    data, phases = None, PHASES
     try:
         data = read_table(path)
     except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError, as is TableError
@@ -247,16 +300,18 @@ def _load(spec, backend: str, gpu: str, root: Path) -> _Loaded:
                            f"Tune it with `{tune_command(spec, backend)}`.")
         else:
             try:
-                current = source_hash(spec, backend)
+                current, phases = source_hash(spec, backend), valid_phases(data, spec, backend)
             except Exception as exc:  # noqa: BLE001 -- a generator that fails must not break the call
-                current = f"unavailable ({type(exc).__name__}: {exc})"
-            if data["source_sha256"] != current or data["spec"] != spec.name or data["backend"] != backend:
-                _warn_once(("stale", path), f"sla_dsl: ignoring the tuned table {path}: it was tuned for other "
-                           f"generated kernels (source sha256 {data['source_sha256'][:12]}, now "
-                           f"{current[:12]}); using default configs. Re-tune with "
-                           f"`{tune_command(spec, backend)}`.")
+                current, phases = f"unavailable ({type(exc).__name__}: {exc})", ()
+            if phases != PHASES:
+                stale = ", ".join(phase for phase in PHASES if phase not in phases)
+                _warn_once(("stale", path), f"sla_dsl: ignoring the {stale} configs of the tuned table {path}: "
+                           f"they were tuned for other generated kernels (source sha256 "
+                           f"{data['source_sha256'][:12]}, now {current[:12]}); using default configs there. "
+                           f"Re-tune with `{tune_command(spec, backend)}`.")
+            if not phases:
                 data = None
-    loaded = _Loaded(data)
+    loaded = _Loaded(data, phases)
     _tables[path] = loaded
     return loaded
 
@@ -310,10 +365,13 @@ def describe(spec, backend: str, gpu: str | None = None, root: Path | None = Non
     if data is None:
         return "no table: defaults"
     try:
-        if data["source_sha256"] != source_hash(spec, backend):
-            return "stale table: defaults"
+        phases = valid_phases(data, spec, backend)
     except Exception:  # noqa: BLE001
         return "table (hash unavailable)"
+    if not phases:
+        return "stale table: defaults"
+    if phases != PHASES:
+        return f"tuned ({len(data['entries'])} buckets; {', '.join(phases)} only, the rest stale: defaults)"
     return f"tuned ({len(data['entries'])} buckets)"
 
 
@@ -370,11 +428,13 @@ def _merged_entries(older: dict[str, dict], newer: dict[str, dict]) -> dict[str,
 
 
 def update_table(path: Path, *, spec_name: str, spec_sha256: str, backend: str, gpu: str, source_sha256: str,
-                 entries: dict[str, dict], extra: dict | None = None) -> dict:
+                 entries: dict[str, dict], phase_source_sha256: dict[str, str] | None = None,
+                 extra: dict | None = None) -> dict:
     """Merges `entries` (bucket key -> {"shape", "fwd"?, "bwd"?}) into the table at `path` under its lock and
     writes it atomically. Returns the table written.
 
-    Entries of an existing table for other kernels (another source hash) move to "superseded_entries": lookups
+    Entries of an existing table for other kernels (another source hash, and for their phase another phase
+    source hash, `phase_source_sha256`) move to "superseded_entries": lookups
     never read them, but they seed the re-tuning (runner.table_seeds) until each bucket's phase is tuned for the
     current kernels, when its superseded one is dropped. So a re-sweep after a template change that is cut
     short, or that tunes one phase or shape at a time, loses no previous winner. An unreadable table is
@@ -392,7 +452,14 @@ def update_table(path: Path, *, spec_name: str, spec_sha256: str, backend: str, 
             if old["source_sha256"] == source_sha256:
                 merged = old["entries"]
             else:
-                superseded = _merged_entries(superseded, old["entries"])
+                old_phases = old.get("phase_source_sha256") or {}
+                kept = {p for p in PHASES if phase_source_sha256 and old_phases.get(p) is not None
+                        and old_phases.get(p) == phase_source_sha256.get(p)}
+                for key, entry in old["entries"].items():
+                    for phase in PHASES:
+                        if phase in entry:
+                            target = merged if phase in kept else superseded
+                            target.setdefault(key, {"shape": entry.get("shape")})[phase] = entry[phase]
         merged = _merged_entries(merged, entries)
         still_superseded = {}
         for key, entry in superseded.items():
@@ -402,6 +469,8 @@ def update_table(path: Path, *, spec_name: str, spec_sha256: str, backend: str, 
         data = {"format": FORMAT, "spec": spec_name, "spec_sha256": spec_sha256, "backend": backend,
                 "gpu": gpu, "source_sha256": source_sha256, "versions": versions(), "date": utc_now(),
                 "entries": merged}
+        if phase_source_sha256:
+            data["phase_source_sha256"] = dict(phase_source_sha256)
         if still_superseded:
             data["superseded_entries"] = still_superseded
         if extra:

@@ -1266,6 +1266,14 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
     return s
 
 
+def phase_kernels(spec: Spec) -> dict[str, tuple[str, ...]]:
+    """The kernel factories each phase runs, in order (named by stage; `PHASES` of the generated file)."""
+    f = _Features(spec)
+    first = ("wy",) if f.delta else ("prep",) if f.vector else ()
+    return {"fwd": (*first, "states", "output"),
+            "bwd": (*first, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk")}
+
+
 def generate(spec: Spec) -> dict[str, str]:
     f = _Features(spec)
     # each prim_func is named <spec>_<stage>, so profiles and compiled CUDA name the stage (<spec>_<stage>_kernel)
@@ -1367,9 +1375,7 @@ def generate(spec: Spec) -> dict[str, str]:
         delta_params=pieces["delta_params"], delta_doc=pieces["delta_doc"],
         pre_loop=at(pieces["pre_loop"], 12), vloop=at(pieces["vloop"], 16), post=at(pieces["post"], 12),
         **with_states))
-    first = ("wy",) if f.delta else ("prep",) if prep_stage else ()
-    phases = {"fwd": (*first, "states", "output"),
-              "bwd": (*first, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk")}
+    phases = phase_kernels(spec)
     sub_block = ("# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).\n"
                  "SUB_BLOCK = 16\n" if f.vector else "")
     rec = spec.recurrence

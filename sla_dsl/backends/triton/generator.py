@@ -81,3 +81,12 @@ def _source(spec: Spec) -> str:
 
 def generate(spec: Spec) -> dict[str, str]:
     return {filename(spec): _source(spec)}
+
+
+def phase_kernels(spec: Spec) -> dict[str, tuple[str, ...]]:
+    """The kernels each phase launches (`runtime.phase_stages`; "bwd_states" runs states_kernel)."""
+    from sla_dsl.backends.triton.runtime import PHASE_STAGES, phase_stages  # the runtime imports this module
+
+    return {phase: tuple(dict.fromkeys(stage.removeprefix("bwd_") + "_kernel" if stage == "bwd_states"
+                                       else stage + "_kernel" for stage in phase_stages(spec.recurrence, phase)))
+            for phase in PHASE_STAGES}
