@@ -1,8 +1,9 @@
 """The sweep driver behind `python -m sla_dsl autotune`.
 
 For every task (spec, backend, shape, phase): time the default config and the task's seeds (the winners the
-GPU's table holds for the spec, and its siblings' for the bucket, `runner.table_seeds`: a warm start, timed whatever the budget, so that a search
-cut short never leaves a bucket slower than the table's configs would run it), then search the
+GPU's table holds for the spec, and its siblings' for the bucket, `runner.table_seeds`: a warm start, timed
+whatever the budget, so that a search cut short never leaves a bucket slower than the table's configs would run
+it), then search the
 backend's tuning space from the fastest of them that passes the check, by coordinate moves: each round times
 every config one key away from the best so far (the keys that matter most first, so a task cut short by its
 budget has tried them), then the combination of every improving move
