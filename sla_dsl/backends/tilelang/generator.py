@@ -875,11 +875,11 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         a += """
     P_m = T.alloc_shared((C, C), dtype)
     """
-    if not f.delta:
+    if not f.delta:  # du, which the delta rule reads as bwd_dh stored it
         a += """
     du_f = T.alloc_fragment((C, BV), "float32")
     """
-    if f.delta:
+    else:
         a += """
     u_m = T.alloc_shared((C, BV), dtype)
     U1_m = T.alloc_shared((C, BV), dtype)
