@@ -568,6 +568,35 @@ def test_sweep_queues_every_first_round_up_front_and_waits_before_each_timing(gl
     assert len({e[1:] for e in timed}) == len(timed)  # no config timed twice
 
 
+def test_the_precise_timings_run_with_the_compile_workers_paused(gla):
+    """Only the finalists' precise timings: the quick ones share the host with the compiles they wait for."""
+    import contextlib
+
+    class PausingCompiler(RecordingCompiler):
+        paused_now = False
+
+        @contextlib.contextmanager
+        def paused(self):
+            self.paused_now = True
+            self.events.append(("pause",))
+            yield
+            self.paused_now = False
+            self.events.append(("resume",))
+
+    compiler = PausingCompiler()
+    timings = []
+
+    def measure(task, config, precise=False):
+        timings.append((precise, compiler.paused_now))
+        return fake_measure(task, config, precise)
+
+    task = Task(FakeKernels(gla), gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")
+    sweep([task], measure=measure, verify=lambda t, c: (True, {}), budget_seconds=60, compiler=compiler)
+    assert {precise for precise, _ in timings} == {False, True}
+    assert all(precise == paused for precise, paused in timings)
+    assert [e for e in compiler.events if e[0] in ("pause", "resume")] == [("pause",), ("resume",)]
+
+
 def test_error_classification():
     assert is_skippable(ConfigRejected("too big"))
     assert is_skippable(RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory"))
@@ -798,6 +827,54 @@ def test_closing_the_precompiler_does_not_count_the_compiles_it_ends(gla):
         time.sleep(0.05)
     assert compiler._running == 0
     assert compiler.failed == 0 and compiler.errors == [] and compiler.summary().endswith("0 failed there")
+
+
+def _compile_in_a_child(backend, spec, shape, phase, config):
+    """A compile job that runs a compiler process, as TileLang's nvcc: `sleep`, its pid in $SLA_DSL_TEST_PIDS."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    with open(os.path.join(os.environ["SLA_DSL_TEST_PIDS"], str(config["block"])), "w") as handle:
+        handle.write(f"{os.getpid()} {child.pid}")
+    child.wait()
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0]
+
+
+def _states_become(pids, wanted, timeout: float = 5.0) -> bool:
+    """Whether the processes' states satisfy `wanted` within `timeout` (signals are delivered asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not wanted([_process_state(pid) for pid in pids]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads process states from Linux /proc")
+def test_paused_stops_the_compile_workers_and_their_compilers_until_it_ends(gla, tmp_path, monkeypatch):
+    """The sweep's precise timings run with the compile workers and their child processes stopped."""
+    monkeypatch.setenv("SLA_DSL_TEST_PIDS", str(tmp_path))
+    kernels = FakeKernels(gla)
+    task = Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")
+    compiler = Precompiler(2, make_pool=lambda workers: ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork")), job=_compile_in_a_child)
+    try:
+        compiler.request(task, [kernels.default_config(None), {**kernels.default_config(None), "block": 64}], 0)
+        deadline = time.monotonic() + 20
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the pid files are written before the children's exec
+        pids = [int(pid) for path in tmp_path.iterdir() for pid in path.read_text().split()]
+        assert len(pids) == 4
+        with compiler.paused():
+            assert _states_become(pids, lambda states: states == ["T"] * 4)
+        assert _states_become(pids, lambda states: "T" not in states)
+    finally:
+        compiler.close()
 
 
 def test_resolve_config_prefers_given_then_valid_table_then_default(tables, gla, monkeypatch):

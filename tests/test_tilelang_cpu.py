@@ -141,3 +141,13 @@ def test_no_final_state_and_no_initial_state():
     inputs = testing.make_inputs(rec, 2, 40, 2, 16, 16, initial_state=False)
     errors = testing.compare_to_reference(rec, kernels_for(rec), inputs, output_final_state=False)
     assert max(errors.values()) <= 1e-5, errors
+
+
+def test_bfloat16_cpu_tensors_get_a_clear_error():
+    """TileLang's C target has no bfloat16: the op says so, naming the argument, instead of a lowering error."""
+    rec = testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.NONE)
+    inputs = testing.make_inputs(rec, 1, 20, 2, 16, 16, initial_state=False, dtype=torch.bfloat16)
+    args = [inputs.get(n) for n in ("q", "k", "v", "g", "beta", "gq", "gk")]
+    with pytest.raises(ValueError, match=r"q: expected dtype float16 or float32 for CPU tensors .* got dtype "
+                                         r"torch.bfloat16 on cpu"):
+        kernels_for(rec).forward(*args, None, None, 0.25, False)

@@ -22,6 +22,7 @@ configs it is about to time.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -368,18 +369,21 @@ class _Search:
         if all(order != 0 for _, order, _ in finalists) and config_key(default) in self.timed:
             finalists.append(self.timed[config_key(default)])
         precise = []
-        for ms, order, config in finalists:
-            try:
-                precise.append((float(self.measure(self.task, config, precise=True)), order, config))
-            except SweepAborted:
-                raise
-            except ConfigCrashed as exc:
-                self.crash(config, exc, "precise timing")
-                continue
-            except Exception:  # noqa: BLE001 -- the quick time stands
-                precise.append((ms, order, config))
-            if order == 0:
-                result.default_ms = precise[-1][0]
+        # finalists are compiled (timed once already): the compile workers can wait (precompile.Precompiler.paused)
+        quiet = getattr(self.compiler, "paused", None)
+        with quiet() if quiet is not None else contextlib.nullcontext():
+            for ms, order, config in finalists:
+                try:
+                    precise.append((float(self.measure(self.task, config, precise=True)), order, config))
+                except SweepAborted:
+                    raise
+                except ConfigCrashed as exc:
+                    self.crash(config, exc, "precise timing")
+                    continue
+                except Exception:  # noqa: BLE001 -- the quick time stands
+                    precise.append((ms, order, config))
+                if order == 0:
+                    result.default_ms = precise[-1][0]
         precise.sort(key=lambda item: (item[0], item[1]))
         candidates = precise + [t for t in self.ranked() if all(t[1] != p[1] for p in precise)]
         attempts = candidates[:MAX_VERIFY]

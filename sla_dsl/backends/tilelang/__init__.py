@@ -107,6 +107,12 @@ class TileLangKernels:
 
     def _kernels(self, phase: str, config: dict, q, v) -> dict:
         """The compiled kernels of `phase`, by kernel name."""
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # TileLang's C target fails on bfloat16 buffers deep in its lowering ("variables ... are used, but
+            # are not passed in as API arguments"): say so here, in the op's terms
+            raise ValueError("q: expected dtype float16 or float32 for CPU tensors with the tilelang backend "
+                             "(TileLang's C target, which runs them, has no bfloat16; CUDA tensors take it), got "
+                             "dtype torch.bfloat16 on cpu")
         heads, dim_k, dim_v = q.shape[2], tuning.padded(q.shape[3]), tuning.padded(v.shape[3])
         return {tuning.stage_kernel(stage): self.kernel(stage, config, heads, dim_k, dim_v, q.dtype, q.device)
                 for stage in tuning.phase_stages(self.module, phase)}
