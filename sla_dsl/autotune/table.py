@@ -140,16 +140,21 @@ def phase_source_hashes(spec, backend: str) -> dict[str, str]:
     return dict(_hashes(spec, backend)["phases"])
 
 
+def matching_phases(data: dict, source_sha256: str, phase_source_sha256: dict[str, str] | None) -> tuple[str, ...]:
+    """The phases of table `data` tuned for the kernels with these hashes: all of them when its source hash is
+    `source_sha256`, else those whose phase source hash matches (a template change that left their kernels as
+    they were)."""
+    if data["source_sha256"] == source_sha256:
+        return PHASES
+    stored, current = data.get("phase_source_sha256") or {}, phase_source_sha256 or {}
+    return tuple(phase for phase in PHASES if stored.get(phase) is not None and stored.get(phase) == current.get(phase))
+
+
 def valid_phases(data: dict, spec, backend: str) -> tuple[str, ...]:
-    """The phases of a table tuned for the kernels generated now: all of them when its source hash matches,
-    else those whose phase source hash does (a template change that left their kernels as they were)."""
+    """The phases of a table tuned for the kernels generated now (matching_phases)."""
     if data["spec"] != spec.name or data["backend"] != backend:
         return ()
-    if data["source_sha256"] == source_hash(spec, backend):
-        return PHASES
-    current = phase_source_hashes(spec, backend)
-    stored = data.get("phase_source_sha256") or {}
-    return tuple(phase for phase in PHASES if stored.get(phase) is not None and stored.get(phase) == current.get(phase))
+    return matching_phases(data, source_hash(spec, backend), phase_source_hashes(spec, backend))
 
 
 def versions() -> dict[str, str | None]:
@@ -449,17 +454,12 @@ def update_table(path: Path, *, spec_name: str, spec_sha256: str, backend: str, 
         superseded: dict[str, dict] = {}
         if old is not None and old["backend"] == backend:
             superseded = old.get("superseded_entries", {})
-            if old["source_sha256"] == source_sha256:
-                merged = old["entries"]
-            else:
-                old_phases = old.get("phase_source_sha256") or {}
-                kept = {p for p in PHASES if phase_source_sha256 and old_phases.get(p) is not None
-                        and old_phases.get(p) == phase_source_sha256.get(p)}
-                for key, entry in old["entries"].items():
-                    for phase in PHASES:
-                        if phase in entry:
-                            target = merged if phase in kept else superseded
-                            target.setdefault(key, {"shape": entry.get("shape")})[phase] = entry[phase]
+            kept = matching_phases(old, source_sha256, phase_source_sha256)
+            for key, entry in old["entries"].items():
+                for phase in PHASES:
+                    if phase in entry:
+                        target = merged if phase in kept else superseded
+                        target.setdefault(key, {"shape": entry.get("shape")})[phase] = entry[phase]
         merged = _merged_entries(merged, entries)
         still_superseded = {}
         for key, entry in superseded.items():
