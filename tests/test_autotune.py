@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -525,6 +526,9 @@ class RecordingCompiler:
         self.events.append(("wait", task.phase, config_label(config)))
         return True
 
+    def paused(self):
+        return contextlib.nullcontext()
+
 
 @pytest.mark.parametrize("compile_wait_s, expected_tried", [(8.0, 9), (30.0, 2)])
 def test_waiting_for_compiles_moves_a_tasks_deadline_by_at_most_its_share(gla, compile_wait_s, expected_tried):
@@ -570,8 +574,6 @@ def test_sweep_queues_every_first_round_up_front_and_waits_before_each_timing(gl
 
 def test_the_precise_timings_run_with_the_compile_workers_paused(gla):
     """Only the finalists' precise timings: the quick ones share the host with the compiles they wait for."""
-    import contextlib
-
     class PausingCompiler(RecordingCompiler):
         paused_now = False
 

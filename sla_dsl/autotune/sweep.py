@@ -370,8 +370,7 @@ class _Search:
             finalists.append(self.timed[config_key(default)])
         precise = []
         # finalists are compiled (timed once already): the compile workers can wait (precompile.Precompiler.paused)
-        quiet = getattr(self.compiler, "paused", None)
-        with quiet() if quiet is not None else contextlib.nullcontext():
+        with self.compiler.paused() if self.compiler is not None else contextlib.nullcontext():
             for ms, order, config in finalists:
                 try:
                     precise.append((float(self.measure(self.task, config, precise=True)), order, config))
@@ -402,7 +401,8 @@ def run_task(task: Task, *, measure, verify, deadline: float, clock=time.monoton
     """Searches one task until `deadline` (the default is always timed; waiting for compiles moves the deadline,
     at most by the time it was given) and picks a verified winner.
     `compiler` (optional) compiles configs ahead: `request(task, configs, priority)` queues them, and
-    `wait(task, config, timeout) -> bool` says whether one is ready (False: not within `timeout`)."""
+    `wait(task, config, timeout) -> bool` says whether one is ready (False: not within `timeout`), and the
+    context manager `paused()` holds the compiles back while the finalists are re-timed."""
     result = TaskResult(task)
     try:
         default, space = start_of(task)
