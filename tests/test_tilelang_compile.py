@@ -109,18 +109,22 @@ def test_small_and_odd_head_dims_compile_for_sm90a(name, dim):
 def test_shared_memory_of_the_compiled_layout_decides():
     """TileLang reuses the shared memory of buffers no longer live, so a compiled kernel may need about half
     the sum of its buffers. retnet's bwd_chunk at chunk 64 (K=V=128, bf16) sums to 263168 bytes (each buffer
-    rounded up to its alignment), over what an sm_90 CTA may have, and its layout takes 107520: it runs.
-    gdn's at block_v 16 takes 264192 and is refused after compiling, before a launch would fail. Every seed
-    spec's default fits by the sum, for the usual head dims and dtypes."""
+    rounded up to its alignment), over what an sm_90 CTA may have, and its layout takes 107520: it runs. So does
+    gdn's at block_v 16 (306176 by the sum, 231424 compiled: its q side is finished before the WY backward, whose tiles then
+    take the q side's space). gdn's in float32, whose gemms add the 3xTF32 scratch, takes 345344 and is refused
+    after compiling, before a launch would fail. Every seed spec's default fits by the sum, for the usual head
+    dims and dtypes."""
     from sla_dsl.autotune import ConfigRejected, Shape
     from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
 
-    shape = Shape(2, 4096, 4, 128, 128, "bfloat16")
     limit = tuning.SM90_SHARED_MEMORY_BYTES
-    for name, block_v, bound, compiled_bytes in (("retnet", 64, 263168, 107520), ("gdn", 16, 370688, 264192)):
+    for name, dtype, block_v, bound, compiled_bytes in (("retnet", "bfloat16", 64, 263168, 107520),
+                                                        ("gdn", "bfloat16", 16, 306176, 231424),
+                                                        ("gdn", "float32", 16, 523264, 345344)):
+        shape = Shape(2, 4096, 4, 128, 128, dtype)
         kernels = TileLangKernels(next(s for s in SPECS if s.name == name))
         config = {"chunk": 64, "bwd_chunk_block_v": block_v, "bwd_chunk_threads": 128, "bwd_chunk_num_stages": 0}
-        compiled = compile_kernel(kernels.module, "bwd_chunk", HEADS, 128, 128, "bfloat16",
+        compiled = compile_kernel(kernels.module, "bwd_chunk", HEADS, 128, 128, dtype,
                                   tuning.kernel_params(config, "bwd_chunk"), target=SM90_TARGET)
         source = compiled.get_kernel_source()
         assert tuning.shared_memory_bytes(kernels.module, "bwd_chunk", config, shape) == bound > limit

@@ -13,6 +13,8 @@ INPUTS = ('q', 'k', 'v', 'g', 'beta', 'gq', 'gk', 'scale')
 # dg / dbeta / dgq / dgk outputs of bwd_chunk, in order.
 GRAD_OUTPUTS = ('dg', 'dbeta', 'dgq', 'dgk')
 EPS = 1e-06
+# Rows of the diagonal blocks of the WY solve (generator._wy); chunks of 1, 2 or 4 such blocks.
+SOLVE_BLOCK = 16
 
 
 def state_dtype(dtype):
@@ -110,6 +112,9 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             M_s = T.alloc_shared((C, C), "float32")
             L_s = T.alloc_shared((C, C), "float32")
             Tm_s = T.alloc_shared((C, C), "float32")
+            N_s = T.alloc_shared((C, C), "float32")
+            N2_s = T.alloc_shared((C, C), "float32")
+            Ts_f = T.alloc_fragment((C, C), "float32")
             Tm_m = T.alloc_shared((C, C), dtype)
             kb_m = T.alloc_shared((C, K), dtype)
             W_f = T.alloc_fragment((C, K), "float32")
@@ -120,6 +125,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
+            tf32_C_C_2 = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
@@ -147,11 +153,28 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, j in T.Parallel(C, C):
                 L_s[i, j] = bt_s[i] * M_s[i, j]
                 Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
-            for j in T.serial(C - 1):
-                for i, c2 in T.Parallel(C, C):
-                    if i > j and c2 <= j:
-                        Tm_s[i, c2] = Tm_s[i, c2] - L_s[i, j] * Tm_s[j, c2]
-            T.copy(Tm_s, Tm_m)
+            for j in T.serial(SOLVE_BLOCK - 1):
+                for i, c2 in T.Parallel(C, SOLVE_BLOCK):
+                    if i % SOLVE_BLOCK > j and c2 <= j:
+                        Tm_s[i, i - i % SOLVE_BLOCK + c2] = Tm_s[i, i - i % SOLVE_BLOCK + c2] - L_s[i, i - i % SOLVE_BLOCK + j] * Tm_s[i - i % SOLVE_BLOCK + j, i - i % SOLVE_BLOCK + c2]
+            if C == SOLVE_BLOCK:
+                T.copy(Tm_s, Tm_m)
+            else:
+                for i, j in T.Parallel(C, C):
+                    L_s[i, j] = T.if_then_else(i // SOLVE_BLOCK > j // SOLVE_BLOCK, L_s[i, j], 0.0)
+                compensated_gemm(Tm_s, L_s, Ts_f, tf32_C_C, tf32_C_C_2, clear_accum=True)
+                T.copy(Ts_f, N_s)
+                if C == 2 * SOLVE_BLOCK:
+                    for i, j in T.Parallel(C, C):
+                        L_s[i, j] = T.if_then_else(i == j, 1.0, 0.0) - N_s[i, j]
+                else:
+                    compensated_gemm(N_s, N_s, Ts_f, tf32_C_C, tf32_C_C_2, clear_accum=True)
+                    T.copy(Ts_f, N2_s)
+                    compensated_gemm(N_s, N2_s, Ts_f, tf32_C_C, tf32_C_C_2, clear_accum=True)
+                    for i, j in T.Parallel(C, C):
+                        L_s[i, j] = T.if_then_else(i == j, 1.0, 0.0) - N_s[i, j] + N2_s[i, j] - Ts_f[i, j]
+                compensated_gemm(L_s, Tm_s, Ts_f, tf32_C_C, tf32_C_C_2, clear_accum=True)
+                T.copy(Ts_f, Tm_m)
             for i, d in T.Parallel(C, K):
                 kb_m[i, d] = T.cast(bt_s[i] * kx[i, d] * kr[i] * T.exp(b_s[i]), dtype)
             compensated_gemm(Tm_m, kb_m, W_f, tf32_C_C, tf32_C_K, clear_accum=True)
@@ -610,11 +633,10 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dkp_s = T.alloc_shared((C, K), "float32")
             sd_f = T.alloc_fragment((K, BV), "float32")
             sdr_f = T.alloc_fragment((K,), "float32")
-            bl_f = T.alloc_fragment((K,), "float32")
             dgc_s = T.alloc_shared((K,), "float32")
-            db_s = T.alloc_shared((C, K), "float32")
             dbr_f = T.alloc_fragment((C,), "float32")
             dbr_s = T.alloc_shared((C,), "float32")
+            dbl_s = T.alloc_shared((C,), "float32")
             P_m = T.alloc_shared((C, C), dtype)
             u_m = T.alloc_shared((C, BV), dtype)
             U1_m = T.alloc_shared((C, BV), dtype)
@@ -628,7 +650,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             dL_s = T.alloc_shared((C, C), "float32")
             dkb_f = T.alloc_fragment((C, K), "float32")
             dkb_m = T.alloc_shared((C, K), dtype)
-            dkb_s = T.alloc_shared((C, K), "float32")
             tv_f = T.alloc_fragment((C, BV), "float32")
             tvr_f = T.alloc_fragment((C,), "float32")
             dbv_s = T.alloc_shared((C,), "float32")
@@ -746,20 +767,55 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 dqp_s[i, d] = T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + dkA_f[i, d]
             for i, d in T.Parallel(C, K):
-                db_s[i, d] = qp_s[i, d] * (T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d])
+                terms_f[i, d] = qp_s[i, d] * (T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d])
+            T.reduce_sum(terms_f, dbr_f, dim=1)
+            for i in T.Parallel(C):
+                dbr_s[i] = dbr_f[i]
+            for i, d in T.Parallel(C, K):
+                yq_f[i, d] = (T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32'))))
+            for i, d in T.Parallel(C, K):
+                terms_f[i, d] = yq_f[i, d] * yq_f[i, d]
+            T.reduce_sum(terms_f, inv_norm_q_f, dim=1)
+            for i in T.Parallel(C):
+                inv_norm_q_f[i] = T.rsqrt(inv_norm_q_f[i] + EPS)
+            for i, d in T.Parallel(C, K):
+                yq_f[i, d] = yq_f[i, d] * inv_norm_q_f[i]
+            for i in T.Parallel(C):
+                gq_f[i] = GQ[T.min(t0 + i, NT - 1), h] * SC[0]
+            for i, d in T.Parallel(C, K):
+                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+            T.reduce_sum(terms_f, dgq_f, dim=1)
+            for i in T.Parallel(C):
+                if t0 + i < eos:
+                    DGQ[t0 + i, h] = dgq_f[i]
+            for i, d in T.Parallel(C, K):
+                dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
+            for i, d in T.Parallel(C, K):
+                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d]
+            T.reduce_sum(terms_f, dot_q_f, dim=1)
+            for i, d in T.Parallel(C, K):
+                dqp_s[i, d] = inv_norm_q_f[i] * (dqp_s[i, d] - yq_f[i, d] * dot_q_f[i])
+            for i, d in T.Parallel(C, K):
+                if t0 + i < eos:
+                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)
             T.copy(dws_f, dws_m)
             compensated_gemm(Tm_m, dws_m, dkb_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
             T.copy(dkb_f, dkb_m)
+            for i, d in T.Parallel(C, K):
+                terms_f[i, d] = dkb_f[i, d] * kp_s[i, d] * T.exp(b_s[i])
+            T.reduce_sum(terms_f, rkr_f, dim=1)
+            for i in T.Parallel(C):
+                dbt_s[i] = dbv_s[i] - rkr_f[i]
+            for i, d in T.Parallel(C, K):
+                dkp_s[i, d] = dkp_s[i, d] - bt_s[i] * T.exp(b_s[i]) * dkb_f[i, d]
+            for i, d in T.Parallel(C, K):
+                terms_f[i, d] = -bt_s[i] * kp_s[i, d] * T.exp(b_s[i]) * dkb_f[i, d]
+            T.reduce_sum(terms_f, dbr_f, dim=1)
+            for i in T.Parallel(C):
+                dbr_s[i] = dbr_s[i] + dbr_f[i]
             compensated_gemm(dkb_m, w_m, X_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 dL_s[i, j] = T.if_then_else(j < i, X_f[i, j] - dL_f[i, j], 0.0)
-            for i, d in T.Parallel(C, K):
-                dkb_s[i, d] = -dkb_f[i, d]
-            for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dkb_s[i, d] * kp_s[i, d] * T.exp(b_s[i])
-            T.reduce_sum(terms_f, rkr_f, dim=1)
-            for i in T.Parallel(C):
-                dbt_s[i] = dbv_s[i] + rkr_f[i]
             for i, j in T.Parallel(C, C):
                 X_f[i, j] = dL_s[i, j] * M_s[i, j]
             T.reduce_sum(X_f, xr_f, dim=1)
@@ -772,48 +828,35 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             compensated_gemm(P_m, km_m, Pd_f, tf32_C_C, tf32_C_K, clear_accum=True)
             compensated_gemm(P_m, km_m, Pt_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
             for i, d in T.Parallel(C, K):
-                dkp_s[i, d] = dkp_s[i, d] + bt_s[i] * T.exp(b_s[i]) * dkb_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
+                dkp_s[i, d] = dkp_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
             for i, d in T.Parallel(C, K):
-                db_s[i, d] = db_s[i, d] + bt_s[i] * kp_s[i, d] * T.exp(b_s[i]) * dkb_s[i, d] + kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])
-            for i, d in T.Parallel(C, K):
-                terms_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d]
-            T.reduce_sum(terms_f, bl_f, dim=0)
-            for d in T.Parallel(K):
-                db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1])
-            for i, d in T.Parallel(C, K):
-                terms_f[i, d] = db_s[i, d]
+                terms_f[i, d] = kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])
             T.reduce_sum(terms_f, dbr_f, dim=1)
-            T.copy(dbr_f, dbr_s)
+            for i in T.Parallel(C):
+                dbr_s[i] = dbr_s[i] + dbr_f[i]
+            for i, d in T.Parallel(C, K):
+                terms_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + T.if_then_else(
+                    i == C - 1, dgc_s[d] * T.exp(b_s[C - 1]), 0.0)
+            T.reduce_sum(terms_f, dbr_f, dim=1)
+            T.copy(dbr_f, dbl_s)
+            T.cumsum(dbl_s, dim=0, reverse=True)
+            for i in T.Parallel(C):
+                dbr_s[i] = dbr_s[i] + T.if_then_else(i == C - 1, dbl_s[0], 0.0)
             T.cumsum(dbr_s, dim=0, reverse=True)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DG[t0 + i, h] = dbr_s[i]
             for i, d in T.Parallel(C, K):
-                yq_f[i, d] = (T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32'))))
-            for i, d in T.Parallel(C, K):
                 yk_f[i, d] = (T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32'))))
-            for i, d in T.Parallel(C, K):
-                terms_f[i, d] = yq_f[i, d] * yq_f[i, d]
-            T.reduce_sum(terms_f, inv_norm_q_f, dim=1)
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = yk_f[i, d] * yk_f[i, d]
             T.reduce_sum(terms_f, inv_norm_k_f, dim=1)
             for i in T.Parallel(C):
-                inv_norm_q_f[i] = T.rsqrt(inv_norm_q_f[i] + EPS)
                 inv_norm_k_f[i] = T.rsqrt(inv_norm_k_f[i] + EPS)
             for i, d in T.Parallel(C, K):
-                yq_f[i, d] = yq_f[i, d] * inv_norm_q_f[i]
                 yk_f[i, d] = yk_f[i, d] * inv_norm_k_f[i]
             for i in T.Parallel(C):
-                gq_f[i] = GQ[T.min(t0 + i, NT - 1), h] * SC[0]
-            for i in T.Parallel(C):
                 gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
-            for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
-            T.reduce_sum(terms_f, dgq_f, dim=1)
-            for i in T.Parallel(C):
-                if t0 + i < eos:
-                    DGQ[t0 + i, h] = dgq_f[i]
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
             T.reduce_sum(terms_f, dgk_f, dim=1)
@@ -824,21 +867,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 if t0 + i < eos:
                     DBETA[t0 + i, h] = dbt_s[i]
             for i, d in T.Parallel(C, K):
-                dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
-            for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
-            for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d]
-            T.reduce_sum(terms_f, dot_q_f, dim=1)
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
             T.reduce_sum(terms_f, dot_k_f, dim=1)
             for i, d in T.Parallel(C, K):
-                dqp_s[i, d] = inv_norm_q_f[i] * (dqp_s[i, d] - yq_f[i, d] * dot_q_f[i])
                 dkp_s[i, d] = inv_norm_k_f[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
-                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)
                     DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
 
     return sla_gdn_bwd_chunk

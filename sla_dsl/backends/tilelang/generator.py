@@ -458,18 +458,42 @@ def _wy_gram(f: _Features) -> str:
 
 
 def _wy(f: _Features, shared: bool = True) -> str:
-    """The delta rule's WY form (stage wy): M (_wy_gram), L = beta M, T = (I + L)^-1 (forward substitution in
-    shared memory) and w = T (beta k' exp(b)), into Tm_m, W_f and w_m. `shared` as in _qk_value (a vector
-    decay's M needs k' in shared memory)."""
+    """The delta rule's WY form (stage wy): M (_wy_gram), L = beta M, T = (I + L)^-1 and w = T (beta k' exp(b)),
+    into Tm_m, W_f and w_m. `shared` as in _qk_value (a vector decay's M needs k' in shared memory).
+
+    The solve is blocked, as a serial forward substitution over all C rows took C - 1 steps (a quarter of the
+    H100 time of gdn's forward at chunk 32, and more at 64). The SOLVE_BLOCK x SOLVE_BLOCK diagonal blocks of T,
+    D = (I + L_D)^-1, come from SOLVE_BLOCK - 1 substitution steps taken by all blocks at once. With L_O the part
+    of L below the diagonal blocks, I + L = (I + L_D)(I + N) for N = D L_O, strictly block-lower, so N^(C /
+    SOLVE_BLOCK) = 0 and T = (I + N)^-1 D with (I + N)^-1 = I - N at two blocks, (I - N)(I + N^2) = I - N + N^2 -
+    N^3 at four: at most four C x C gemms. Their operands are fp32 (tf32 products in 16-bit kernels, whose T is
+    rounded to 16 bits after; 3xTF32 in float32 ones)."""
     return _wy_gram(f) + _ind(f"""
     for i, j in T.Parallel(C, C):
         L_s[i, j] = bt_s[i] * M_s[i, j]
         Tm_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
-    for j in T.serial(C - 1):
-        for i, c2 in T.Parallel(C, C):
-            if i > j and c2 <= j:
-                Tm_s[i, c2] = Tm_s[i, c2] - L_s[i, j] * Tm_s[j, c2]
-    T.copy(Tm_s, Tm_m)
+    for j in T.serial(SOLVE_BLOCK - 1):
+        for i, c2 in T.Parallel(C, SOLVE_BLOCK):
+            if i % SOLVE_BLOCK > j and c2 <= j:
+                Tm_s[i, i - i % SOLVE_BLOCK + c2] = Tm_s[i, i - i % SOLVE_BLOCK + c2] - L_s[i, i - i % SOLVE_BLOCK + j] * Tm_s[i - i % SOLVE_BLOCK + j, i - i % SOLVE_BLOCK + c2]
+    if C == SOLVE_BLOCK:
+        T.copy(Tm_s, Tm_m)
+    else:
+        for i, j in T.Parallel(C, C):
+            L_s[i, j] = T.if_then_else(i // SOLVE_BLOCK > j // SOLVE_BLOCK, L_s[i, j], 0.0)
+        T.gemm(Tm_s, L_s, Ts_f, clear_accum=True)
+        T.copy(Ts_f, N_s)
+        if C == 2 * SOLVE_BLOCK:
+            for i, j in T.Parallel(C, C):
+                L_s[i, j] = T.if_then_else(i == j, 1.0, 0.0) - N_s[i, j]
+        else:
+            T.gemm(N_s, N_s, Ts_f, clear_accum=True)
+            T.copy(Ts_f, N2_s)
+            T.gemm(N_s, N2_s, Ts_f, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                L_s[i, j] = T.if_then_else(i == j, 1.0, 0.0) - N_s[i, j] + N2_s[i, j] - Ts_f[i, j]
+        T.gemm(L_s, Tm_s, Ts_f, clear_accum=True)
+        T.copy(Ts_f, Tm_m)
     for i, d in T.Parallel(C, K):
         kb_m[i, d] = T.cast(bt_s[i] * {_qk_value(f, "k", shared)} * {f.exp_b("i")}, dtype)
     T.gemm(Tm_m, kb_m, W_f, clear_accum=True)
@@ -498,6 +522,9 @@ def _wy_allocs(f: _Features, solve: bool = True) -> str:
     solved = """
     L_s = T.alloc_shared((C, C), "float32")
     Tm_s = T.alloc_shared((C, C), "float32")
+    N_s = T.alloc_shared((C, C), "float32")
+    N2_s = T.alloc_shared((C, C), "float32")
+    Ts_f = T.alloc_fragment((C, C), "float32")
     Tm_m = T.alloc_shared((C, C), dtype)
     kb_m = T.alloc_shared((C, K), dtype)
     W_f = T.alloc_fragment((C, K), "float32")
@@ -854,14 +881,19 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         a += """
     sd_f = T.alloc_fragment((K, BV), "float32")
     sdr_f = T.alloc_fragment((K,), "float32")
+    """
+    if f.vector:
+        a += """
     bl_f = T.alloc_fragment((K,), "float32")
     dgc_s = T.alloc_shared((K,), "float32")
     db_s = T.alloc_shared((C, K), "float32")
     """
-    if f.dg and not f.vector:
+    elif f.dg:
         a += """
+    dgc_s = T.alloc_shared((K,), "float32")
     dbr_f = T.alloc_fragment((C,), "float32")
     dbr_s = T.alloc_shared((C,), "float32")
+    dbl_s = T.alloc_shared((C,), "float32")
     """
     if f.vector:
         a += """
@@ -893,7 +925,6 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     dL_s = T.alloc_shared((C, C), "float32")
     dkb_f = T.alloc_fragment((C, K), "float32")
     dkb_m = T.alloc_shared((C, K), dtype)
-    dkb_s = T.alloc_shared((C, K), "float32")
     tv_f = T.alloc_fragment((C, BV), "float32")
     tvr_f = T.alloc_fragment((C,), "float32")
     dbv_s = T.alloc_shared((C,), "float32")
@@ -1012,7 +1043,9 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     """
     vloop = _ind(v, 0)
 
-    # ---- after the V loop: the K side ----
+    # ---- after the V loop. The q side is finished first, so that its [C, K] tiles (q', dq') are dead before
+    # the delta rule's WY backward: TileLang reuses a dead buffer's shared memory, and at chunk 64 their 64 KB
+    # decide whether gdn's bwd_chunk fits a CTA. ----
     p = """
     for i, j in T.Parallel(C, C):
         dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
@@ -1024,26 +1057,31 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         dkp_s[i, d] = {f.exp_rest("i")} * dke_f[i, d] + dkA_f[i, d]
     """
     if f.dg:
-        p += f"""
-    for i, d in T.Parallel(C, K):
-        db_s[i, d] = qp_s[i, d] * ({f.exp_b("i")} * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + {f.exp_rest("i")} * dke_f[i, d])
-    """
+        p += _db_terms(f, f"qp_s[i, d] * ({f.exp_b('i')} * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * "
+                          f"(dkA_f[i, d] + {f.exp_rest('i')} * dke_f[i, d])", first=True)
     if f.delta:
-        # dkb = -T^T (du S^T); dL = -strict(dvb U1^T + dkb w^T) = strict((T^T dws) w^T - dL_acc)
+        p += _input_gradients(f, ("q",))
+    if f.delta:
+        # dkb = -T^T (du S^T), used while in registers (dkb_f holds -dkb); dL = -strict(dvb U1^T + dkb w^T) =
+        # strict((T^T dws) w^T - dL_acc)
         p += f"""
     T.copy(dws_f, dws_m)
     T.gemm(Tm_m, dws_m, dkb_f, transpose_A=True, clear_accum=True)
     T.copy(dkb_f, dkb_m)
+    for i, d in T.Parallel(C, K):
+        terms_f[i, d] = dkb_f[i, d] * kp_s[i, d] * {f.exp_b("i")}
+    T.reduce_sum(terms_f, rkr_f, dim=1)
+    for i in T.Parallel(C):
+        dbt_s[i] = dbv_s[i] - rkr_f[i]
+    for i, d in T.Parallel(C, K):
+        dkp_s[i, d] = dkp_s[i, d] - bt_s[i] * {f.exp_b("i")} * dkb_f[i, d]
+    """
+        if f.dg:
+            p += _db_terms(f, f"-bt_s[i] * kp_s[i, d] * {f.exp_b('i')} * dkb_f[i, d]")
+        p += """
     T.gemm(dkb_m, w_m, X_f, transpose_B=True, clear_accum=True)
     for i, j in T.Parallel(C, C):
         dL_s[i, j] = T.if_then_else(j < i, X_f[i, j] - dL_f[i, j], 0.0)
-    for i, d in T.Parallel(C, K):
-        dkb_s[i, d] = -dkb_f[i, d]
-    for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dkb_s[i, d] * kp_s[i, d] * {f.exp_b("i")}
-    T.reduce_sum(terms_f, rkr_f, dim=1)
-    for i in T.Parallel(C):
-        dbt_s[i] = dbv_s[i] + rkr_f[i]
     for i, j in T.Parallel(C, C):
         X_f[i, j] = dL_s[i, j] * M_s[i, j]
     T.reduce_sum(X_f, xr_f, dim=1)
@@ -1053,140 +1091,15 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         dL_s[i, j] = dL_s[i, j] * bt_s[i]
     """
         p += _pair_terms(f, "dL_s", "kp_s", "kp_s", "Pd_f", "Pt_f", strict=True)
-        p += f"""
+        p += """
     for i, d in T.Parallel(C, K):
-        dkp_s[i, d] = dkp_s[i, d] + bt_s[i] * {f.exp_b("i")} * dkb_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
+        dkp_s[i, d] = dkp_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
     """
         if f.dg:
-            p += f"""
-    for i, d in T.Parallel(C, K):
-        db_s[i, d] = db_s[i, d] + bt_s[i] * kp_s[i, d] * {f.exp_b("i")} * dkb_s[i, d] + kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])
-    """
+            p += _db_terms(f, "kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])")
     if f.dg:
-        # b_C enters through gC = exp(b_C) (state decay) and ke = k' exp(b_C - b)
-        p += f"""
-    for i, d in T.Parallel(C, K):
-        terms_f[i, d] = kp_s[i, d] * {f.exp_rest("i")} * dke_f[i, d]
-    T.reduce_sum(terms_f, bl_f, dim=0)
-    for d in T.Parallel(K):
-        db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * {"T.exp(b_s[C - 1, d])" if f.vector else "T.exp(b_s[C - 1])"}
-    """
-        if f.decay is Decay.VECTOR:
-            p += _column_scan("db_s", reverse=True) + """
-    for i, d in T.Parallel(C, K):
-        if t0 + i < eos:
-            DG[t0 + i, h, d] = db_s[i, d]
-    """
-        elif f.decay is Decay.SCALAR:
-            p += """
-    for i, d in T.Parallel(C, K):
-        terms_f[i, d] = db_s[i, d]
-    T.reduce_sum(terms_f, dbr_f, dim=1)
-    T.copy(dbr_f, dbr_s)
-    T.cumsum(dbr_s, dim=0, reverse=True)
-    for i in T.Parallel(C):
-        if t0 + i < eos:
-            DG[t0 + i, h] = dbr_s[i]
-    """
-    # ---- chain through gates, scale, L2 norm and feature maps ----
-    # y = phi(x) (L2-normalised): what the gates and the L2 norm scale, needed for their gradients
-    if f.l2 or f.read:
-        p += f"""
-    for i, d in T.Parallel(C, K):
-        yq_f[i, d] = {_phi(f.fq, "T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')")}
-    """
-    if f.l2 or f.key_gate:
-        p += f"""
-    for i, d in T.Parallel(C, K):
-        yk_f[i, d] = {_phi(f.fk, "T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')")}
-    """
-    if f.l2:
-        p += """
-    for i, d in T.Parallel(C, K):
-        terms_f[i, d] = yq_f[i, d] * yq_f[i, d]
-    T.reduce_sum(terms_f, inv_norm_q_f, dim=1)
-    for i, d in T.Parallel(C, K):
-        terms_f[i, d] = yk_f[i, d] * yk_f[i, d]
-    T.reduce_sum(terms_f, inv_norm_k_f, dim=1)
-    for i in T.Parallel(C):
-        inv_norm_q_f[i] = T.rsqrt(inv_norm_q_f[i] + EPS)
-        inv_norm_k_f[i] = T.rsqrt(inv_norm_k_f[i] + EPS)
-    for i, d in T.Parallel(C, K):
-        yq_f[i, d] = yq_f[i, d] * inv_norm_q_f[i]
-        yk_f[i, d] = yk_f[i, d] * inv_norm_k_f[i]
-    """
-    p += f"""
-    for i in T.Parallel(C):
-        gq_f[i] = {"GQ[T.min(t0 + i, NT - 1), h] * " if f.read else ""}SC[0]
-    """
-    if f.key_gate:
-        p += """
-    for i in T.Parallel(C):
-        gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
-    """
-    if f.read:
-        p += """
-    for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
-    T.reduce_sum(terms_f, dgq_f, dim=1)
-    for i in T.Parallel(C):
-        if t0 + i < eos:
-            DGQ[t0 + i, h] = dgq_f[i]
-    """
-    if f.key_gate:
-        p += """
-    for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-    T.reduce_sum(terms_f, dgk_f, dim=1)
-    """
-    if f.beta_gate:
-        p += """
-    for i in T.Parallel(C):
-        dgk_f[i] = dbt_s[i] * BETA[T.min(t0 + i, NT - 1), h]
-    """
-    if f.gk:
-        p += """
-    for i in T.Parallel(C):
-        if t0 + i < eos:
-            DGK[t0 + i, h] = dgk_f[i]
-    """
-    if f.delta:
-        bgate = " * GK[t0 + i, h]" if f.beta_gate else ""
-        p += f"""
-    for i in T.Parallel(C):
-        if t0 + i < eos:
-            DBETA[t0 + i, h] = dbt_s[i]{bgate}
-    """
-    # dy = dx' * gate * scale; L2: dx = r (dy - y sum(dy y)) with r the inverse norm; then phi'
-    p += """
-    for i, d in T.Parallel(C, K):
-        dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
-    """
-    if f.key_gate:
-        p += """
-    for i, d in T.Parallel(C, K):
-        dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
-    """
-    if f.l2:
-        p += """
-    for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dqp_s[i, d] * yq_f[i, d]
-    T.reduce_sum(terms_f, dot_q_f, dim=1)
-    for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-    T.reduce_sum(terms_f, dot_k_f, dim=1)
-    for i, d in T.Parallel(C, K):
-        dqp_s[i, d] = inv_norm_q_f[i] * (dqp_s[i, d] - yq_f[i, d] * dot_q_f[i])
-        dkp_s[i, d] = inv_norm_k_f[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
-    """
-    xq = "T.cast(Q[t0 + i, h, d], 'float32')"
-    xk = "T.cast(KK[t0 + i, h, d], 'float32')"
-    p += f"""
-    for i, d in T.Parallel(C, K):
-        if t0 + i < eos:
-            DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * {_dphi(f.fq, xq)}, dtype)
-            DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * {_dphi(f.fk, xk)}, dtype)
-    """
+        p += _dg_store(f)
+    p += _input_gradients(f, ("k",) if f.delta else ("q", "k"))
     post = _ind(p, 0)
     delta_params = ('        W: T.Tensor((NT, H, K), dtype),\n        TM: T.Tensor((NC, H, C, C), dtype),\n'
                     '        U: T.Tensor((NT, H, V), dtype),\n        VN: T.Tensor((NT, H, V), dtype),\n'
@@ -1196,6 +1109,163 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     return {"grad_params": grad_params, "allocs": allocs, "pre_loop": pre_loop, "vloop": vloop, "post": post,
             "delta_params": delta_params, "delta_doc": delta_doc}
 
+
+def _db_terms(f: _Features, expr: str, first: bool = False) -> str:
+    """Adds `expr` (of row i, key channel d) to the gradient of the in-chunk cumulative log decay b: per channel
+    in db_s [C, K] for a vector decay, summed over the channels into dbr_s [C] for a scalar one (which then
+    keeps no [C, K] tile for it). `first` sets it instead."""
+    if f.vector:
+        total = expr if first else f"db_s[i, d] + {expr}"
+        return f"""
+    for i, d in T.Parallel(C, K):
+        db_s[i, d] = {total}
+    """
+    total = "dbr_f[i]" if first else "dbr_s[i] + dbr_f[i]"
+    return f"""
+    for i, d in T.Parallel(C, K):
+        terms_f[i, d] = {expr}
+    T.reduce_sum(terms_f, dbr_f, dim=1)
+    for i in T.Parallel(C):
+        dbr_s[i] = {total}
+    """
+
+
+def _dg_store(f: _Features) -> str:
+    """The terms of b_C (through the state decay exp(b_C) and ke = k' exp(b_C - b)), then dg: the reverse
+    cumulative sum of db over the chunk's rows, since b is the cumulative sum of g."""
+    if f.vector:
+        return f"""
+    for i, d in T.Parallel(C, K):
+        terms_f[i, d] = kp_s[i, d] * {f.exp_rest("i")} * dke_f[i, d]
+    T.reduce_sum(terms_f, bl_f, dim=0)
+    for d in T.Parallel(K):
+        db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1, d])
+    """ + _column_scan("db_s", reverse=True) + """
+    for i, d in T.Parallel(C, K):
+        if t0 + i < eos:
+            DG[t0 + i, h, d] = db_s[i, d]
+    """
+    # b_C's total, summed over rows and channels, is the first entry of the suffix sums of its row sums
+    return f"""
+    for i, d in T.Parallel(C, K):
+        terms_f[i, d] = kp_s[i, d] * {f.exp_rest("i")} * dke_f[i, d] + T.if_then_else(
+            i == C - 1, dgc_s[d] * T.exp(b_s[C - 1]), 0.0)
+    T.reduce_sum(terms_f, dbr_f, dim=1)
+    T.copy(dbr_f, dbl_s)
+    T.cumsum(dbl_s, dim=0, reverse=True)
+    for i in T.Parallel(C):
+        dbr_s[i] = dbr_s[i] + T.if_then_else(i == C - 1, dbl_s[0], 0.0)
+    T.cumsum(dbr_s, dim=0, reverse=True)
+    for i in T.Parallel(C):
+        if t0 + i < eos:
+            DG[t0 + i, h] = dbr_s[i]
+    """
+
+
+def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
+    """dq (side "q") and/or dk ("k") from the gradients of q' and k' in dqp_s / dkp_s, through the gates, the
+    scale, the L2 norm and the feature maps, with the gates' gradients: dy = dx' * gate * scale; L2: dx = r (dy -
+    y sum(dy y)) with r the inverse norm; then phi'. y = phi(x) (L2-normalised) is what the gates and the L2 norm
+    scale. The steps of both sides share their loops."""
+    names = {"q": ("Q", f.fq, "dqp_s", "DQ", f.read), "k": ("KK", f.fk, "dkp_s", "DK", f.key_gate)}
+
+    def loop(body) -> str:  # one loop over the chunk's [C, K] tile, a statement per side
+        lines = "".join(f"\n        {body(side, *names[side])}" for side in sides)
+        return f"""
+    for i, d in T.Parallel(C, K):{lines}
+    """
+
+    s = ""
+    for side in sides:
+        x, fm, _, _, gated = names[side]
+        if f.l2 or gated:
+            s += f"""
+    for i, d in T.Parallel(C, K):
+        y{side}_f[i, d] = {_phi(fm, f"T.cast({x}[T.min(t0 + i, NT - 1), h, d], 'float32')")}
+    """
+    if f.l2:
+        for side in sides:
+            s += f"""
+    for i, d in T.Parallel(C, K):
+        terms_f[i, d] = y{side}_f[i, d] * y{side}_f[i, d]
+    T.reduce_sum(terms_f, inv_norm_{side}_f, dim=1)
+    """
+        s += """
+    for i in T.Parallel(C):""" + "".join(f"""
+        inv_norm_{side}_f[i] = T.rsqrt(inv_norm_{side}_f[i] + EPS)""" for side in sides) + """
+    """
+        s += loop(lambda side, *_: f"y{side}_f[i, d] = y{side}_f[i, d] * inv_norm_{side}_f[i]")
+    if "q" in sides:
+        s += f"""
+    for i in T.Parallel(C):
+        gq_f[i] = {"GQ[T.min(t0 + i, NT - 1), h] * " if f.read else ""}SC[0]
+    """
+    if "k" in sides and f.key_gate:
+        s += """
+    for i in T.Parallel(C):
+        gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
+    """
+    if "q" in sides and f.read:
+        s += """
+    for i, d in T.Parallel(C, K):
+        terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+    T.reduce_sum(terms_f, dgq_f, dim=1)
+    for i in T.Parallel(C):
+        if t0 + i < eos:
+            DGQ[t0 + i, h] = dgq_f[i]
+    """
+    if "k" in sides:
+        if f.key_gate:
+            s += """
+    for i, d in T.Parallel(C, K):
+        terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+    T.reduce_sum(terms_f, dgk_f, dim=1)
+    """
+        if f.beta_gate:
+            s += """
+    for i in T.Parallel(C):
+        dgk_f[i] = dbt_s[i] * BETA[T.min(t0 + i, NT - 1), h]
+    """
+        if f.gk:
+            s += """
+    for i in T.Parallel(C):
+        if t0 + i < eos:
+            DGK[t0 + i, h] = dgk_f[i]
+    """
+        if f.delta:
+            bgate = " * GK[t0 + i, h]" if f.beta_gate else ""
+            s += f"""
+    for i in T.Parallel(C):
+        if t0 + i < eos:
+            DBETA[t0 + i, h] = dbt_s[i]{bgate}
+    """
+    if "q" in sides:
+        s += """
+    for i, d in T.Parallel(C, K):
+        dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
+    """
+    if "k" in sides and f.key_gate:
+        s += """
+    for i, d in T.Parallel(C, K):
+        dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
+    """
+    if f.l2:
+        for side in sides:
+            s += f"""
+    for i, d in T.Parallel(C, K):
+        terms_f[i, d] = d{side}p_s[i, d] * y{side}_f[i, d]
+    T.reduce_sum(terms_f, dot_{side}_f, dim=1)
+    """
+        s += loop(lambda side, x, fm, grad, out, gated:
+                  f"{grad}[i, d] = inv_norm_{side}_f[i] * ({grad}[i, d] - y{side}_f[i, d] * dot_{side}_f[i])")
+    stores = "".join(f"""
+            {out}[t0 + i, h, d] = T.cast({grad}[i, d] * {_dphi(fm, f"T.cast({x}[t0 + i, h, d], 'float32')")}, dtype)"""
+                     for x, fm, grad, out, _ in (names[side] for side in sides))
+    s += f"""
+    for i, d in T.Parallel(C, K):
+        if t0 + i < eos:{stores}
+    """
+    return s
 
 def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, strict: bool) -> str:
     """For a masked C x C matrix P (shared fp32) and rows X, Y (shared fp32, [C, K]):
@@ -1376,8 +1446,10 @@ def generate(spec: Spec) -> dict[str, str]:
         pre_loop=at(pieces["pre_loop"], 12), vloop=at(pieces["vloop"], 16), post=at(pieces["post"], 12),
         **with_states))
     phases = phase_kernels(spec)
-    sub_block = ("# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).\n"
+    block_constants = ("# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).\n"
                  "SUB_BLOCK = 16\n" if f.vector else "")
+    block_constants += ("# Rows of the diagonal blocks of the WY solve (generator._wy); chunks of 1, 2 or 4 such blocks.\n"
+                  "SOLVE_BLOCK = 16\n" if f.delta else "")
     rec = spec.recurrence
     meta = f'''
 import tilelang
@@ -1393,7 +1465,7 @@ INPUTS = {tuple(_input_names(f))!r}
 GRAD_OUTPUTS = {tuple(n for n, on in (("dg", f.has_b and f.decay is not Decay.CONSTANT), ("dbeta", f.delta),
                                         ("dgq", f.read), ("dgk", f.gk)) if on)!r}
 EPS = {L2_NORM_EPS!r}
-{sub_block}
+{block_constants}
 
 def state_dtype(dtype):
     """The dtype of the stored per-chunk states and state gradients: the input dtype (the operand of the gemms

@@ -67,7 +67,7 @@ def tf32_lo(x, part):
 '''
 
 _GEMM = re.compile(r"^(?P<indent> *)T\.gemm\((?P<a>\w+), (?P<b>\w+), (?P<c>\w+)(?P<flags>(?:, \w+=\w+)*)\)$", re.M)
-_OPERAND = re.compile(r"^ *(?P<name>\w+) = T\.alloc_shared\(\((?P<dims>[^)]*)\), dtype\)$", re.M)
+_OPERAND = re.compile(r'^ *(?P<name>\w+) = T\.alloc_shared\(\((?P<dims>[^)]*)\), (?:dtype|"float32")\)$', re.M)
 _ALLOC = re.compile(r"^(?P<indent> *)\w+ = T\.alloc_\w+\(.*\n", re.M)
 
 
@@ -86,7 +86,8 @@ def compensate(factory: str) -> str:
         a, b = m["a"], m["b"]
         for operand in (a, b):
             if operand not in shapes:
-                raise ValueError(f"tf32x3: gemm operand {operand} is not a shared buffer of the kernel's dtype")
+                raise ValueError(f"tf32x3: gemm operand {operand} is not a shared buffer of the kernel's dtype "
+                                 "or of float32")
         a_part, b_part = part(shapes[a], second=False), part(shapes[b], second=shapes[b] == shapes[a])
         return f"{m['indent']}compensated_gemm({a}, {b}, {m['c']}, {a_part}, {b_part}{m['flags']})"
 
