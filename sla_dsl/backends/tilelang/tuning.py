@@ -234,7 +234,9 @@ def chunk_preference(module) -> tuple[int, ...]:
     triangular solve grow with the chunk squared and keep C x K tiles in registers. Every sweep so far (H100 and
     H200, K = V = 128, benchmarks/*/2026-11-23-session{8,9}) picked chunk 32 for them, with forwards 1.24x to
     1.75x faster than the chunk-64 default (other settings changed with it), and chunk 64 for the constant decay
-    without the delta rule."""
+    without the delta rule. Once gdn's backward fitted chunk 64 too (2026-11-24-session14, chunk64-gdn.log), its
+    tuned chunk-32 config against the same at chunk 64: forward 1.43 against 1.95 ms, backward 5.61 against 7.28
+    (wy and bwd_chunk slower, states and bwd_dh faster)."""
     features = module.FEATURES
     if features["decay"] == "vector" or features["write"] == "delta":
         return (32, 64, 16)
