@@ -1043,9 +1043,9 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     """
     vloop = _ind(v, 0)
 
-    # ---- after the V loop. The q side is finished first, so that its [C, K] tiles (q', dq') are dead before
-    # the delta rule's WY backward: TileLang reuses a dead buffer's shared memory, and at chunk 64 their 64 KB
-    # decide whether gdn's bwd_chunk fits a CTA. ----
+    # ---- after the V loop. The delta rule finishes the q side first, so that its [C, K] tiles (q', dq') are dead
+    # before the WY backward: TileLang reuses a dead buffer's shared memory, and at chunk 64 their 64 KB decide
+    # whether gdn's bwd_chunk fits a CTA. Without it dq and dk are finished together, sharing their loops. ----
     p = """
     for i, j in T.Parallel(C, C):
         dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
@@ -1061,7 +1061,6 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
                           f"(dkA_f[i, d] + {f.exp_rest('i')} * dke_f[i, d])", first=True)
     if f.delta:
         p += _input_gradients(f, ("q",))
-    if f.delta:
         # dkb = -T^T (du S^T), used while in registers (dkb_f holds -dkb); dL = -strict(dvb U1^T + dkb w^T) =
         # strict((T^T dws) w^T - dL_acc)
         p += f"""
@@ -1166,7 +1165,7 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     """dq (side "q") and/or dk ("k") from the gradients of q' and k' in dqp_s / dkp_s, through the gates, the
     scale, the L2 norm and the feature maps, with the gates' gradients: dy = dx' * gate * scale; L2: dx = r (dy -
     y sum(dy y)) with r the inverse norm; then phi'. y = phi(x) (L2-normalised) is what the gates and the L2 norm
-    scale. The steps of both sides share their loops."""
+    scale. The steps of both sides share their loops; the k side also stores the delta rule's dbeta."""
     names = {"q": ("Q", f.fq, "dqp_s", "DQ", f.read), "k": ("KK", f.fk, "dkp_s", "DK", f.key_gate)}
 
     def loop(body) -> str:  # one loop over the chunk's [C, K] tile, a statement per side
