@@ -17,7 +17,7 @@ from sla_dsl.autotune.precompile import Precompiler
 from sla_dsl.autotune.protocol import config_label, default_config, is_tunable, tuning_space
 from sla_dsl.autotune.shapes import Shape, distance, parse_shapes
 from sla_dsl.autotune.sweep import SweepStopped, Task, stderr_log, sweep
-from sla_dsl.autotune.table import (gpu_name, phase_source_hashes, read_table, source_hash, table_path, table_root,
+from sla_dsl.autotune.table import (gpu_name, phase_source_hashes, readable_table, source_hash, table_path, table_root,
                                     update_table)
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -254,7 +254,7 @@ def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
         if config not in seeds:
             seeds.append(config)
 
-    data = _readable_table(own)
+    data = readable_table(own)
     if data is not None:
         stored = []
         for older, entries in enumerate((data["entries"], data.get("superseded_entries", {}))):
@@ -266,17 +266,10 @@ def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
         for *_, config in sorted(stored, key=lambda item: item[:5]):
             add(config)
     for path in sorted(own.parent.glob("*.json")):
-        sibling = _readable_table(path) if path != own else None
+        sibling = readable_table(path) if path != own else None
         if sibling is not None and task.phase in sibling["entries"].get(here.key, {}):
             add(sibling["entries"][here.key][task.phase]["config"])
     return tuple(seeds)
-
-
-def _readable_table(path: Path) -> dict | None:
-    try:
-        return read_table(path)
-    except (OSError, ValueError):
-        return None
 
 
 @contextlib.contextmanager

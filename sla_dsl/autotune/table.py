@@ -248,6 +248,15 @@ def read_table(path: Path) -> dict | None:
     return parse_table(text)
 
 
+def readable_table(path: Path) -> dict | None:
+    """The parsed table at `path`; None when absent, unreadable or corrupt (for writers and seeds, which
+    replace or skip such a table; lookups warn about it)."""
+    try:
+        return read_table(path)
+    except (OSError, ValueError):  # JSONDecodeError is a ValueError, as is TableError
+        return None
+
+
 class _Loaded:
     """One table file as lookup() uses it: buckets per phase, or nothing (missing/stale/corrupt)."""
 
@@ -446,10 +455,7 @@ def update_table(path: Path, *, spec_name: str, spec_sha256: str, backend: str, 
     replaced."""
     path = Path(path)
     with file_lock(path):
-        try:
-            old = read_table(path)
-        except (OSError, ValueError):
-            old = None
+        old = readable_table(path)
         merged: dict[str, dict] = {}
         superseded: dict[str, dict] = {}
         if old is not None and old["backend"] == backend:

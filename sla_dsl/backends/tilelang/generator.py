@@ -1166,17 +1166,18 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     scale, the L2 norm and the feature maps, with the gates' gradients: dy = dx' * gate * scale; L2: dx = r (dy -
     y sum(dy y)) with r the inverse norm; then phi'. y = phi(x) (L2-normalised) is what the gates and the L2 norm
     scale. The steps of both sides share their loops; the k side also stores the delta rule's dbeta."""
-    names = {"q": ("Q", f.fq, "dqp_s", "DQ", f.read), "k": ("KK", f.fk, "dkp_s", "DK", f.key_gate)}
+    # per side: the input tensor, its feature map, its output tensor and whether a gate scales it
+    names = {"q": ("Q", f.fq, "DQ", f.read), "k": ("KK", f.fk, "DK", f.key_gate)}
 
     def loop(body) -> str:  # one loop over the chunk's [C, K] tile, a statement per side
-        lines = "".join(f"\n        {body(side, *names[side])}" for side in sides)
+        lines = "".join(f"\n        {body(side)}" for side in sides)
         return f"""
     for i, d in T.Parallel(C, K):{lines}
     """
 
     s = ""
     for side in sides:
-        x, fm, _, _, gated = names[side]
+        x, fm, _, gated = names[side]
         if f.l2 or gated:
             s += f"""
     for i, d in T.Parallel(C, K):
@@ -1193,7 +1194,7 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     for i in T.Parallel(C):""" + "".join(f"""
         inv_norm_{side}_f[i] = T.rsqrt(inv_norm_{side}_f[i] + EPS)""" for side in sides) + """
     """
-        s += loop(lambda side, *_: f"y{side}_f[i, d] = y{side}_f[i, d] * inv_norm_{side}_f[i]")
+        s += loop(lambda side: f"y{side}_f[i, d] = y{side}_f[i, d] * inv_norm_{side}_f[i]")
     if "q" in sides:
         s += f"""
     for i in T.Parallel(C):
@@ -1255,11 +1256,14 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
         terms_f[i, d] = d{side}p_s[i, d] * y{side}_f[i, d]
     T.reduce_sum(terms_f, dot_{side}_f, dim=1)
     """
-        s += loop(lambda side, x, fm, grad, out, gated:
-                  f"{grad}[i, d] = inv_norm_{side}_f[i] * ({grad}[i, d] - y{side}_f[i, d] * dot_{side}_f[i])")
-    stores = "".join(f"""
-            {out}[t0 + i, h, d] = T.cast({grad}[i, d] * {_dphi(fm, f"T.cast({x}[t0 + i, h, d], 'float32')")}, dtype)"""
-                     for x, fm, grad, out, _ in (names[side] for side in sides))
+        s += loop(lambda side: f"d{side}p_s[i, d] = inv_norm_{side}_f[i] * (d{side}p_s[i, d] - y{side}_f[i, d] * "
+                               f"dot_{side}_f[i])")
+    stores = ""
+    for side in sides:
+        x, fm, out, _ = names[side]
+        derivative = _dphi(fm, f"T.cast({x}[t0 + i, h, d], 'float32')")
+        stores += f"""
+            {out}[t0 + i, h, d] = T.cast(d{side}p_s[i, d] * {derivative}, dtype)"""
     s += f"""
     for i, d in T.Parallel(C, K):
         if t0 + i < eos:{stores}
@@ -1447,8 +1451,9 @@ def generate(spec: Spec) -> dict[str, str]:
     phases = phase_kernels(spec)
     block_constants = ("# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).\n"
                  "SUB_BLOCK = 16\n" if f.vector else "")
-    block_constants += ("# Rows of the diagonal blocks of the WY solve (generator._wy); chunks of 1, 2 or 4 such blocks.\n"
-                  "SOLVE_BLOCK = 16\n" if f.delta else "")
+    block_constants += ("# Rows of the diagonal blocks of the WY solve (generator._wy); chunks of 1, 2 or 4 such "
+                        "blocks.\n"
+                        "SOLVE_BLOCK = 16\n" if f.delta else "")
     rec = spec.recurrence
     meta = f'''
 import tilelang
