@@ -127,6 +127,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
@@ -137,8 +138,6 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             T.reduce_sum(sq, kn, dim=1)
             for i in T.Parallel(C):
                 kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
-            for i in T.Parallel(C):
-                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     KE[t0 + i, h, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
@@ -664,6 +663,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
@@ -687,8 +687,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
             for i, d in T.Parallel(C, K):
                 kp_s[i, d] = kx[i, d] * kr[i]
-            for i in T.Parallel(C):
-                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
             for i, d in T.Parallel(C, K):
                 km_m[i, d] = T.cast(kp_s[i, d], dtype)
             for i, d in T.Parallel(C, K):

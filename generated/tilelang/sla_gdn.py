@@ -102,6 +102,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
             b_s = T.alloc_shared((C,), "float32")
+            gk_s = T.alloc_shared((C,), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kn = T.alloc_fragment((C,), "float32")
             kr = T.alloc_fragment((C,), "float32")
@@ -129,6 +130,8 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+                gk_s[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
+                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
@@ -138,9 +141,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
             for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * GK[t0 + i, h], 0.0)
-            for i in T.Parallel(C):
-                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * gk_s[i], 0.0)
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     KE[t0 + i, h, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
@@ -307,9 +308,11 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
             b_s = T.alloc_shared((C,), "float32")
+            gq_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qn = T.alloc_fragment((C,), "float32")
             qr = T.alloc_fragment((C,), "float32")
+            gk_s = T.alloc_shared((C,), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kn = T.alloc_fragment((C,), "float32")
             kr = T.alloc_fragment((C,), "float32")
@@ -330,6 +333,8 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+                gq_s[i] = T.if_then_else(t0 + i < eos, GQ[t0 + i, h], 0.0)
+                gk_s[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
@@ -339,7 +344,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 sq[i, d] = qx[i, d] * qx[i, d]
             T.reduce_sum(sq, qn, dim=1)
             for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * GQ[t0 + i, h] * SC[0], 0.0)
+                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * gq_s[i] * SC[0], 0.0)
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
@@ -348,7 +353,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
             for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * GK[t0 + i, h], 0.0)
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * gk_s[i], 0.0)
             for i, d in T.Parallel(C, K):
                 km_m[i, d] = T.cast(kx[i, d] * kr[i], dtype)
             for i, d in T.Parallel(C, K):
@@ -404,9 +409,11 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
             b_s = T.alloc_shared((C,), "float32")
+            gq_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qn = T.alloc_fragment((C,), "float32")
             qr = T.alloc_fragment((C,), "float32")
+            gk_s = T.alloc_shared((C,), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kn = T.alloc_fragment((C,), "float32")
             kr = T.alloc_fragment((C,), "float32")
@@ -424,6 +431,8 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+                gq_s[i] = T.if_then_else(t0 + i < eos, GQ[t0 + i, h], 0.0)
+                gk_s[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
@@ -433,7 +442,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 sq[i, d] = qx[i, d] * qx[i, d]
             T.reduce_sum(sq, qn, dim=1)
             for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * GQ[t0 + i, h] * SC[0], 0.0)
+                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * gq_s[i] * SC[0], 0.0)
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i, d in T.Parallel(C, K):
@@ -442,7 +451,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
             for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * GK[t0 + i, h], 0.0)
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * gk_s[i], 0.0)
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     QE[t0 + i, h, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
@@ -603,10 +612,12 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
             b_s = T.alloc_shared((C,), "float32")
+            gq_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qn = T.alloc_fragment((C,), "float32")
             qr = T.alloc_fragment((C,), "float32")
             qp_s = T.alloc_shared((C, K), "float32")
+            gk_s = T.alloc_shared((C,), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kn = T.alloc_fragment((C,), "float32")
             kr = T.alloc_fragment((C,), "float32")
@@ -679,6 +690,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+                gq_s[i] = T.if_then_else(t0 + i < eos, GQ[t0 + i, h], 0.0)
+                gk_s[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
+                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
@@ -688,7 +702,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 sq[i, d] = qx[i, d] * qx[i, d]
             T.reduce_sum(sq, qn, dim=1)
             for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * GQ[t0 + i, h] * SC[0], 0.0)
+                qr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(qn[i] + EPS) * gq_s[i] * SC[0], 0.0)
             for i, d in T.Parallel(C, K):
                 qp_s[i, d] = qx[i, d] * qr[i]
             for i, d in T.Parallel(C, K):
@@ -699,11 +713,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
             for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * GK[t0 + i, h], 0.0)
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * gk_s[i], 0.0)
             for i, d in T.Parallel(C, K):
                 kp_s[i, d] = kx[i, d] * kr[i]
-            for i in T.Parallel(C):
-                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
             for i, d in T.Parallel(C, K):
                 km_m[i, d] = T.cast(kp_s[i, d], dtype)
             for i, d in T.Parallel(C, K):
@@ -781,7 +793,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = yq_f[i, d] * inv_norm_q_f[i]
             for i in T.Parallel(C):
-                gq_f[i] = GQ[T.min(t0 + i, NT - 1), h] * SC[0]
+                gq_f[i] = gq_s[i] * SC[0]
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
             T.reduce_sum(terms_f, dgq_f, dim=1)
@@ -856,7 +868,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 yk_f[i, d] = yk_f[i, d] * inv_norm_k_f[i]
             for i in T.Parallel(C):
-                gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
+                gk_f[i] = gk_s[i]
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
             T.reduce_sum(terms_f, dgk_f, dim=1)

@@ -100,10 +100,15 @@ def prep(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
             b_s = T.alloc_shared((C, K), "float32")
+            gq_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
+            gk_s = T.alloc_shared((C,), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kr = T.alloc_fragment((C,), "float32")
+            for i in T.Parallel(C):
+                gq_s[i] = T.if_then_else(t0 + i < eos, GQ[t0 + i, h], 0.0)
+                gk_s[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
             for i, d in T.Parallel(C, K):
                 b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
             for d in T.Parallel(K):
@@ -112,11 +117,11 @@ def prep(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, GQ[t0 + i, h] * SC[0], 0.0)
+                qr[i] = T.if_then_else(t0 + i < eos, gq_s[i] * SC[0], 0.0)
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
+                kr[i] = T.if_then_else(t0 + i < eos, gk_s[i], 0.0)
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     KE[t0 + i, h, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
@@ -216,9 +221,11 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
             b_s = T.alloc_shared((C, K), "float32")
+            gq_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
             qp_s = T.alloc_shared((C, K), "float32")
+            gk_s = T.alloc_shared((C,), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
@@ -239,6 +246,9 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
+            for i in T.Parallel(C):
+                gq_s[i] = T.if_then_else(t0 + i < eos, GQ[t0 + i, h], 0.0)
+                gk_s[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
             for i, d in T.Parallel(C, K):
                 b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
             for d in T.Parallel(K):
@@ -247,13 +257,13 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, GQ[t0 + i, h] * SC[0], 0.0)
+                qr[i] = T.if_then_else(t0 + i < eos, gq_s[i] * SC[0], 0.0)
             for i, d in T.Parallel(C, K):
                 qp_s[i, d] = qx[i, d] * qr[i]
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
+                kr[i] = T.if_then_else(t0 + i < eos, gk_s[i], 0.0)
             for i, d in T.Parallel(C, K):
                 kp_s[i, d] = kx[i, d] * kr[i]
             for i, d in T.Parallel(C, K):
@@ -389,9 +399,11 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
             b_s = T.alloc_shared((C, K), "float32")
+            gq_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
             qp_s = T.alloc_shared((C, K), "float32")
+            gk_s = T.alloc_shared((C,), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
@@ -443,6 +455,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             tf32_SB_C = T.alloc_shared((SB, C), dtype) if dtype == "float32" else None
             tf32_C_SB = T.alloc_shared((C, SB), dtype) if dtype == "float32" else None
 
+            for i in T.Parallel(C):
+                gq_s[i] = T.if_then_else(t0 + i < eos, GQ[t0 + i, h], 0.0)
+                gk_s[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
             for i, d in T.Parallel(C, K):
                 b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
             for d in T.Parallel(K):
@@ -451,13 +466,13 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, GQ[t0 + i, h] * SC[0], 0.0)
+                qr[i] = T.if_then_else(t0 + i < eos, gq_s[i] * SC[0], 0.0)
             for i, d in T.Parallel(C, K):
                 qp_s[i, d] = qx[i, d] * qr[i]
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, GK[t0 + i, h], 0.0)
+                kr[i] = T.if_then_else(t0 + i < eos, gk_s[i], 0.0)
             for i, d in T.Parallel(C, K):
                 kp_s[i, d] = kx[i, d] * kr[i]
             for i, d in T.Parallel(C, K):
@@ -572,9 +587,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for i, d in T.Parallel(C, K):
                 yk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
             for i in T.Parallel(C):
-                gq_f[i] = GQ[T.min(t0 + i, NT - 1), h] * SC[0]
+                gq_f[i] = gq_s[i] * SC[0]
             for i in T.Parallel(C):
-                gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
+                gk_f[i] = gk_s[i]
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
             T.reduce_sum(terms_f, dgq_f, dim=1)

@@ -171,13 +171,12 @@ def _row_gate(f: _Features, side: str) -> str | None:
     return "GQ" if side == "q" and f.read else "GK" if side == "k" and f.key_gate else None
 
 
-def _row_factor(f: _Features, side: str, staged: bool = False) -> str:
+def _row_factor(f: _Features, side: str) -> str:
     """What scales each row of phi(x) into q' or k': the L2 norm's 1/||phi(x)||, the read gate and the scale
-    (q), the write gate on the key (k); "1.0" when nothing does. `staged`: the gates from _prep's copies."""
+    (q), the write gate on the key (k); "1.0" when nothing does. The gates as _prep loaded them (g{side}_s)."""
     factors = [f"T.rsqrt({side}n[i] + EPS)"] if f.l2 else []
-    gate = _row_gate(f, side)
-    if gate:
-        factors.append(f"g{side}_s[i]" if staged else f"{gate}[t0 + i, h]")
+    if _row_gate(f, side):
+        factors.append(f"g{side}_s[i]")
     if side == "q":
         factors.append("SC[0]")
     return " * ".join(factors) or "1.0"
@@ -206,8 +205,8 @@ def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True
             continue
         if staged:
             lines.append(f'{side}raw_m = T.alloc_shared((C, K), dtype)')
-            if _row_gate(f, side):
-                lines.append(f'g{side}_s = T.alloc_shared((C,), "float32")')
+        if _row_gate(f, side):
+            lines.append(f'g{side}_s = T.alloc_shared((C,), "float32")')
         lines.append(f'{side}x = T.alloc_fragment((C, K), "float32")')
         if f.l2:
             lines.append(f'{side}n = T.alloc_fragment((C,), "float32")')
@@ -245,20 +244,35 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
     """For the chunk at t0, each where asked for: the in-chunk cumulative log decay b (`decay`), phi(x) and its
     row factors in registers (`_scaled` reads q' and k' from them), q' and k' in shared fp32 (`shared`), and
     beta'. Rows past the sequence's end are zero. `staged` (the sequential stages): the inputs are read by
-    T.copy's into shared memory first, which their pipelined loop issues a chunk ahead (_copy_rows)."""
+    T.copy's into shared memory first, which their pipelined loop issues a chunk ahead (_copy_rows). Otherwise
+    the per-row inputs (g, the gates, beta) are loaded first, in one loop: loaded where first used, after
+    q's and k's feature maps and norms, each was a global load the CTA waited for. On the H100 the kernels that
+    read the SLA gates so took 14-29% longer than gdn's (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session14)."""
     s = ""
+    rows = []  # (shared [C] buffer, value of row i) loaded first
+    if decay and f.decay is Decay.SCALAR:
+        rows.append(("b_s", "g_s[i]" if staged else "G[t0 + i, h]"))
+    if not staged:
+        rows += [(f"g{side}_s", f"{_row_gate(f, side)}[t0 + i, h]") for side, on in (("q", q), ("k", k))
+                 if on and _row_gate(f, side)]
+    if f.delta and beta:
+        rows.append(("bt_s", "BETA[t0 + i, h]" + (" * GK[t0 + i, h]" if f.beta_gate else "")))
     if decay and f.decay is Decay.CONSTANT:
         s += """
     for i in T.Parallel(C):
         b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
     """
-    elif decay and f.decay is Decay.SCALAR:
-        g = "g_s[i]" if staged else "G[t0 + i, h]"
-        s += ("""
+    if staged and decay and f.decay is Decay.SCALAR:
+        s += """
     T.copy(G[t0:t0 + C, h], g_s)
-    """ if staged else "") + f"""
-    for i in T.Parallel(C):
-        b_s[i] = T.if_then_else(t0 + i < eos, {g}, 0.0)
+    """
+    if rows:
+        s += """
+    for i in T.Parallel(C):""" + "".join(f"""
+        {buf}[i] = T.if_then_else(t0 + i < eos, {value}, 0.0)""" for buf, value in rows) + """
+    """
+    if decay and f.decay is Decay.SCALAR:
+        s += """
     T.cumsum(b_s, dim=0)
     """
     elif decay and f.decay is Decay.VECTOR:
@@ -294,7 +308,7 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         sq[i, d] = {side}x[i, d] * {side}x[i, d]
     T.reduce_sum(sq, {side}n, dim=1)
     """
-        factor = _row_factor(f, side, staged)
+        factor = _row_factor(f, side)
         if factor != "1.0":
             s += f"""
     for i in T.Parallel(C):
@@ -304,12 +318,6 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
             s += f"""
     for i, d in T.Parallel(C, K):
         {side}p_s[i, d] = {_scaled(f, side)}
-    """
-    if f.delta and beta:
-        bf = "BETA[t0 + i, h]" + (" * GK[t0 + i, h]" if f.beta_gate else "")
-        s += f"""
-    for i in T.Parallel(C):
-        bt_s[i] = T.if_then_else(t0 + i < eos, {bf}, 0.0)
     """
     return _ind(s, 0)
 
@@ -1198,12 +1206,12 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     if "q" in sides:
         s += f"""
     for i in T.Parallel(C):
-        gq_f[i] = {"GQ[T.min(t0 + i, NT - 1), h] * " if f.read else ""}SC[0]
+        gq_f[i] = {"gq_s[i] * " if f.read else ""}SC[0]
     """
     if "k" in sides and f.key_gate:
         s += """
     for i in T.Parallel(C):
-        gk_f[i] = GK[T.min(t0 + i, NT - 1), h]
+        gk_f[i] = gk_s[i]
     """
     if "q" in sides and f.read:
         s += """
