@@ -10,7 +10,7 @@ For one (spec content, backend) pair this registers, under the `sla_dsl` namespa
 
 with a fake (meta) implementation (outputs are contiguous) for each and the forward's autograd formula calling the backward op,
 which calls the backend's `kernels.backward` (the backward recomputes from the inputs: only the inputs are
-saved). Conventions at the op boundary: `final_state` is an empty tensor when `output_final_state` is
+saved). Eager calls with plain tensors skip the dispatcher: `sla_dsl.autograd` runs the same implementations. Conventions at the op boundary: `final_state` is an empty tensor when `output_final_state` is
 False, and an absent gradient is an empty tensor (both are mapped back to None by `call`). The hash covers
 the spec file's hash and the recurrence itself, so a derived recurrence (e.g. the module layer's copy
 without the read gate) gets an op of its own.
@@ -27,6 +27,7 @@ import threading
 
 import torch
 
+from sla_dsl.autograd import EagerFunction, takes_eager_path
 from sla_dsl.backends import build_backend
 from sla_dsl.spec import Spec
 
@@ -122,6 +123,7 @@ class SpecTorchOp:
                 final_state = _empty(q, _state_dtype(q.dtype))
             return _unalias(o.contiguous(), inputs), _unalias(final_state.contiguous(), inputs)
 
+        self.forward_impl = forward_impl
         op = torch.library.custom_op(name, forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
 
         @op.register_fake
@@ -150,6 +152,7 @@ class SpecTorchOp:
             every = (*inputs, cu_seqlens, do, dfinal_state)
             return tuple(_empty(q) if t is None else _unalias(grad.contiguous(), every) for t, grad in zip(inputs, grads))
 
+        self.backward_impl = backward_impl
         op = torch.library.custom_op(name, backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
 
         @op.register_fake
@@ -158,6 +161,19 @@ class SpecTorchOp:
                          for t in (q, k, v, g, beta, gq, gk, initial_state))
 
         return op
+
+    @staticmethod
+    def input_gradients(backward, saved, scale: float, output_final_state: bool, do, dfinal_state) -> tuple:
+        """The gradients of q .. initial_state (None for an absent input) from `backward` (the backward op or
+        its implementation), given the saved inputs q .. initial_state, cu_seqlens and the outputs' gradients."""
+        q, k, v, g, beta, gq, gk, initial_state, cu_seqlens = saved
+        if not output_final_state:
+            dfinal_state = None
+        if do is None:
+            do = torch.zeros_like(v)
+        grads = backward(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, output_final_state, do,
+                         dfinal_state)
+        return tuple(grad if t is not None else None for t, grad in zip(saved[:_GRADIENT_INPUTS], grads))
 
     def _register_autograd(self):
         backward_op = self.backward_op
@@ -169,15 +185,8 @@ class SpecTorchOp:
             ctx.output_final_state = output_final_state
 
         def backward(ctx, do, dfinal_state):
-            q, k, v, g, beta, gq, gk, initial_state, cu_seqlens = ctx.saved_tensors
-            if not ctx.output_final_state:
-                dfinal_state = None
-            if do is None:
-                do = torch.zeros_like(v)
-            grads = backward_op(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, ctx.scale,
-                                ctx.output_final_state, do, dfinal_state)
-            present = (q, k, v, g, beta, gq, gk, initial_state)
-            grads = tuple(grad if t is not None else None for t, grad in zip(present, grads))
+            grads = self.input_gradients(backward_op, ctx.saved_tensors, ctx.scale, ctx.output_final_state, do,
+                                         dfinal_state)
             return (*grads, None, None, None)
 
         self.forward_op.register_autograd(backward, setup_context=setup_context)
@@ -185,8 +194,11 @@ class SpecTorchOp:
     # -- calling -------------------------------------------------------------------------------------------
     def __call__(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale: float,
                  output_final_state: bool):
-        o, final_state = self.forward_op(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, float(scale),
-                                         bool(output_final_state))
+        args = (q, k, v, g, beta, gq, gk, initial_state, cu_seqlens)
+        if takes_eager_path(args):
+            o, final_state = EagerFunction.apply(self, float(scale), bool(output_final_state), *args)
+        else:
+            o, final_state = self.forward_op(*args, float(scale), bool(output_final_state))
         return o, (final_state if output_final_state else None)
 
 

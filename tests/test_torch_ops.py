@@ -130,22 +130,37 @@ def test_no_final_state_maps_to_none_and_validation_still_runs():
            cu_seqlens=torch.tensor([0, 3, 2, 5]))
 
 
-def test_backward_of_unused_final_state_and_autograd_through_op():
-    """Gradients flow through the registered autograd (o only; final state unused) and match the eager
-    autograd wiring of `sla_dsl.autograd`."""
-    from sla_dsl.autograd import apply_kernels
-
+def test_eager_path_matches_the_registered_op():
+    """An eager call runs `sla_dsl.autograd`'s Function, not the dispatcher; its outputs and gradients (o only:
+    the final state unused) equal the registered op's, called directly."""
     op = sla_dsl.compile(SPECS[SPEC_IDS.index("sla_gdn")], backend="reference")
+    torch_op = op.torch_op(torch.device("cpu"))
     args = _op_args(op.spec.recurrence, 2, 10)
-    o, _ = op(*args[:3], g=args[3], beta=args[4], gq=args[5], gk=args[6], initial_state=args[7],
-              output_final_state=True)
+    kwargs = dict(g=args[3], beta=args[4], gq=args[5], gk=args[6], initial_state=args[7], output_final_state=True)
+    o, state = op(*args[:3], **kwargs)
+    assert o.grad_fn is not None and "EagerFunction" in type(o.grad_fn).__name__
     grads = torch.autograd.grad(o.square().sum(), [a for a in args if a is not None])
     scale = op.spec.recurrence.resolved_scale(args[0].shape[-1])
-    o2, _ = apply_kernels(op.kernels_for("reference"), *args[:7], args[7], None, scale, True)
+    o2, state2 = torch_op.forward_op(*args, None, scale, True)
+    assert "EagerFunction" not in type(o2.grad_fn).__name__
     grads2 = torch.autograd.grad(o2.square().sum(), [a for a in args if a is not None])
     torch.testing.assert_close(o, o2)
+    torch.testing.assert_close(state, state2)
     for a, b in zip(grads, grads2):
         torch.testing.assert_close(a, b)
+
+
+def test_dispatcher_path_under_a_dispatch_mode():
+    """Under a dispatch mode (here FakeTensorMode, as tracing uses) the call goes through the registered op, whose
+    fake implementation gives the output shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = sla_dsl.compile(SPECS[SPEC_IDS.index("gla")], backend="reference")
+    args = _op_args(op.spec.recurrence, 2, 10, requires_grad=False)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(a) if a is not None else None for a in args]
+        o, state = op(*fake[:3], g=fake[3], initial_state=fake[7], output_final_state=True)
+    assert o.shape == args[2].shape and state.shape == args[7].shape
 
 
 GPU_BACKENDS = ("triton", "tilelang")

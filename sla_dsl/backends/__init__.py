@@ -9,7 +9,7 @@ arguments (absent optional tensors are None; `scale` is already resolved to a fl
         -> (dq, dk, dv, dg, dbeta, dgq, dgk, dinitial_state), None where the input was None
 
 The backward recomputes what it needs from the inputs (no saved residuals), which keeps every backend
-behind one autograd wiring (`sla_dsl.autograd`).
+behind one autograd wiring (`sla_dsl.torch_ops`, and its eager path `sla_dsl.autograd`).
 """
 
 from __future__ import annotations
