@@ -19,7 +19,7 @@ import torch
 from sla_dsl.autotune import isolate, table
 from sla_dsl.autotune.isolate import IsolatedDevice
 from sla_dsl.autotune.precompile import Precompiler
-from sla_dsl.autotune.protocol import ConfigRejected, config_label, resolve_config
+from sla_dsl.autotune.protocol import ConfigRejected, config_label, override_config, resolve_config
 from sla_dsl.autotune.runner import Configured, DeviceWork, call_arguments, verify_arguments, verify_config
 from sla_dsl.autotune.shapes import Shape, bucket, nearest, parse_shape, parse_shapes, reference_shapes
 from sla_dsl.autotune.space import Space
@@ -890,6 +890,30 @@ def test_resolve_config_prefers_given_then_valid_table_then_default(tables, gla,
     assert resolve_config(kernels, gla, "triton", shape, "fwd") == {"block": 64, "num_warps": 2, "wrong": False}
     # a tuned config outside this shape's tuning space falls back to the default
     assert resolve_config(kernels, gla, "triton", shape, "bwd") == kernels.default_config(shape)
+
+
+def test_a_call_with_a_config_evaluates_the_default_once_per_shape_and_phase(gla):
+    """override_config completes a call's config from the default; a sweep passes a config to every timed call,
+    so the default (the TileLang heuristic costs up to a millisecond) must be computed once, and a caller
+    changing the dict it gets back must not change the next call's."""
+    evaluated = []
+
+    class CountingKernels(FakeKernels):
+        def default_config(self, shape, phase="fwd"):
+            evaluated.append((shape, phase))
+            return super().default_config(shape, phase)
+
+    kernels = CountingKernels(gla)
+    shape, other = Shape(2, 64, 2, 8, 8, "float32"), Shape(2, 128, 2, 8, 8, "float32")
+    for _ in range(5):
+        config = override_config(kernels, gla, "triton", shape, "fwd", {"num_warps": 8})
+        assert config == {"block": 32, "num_warps": 8, "wrong": False}
+        config["block"] = 64
+    assert sorted(evaluated, key=str) == sorted([(shape, "fwd"), (shape, "bwd")], key=str)
+    override_config(kernels, gla, "triton", other, "bwd", {"num_warps": 2})
+    assert len(evaluated) == 4
+    with pytest.raises(ValueError, match="unknown keys \\['nope'\\]"):
+        override_config(kernels, gla, "triton", shape, "fwd", {"nope": 1})
 
 
 def test_forced_gpu_reads_that_gpus_tables_without_cuda(tables, gla, monkeypatch):
