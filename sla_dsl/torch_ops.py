@@ -10,8 +10,9 @@ For one (spec content, backend) pair this registers, under the `sla_dsl` namespa
 
 with a fake (meta) implementation (outputs are contiguous) for each and the forward's autograd formula calling the backward op,
 which calls the backend's `kernels.backward` (the backward recomputes from the inputs: only the inputs are
-saved). Eager calls with plain tensors skip the dispatcher: `sla_dsl.autograd` runs the same implementations. Conventions at the op boundary: `final_state` is an empty tensor when `output_final_state` is
-False, and an absent gradient is an empty tensor (both are mapped back to None by `call`). The hash covers
+saved). Eager calls with plain tensors skip the dispatcher: `sla_dsl.autograd` runs the same implementations.
+Conventions at the op boundary: `final_state` is an empty tensor when `output_final_state` is False, and an
+absent gradient is an empty tensor (both are mapped back to None by `call`). The hash covers
 the spec file's hash and the recurrence itself, so a derived recurrence (e.g. the module layer's copy
 without the read gate) gets an op of its own.
 

@@ -150,13 +150,32 @@ def test_eager_path_matches_the_registered_op():
         torch.testing.assert_close(a, b)
 
 
-def test_dispatcher_path_under_a_dispatch_mode():
-    """Under a dispatch mode (here FakeTensorMode, as tracing uses) the call goes through the registered op, whose
-    fake implementation gives the output shapes."""
+def test_dispatcher_path_under_a_dispatch_mode(monkeypatch):
+    """Under a dispatch mode (tracing, FakeTensorMode, a user's TorchDispatchMode) the call goes through the
+    registered op, which the mode sees as one op; the eager path is not taken. Tensor subclasses (fake tensors)
+    take the registered op too, whose fake implementation gives the output shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sla_dsl.torch_ops
+
+    def refuse(*args):
+        raise AssertionError("the eager path ran")
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
 
     op = sla_dsl.compile(SPECS[SPEC_IDS.index("gla")], backend="reference")
     args = _op_args(op.spec.recurrence, 2, 10, requires_grad=False)
+    expected, _ = op(*args[:3], g=args[3], initial_state=args[7])
+    monkeypatch.setattr(sla_dsl.torch_ops.EagerFunction, "apply", refuse)
+    seen = []
+    with Recorder():
+        o, _ = op(*args[:3], g=args[3], initial_state=args[7])
+    assert any(name.startswith(f"sla_dsl.{op.torch_op(o.device).name}") for name in seen), seen[:5]
+    torch.testing.assert_close(o, expected)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = [mode.from_tensor(a) if a is not None else None for a in args]
         o, state = op(*fake[:3], g=fake[3], initial_state=fake[7], output_final_state=True)
