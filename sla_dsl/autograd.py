@@ -1,13 +1,12 @@
 """The eager path of a spec's torch op: an autograd.Function around the op's own implementations.
 
-`sla_dsl.torch_ops` registers every (spec, backend) pair as a custom op, which is what torch.compile traces.
-Called eagerly, a custom op costs host time in the dispatcher, its autograd wrapper and its checks, and at small
-shapes the host time is the call's time: on the H100 at 8x2048x16x64 (bf16) retnet's TileLang forward+backward
-took 1.42 ms through the custom op while its kernels run in 0.70 (the sweep's fwd and bwd), and a profile put 44% of the host time in the
-custom op's dispatch (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session15/hostprof-tilelang.log). So an eager
-call with plain tensors (`takes_eager_path`) runs the same forward and backward implementations through this
-Function instead: the same kernels, the same results.
-"""
+`sla_dsl.torch_ops` registers every (spec, backend) pair as a custom op, which is what torch.compile traces. Called
+eagerly, a custom op costs host time in the dispatcher, its autograd wrapper and its checks, and at small shapes
+the host time is the call's time: on the H100 at 8x2048x16x64 (bf16) retnet's TileLang forward+backward took 1.42
+ms through the custom op while its kernels run in 0.70 (the sweep's fwd and bwd), and a profile put 44% of the host
+time in the custom op's dispatch (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session15/hostprof-tilelang.log). So
+an eager call with plain tensors (`takes_eager_path`) runs the same forward and backward implementations through
+this Function instead: the same kernels, the same results."""
 
 from __future__ import annotations
 
