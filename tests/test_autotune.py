@@ -22,7 +22,7 @@ from sla_dsl.autotune.precompile import Precompiler
 from sla_dsl.autotune.protocol import ConfigRejected, config_label, override_config, resolve_config
 from sla_dsl.autotune.runner import Configured, DeviceWork, call_arguments, verify_arguments, verify_config
 from sla_dsl.autotune.shapes import Shape, bucket, nearest, parse_shape, parse_shapes, reference_shapes
-from sla_dsl.autotune.space import Space
+from sla_dsl.autotune.space import Space, config_key
 from sla_dsl.autotune.sweep import ConfigCrashed, RemoteError, Task, is_fatal, is_skippable, sweep
 from sla_dsl.backends.reference import ReferenceKernels
 from sla_dsl.codegen import SEED_SPECS_DIR, seed_specs
@@ -496,6 +496,55 @@ def test_sweep_shares_the_budget_in_proportion_to_each_tasks_first_round(gla, mo
     sweep(tasks, measure=fake_measure, verify=lambda t, c: (True, {}), budget_seconds=100, clock=lambda: 0.0)
     # four fifths of each share is for the search: 1/4 of the budget for fwd, then all that is left for bwd
     assert deadlines == {"fwd": pytest.approx(20.0), "bwd": pytest.approx(80.0)}
+
+
+def test_budget_left_at_the_end_resumes_the_tasks_their_deadline_stopped(gla):
+    """A task's share is fixed when it starts. The first task here (1 s per timing) is stopped by its deadline;
+    the second has a larger first round, so a larger share, but converges in one quick round (0.1 s per timing),
+    and the time it leaves goes back to the first, which goes on from its best config, never re-times a config,
+    finds the space's fastest, and is written a second time."""
+    now = [0.0]
+
+    def measure(task, config, precise=False):
+        if task.phase == "bwd":  # every move of the default is slower
+            now[0] += 0.1
+            return 1.0 if config == task.kernels.default_config(None) else 2.0
+        now[0] += 1.0
+        if not precise:  # the finalists' precise re-timings repeat configs by design
+            timed.append(config_key(config))
+        return fake_measure(task, config, precise)
+
+    class ManyMoves(FakeKernels):
+        def tuning_space(self, shape, phase="fwd"):
+            return Space([{"block": 32}], [{"num_warps": w} for w in range(4, 34)], [{"wrong": False}])
+
+    timed, written = [], []
+    shape = Shape(1, 32, 2, 8, 8, "float32")
+    tasks = [Task(FakeKernels(gla), gla, "triton", shape, "fwd"), Task(ManyMoves(gla), gla, "triton", shape, "bwd")]
+    report = sweep(tasks, measure=measure, verify=lambda t, c: (not c["wrong"], {}), budget_seconds=48,
+                   clock=lambda: now[0], on_result=lambda r: written.append((r.task.phase, r.ms, r.unexplored)))
+    first = report.results[0]
+    assert [phase for phase, *_ in written] == ["fwd", "bwd", "fwd"]
+    assert written[0][2] > 0 and first.unexplored == 0  # stopped, then resumed to the end of its search
+    assert first.rounds > 1 and len(timed) == len(set(timed)) == first.tried + first.skipped  # none twice
+    fastest = min([(b, w) for b in (32, 64) for w in (2, 4, 8)], key=lambda bw: BLOCK_MS[bw[0]] + WARPS_MS[bw[1]])
+    assert first.config == {"block": fastest[0], "num_warps": fastest[1], "wrong": False}
+    assert first.ms < written[0][1]
+    assert report.results[1].unexplored == 0 and report.wall_s <= 48
+
+
+def test_nothing_resumes_when_the_budget_is_spent(gla):
+    now = [0.0]
+
+    def measure(task, config, precise=False):
+        now[0] += 1.0
+        return fake_measure(task, config, precise)
+
+    written = []
+    report = sweep([Task(FakeKernels(gla), gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd")],
+                   measure=measure, verify=lambda t, c: (True, {}), budget_seconds=4, clock=lambda: now[0],
+                   on_result=written.append)
+    assert len(written) == 1 and report.results[0].unexplored > 0
 
 
 def test_sweep_reports_when_no_config_passes(gla):

@@ -10,7 +10,8 @@ budget has tried them), then the combination of every improving move
 (the stages of a phase are separate kernels, so their gains add up), and starts the next round from the
 fastest config that passes the check against the float64 reference. It stops when a round finds nothing
 faster, after MAX_ROUNDS, or at the task's deadline. The best few are re-timed with longer runs, and the
-fastest that passes the reference check (at a small shape with that config) is written. Configs that fail to
+fastest that passes the reference check (at a small shape with that config) is written. Budget left when every
+task has run goes back to the tasks their deadline stopped, which go on where they stopped and are written again. Configs that fail to
 compile or do not fit the GPU are skipped and counted; one that crashes the process timing it (`ConfigCrashed`)
 is counted as crashed and never chosen; any other error counts as failed.
 
@@ -35,6 +36,7 @@ MAX_ROUNDS = 3  # rounds of one-key moves, each from the fastest config so far
 FINALISTS = 3  # re-timed precisely before choosing
 MAX_VERIFY = 5  # candidates tried in order of time before falling back to the default
 DEFAULT_COMPILE_WAIT_S = 600.0  # the default is always timed: wait this long for a worker, then compile here
+MIN_RESUME_S = 10.0  # the least budget left per stopped task that resumes them: less would time next to nothing
 
 _SKIP_TYPES = {"ConfigRejected", "CompilationError", "CompileTimeAssertionFailure", "OutOfResources",
                "OutOfMemoryError", "PTXASError", "TileLangError", "TVMError"}
@@ -334,6 +336,19 @@ class _Search:
             for config in seeds:  # like the default, whatever the budget: a few configs, compiled ahead
                 self.attempt(config, always=True)
             current = self.next_base(current)
+        self.explore(current)
+
+    def resume(self, default: dict, deadline: float, bar) -> None:
+        """Goes on with a search its deadline stopped, until `deadline`: rounds of moves from the fastest config
+        that passes the check, leaving out what was timed before."""
+        self.deadline, self.bar = deadline, bar
+        self.wait_credit = max(0.0, deadline - self.clock())
+        self.result.unexplored = 0
+        self.explore(self.next_base(default))
+
+    def explore(self, current: dict) -> None:
+        """Rounds of one-key moves from `current`, each from the fastest config so far, until a round finds
+        nothing faster, MAX_ROUNDS, or the deadline (the moves left untimed are counted as unexplored)."""
         for _ in range(MAX_ROUNDS):
             moves = [c for c in self.space.moves(current) if config_key(c) not in self.seen]
             if not moves:
@@ -388,6 +403,8 @@ class _Search:
         attempts = candidates[:MAX_VERIFY]
         if all(order != 0 for _, order, _ in attempts):
             attempts += [c for c in candidates if c[1] == 0]
+        if result.config is not None:  # a resumed search: its first winner stays a candidate
+            attempts += [c for c in candidates if c[2] == result.config and c not in attempts]
         for ms, _, config in attempts:
             if self.passes(config):
                 result.config, result.ms, result.verified = config, ms, self.verdicts[config_key(config)][1]
@@ -397,12 +414,13 @@ class _Search:
 
 
 def run_task(task: Task, *, measure, verify, deadline: float, clock=time.monotonic, progress=None, compiler=None,
-             priority: int = 0) -> TaskResult:
+             priority: int = 0, stopped: list | None = None) -> TaskResult:
     """Searches one task until `deadline` (the default is always timed; waiting for compiles moves the deadline,
     at most by the time it was given) and picks a verified winner.
     `compiler` (optional) compiles configs ahead: `request(task, configs, priority)` queues them, and
     `wait(task, config, timeout) -> bool` says whether one is ready (False: not within `timeout`), and the
-    context manager `paused()` holds the compiles back while the finalists are re-timed."""
+    context manager `paused()` holds the compiles back while the finalists are re-timed.
+    `stopped` (optional): where (search, default) goes when the deadline stopped the search (`resume_task`)."""
     result = TaskResult(task)
     try:
         default, space = start_of(task)
@@ -423,19 +441,38 @@ def run_task(task: Task, *, measure, verify, deadline: float, clock=time.monoton
         result.error = "no config ran" + (f" (e.g. {problems[0]})" if problems else "")
         return result
     search.choose(default)
+    if stopped is not None and result.unexplored:
+        stopped.append((search, default))
     return result
+
+
+def resume_task(search: _Search, default: dict, *, deadline: float, progress=None) -> TaskResult:
+    """Goes on with a task its deadline stopped (run_task's `stopped`) until `deadline`, then picks the winner
+    again, among every config timed in both runs."""
+    bar = progress(total=1, desc=f"{search.task.label} (resumed)") if progress else None
+    try:
+        search.resume(default, deadline, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    search.choose(default)
+    return search.result
 
 
 def sweep(tasks: list[Task], *, measure, verify, budget_seconds: float, on_result=None, clock=time.monotonic,
           progress=None, log=None, compiler=None) -> SweepReport:
     """Runs every task within the budget, shared out in proportion to the size of each task's first round (a
     backward phase has more stages, so more moves and more kernels to compile, than its forward); time a task
-    leaves unused goes to the rest.
+    leaves unused goes to the rest. Time left after the last task goes back, in equal shares and task order, to
+    the tasks their deadline stopped: a task's share is fixed when it starts, so a task stopped early never had
+    the time that converging tasks after it left (session 15: a sweep of 8 TileLang tasks with a 480 s budget
+    ended after 228 s, with sla_gla's forward at 4x8192 stopped by its deadline, 8 moves untimed).
     `on_result(result)` is called after each task (the CLI writes the table there). With a `compiler`, the
     first round of every task is queued at once, in task order, so compiling runs ahead of timing."""
     start = clock()
     results: list[TaskResult] = []
     aborted = None
+    stopped: list = []  # (search, default) of the tasks their deadline stopped
     weights = []
     for number, task in enumerate(tasks):
         try:
@@ -452,18 +489,34 @@ def sweep(tasks: list[Task], *, measure, verify, budget_seconds: float, on_resul
         deadline = clock() + 0.8 * share
         try:
             result = run_task(task, measure=measure, verify=verify, deadline=deadline, clock=clock,
-                              progress=progress, compiler=compiler, priority=number)
+                              progress=progress, compiler=compiler, priority=number, stopped=stopped)
         except (SweepAborted, SweepStopped) as exc:
             aborted = f"{exc} ({len(tasks) - number - 1} later task(s) not run)"
             results.append(TaskResult(task, error=f"stopped: {exc}"))
             break
         results.append(result)
-        if log is not None:
-            log(f"{task.label}: " + (f"{result.ms:.3f} ms [{config_label(result.config)}]"
-                                     if result.config else f"not written: {result.error}"))
-        if on_result is not None:
-            on_result(result)
+        _report(result, log, on_result)
+    # as many as get MIN_RESUME_S each, the earliest first
+    resumed = [] if aborted else stopped[:int(max(budget_seconds - (clock() - start), 0.0) // MIN_RESUME_S)]
+    for number, (search, default) in enumerate(resumed):
+        remaining = budget_seconds - (clock() - start)
+        deadline = clock() + 0.8 * max(remaining, 0.0) / (len(resumed) - number)
+        try:
+            result = resume_task(search, default, deadline=deadline, progress=progress)
+        except (SweepAborted, SweepStopped) as exc:
+            aborted = f"{exc} (while resuming {search.task.label}, whose first result stands)"
+            break
+        _report(result, log, on_result, resumed=True)
     return SweepReport(results, clock() - start, aborted)
+
+
+def _report(result: TaskResult, log, on_result, resumed: bool = False) -> None:
+    if log is not None:
+        log(f"{result.task.label}{' (resumed)' if resumed else ''}: "
+            + (f"{result.ms:.3f} ms [{config_label(result.config)}]" if result.config
+               else f"not written: {result.error}"))
+    if on_result is not None:
+        on_result(result)
 
 
 def stderr_log(line: str) -> None:
