@@ -11,9 +11,9 @@ budget has tried them), then the combination of every improving move
 fastest config that passes the check against the float64 reference. It stops when a round finds nothing
 faster, after MAX_ROUNDS, or at the task's deadline. The best few are re-timed with longer runs, and the
 fastest that passes the reference check (at a small shape with that config) is written. Budget left when every
-task has run goes back to the tasks their deadline stopped, which go on where they stopped and are written again. Configs that fail to
-compile or do not fit the GPU are skipped and counted; one that crashes the process timing it (`ConfigCrashed`)
-is counted as crashed and never chosen; any other error counts as failed.
+task has run goes back to the tasks their deadline stopped, which go on where they stopped and are written
+again. Configs that fail to compile or do not fit the GPU are skipped and counted; one that crashes the process
+timing it (`ConfigCrashed`) is counted as crashed and never chosen; any other error counts as failed.
 
 Timing and verification are injected (`measure`, `verify`), so the driver runs on CPU with fake kernels; the
 CLI passes those of `isolate.IsolatedDevice`, which run them in a worker process that a crashing config may
