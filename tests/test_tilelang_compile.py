@@ -110,10 +110,10 @@ def test_shared_memory_of_the_compiled_layout_decides():
     """TileLang reuses the shared memory of buffers no longer live, so a compiled kernel may need about half
     the sum of its buffers. retnet's bwd_chunk at chunk 64 (K=V=128, bf16) sums to 263168 bytes (each buffer
     rounded up to its alignment), over what an sm_90 CTA may have, and its layout takes 107520: it runs. So does
-    gdn's at block_v 16 (306176 by the sum, 231424 compiled: its q side is finished before the WY backward, whose tiles then
-    take the q side's space). gdn's in float32, whose gemms add the 3xTF32 scratch, takes 345344 and is refused
-    after compiling, before a launch would fail. Every seed spec's default fits by the sum, for the usual head
-    dims and dtypes."""
+    gdn's at block_v 16 (306176 by the sum, 231424 compiled: its q side is finished before the WY backward,
+    whose tiles then take the q side's space). gdn's in float32, whose gemms add the 3xTF32 scratch, takes
+    345344 and is refused after compiling, before a launch would fail. Every seed spec's default fits by the
+    sum, for the usual head dims and dtypes."""
     from sla_dsl.autotune import ConfigRejected, Shape
     from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
 

@@ -1278,6 +1278,7 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     """
     return s
 
+
 def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, strict: bool) -> str:
     """For a masked C x C matrix P (shared fp32) and rows X, Y (shared fp32, [C, K]):
         outx[i, d] = sum_j P[i, j] Y[j, d] exp(b_id - b_jd)      outy[j, d] = sum_i P[i, j] X[i, d] exp(b_id - b_jd)
@@ -1458,7 +1459,7 @@ def generate(spec: Spec) -> dict[str, str]:
         **with_states))
     phases = phase_kernels(spec)
     block_constants = ("# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).\n"
-                 "SUB_BLOCK = 16\n" if f.vector else "")
+                       "SUB_BLOCK = 16\n" if f.vector else "")
     block_constants += ("# Rows of the diagonal blocks of the WY solve (generator._wy); chunks of 1, 2 or 4 such "
                         "blocks.\n"
                         "SOLVE_BLOCK = 16\n" if f.delta else "")

@@ -17,8 +17,8 @@ a swizzled shared buffer thread-private and puts a barrier in every iteration of
 The scratch exists only for float32 inputs (`FP32_ONLY`; tuning's shared-memory accounting counts it for
 float32 only): 16-bit operands get None and the plain T.gemm, so their kernels are unchanged. An operand
 declared float32 in every dtype (the WY solve's blocks) is compensated in float32 kernels too; in 16-bit ones
-its plain T.gemm runs on tf32 tensor cores, more precise than the 16-bit result the kernel rounds it to. It is shared
-by every gemm of a kernel: one buffer per operand shape, and a second one of a shape for a gemm whose two
+its plain T.gemm runs on tf32 tensor cores, more precise than the 16-bit result the kernel rounds it to. It is
+shared by every gemm of a kernel: one buffer per operand shape, and a second one of a shape for a gemm whose two
 operands have that shape (k k^T included: its two parts are live together).
 """
 
