@@ -288,6 +288,11 @@ def test_space_is_the_product_of_its_factors_and_moves_one_key_at_a_time():
     assert space.moves(config) == [{**config, "BV": 32}, {**config, "BT": 16}, {**config, "BC": 32},
                                    {**config, "warps": 8}]
     assert Space.of([{"a": 1}, {"a": 2}]).moves({"a": 1}) == [{"a": 2}]
+    # a linked key's moves also change one of its linked keys: warps with BV, after warps alone
+    linked = Space(space.factors[0], space.factors[1], order=("BV",), linked={"warps": ("BV",)})
+    assert linked.moves(config) == [*space.moves(config), {**config, "warps": 8, "BV": 32}]
+    with pytest.raises(ValueError, match="not keys of one factor"):
+        Space(space.factors[0], space.factors[1], linked={"warps": ("BT",)})
     with pytest.raises(ValueError, match="more than one factor"):
         Space([{"a": 1}], [{"a": 2, "b": 1}])
     with pytest.raises(ValueError, match="do not all have the keys"):
@@ -412,6 +417,42 @@ def test_seeds_are_timed_after_the_default_and_the_search_starts_from_the_fastes
     assert {"block": 64, "num_warps": 8, "wrong": False} in timed  # a move of the seed
     assert {"block": 32, "num_warps": 8, "wrong": False} not in timed  # a move of the default only
     assert report.results[0].config == neighbour
+
+
+def test_a_seed_without_a_key_the_space_gained_starts_from_the_defaults_setting_of_it(gla):
+    """A table tuned before its template gained a parameter still seeds the re-sweep: the new key takes the
+    default's setting; a seed with a key the space does not have stays out."""
+    from sla_dsl.autotune.sweep import seeds_of
+
+    kernels = FakeKernels(gla)
+    task = Task(kernels, gla, "triton", Shape(1, 32, 2, 8, 8, "float32"), "fwd",
+                seeds=({"block": 64, "num_warps": 2}, {"block": 64, "num_warps": 8, "gone": 1}))
+    default = kernels.default_config(None)
+    assert seeds_of(task, default, kernels.tuning_space(None)) == [{"block": 64, "num_warps": 2, "wrong": False}]
+
+
+@pytest.mark.parametrize("phase, listed", [("bwd", ["bwd"]), ("fwd", ["fwd"]), ("all", ["fwd", "bwd"])])
+def test_phase_option_tunes_only_that_phase(phase, listed, capsys):
+    from sla_dsl.cli import main
+
+    assert main(["autotune", "--spec", "gla", "--backend", "tilelang", "--shapes", "1x64x2x16", "--phase", phase,
+                 "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].split()[-1] for line in lines] == listed
+
+
+def test_moves_of_linked_keys_are_timed_and_left_out_of_the_combined_move():
+    """A round's improving one-key moves combine into one config; a linked move (two keys) is timed like any
+    move but never combined (session 16's first bwd sweep crashed there)."""
+    from sla_dsl.autotune.sweep import _combined
+
+    space = Space([{"bv": b, "mb": m} for b in (32, 64) for m in (1, 2)], [{"w": w} for w in (4, 8)],
+                  linked={"mb": ("bv",)})
+    current = {"bv": 64, "mb": 1, "w": 4}
+    moved = [(ms, config) for ms, config in zip((3.0, 5.0, 2.0, 1.0), space.moves(current))]
+    assert [c for _, c in moved] == [{"bv": 32, "mb": 1, "w": 4}, {"bv": 64, "mb": 2, "w": 4},
+                                     {"bv": 32, "mb": 2, "w": 4}, {"bv": 64, "mb": 1, "w": 8}]
+    assert _combined(current, 4.0, moved, space) == {"bv": 32, "mb": 1, "w": 8}
 
 
 def test_table_seeds_are_the_buckets_winners_own_bucket_first_then_nearest(tables, gla, monkeypatch):

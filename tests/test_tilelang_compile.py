@@ -145,3 +145,31 @@ def test_shared_memory_of_the_compiled_layout_decides():
                     for stage in tuning.phase_stages(kernels.module, phase):
                         tuning.check_threads(kernels.module, stage, config, shape)
                         assert tuning.shared_memory_bytes(kernels.module, stage, config, shape) <= limit
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_min_blocks_bounds_the_registers_and_needs_the_shared_memory_of_as_many_ctas():
+    """bwd_chunk's min_blocks is __launch_bounds__' second argument: at 2, ptxas keeps gdn's bwd_chunk (chunk 32,
+    256 threads) within half an SM's registers (236 per thread without the bound). At block_v 64 its layout
+    (122752 bytes) does not fit twice in an SM's shared memory, so 2 is refused there; at block_v 32 it does."""
+    from sla_dsl.autotune import ConfigRejected, Shape
+    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, offline, tuning
+
+    kernels = TileLangKernels(next(s for s in SPECS if s.name == "gdn"))
+    shape = Shape(2, 4096, 4, 128, 128, "bfloat16")
+    assert {config["bwd_chunk_min_blocks"] for config in kernels.tuning_space(shape, "bwd")} == {1, 2}
+    assert "wy_min_blocks" not in kernels.default_config(shape, "fwd")  # only bwd_chunk takes it
+    assert kernels.default_config(shape, "bwd")["bwd_chunk_min_blocks"] == 1
+    for block_v, fits in ((64, False), (32, True)):
+        config = {"chunk": 32, "bwd_chunk_block_v": block_v, "bwd_chunk_threads": 256, "bwd_chunk_num_stages": 0,
+                  "bwd_chunk_min_blocks": 2}
+        source = compile_kernel(kernels.module, "bwd_chunk", HEADS, 128, 128, "bfloat16",
+                                tuning.kernel_params(config, "bwd_chunk"), target=SM90_TARGET).get_kernel_source()
+        assert "__launch_bounds__(256, 2)" in source
+        if fits:
+            tuning.check_shared_memory(source, kernels.module, "bwd_chunk", config, shape)
+            registers, _ = offline.ptxas_usage(source)
+            assert registers <= 65536 // (2 * 256)
+        else:
+            with pytest.raises(ConfigRejected, match="2 CTAs per SM need"):
+                tuning.check_shared_memory(source, kernels.module, "bwd_chunk", config, shape)

@@ -546,12 +546,13 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
     return gdn_bwd_dh
 
-def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, min_blocks=1):
     """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table
     [NC, 2] int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
     (gradient of the state leaving it), do [NT, H, V], w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage wy),
     vn [NT, H, V] (v_new, stage states), du [NT, H, V] (the gradient of v_new, stage bwd_dh); outputs dq, dk [NT, H,
-    K], dv [NT, H, V] in dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
+    K], dv [NT, H, V] in dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32. min_blocks: the CTAs per SM nvcc must
+    leave registers for (__launch_bounds__), so that a CTA's latency-bound steps overlap another's."""
     C, BV = chunk, block_v
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -587,6 +588,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             bos = CU[n]
             eos = CU[n + 1]
             t0 = bos + CI[ci, 1] * C
+            T.annotate_min_blocks_per_sm(min_blocks)
             b_s = T.alloc_shared((C,), "float32")
             qx = T.alloc_fragment((C, K), "float32")
             qn = T.alloc_fragment((C,), "float32")

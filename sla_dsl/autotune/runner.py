@@ -288,10 +288,11 @@ def sigterm_stops_the_sweep():
 
 def run_autotune(args) -> int:
     backends = ["triton", "tilelang"] if args.backend == "all" else [args.backend]
+    phases = ("fwd", "bwd") if args.phase == "all" else (args.phase,)
     shapes = parse_shapes(args.shapes, args.dtype)
     specs = resolve_specs(args.spec)
     if args.list:
-        tasks, problems = build_tasks(specs, backends, shapes)
+        tasks, problems = build_tasks(specs, backends, shapes, phases)
         for task in tasks:
             space = tuning_space(task.kernels, task.shape, task.phase)
             default = default_config(task.kernels, task.shape, task.phase)
@@ -306,13 +307,13 @@ def run_autotune(args) -> int:
     gpu = gpu_name() if device == "cuda" else "cpu"
     root = Path(args.out_dir) if args.out_dir else table_root()
     started = time.time()
-    tasks, problems = build_tasks(specs, backends, shapes)
+    tasks, problems = build_tasks(specs, backends, shapes, phases)
     if not tasks:
         print("nothing to tune:\n  " + "\n  ".join(problems))
         return 1
     tasks = [dataclasses.replace(task, seeds=table_seeds(task, root, gpu)) for task in tasks]
     print(f"autotune on {gpu}: {len(tasks)} task(s) ({len({(t.spec.name, t.backend) for t in tasks})} "
-          f"spec/backend pair(s) x {len(shapes)} shape(s) x fwd, bwd), budget {args.budget_seconds:.0f} s; "
+          f"spec/backend pair(s) x {len(shapes)} shape(s) x {', '.join(phases)}), budget {args.budget_seconds:.0f} s; "
           f"tables under {root / gpu}", flush=True)
     # every timing and reference check runs in a worker process: a config that crashes it is counted, and
     # the next one gets a fresh worker
@@ -364,6 +365,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shapes", default=None, metavar="BxTxHxK[xV][:varlen],...",
                         help="shapes to tune (default: 4x8192x16x128,8x2048x16x64,1x32768x16x128)")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the shapes (default bfloat16)")
+    parser.add_argument("--phase", choices=("fwd", "bwd", "all"), default="all",
+                        help="the phases to tune (default all). One phase: after a change to kernels only it "
+                             "runs, whose other phase's entries the tables keep (their phase source hash)")
     parser.add_argument("--budget-seconds", type=float, default=480.0,
                         help="wall-time budget for the sweep, shared out over all tasks (default 480)")
     parser.add_argument("--out-dir", default=None, help="table root (default: autotune/ or $SLA_DSL_AUTOTUNE_DIR)")

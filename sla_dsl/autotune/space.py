@@ -5,7 +5,8 @@ the list of valid settings of its own keys (a stage's block size x warps x pipel
 filtered by the constraints between them), and factors share no keys, so any combination of settings is a
 valid config. The space is never listed: its size is the product of the factor sizes, membership is checked
 factor by factor, and the sweep moves through it one key at a time (`moves`), so a product of millions
-costs only the sum of its axes per search round.
+costs only the sum of its axes per search round. A key whose change pays only together with another's (more
+CTAs per SM need smaller tiles to fit) names those keys in `linked`: its moves also change one of them.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ def config_key(config: dict) -> tuple:
 class Space:
     """The product of `factors` (each an iterable of dicts over its own keys). `order` lists the keys that
     `moves` tries first (the settings that matter most, so a sweep cut short by its budget has tried them);
-    the rest follow in factor order."""
+    the rest follow in factor order. `linked` maps a key to keys of its own factor that its moves may change
+    with it, one at a time."""
 
-    def __init__(self, *factors: Iterable[dict], order: Iterable[str] = ()):
+    def __init__(self, *factors: Iterable[dict], order: Iterable[str] = (),
+                 linked: dict[str, Iterable[str]] | None = None):
         self.factors = tuple(tuple(dict(setting) for setting in factor) for factor in factors)
         seen: set[str] = set()
         for number, factor in enumerate(self.factors):
@@ -42,6 +45,10 @@ class Space:
         order = [k for k in order if k in seen]
         self.keys = tuple(dict.fromkeys([*order, *factor_order]))
         self._factor_of = {k: i for i, factor in enumerate(self.factors) for k in factor[0]}
+        self.linked = {key: tuple(others) for key, others in (linked or {}).items()}
+        for key, others in self.linked.items():
+            if key not in seen or any(self._factor_of.get(other) != self._factor_of[key] for other in others):
+                raise ValueError(f"Space: linked keys {key!r} -> {list(others)} are not keys of one factor")
         self._members = [{config_key(setting) for setting in factor} for factor in self.factors]
 
     @classmethod
@@ -66,12 +73,16 @@ class Space:
 
     def moves(self, config: dict) -> list[dict]:
         """The configs of the space that differ from `config` (a member) in exactly one key, by key in
-        `self.keys` order, then in the order of the factor's settings."""
+        `self.keys` order, then in the order of the factor's settings; after a linked key's, those that also
+        differ in one of its linked keys."""
         found = []
         for key in self.keys:
             number = self._factor_of[key]
             part = self._part(config, number)
-            for setting in self.factors[number]:
-                if setting[key] != part[key] and all(setting[k] == part[k] for k in part if k != key):
-                    found.append({**config, **setting})
+            changed = [setting for setting in self.factors[number] if setting[key] != part[key]]
+            found.extend({**config, **setting} for setting in changed
+                         if all(setting[k] == part[k] for k in part if k != key))
+            for other in self.linked.get(key, ()):
+                found.extend({**config, **setting} for setting in changed if setting[other] != part[other]
+                             and all(setting[k] == part[k] for k in part if k not in (key, other)))
         return found

@@ -189,11 +189,14 @@ def start_of(task: Task):
 
 
 def seeds_of(task: Task, default: dict, space) -> list[dict]:
-    """The task's seeds that are settings of its space, once each, the default left out."""
+    """The task's seeds that are settings of its space, once each, the default left out. A seed without a key
+    the space has (a parameter the templates gained after it was tuned) takes the default's setting of it, so a
+    re-sweep after such a change starts from the previous winners too."""
     out = []
-    for config in task.seeds:
+    for seed in task.seeds:
+        config = {key: seed.get(key, default[key]) for key in space.keys} if set(seed) <= set(space.keys) else seed
         if config in space and config != default and config not in out:
-            out.append(dict(config))
+            out.append(config)
     return out
 
 
@@ -211,10 +214,14 @@ def _short(exc: BaseException) -> str:
 
 
 def _combined(current: dict, current_ms: float, moved: list[tuple[float, dict]], space) -> dict | None:
-    """`current` with the value of the fastest improving move of every key, when more than one key improved."""
+    """`current` with the value of the fastest improving move of every key, when more than one key improved. A
+    move of linked keys (Space.linked) changes two and is left out: its keys may clash with single moves."""
     best: dict[str, tuple[float, object]] = {}
     for ms, config in moved:
-        (key,) = [k for k in config if config[k] != current[k]]
+        changed = [k for k in config if config[k] != current[k]]
+        if len(changed) != 1:
+            continue
+        (key,) = changed
         if ms < current_ms and (key not in best or ms < best[key][0]):
             best[key] = (ms, config[key])
     if len(best) < 2:

@@ -19,6 +19,9 @@ import importlib
 BACKENDS = ("reference", "triton", "tilelang")
 # The opt-in shared memory of one CTA on sm_90 (H100, H200): the target CI compiles for without a GPU.
 SM90_SHARED_MEMORY_BYTES = 227 * 1024
+# The shared memory of one sm_90 SM for all its resident CTAs, and what the driver reserves of it per CTA.
+SM90_SHARED_MEMORY_PER_SM = 233472
+SM90_RESERVED_SHARED_PER_CTA = 1024
 # Programs (CTAs) the sequential passes' default configs aim for: the H100's 132 SMs. A sequential pass runs one
 # program per (sequence, head, block of K and V), each walking all its sequence's chunks, so with fewer programs
 # than SMs the rest idle; a GPU with fewer SMs only gets narrower blocks than it needs, and its own sweep replaces

@@ -2,7 +2,8 @@
 
 The file holds one kernel factory per chunkwise stage, each written from templates shared by every spec and
 specialised by the recurrence's features (decay kind, write rule, gates, feature maps, L2 norm). All take
-(H, K, V, dtype, chunk, block_v, threads, num_stages). The two sequential stages walk a sequence's chunks
+(H, K, V, dtype, chunk, block_v, threads, num_stages), bwd_chunk also min_blocks (its occupancy: `tuning`
+says why it alone). The two sequential stages walk a sequence's chunks
 and do only what the recurrence needs there; everything else is chunk-parallel (grid: chunks x H):
 
     wy          (delta rule) the chunk's triangular solve T = (I + beta M)^-1: w = T (beta k' exp(b)), u = T (beta v)
@@ -838,11 +839,12 @@ def _bwd_dh_pieces(f: _Features) -> dict:
 
 
 BWD_CHUNK = '''
-def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, min_blocks=1):
     """Every input gradient of one chunk (chunk-parallel). Inputs {inputs}, cu_seqlens, chunk_table [NC, 2]
     int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
     (gradient of the state leaving it), do [NT, H, V]{delta_doc}; outputs dq, dk [NT, H, K], dv [NT, H, V] in
-    dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32."""
+    dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32. min_blocks: the CTAs per SM nvcc must leave registers
+    for (__launch_bounds__), so that a CTA's latency-bound steps overlap another's."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         HS: T.Tensor((NC, H, K, V), state_dt),
         DH: T.Tensor((NC, H, K, V), state_dt),
@@ -851,7 +853,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         DK: T.Tensor((NT, H, K), dtype),
         DV: T.Tensor((NT, H, V), dtype),
 {grad_params}    ):
-''' + CHUNK_PROLOGUE + '''{prep_allocs}{chunk_allocs}{allocs}
+''' + CHUNK_PROLOGUE + '''            T.annotate_min_blocks_per_sm(min_blocks)
+{prep_allocs}{chunk_allocs}{allocs}
 {prep}{common}{pre_loop}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
 {vloop}

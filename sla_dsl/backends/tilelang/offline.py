@@ -22,11 +22,10 @@ from tilelang import env as tilelang_env
 from sla_dsl.autotune.runner import resolve_specs
 from sla_dsl.autotune.shapes import parse_shapes
 from sla_dsl.autotune.table import lookup
+from sla_dsl.backends import SM90_RESERVED_SHARED_PER_CTA, SM90_SHARED_MEMORY_PER_SM
 from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
 
 SM90_REGISTERS_PER_SM = 65536
-SM90_SHARED_MEMORY_PER_SM = 233472
-SM90_RESERVED_SHARED_PER_CTA = 1024
 SM90_THREADS_PER_SM = 2048
 SM90_CTAS_PER_SM = 32
 _REGISTERS = re.compile(r"Used (\d+) registers")

@@ -9,11 +9,13 @@ exchange per-chunk tensors, so a phase has one chunk size.
 
 Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
 stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (bwd_dh and bwd_chunk keep theirs),
-so that one flat override can name settings of both phases. Constraints: the kernels' K and V are the head
-dims rounded up to powers of two from 16 (tensor-core tiles; `padded`); block_v divides that V. A setting with
-more threads than its gemm tiles can split among is rejected before it compiles (`check_threads`), one whose
-compiled kernel needs more shared memory than a CTA may have before it launches (`check_shared_memory`); one
-that needs more registers than the GPU has fails to compile or launch, and the sweep skips it.
+so that one flat override can name settings of both phases; bwd_chunk's also "bwd_chunk_min_blocks"
+(MIN_BLOCKS). Constraints: the kernels' K and V are the head dims rounded up to powers of two from 16
+(tensor-core tiles; `padded`); block_v divides that V. A setting with more threads than its gemm tiles can
+split among is rejected before it compiles (`check_threads`), one whose compiled kernel needs more shared
+memory than a CTA may have (or than min_blocks CTAs may share on an SM) before it launches
+(`check_shared_memory`); one that needs more registers than the GPU has fails to compile or launch, and the
+sweep skips it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 
 from sla_dsl.autotune.protocol import ConfigRejected
 from sla_dsl.autotune.space import Space
-from sla_dsl.backends import SM90_SHARED_MEMORY_BYTES, sequential_block
+from sla_dsl.backends import (SM90_RESERVED_SHARED_PER_CTA, SM90_SHARED_MEMORY_BYTES, SM90_SHARED_MEMORY_PER_SM,
+                              sequential_block)
 from sla_dsl.backends.tilelang.tf32x3 import FP32_ONLY
 
 TILE = 16  # the smallest K and V of the kernels: one tensor-core tile
@@ -45,6 +48,13 @@ SEQUENTIAL_NUM_STAGES = (0, 1)
 # one of each (the largest block_v, as default_config picks).
 UNBLOCKED_KERNELS = ("prep",)
 STAGE_PARAMS = ("block_v", "threads", "num_stages")
+# The CTAs per SM a kernel's registers must allow (its factory's min_blocks: __launch_bounds__' second
+# argument). Only bwd_chunk takes it: the offline report (`offline`, 2026-11-24) found it the one stage held to one
+# CTA per SM, by registers (gdn: 236 per thread at 256 threads, where ptxas fits it in 128 with 20 bytes
+# spilled), so each CTA's chain of dependent loads and small gemms ran with nothing to overlap it. 2 is offered
+# only where the compiled kernel's shared memory fits twice on an SM (check_shared_memory).
+MIN_BLOCKS = (1, 2)
+OCCUPANCY_PARAM = "min_blocks"
 
 
 def stage_name(phase: str, kernel: str) -> str:
@@ -63,9 +73,18 @@ def phase_stages(module, phase: str) -> tuple[str, ...]:
     return tuple(stage_name(phase, kernel) for kernel in module.PHASES[phase])
 
 
-def _search_order(stages) -> tuple[str, ...]:
-    # tried first by the sweep: the chunk and the V-blocking change the work of every CTA most
-    return ("chunk", *(f"{stage}_{param}" for param in STAGE_PARAMS for stage in stages))
+def takes_min_blocks(module, stage: str) -> bool:
+    """Whether the stage's kernel factory has the occupancy parameter (MIN_BLOCKS)."""
+    return OCCUPANCY_PARAM in inspect.signature(getattr(module, stage_kernel(stage))).parameters
+
+
+def _search_order(module, stages) -> tuple[str, ...]:
+    # tried first by the sweep: the chunk and the V-blocking change the work of every CTA most; then the CTAs
+    # per SM (on the H100, gdn's backward 5.55 -> 5.10 ms at 4x8192, 2026-11-24-session16/ab-mb2-gdn.log)
+    occupancy = tuple(f"{stage}_{OCCUPANCY_PARAM}" for stage in stages if takes_min_blocks(module, stage))
+    blocks, rest = STAGE_PARAMS[0], STAGE_PARAMS[1:]
+    return ("chunk", *(f"{stage}_{blocks}" for stage in stages), *occupancy,
+            *(f"{stage}_{param}" for param in rest for stage in stages))
 
 
 def padded(dim: int) -> int:
@@ -91,11 +110,17 @@ def tuning_space(module, shape, phase: str) -> Space:
                   else SEQUENTIAL_NUM_STAGES if kernel in SEQUENTIAL_KERNELS else NUM_STAGES)
         blocks = [bv for bv in BLOCK_V if shape.V % bv == 0]
         blocks = blocks[-1:] if kernel in UNBLOCKED_KERNELS else blocks
-        return [{f"{stage}_block_v": bv, f"{stage}_threads": t, f"{stage}_num_stages": d}
-                for bv in blocks for t in THREADS for d in depths]
+        occupancies = MIN_BLOCKS if takes_min_blocks(module, stage) else (None,)
+        return [{f"{stage}_block_v": bv, f"{stage}_threads": t, f"{stage}_num_stages": d,
+                 **({} if m is None else {f"{stage}_{OCCUPANCY_PARAM}": m})}
+                for bv in blocks for t in THREADS for d in depths for m in occupancies]
 
+    # more CTAs per SM may pay only with smaller tiles (block_v) or more threads per CTA: gdn's bwd_chunk at
+    # min_blocks 2 fits an SM twice only at block_v 32, and its tuned block_v was 64
+    linked = {f"{stage}_{OCCUPANCY_PARAM}": (f"{stage}_block_v", f"{stage}_threads")
+              for stage in names if takes_min_blocks(module, stage)}
     return Space([{"chunk": c} for c in CHUNK_SIZES], *(settings(stage) for stage in names),
-                 order=_search_order(names))
+                 order=_search_order(module, names), linked=linked)
 
 
 _SHARED_ALLOC = re.compile(r'(\w+) = T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)(' + re.escape(FP32_ONLY) + ')?')
@@ -180,6 +205,15 @@ def shared_memory_limit() -> int:
     return SM90_SHARED_MEMORY_BYTES
 
 
+def shared_memory_per_sm() -> int:
+    """Bytes of shared memory an SM of this machine's GPU holds for its resident CTAs (sm_90's when there is
+    none)."""
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(getattr(properties, "shared_memory_per_multiprocessor", SM90_SHARED_MEMORY_PER_SM))
+    return SM90_SHARED_MEMORY_PER_SM
+
+
 _FRAGMENT_ALLOC = re.compile(r'^ *(\w+) = T\.alloc_fragment\(\(([^)]*)\), "float32"\)', re.M)
 _GEMM_ACCUMULATOR = re.compile(r'\b(?:T\.gemm|compensated_gemm)\(\w+, \w+, (\w+)')
 
@@ -222,11 +256,18 @@ def check_threads(module, stage: str, config: dict, shape) -> None:
 
 def check_shared_memory(kernel_source: str, module, stage: str, config: dict, shape) -> None:
     """Raises ConfigRejected, after compiling and before the launch would fail, when the compiled kernel needs
-    more shared memory than a CTA may have."""
+    more shared memory than a CTA may have, or when it asks registers for more CTAs per SM (min_blocks) than
+    the SM's shared memory holds: a setting that would only cost registers."""
     needed, limit = compiled_shared_memory_bytes(kernel_source, module, stage, config, shape), shared_memory_limit()
+    params = kernel_params(config, stage)
     if needed > limit:
-        raise ConfigRejected(f"tilelang {stage} at {kernel_params(config, stage)} for K={shape.K}, V={shape.V} "
+        raise ConfigRejected(f"tilelang {stage} at {params} for K={shape.K}, V={shape.V} "
                              f"needs {needed} bytes of shared memory; a CTA may have {limit}")
+    blocks, per_sm = params.get(OCCUPANCY_PARAM, 1), shared_memory_per_sm()
+    if blocks > 1 and blocks * (needed + SM90_RESERVED_SHARED_PER_CTA) > per_sm:
+        raise ConfigRejected(f"tilelang {stage} at {params} for K={shape.K}, V={shape.V}: {blocks} CTAs per SM "
+                             f"need {blocks} x ({needed} + {SM90_RESERVED_SHARED_PER_CTA}) bytes of shared memory; an "
+                             f"SM has {per_sm}")
 
 
 def chunk_preference(module) -> tuple[int, ...]:
@@ -291,7 +332,10 @@ def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list
         # (sequential_num_stages).
         sequential = stage_kernel(stage) in SEQUENTIAL_KERNELS
         depth = sequential_num_stages(module) if sequential else 0
-        candidates = ({**config, f"{stage}_block_v": b, f"{stage}_threads": 0, f"{stage}_num_stages": depth}
+        # min_blocks 1: what nvcc does without the bound; 2 is the sweep's to measure
+        occupancy = {f"{stage}_{OCCUPANCY_PARAM}": 1} if takes_min_blocks(module, stage) else {}
+        candidates = ({**config, f"{stage}_block_v": b, f"{stage}_threads": 0, f"{stage}_num_stages": depth,
+                       **occupancy}
                       for b in (sequential_blocks if sequential else block_sizes))
         fitting = ({**candidate, f"{stage}_threads": min(128, max_threads(module, stage, candidate, shape))}
                    for candidate in candidates if shared_memory_bytes(module, stage, candidate, shape) <= limit)
@@ -303,5 +347,8 @@ def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list
 
 
 def kernel_params(config: dict, stage: str) -> dict:
-    """The factory arguments of one stage's kernel (chunk, block_v, threads, num_stages) from a flat config."""
-    return {"chunk": config["chunk"], **{param: config[f"{stage}_{param}"] for param in STAGE_PARAMS}}
+    """The factory arguments of one stage's kernel (chunk, block_v, threads, num_stages, and min_blocks where
+    the config has it) from a flat config."""
+    occupancy = f"{stage}_{OCCUPANCY_PARAM}"
+    return {"chunk": config["chunk"], **{param: config[f"{stage}_{param}"] for param in STAGE_PARAMS},
+            **({OCCUPANCY_PARAM: config[occupancy]} if occupancy in config else {})}
