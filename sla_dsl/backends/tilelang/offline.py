@@ -71,9 +71,10 @@ def report(spec, shape, gpu: str) -> None:
             registers, spills = ptxas_usage(source)
             limits = ctas_per_sm(registers, params["threads"], shared)
             bound = min(limits, key=limits.get)
+            occupancy = f", min_blocks {params['min_blocks']}" if "min_blocks" in params else ""
             print(f"{spec.name} {phase} {stage} ({origin}: chunk {params['chunk']}, block_v {params['block_v']}, "
-                  f"{params['threads']} threads): {registers} registers, {spills} B spilled, {shared} B shared; "
-                  f"{min(SM90_CTAS_PER_SM, limits[bound])} CTAs / SM ({bound} bound)", flush=True)
+                  f"{params['threads']} threads{occupancy}): {registers} registers, {spills} B spilled, "
+                  f"{shared} B shared; {min(SM90_CTAS_PER_SM, limits[bound])} CTAs / SM ({bound} bound)", flush=True)
 
 
 def main() -> None:
