@@ -455,6 +455,30 @@ def test_moves_of_linked_keys_are_timed_and_left_out_of_the_combined_move():
     assert _combined(current, 4.0, moved, space) == {"bv": 32, "mb": 1, "w": 8}
 
 
+def test_only_stale_leaves_out_what_the_table_holds_for_the_kernels_generated_now(tables, gla, monkeypatch,
+                                                                                  capsys):
+    from sla_dsl.cli import main
+
+    monkeypatch.setenv("SLA_DSL_AUTOTUNE_GPU", GPU)
+    shape = Shape(1, 64, 2, 16, 16, "bfloat16")
+    argv = ["autotune", "--spec", "gla", "--backend", "tilelang", "--shapes", "1x64x2x16", "--only-stale", "--list"]
+
+    def listed():
+        assert main(argv) == 0
+        return [line.split(":")[0].split()[-1] for line in capsys.readouterr().out.splitlines() if "configs" in line]
+
+    assert listed() == ["fwd", "bwd"]  # no table yet
+    write(tables, gla, entry(shape, fwd={"chunk": 64}), backend="tilelang")
+    assert listed() == ["bwd"]
+    write(tables, gla, entry(shape, bwd={"chunk": 64}), backend="tilelang")
+    assert listed() == []
+    write(tables, gla, entry(shape, fwd={"chunk": 64}), source="f" * 64, backend="tilelang")  # other kernels
+    assert listed() == ["fwd", "bwd"]
+    monkeypatch.delenv("SLA_DSL_AUTOTUNE_GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(argv) == 2 and "SLA_DSL_AUTOTUNE_GPU" in capsys.readouterr().out
+
+
 def test_table_seeds_are_the_buckets_winners_own_bucket_first_then_nearest(tables, gla, monkeypatch):
     from sla_dsl.autotune import runner
     from sla_dsl.autotune.runner import table_seeds

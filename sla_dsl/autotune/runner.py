@@ -17,8 +17,8 @@ from sla_dsl.autotune.precompile import Precompiler
 from sla_dsl.autotune.protocol import config_label, default_config, is_tunable, tuning_space
 from sla_dsl.autotune.shapes import Shape, distance, parse_shapes
 from sla_dsl.autotune.sweep import SweepStopped, Task, stderr_log, sweep
-from sla_dsl.autotune.table import (gpu_name, phase_source_hashes, readable_table, source_hash, table_path, table_root,
-                                    update_table)
+from sla_dsl.autotune.table import (forced_gpu, gpu_name, phase_source_hashes, readable_table, source_hash, table_path,
+                                    table_root, update_table, valid_phases)
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float64": torch.float64}
@@ -272,6 +272,20 @@ def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
     return tuple(seeds)
 
 
+def stale_tasks(tasks: list[Task], root: Path, gpu: str) -> tuple[list[Task], int]:
+    """The tasks whose bucket and phase the GPU's table lacks, or holds for other generated kernels (`--only-stale`:
+    what a template change left to re-tune), and how many tasks the table holds for the kernels generated now."""
+    stale, tuned = [], 0
+    for task in tasks:
+        data = readable_table(table_path(gpu, task.backend, task.spec.name, root))
+        if (data is not None and task.phase in valid_phases(data, task.spec, task.backend)
+                and task.phase in data["entries"].get(task.shape.bucket().key, {})):
+            tuned += 1
+        else:
+            stale.append(task)
+    return stale, tuned
+
+
 @contextlib.contextmanager
 def sigterm_stops_the_sweep():
     """While active, SIGTERM (what `timeout` sends) raises SweepStopped in the sweep: the task under way ends
@@ -291,8 +305,17 @@ def run_autotune(args) -> int:
     phases = ("fwd", "bwd") if args.phase == "all" else (args.phase,)
     shapes = parse_shapes(args.shapes, args.dtype)
     specs = resolve_specs(args.spec)
+    root = Path(args.out_dir) if args.out_dir else table_root()
     if args.list:
         tasks, problems = build_tasks(specs, backends, shapes, phases)
+        if args.only_stale:
+            gpu = forced_gpu() or (gpu_name() if torch.cuda.is_available() else None)
+            if gpu is None:
+                print("--only-stale --list reads the tables of the GPU it runs on: run it there, or name the GPU's "
+                      "table folder in SLA_DSL_AUTOTUNE_GPU")
+                return 2
+            tasks, tuned = stale_tasks(tasks, root, gpu)
+            print(f"{tuned} task(s) tuned for the kernels generated now in {root / gpu}, left out")
         for task in tasks:
             space = tuning_space(task.kernels, task.shape, task.phase)
             default = default_config(task.kernels, task.shape, task.phase)
@@ -305,12 +328,16 @@ def run_autotune(args) -> int:
               "`--list` shows the tuning spaces without one.")
         return 2
     gpu = gpu_name() if device == "cuda" else "cpu"
-    root = Path(args.out_dir) if args.out_dir else table_root()
     started = time.time()
     tasks, problems = build_tasks(specs, backends, shapes, phases)
     if not tasks:
         print("nothing to tune:\n  " + "\n  ".join(problems))
         return 1
+    if args.only_stale:
+        tasks, tuned = stale_tasks(tasks, root, gpu)
+        print(f"{tuned} task(s) tuned for the kernels generated now in {root / gpu}, left out")
+        if not tasks:
+            return 1 if problems else 0
     tasks = [dataclasses.replace(task, seeds=table_seeds(task, root, gpu)) for task in tasks]
     print(f"autotune on {gpu}: {len(tasks)} task(s) ({len({(t.spec.name, t.backend) for t in tasks})} "
           f"spec/backend pair(s) x {len(shapes)} shape(s) x {', '.join(phases)}), budget {args.budget_seconds:.0f} s; "
@@ -368,6 +395,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--phase", choices=("fwd", "bwd", "all"), default="all",
                         help="the phases to tune (default all). One phase: after a change to kernels only it "
                              "runs, whose other phase's entries the tables keep (their phase source hash)")
+    parser.add_argument("--only-stale", action="store_true",
+                        help="leave out the tasks whose bucket and phase this GPU's table already holds for the "
+                             "kernels generated now: after a template change, re-tune what it changed")
     parser.add_argument("--budget-seconds", type=float, default=480.0,
                         help="wall-time budget for the sweep, shared out over all tasks (default 480)")
     parser.add_argument("--out-dir", default=None, help="table root (default: autotune/ or $SLA_DSL_AUTOTUNE_DIR)")
