@@ -272,18 +272,17 @@ def table_seeds(task: Task, root: Path, gpu: str) -> tuple[dict, ...]:
     return tuple(seeds)
 
 
-def stale_tasks(tasks: list[Task], root: Path, gpu: str) -> tuple[list[Task], int]:
+def stale_tasks(tasks: list[Task], root: Path, gpu: str) -> list[Task]:
     """The tasks whose bucket and phase the GPU's table lacks, or holds for other generated kernels (`--only-stale`:
-    what a template change left to re-tune), and how many tasks the table holds for the kernels generated now."""
-    stale, tuned = [], 0
+    what a template change left to re-tune); says how many it leaves out."""
+    stale = []
     for task in tasks:
         data = readable_table(table_path(gpu, task.backend, task.spec.name, root))
-        if (data is not None and task.phase in valid_phases(data, task.spec, task.backend)
+        if not (data is not None and task.phase in valid_phases(data, task.spec, task.backend)
                 and task.phase in data["entries"].get(task.shape.bucket().key, {})):
-            tuned += 1
-        else:
             stale.append(task)
-    return stale, tuned
+    print(f"{len(tasks) - len(stale)} task(s) tuned for the kernels generated now in {root / gpu}, left out")
+    return stale
 
 
 @contextlib.contextmanager
@@ -314,8 +313,7 @@ def run_autotune(args) -> int:
                 print("--only-stale --list reads the tables of the GPU it runs on: run it there, or name the GPU's "
                       "table folder in SLA_DSL_AUTOTUNE_GPU")
                 return 2
-            tasks, tuned = stale_tasks(tasks, root, gpu)
-            print(f"{tuned} task(s) tuned for the kernels generated now in {root / gpu}, left out")
+            tasks = stale_tasks(tasks, root, gpu)
         for task in tasks:
             space = tuning_space(task.kernels, task.shape, task.phase)
             default = default_config(task.kernels, task.shape, task.phase)
@@ -334,8 +332,7 @@ def run_autotune(args) -> int:
         print("nothing to tune:\n  " + "\n  ".join(problems))
         return 1
     if args.only_stale:
-        tasks, tuned = stale_tasks(tasks, root, gpu)
-        print(f"{tuned} task(s) tuned for the kernels generated now in {root / gpu}, left out")
+        tasks = stale_tasks(tasks, root, gpu)
         if not tasks:
             return 1 if problems else 0
     tasks = [dataclasses.replace(task, seeds=table_seeds(task, root, gpu)) for task in tasks]
