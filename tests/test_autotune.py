@@ -210,6 +210,27 @@ def test_a_phase_hash_changes_only_with_what_that_phase_runs(backend, fwd_only, 
         assert {phase for phase in table.PHASES if after[phase] != before[phase]} == changed, function
 
 
+def test_a_stage_added_to_one_phase_leaves_the_other_phase_hash():
+    """A generated TileLang file lists every phase's kernels in one PHASES assignment: a backward stage added to it
+    (its kernel at the file's end, after blank lines) changes the backward's hash only, and the forward's stages
+    reordered the forward's only."""
+    from sla_dsl.backends.tilelang import generator
+
+    gdn = load_spec(SEED_SPECS_DIR / "gdn.yaml")
+    files, kernels = generator.generate(gdn), generator.phase_kernels(gdn)
+    before = table.phase_digests(files, kernels)
+    added = {**kernels, "bwd": (*kernels["bwd"], "bwd_extra")}
+    with_stage = {name: text.replace(repr(kernels), repr(added)) + "\n\ndef bwd_extra():\n    pass\n"
+                  for name, text in files.items()}
+    assert with_stage != files
+    after = table.phase_digests(with_stage, added)
+    assert after["fwd"] == before["fwd"] and after["bwd"] != before["bwd"]
+    reordered = {"fwd": tuple(reversed(kernels["fwd"])), "bwd": kernels["bwd"]}
+    relisted = {name: text.replace(repr(kernels), repr(reordered)) for name, text in files.items()}
+    after = table.phase_digests(relisted, reordered)
+    assert after["fwd"] != before["fwd"] and after["bwd"] == before["bwd"]
+
+
 def test_a_table_stale_for_one_phase_keeps_the_other(tables, gla, monkeypatch):
     """A template change to backward kernels only: lookups keep the forward's configs, ignore the backward's
     (one warning naming it), and a re-tune supersedes the backward's entries only."""

@@ -101,21 +101,41 @@ def source_digest(files: dict[str, str]) -> str:
 
 
 def without_functions(text: str, names: set[str]) -> str:
-    """Python source `text` without its top-level functions named in `names` (decorators included)."""
+    """Python source `text` without its top-level functions named in `names` (decorators and the blank lines
+    before them included, so that dropping the last functions of a file leaves what dropping one would)."""
     lines = text.splitlines(keepends=True)
     dropped = set()
     for node in ast.parse(text).body:
         if isinstance(node, ast.FunctionDef) and node.name in names:
-            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-            dropped.update(range(first - 1, node.end_lineno))
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+            while first > 0 and not lines[first - 1].strip():
+                first -= 1
+            dropped.update(range(first, node.end_lineno))
     return "".join(line for number, line in enumerate(lines) if number not in dropped)
+
+
+# The top-level assignment of a generated file that lists each phase's kernels (the TileLang backend's `PHASES`)
+PHASE_LIST = "PHASES"
+
+
+def with_one_phase_listed(text: str, phase: str, own: tuple[str, ...]) -> str:
+    """Python source `text` with its top-level PHASE_LIST assignment, if any, listing `phase`'s kernels only: what
+    the other phases run is no part of this one (a backward stage added leaves the forward's tuning valid)."""
+    lines = text.splitlines(keepends=True)
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [PHASE_LIST]:
+            listed = f"{PHASE_LIST} = {{{phase!r}: {tuple(own)!r}}}\n"
+            return "".join(lines[:node.lineno - 1]) + listed + "".join(lines[node.end_lineno:])
+    return text
 
 
 def phase_digests(files: dict[str, str], kernels: dict[str, tuple[str, ...]]) -> dict[str, str]:
     """Per phase, the sha256 of the generated files without the kernels only other phases run (`kernels`: the
-    generator's phase_kernels). Helpers the phases share count for every phase."""
+    generator's phase_kernels) and with only this phase's entry of their list of kernels (with_one_phase_listed).
+    Helpers the phases share count for every phase."""
     every = set().union(*kernels.values())
-    return {phase: source_digest({name: without_functions(text, every - set(own)) for name, text in files.items()})
+    return {phase: source_digest({name: with_one_phase_listed(without_functions(text, every - set(own)), phase, own)
+                                  for name, text in files.items()})
             for phase, own in kernels.items()}
 
 
