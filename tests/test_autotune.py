@@ -231,6 +231,25 @@ def test_a_stage_added_to_one_phase_leaves_the_other_phase_hash():
     assert after["fwd"] != before["fwd"] and after["bwd"] == before["bwd"]
 
 
+@pytest.mark.parametrize("backend", ["triton", "tilelang"])
+def test_documentation_edits_leave_the_phase_hashes(backend):
+    """Comments, docstrings and layout of a generated file say nothing about what it computes: editing them keeps
+    both phases' tuning; an edit of the code does not."""
+    from sla_dsl.codegen import generator
+
+    gdn = load_spec(SEED_SPECS_DIR / "gdn.yaml")
+    files = generator(backend).generate(gdn)
+    kernels = generator(backend).phase_kernels(gdn)
+    before = table.phase_digests(files, kernels)
+    documented = {name: re.sub(r'^(def \w+\(.*?:\n    """)', r"\1Edited. ", text, flags=re.M | re.S)
+                  .replace("\n# ", "\n# edited: ") + "\n# a trailing comment\n" for name, text in files.items()}
+    assert documented != files
+    assert table.phase_digests(documented, kernels) == before
+    computed = {name: text.replace("1e-06", "1e-05") for name, text in files.items()}
+    assert computed != files
+    assert all(table.phase_digests(computed, kernels)[phase] != before[phase] for phase in table.PHASES)
+
+
 def test_a_table_stale_for_one_phase_keeps_the_other(tables, gla, monkeypatch):
     """A template change to backward kernels only: lookups keep the forward's configs, ignore the backward's
     (one warning naming it), and a re-tune supersedes the backward's entries only."""

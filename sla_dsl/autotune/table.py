@@ -129,12 +129,26 @@ def with_one_phase_listed(text: str, phase: str, own: tuple[str, ...]) -> str:
     return text
 
 
+def code_only(text: str) -> str:
+    """Python source `text` as its syntax tree, without docstrings: what it computes, whatever its comments,
+    docstrings and layout say (a generated file's documentation can change and leave its tuning valid)."""
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def phase_digests(files: dict[str, str], kernels: dict[str, tuple[str, ...]]) -> dict[str, str]:
-    """Per phase, the sha256 of the generated files without the kernels only other phases run (`kernels`: the
-    generator's phase_kernels) and with only this phase's entry of their list of kernels (with_one_phase_listed).
-    Helpers the phases share count for every phase."""
+    """Per phase, the sha256 of the code (code_only) of the generated files without the kernels only other phases
+    run (`kernels`: the generator's phase_kernels) and with only this phase's entry of their list of kernels
+    (with_one_phase_listed). Helpers the phases share count for every phase."""
     every = set().union(*kernels.values())
-    return {phase: source_digest({name: with_one_phase_listed(without_functions(text, every - set(own)), phase, own)
+    return {phase: source_digest({name: code_only(with_one_phase_listed(without_functions(text, every - set(own)),
+                                                                         phase, own))
                                   for name, text in files.items()})
             for phase, own in kernels.items()}
 
