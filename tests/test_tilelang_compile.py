@@ -108,32 +108,32 @@ def test_small_and_odd_head_dims_compile_for_sm90a(name, dim):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_shared_memory_of_the_compiled_layout_decides():
     """TileLang reuses the shared memory of buffers no longer live, so a compiled kernel may need about half
-    the sum of its buffers. retnet's bwd_chunk at chunk 64 (K=V=128, bf16) sums to 263168 bytes (each buffer
+    the sum of its buffers. At chunk 64 (K=V=128): retnet's bwd_chunk (bf16) sums to 263168 bytes (each buffer
     rounded up to its alignment), over what an sm_90 CTA may have, and its layout takes 107520: it runs. So does
-    gdn's at block_v 16 (306176 by the sum, 231424 compiled: its q side is finished before the WY backward,
-    whose tiles then take the q side's space). gdn's in float32, whose gemms add the 3xTF32 scratch, takes
-    345344 and is refused after compiling, before a launch would fail. Every seed spec's default fits by the
-    sum, for the usual head dims and dtypes."""
+    gdn's in float32 at block_v 16 (327680 by the sum, 197376 compiled), whose gemms add the 3xTF32 scratch.
+    gdn's bwd_delta in float32 at block_v 16 takes 305152 and is refused after compiling, before a launch would
+    fail. Every seed spec's default fits by the sum, for the usual head dims and dtypes."""
     from sla_dsl.autotune import ConfigRejected, Shape
     from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
 
     limit = tuning.SM90_SHARED_MEMORY_BYTES
-    for name, dtype, block_v, bound, compiled_bytes in (("retnet", "bfloat16", 64, 263168, 107520),
-                                                        ("gdn", "bfloat16", 16, 306176, 231424),
-                                                        ("gdn", "float32", 16, 523264, 345344)):
+    for name, stage, dtype, block_v, bound, compiled_bytes in (
+            ("retnet", "bwd_chunk", "bfloat16", 64, 263168, 107520),
+            ("gdn", "bwd_chunk", "float32", 16, 327680, 197376),
+            ("gdn", "bwd_delta", "float32", 16, 373760, 305152)):
         shape = Shape(2, 4096, 4, 128, 128, dtype)
         kernels = TileLangKernels(next(s for s in SPECS if s.name == name))
-        config = {"chunk": 64, "bwd_chunk_block_v": block_v, "bwd_chunk_threads": 128, "bwd_chunk_num_stages": 0}
-        compiled = compile_kernel(kernels.module, "bwd_chunk", HEADS, 128, 128, dtype,
-                                  tuning.kernel_params(config, "bwd_chunk"), target=SM90_TARGET)
+        config = {"chunk": 64, f"{stage}_block_v": block_v, f"{stage}_threads": 128, f"{stage}_num_stages": 0}
+        compiled = compile_kernel(kernels.module, stage, HEADS, 128, 128, dtype, tuning.kernel_params(config, stage),
+                                  target=SM90_TARGET)
         source = compiled.get_kernel_source()
-        assert tuning.shared_memory_bytes(kernels.module, "bwd_chunk", config, shape) == bound > limit
-        assert tuning.compiled_shared_memory_bytes(source, kernels.module, "bwd_chunk", config, shape) == compiled_bytes
+        assert tuning.shared_memory_bytes(kernels.module, stage, config, shape) == bound > limit
+        assert tuning.compiled_shared_memory_bytes(source, kernels.module, stage, config, shape) == compiled_bytes
         if compiled_bytes > limit:
             with pytest.raises(ConfigRejected, match=f"needs {compiled_bytes} bytes of shared memory; a CTA may have"):
-                tuning.check_shared_memory(source, kernels.module, "bwd_chunk", config, shape)
+                tuning.check_shared_memory(source, kernels.module, stage, config, shape)
         else:
-            tuning.check_shared_memory(source, kernels.module, "bwd_chunk", config, shape)
+            tuning.check_shared_memory(source, kernels.module, stage, config, shape)
     for spec in SPECS:
         kernels = TileLangKernels(spec)
         for dim in (64, 128):

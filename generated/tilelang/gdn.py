@@ -10,7 +10,7 @@ FEATURES = {"decay": 'scalar', "write": 'delta', "gates": 'none',
             "feature_map_k": 'silu', "qk_l2_norm": True}
 # The inputs every kernel takes after q, k, v, in this order (the host runtime passes them by these names).
 INPUTS = ('q', 'k', 'v', 'g', 'beta', 'scale')
-# dg / dbeta / dgq / dgk outputs of bwd_chunk, in order.
+# dg / dbeta / dgq / dgk outputs, in order: dgq of bwd_chunk, the others of bwd_delta.
 GRAD_OUTPUTS = ('dg', 'dbeta')
 EPS = 1e-06
 # Rows of the diagonal blocks of the WY solve (generator._wy); chunks of 1, 2 or 4 such blocks.
@@ -24,7 +24,7 @@ def state_dtype(dtype):
 
 
 # The kernels each phase runs, in order (the host runtime and the tuning space follow it).
-PHASES = {'fwd': ('wy', 'states', 'output'), 'bwd': ('wy', 'states', 'dv_local', 'bwd_dh', 'bwd_chunk')}
+PHASES = {'fwd': ('wy', 'states', 'output'), 'bwd': ('wy', 'states', 'dv_local', 'bwd_dh', 'bwd_chunk', 'bwd_delta')}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
 # TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).
 PASS_CONFIGS = {
@@ -73,7 +73,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's WY form of every chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens,
     chunk_table [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)), u [NT, H, V] =
     T (beta v), ke [NT, H, K] = k' exp(b_C - b) and tm [NC, H, C, C] = T in dtype, T = (I + beta M)^-1 the chunk's
-    triangular solve (tm: for bwd_chunk)."""
+    triangular solve (tm: for bwd_delta)."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -547,12 +547,14 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return gdn_bwd_dh
 
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, min_blocks=1):
-    """Every input gradient of one chunk (chunk-parallel). Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table
-    [NC, 2] int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
-    (gradient of the state leaving it), do [NT, H, V], w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage wy),
-    vn [NT, H, V] (v_new, stage states), du [NT, H, V] (the gradient of v_new, stage bwd_dh); outputs dq, dk [NT, H,
-    K], dv [NT, H, V] in dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32. min_blocks: the CTAs per SM nvcc must
-    leave registers for (__launch_bounds__), so that a CTA's latency-bound steps overlap another's."""
+    """The gradients of one chunk that read the states (chunk-parallel): dq, and what bwd_delta finishes dk and dg
+    from. Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table [NC, 2] int32 (sequence, chunk within it), hs
+    [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V] (gradient of the state leaving it), do [NT, H, V],
+    vn [NT, H, V] (v_new, stage states), du [NT, H, V] (the gradient of v_new, stage bwd_dh); outputs dq [NT, H, K]
+    in dtype, dkp [NT, H, K] fp32 (the gradient of k' but for the WY form's terms), dw [NT, H, K] in dtype (minus
+    the gradient of w), dbp [NT, H] fp32 (the log decay's gradient but for the WY form's terms, before its suffix
+    sum). min_blocks: the CTAs per SM nvcc must leave registers for (__launch_bounds__), so that a CTA's latency-
+    bound steps overlap another's."""
     C, BV = chunk, block_v
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -572,16 +574,12 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
         HS: T.Tensor((NC, H, K, V), state_dt),
         DH: T.Tensor((NC, H, K, V), state_dt),
         DO: T.Tensor((NT, H, V), dtype),
-        W: T.Tensor((NT, H, K), dtype),
-        TM: T.Tensor((NC, H, C, C), dtype),
-        U: T.Tensor((NT, H, V), dtype),
         VN: T.Tensor((NT, H, V), dtype),
         DU: T.Tensor((NT, H, V), dtype),
         DQ: T.Tensor((NT, H, K), dtype),
-        DK: T.Tensor((NT, H, K), dtype),
-        DV: T.Tensor((NT, H, V), dtype),
-        DG: T.Tensor((NT, H), "float32"),
-        DBETA: T.Tensor((NT, H), "float32"),
+        DKP: T.Tensor((NT, H, K), "float32"),
+        DW: T.Tensor((NT, H, K), dtype),
+        DBP: T.Tensor((NT, H), "float32"),
     ):
         with T.Kernel(NC, H, threads=threads) as (ci, h):
             n = CI[ci, 0]
@@ -599,14 +597,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
             sq = T.alloc_fragment((C, K), "float32")
-            bt_s = T.alloc_shared((C,), "float32")
             km_m = T.alloc_shared((C, K), dtype)
             qm_m = T.alloc_shared((C, K), dtype)
-            M_f = T.alloc_fragment((C, C), "float32")
-            M_s = T.alloc_shared((C, C), "float32")
-            Tm_m = T.alloc_shared((C, C), dtype)
-            w_m = T.alloc_shared((C, K), dtype)
-            v_m = T.alloc_shared((C, BV), dtype)
             do_m = T.alloc_shared((C, BV), dtype)
             S_m = T.alloc_shared((K, BV), dtype)
             dS_m = T.alloc_shared((K, BV), dtype)
@@ -626,46 +618,23 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             dbl_s = T.alloc_shared((C,), "float32")
             P_m = T.alloc_shared((C, C), dtype)
             u_m = T.alloc_shared((C, BV), dtype)
-            U1_m = T.alloc_shared((C, BV), dtype)
             du_m = T.alloc_shared((C, BV), dtype)
             dws_f = T.alloc_fragment((C, K), "float32")
-            dws_m = T.alloc_shared((C, K), dtype)
-            dvb_f = T.alloc_fragment((C, BV), "float32")
-            dvb_m = T.alloc_shared((C, BV), dtype)
-            dL_f = T.alloc_fragment((C, C), "float32")
-            X_f = T.alloc_fragment((C, C), "float32")
-            dL_s = T.alloc_shared((C, C), "float32")
-            dkb_f = T.alloc_fragment((C, K), "float32")
-            dkb_m = T.alloc_shared((C, K), dtype)
-            tv_f = T.alloc_fragment((C, BV), "float32")
-            tvr_f = T.alloc_fragment((C,), "float32")
-            dbv_s = T.alloc_shared((C,), "float32")
-            dbt_s = T.alloc_shared((C,), "float32")
-            Pd_f = T.alloc_fragment((C, K), "float32")
-            Pt_f = T.alloc_fragment((C, K), "float32")
-            rkr_f = T.alloc_fragment((C,), "float32")
-            xr_f = T.alloc_fragment((C,), "float32")
             terms_f = T.alloc_fragment((C, K), "float32")
             gq_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
-            dgk_f = T.alloc_fragment((C,), "float32")
             yq_f = T.alloc_fragment((C, K), "float32")
-            yk_f = T.alloc_fragment((C, K), "float32")
             inv_norm_q_f = T.alloc_fragment((C,), "float32")
-            inv_norm_k_f = T.alloc_fragment((C,), "float32")
             dot_q_f = T.alloc_fragment((C,), "float32")
-            dot_k_f = T.alloc_fragment((C,), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
-            tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
-            tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
             tf32_C_BV_2 = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
             tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
+            tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
 
             for i in T.Parallel(C):
                 b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
-                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
             T.cumsum(b_s, dim=0)
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
@@ -693,27 +662,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 km_m[i, d] = T.cast(kp_s[i, d], dtype)
             for i, d in T.Parallel(C, K):
                 qm_m[i, d] = T.cast(qp_s[i, d], dtype)
-            compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
-            for i, j in T.Parallel(C, C):
-                M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
-            T.copy(M_f, M_s)
-            T.copy(TM[ci, h, :, :], Tm_m)
-            for i, d in T.Parallel(C, K):
-                w_m[i, d] = T.if_then_else(t0 + i < eos, W[t0 + i, h, d], T.cast(0.0, dtype))
             T.clear(dqe_f)
             T.clear(dke_f)
             T.clear(dA_f)
             for d in T.Parallel(K):
                 dgc_s[d] = 0.0
             T.clear(dws_f)
-            T.clear(dL_f)
-            for i in T.Parallel(C):
-                dbv_s[i] = 0.0
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
-                for i, e2 in T.Parallel(C, BV):
-                    v_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
-                    do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
                     S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
                     dS_m[a, e2] = T.cast(DH[ci, h, a, v0 + e2], dtype)
@@ -723,24 +679,13 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 for a in T.Parallel(K):
                     dgc_s[a] = dgc_s[a] + sdr_f[a]
                 for i, e2 in T.Parallel(C, BV):
+                    do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                     u_m[i, e2] = T.if_then_else(t0 + i < eos, VN[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
-                    U1_m[i, e2] = T.if_then_else(t0 + i < eos, U[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                     du_m[i, e2] = T.if_then_else(t0 + i < eos, DU[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 compensated_gemm(do_m, S_m, dqe_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
                 compensated_gemm(do_m, u_m, dA_f, tf32_C_BV, tf32_C_BV_2, transpose_B=True)
                 compensated_gemm(u_m, dS_m, dke_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
                 compensated_gemm(du_m, S_m, dws_f, tf32_C_BV, tf32_K_BV, transpose_B=True)
-                compensated_gemm(Tm_m, du_m, dvb_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
-                T.copy(dvb_f, dvb_m)
-                compensated_gemm(dvb_m, U1_m, dL_f, tf32_C_BV, tf32_C_BV_2, transpose_B=True)
-                for i, e2 in T.Parallel(C, BV):
-                    if t0 + i < eos:
-                        DV[t0 + i, h, v0 + e2] = T.cast(bt_s[i] * dvb_f[i, e2], dtype)
-                for i, e2 in T.Parallel(C, BV):
-                    tv_f[i, e2] = dvb_f[i, e2] * T.cast(v_m[i, e2], "float32")
-                T.reduce_sum(tv_f, tvr_f, dim=1)
-                for i in T.Parallel(C):
-                    dbv_s[i] = dbv_s[i] + tvr_f[i]
 
             for i, j in T.Parallel(C, C):
                 dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
@@ -777,7 +722,159 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
                     DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)
-            T.copy(dws_f, dws_m)
+            for i, d in T.Parallel(C, K):
+                terms_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + T.if_then_else(
+                    i == C - 1, dgc_s[d] * T.exp(b_s[C - 1]), 0.0)
+            T.reduce_sum(terms_f, dbr_f, dim=1)
+            T.copy(dbr_f, dbl_s)
+            T.cumsum(dbl_s, dim=0, reverse=True)
+            for i in T.Parallel(C):
+                dbr_s[i] = dbr_s[i] + T.if_then_else(i == T.min(C - 1, eos - t0 - 1), dbl_s[0], 0.0)
+            for i in T.Parallel(C):
+                if t0 + i < eos:
+                    DBP[t0 + i, h] = dbr_s[i]
+            for i, d in T.Parallel(C, K):
+                if t0 + i < eos:
+                    DKP[t0 + i, h, d] = dkp_s[i, d]
+                    DW[t0 + i, h, d] = T.cast(dws_f[i, d], dtype)
+
+    return gdn_bwd_chunk
+
+def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, min_blocks=1):
+    """The delta rule's backward through its WY form, one chunk per CTA (chunk-parallel): dv, dbeta, and dk and dg
+    finished from the parts bwd_chunk stored. Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table [NC, 2]
+    int32, w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage wy), du [NT, H, V] (the gradient of v_new, stage
+    bwd_dh), dkp [NT, H, K] fp32, dw [NT, H, K], dbp [NT, H] fp32 (stage bwd_chunk); outputs dk [NT, H, K] and dv
+    [NT, H, V] in dtype, dg [NT, H], dbeta [NT, H] fp32. min_blocks as in bwd_chunk."""
+    C, BV = chunk, block_v
+    # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
+    # cannot solve N + 1 for N
+    NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
+
+    @T.prim_func
+    def gdn_bwd_delta(
+        Q: T.Tensor((NT, H, K), dtype),
+        KK: T.Tensor((NT, H, K), dtype),
+        VV: T.Tensor((NT, H, V), dtype),
+        G: T.Tensor((NT, H), "float32"),
+        BETA: T.Tensor((NT, H), "float32"),
+        SC: T.Tensor((1,), "float32"),
+        CU: T.Tensor((NB,), "int32"),
+        CI: T.Tensor((NC, 2), "int32"),
+        W: T.Tensor((NT, H, K), dtype),
+        TM: T.Tensor((NC, H, C, C), dtype),
+        U: T.Tensor((NT, H, V), dtype),
+        DU: T.Tensor((NT, H, V), dtype),
+        DKP: T.Tensor((NT, H, K), "float32"),
+        DW: T.Tensor((NT, H, K), dtype),
+        DBP: T.Tensor((NT, H), "float32"),
+        DK: T.Tensor((NT, H, K), dtype),
+        DV: T.Tensor((NT, H, V), dtype),
+        DG: T.Tensor((NT, H), "float32"),
+        DBETA: T.Tensor((NT, H), "float32"),
+    ):
+        with T.Kernel(NC, H, threads=threads) as (ci, h):
+            n = CI[ci, 0]
+            bos = CU[n]
+            eos = CU[n + 1]
+            t0 = bos + CI[ci, 1] * C
+            T.annotate_min_blocks_per_sm(min_blocks)
+            b_s = T.alloc_shared((C,), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
+            kn = T.alloc_fragment((C,), "float32")
+            kr = T.alloc_fragment((C,), "float32")
+            kp_s = T.alloc_shared((C, K), "float32")
+            sq = T.alloc_fragment((C, K), "float32")
+            bt_s = T.alloc_shared((C,), "float32")
+            km_m = T.alloc_shared((C, K), dtype)
+            M_f = T.alloc_fragment((C, C), "float32")
+            M_s = T.alloc_shared((C, C), "float32")
+            Tm_m = T.alloc_shared((C, C), dtype)
+            w_m = T.alloc_shared((C, K), dtype)
+            v_m = T.alloc_shared((C, BV), dtype)
+            U1_m = T.alloc_shared((C, BV), dtype)
+            du_m = T.alloc_shared((C, BV), dtype)
+            dkp_s = T.alloc_shared((C, K), "float32")
+            dws_m = T.alloc_shared((C, K), dtype)
+            dvb_f = T.alloc_fragment((C, BV), "float32")
+            dvb_m = T.alloc_shared((C, BV), dtype)
+            dL_f = T.alloc_fragment((C, C), "float32")
+            X_f = T.alloc_fragment((C, C), "float32")
+            dL_s = T.alloc_shared((C, C), "float32")
+            dkb_f = T.alloc_fragment((C, K), "float32")
+            dkb_m = T.alloc_shared((C, K), dtype)
+            tv_f = T.alloc_fragment((C, BV), "float32")
+            tvr_f = T.alloc_fragment((C,), "float32")
+            dbv_s = T.alloc_shared((C,), "float32")
+            dbt_s = T.alloc_shared((C,), "float32")
+            Pd_f = T.alloc_fragment((C, K), "float32")
+            Pt_f = T.alloc_fragment((C, K), "float32")
+            rkr_f = T.alloc_fragment((C,), "float32")
+            xr_f = T.alloc_fragment((C,), "float32")
+            terms_f = T.alloc_fragment((C, K), "float32")
+            P_m = T.alloc_shared((C, C), dtype)
+            dbr_f = T.alloc_fragment((C,), "float32")
+            dbr_s = T.alloc_shared((C,), "float32")
+            yk_f = T.alloc_fragment((C, K), "float32")
+            inv_norm_k_f = T.alloc_fragment((C,), "float32")
+            dot_k_f = T.alloc_fragment((C,), "float32")
+            # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
+            tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
+            tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
+            tf32_C_BV_2 = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
+
+            for i in T.Parallel(C):
+                b_s[i] = T.if_then_else(t0 + i < eos, G[t0 + i, h], 0.0)
+                bt_s[i] = T.if_then_else(t0 + i < eos, BETA[t0 + i, h], 0.0)
+            T.cumsum(b_s, dim=0)
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = T.if_then_else(t0 + i < eos, (kx[i, d]) * T.fast_rcp(1.0 + T.__exp(-(kx[i, d]))), 0.0)
+            for i, d in T.Parallel(C, K):
+                sq[i, d] = kx[i, d] * kx[i, d]
+            T.reduce_sum(sq, kn, dim=1)
+            for i in T.Parallel(C):
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
+            for i, d in T.Parallel(C, K):
+                kp_s[i, d] = kx[i, d] * kr[i]
+            for i, d in T.Parallel(C, K):
+                km_m[i, d] = T.cast(kp_s[i, d], dtype)
+            compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
+            T.copy(M_f, M_s)
+            T.copy(TM[ci, h, :, :], Tm_m)
+            for i, d in T.Parallel(C, K):
+                w_m[i, d] = T.if_then_else(t0 + i < eos, W[t0 + i, h, d], T.cast(0.0, dtype))
+            for i, d in T.Parallel(C, K):
+                dkp_s[i, d] = T.if_then_else(t0 + i < eos, DKP[t0 + i, h, d], 0.0)
+                dws_m[i, d] = T.if_then_else(t0 + i < eos, DW[t0 + i, h, d], T.cast(0.0, dtype))
+            for i in T.Parallel(C):
+                dbr_s[i] = T.if_then_else(t0 + i < eos, DBP[t0 + i, h], 0.0)
+            T.clear(dL_f)
+            for i in T.Parallel(C):
+                dbv_s[i] = 0.0
+            for iv in T.Pipelined(V // BV, num_stages=num_stages):
+                v0 = iv * BV
+                for i, e2 in T.Parallel(C, BV):
+                    v_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+                    U1_m[i, e2] = T.if_then_else(t0 + i < eos, U[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+                    du_m[i, e2] = T.if_then_else(t0 + i < eos, DU[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+                compensated_gemm(Tm_m, du_m, dvb_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
+                T.copy(dvb_f, dvb_m)
+                compensated_gemm(dvb_m, U1_m, dL_f, tf32_C_BV, tf32_C_BV_2, transpose_B=True)
+                for i, e2 in T.Parallel(C, BV):
+                    if t0 + i < eos:
+                        DV[t0 + i, h, v0 + e2] = T.cast(bt_s[i] * dvb_f[i, e2], dtype)
+                for i, e2 in T.Parallel(C, BV):
+                    tv_f[i, e2] = dvb_f[i, e2] * T.cast(v_m[i, e2], "float32")
+                T.reduce_sum(tv_f, tvr_f, dim=1)
+                for i in T.Parallel(C):
+                    dbv_s[i] = dbv_s[i] + tvr_f[i]
+
             compensated_gemm(Tm_m, dws_m, dkb_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
             T.copy(dkb_f, dkb_m)
             for i, d in T.Parallel(C, K):
@@ -813,14 +910,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             T.reduce_sum(terms_f, dbr_f, dim=1)
             for i in T.Parallel(C):
                 dbr_s[i] = dbr_s[i] + dbr_f[i]
-            for i, d in T.Parallel(C, K):
-                terms_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + T.if_then_else(
-                    i == C - 1, dgc_s[d] * T.exp(b_s[C - 1]), 0.0)
-            T.reduce_sum(terms_f, dbr_f, dim=1)
-            T.copy(dbr_f, dbl_s)
-            T.cumsum(dbl_s, dim=0, reverse=True)
-            for i in T.Parallel(C):
-                dbr_s[i] = dbr_s[i] + T.if_then_else(i == C - 1, dbl_s[0], 0.0)
             T.cumsum(dbr_s, dim=0, reverse=True)
             for i in T.Parallel(C):
                 if t0 + i < eos:
@@ -846,4 +935,4 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 if t0 + i < eos:
                     DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
 
-    return gdn_bwd_chunk
+    return gdn_bwd_delta

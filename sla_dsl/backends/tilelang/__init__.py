@@ -6,9 +6,9 @@ under our cache directory; its key is the kernel's full TIR, so a changed templa
 stale binary) and launches the generated module's `PHASES` in order:
 
     forward:  [wy | prep ->] states -> output
-    backward: [wy | prep ->] states -> [dv_local ->] bwd_dh -> bwd_chunk
+    backward: [wy | prep ->] states -> [dv_local ->] bwd_dh -> bwd_chunk [-> bwd_delta]
 
-(wy and dv_local: the delta rule; prep: a vector decay without it).
+(wy, dv_local and bwd_delta: the delta rule; prep: a vector decay without it).
 
 CPU tensors run the same kernels compiled by TileLang's C target (`cpu_emulation`): slow, for tests.
 
@@ -163,7 +163,7 @@ class TileLangKernels:
     def _run_states(self, p, kernels: dict, chunk: int):
         """Stages wy (delta rule) or prep, and states: the state entering every chunk (hs, in the input dtype,
         float32 for float16), the final state (ht), v_new (delta rule, else v), what wy or prep wrote for the
-        backward's bwd_dh (ke, qe, a vector decay's gc) and bwd_chunk (w, u and tm, the delta rule's solve), and
+        backward's bwd_dh (ke, qe, a vector decay's gc) and bwd_delta (w, u and tm, the delta rule's solve), and
         the chunk tables."""
         offsets, table, total = self._chunks(p, chunk)
         heads, dim_k, dim_v, nt = p["heads"], p["dim_k"], p["dim_v"], p["nt"]
@@ -177,7 +177,7 @@ class TileLangKernels:
         v_new, wy, tm, prep, extra = p["v"], [], [], [], []
         if "wy" in kernels:
             wy = [new_output((nt, heads, dim), dtype, device) for dim in (dim_k, dim_v, dim_k)]  # w, u, ke
-            tm = [new_output((max(total, 1), heads, chunk, chunk), dtype, device)]  # the solve T, for bwd_chunk
+            tm = [new_output((max(total, 1), heads, chunk, chunk), dtype, device)]  # the solve T, for bwd_delta
             v_new = new_output((nt, heads, dim_v), dtype, device)
             extra = [*wy, v_new, *gc]
         elif "prep" in kernels:
@@ -194,6 +194,21 @@ class TileLangKernels:
         w, u, ke = wy or (None, None, prep[0] if prep else None)
         return dict(hs=hs, ht=ht, v_new=v_new, w=w, u=u, ke=ke, tm=tm[0] if tm else None,
                     qe=prep[1] if prep else None, gc=gc, offsets=offsets, table=table)
+
+    def _run_delta_backward(self, p, kernels: dict, st: dict, dh, do_flat, du, dq, dk, dv, small: dict) -> None:
+        """The delta rule's last two backward stages: bwd_chunk (dq, and the parts of dk and dg that read the
+        states: dkp, db; and dw) and bwd_delta (the WY form's backward, which finishes dk and dg)."""
+        nt, heads, dim_k = p["nt"], p["heads"], p["dim_k"]
+        device = p["q"].device
+        dkp = new_output((nt, heads, dim_k), torch.float32, device)
+        dw = new_output((nt, heads, dim_k), p["q"].dtype, device)
+        dbp = [new_output(small["dg"].shape, torch.float32, device)] if "dg" in small else []
+        read_gate = [small["dgq"]] if "dgq" in small else []
+        kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, st["v_new"], du, dq, dkp,
+                             dw, *dbp, *read_gate)
+        rest = [small[name] for name in small if name != "dgq"]  # dg, dbeta, dgk, as GRAD_OUTPUTS orders them
+        kernels["bwd_delta"](*p["inputs"], p["cu"], st["table"], st["w"], st["tm"], st["u"], du, dkp, dw, *dbp,
+                             dk, dv, *rest)
 
     # ---- the backend interface ----
 
@@ -259,9 +274,11 @@ class TileLangKernels:
                 extra = [st["w"], dvl, qe, st["ke"]]
                 du = [new_output((nt, heads, dim_v), dtype, device)]  # the delta rule's gradient of v_new
             kernels["bwd_dh"](*p["inputs"], p["cu"], st["offsets"], do_flat, *extra, *st["gc"], dht, dh, dh0, *du)
-            wy = [st["w"], st["tm"], st["u"], st["v_new"], *du] if "wy" in kernels else []
-            kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, *wy, dq, dk, dv,
-                                 *small.values())
+            if "bwd_delta" in kernels:
+                self._run_delta_backward(p, kernels, st, dh, do_flat, du[0], dq, dk, dv, small)
+            else:
+                kernels["bwd_chunk"](*p["inputs"], p["cu"], st["table"], st["hs"], dh, do_flat, dq, dk, dv,
+                                     *small.values())
         else:
             dh0.copy_(dht)
         real_k, real_v = p["real_k"], p["real_v"]

@@ -2,8 +2,8 @@
 
 The file holds one kernel factory per chunkwise stage, each written from templates shared by every spec and
 specialised by the recurrence's features (decay kind, write rule, gates, feature maps, L2 norm). All take
-(H, K, V, dtype, chunk, block_v, threads, num_stages), bwd_chunk also min_blocks (its occupancy: `tuning`
-says why it alone). The two sequential stages walk a sequence's chunks
+(H, K, V, dtype, chunk, block_v, threads, num_stages), bwd_chunk and bwd_delta also min_blocks (their
+occupancy: `tuning` says why they alone). The two sequential stages walk a sequence's chunks
 and do only what the recurrence needs there; everything else is chunk-parallel (grid: chunks x H):
 
     wy          (delta rule) the chunk's triangular solve T = (I + beta M)^-1: w = T (beta k' exp(b)), u = T (beta v)
@@ -12,9 +12,11 @@ and do only what the recurrence needs there; everything else is chunk-parallel (
     output      o = qe S + A u, with the chunk's C x C attention A computed once for all blocks of V
     dv_local    (delta rule) A^T dO, the in-chunk part of du
     bwd_dh      sequential, reverse: dS <- exp(b_C) dS + qe^T dO (- w^T du); writes dS at every chunk's end
-                (and the delta rule's du = A^T dO + ke dS, which bwd_chunk reads)
+                (and the delta rule's du = A^T dO + ke dS, which bwd_chunk and bwd_delta read)
     bwd_chunk   every input gradient of one chunk: loops over V-blocks accumulating the K-side gradients in
-                fp32 fragments, then chains through decay cumsum, gates, L2 norm and feature maps
+                fp32 fragments, then chains through decay cumsum, gates, L2 norm and feature maps. With the delta
+                rule only what reads the states: dq, dw, and parts of dk and dg that bwd_delta finishes
+    bwd_delta   (delta rule) the backward through the WY form: dv, dbeta, the write gate's gradient, dk and dg
 
 Preprocessing (feature map, L2 norm, scale, head gates, chunk-local cumulative decay) is fused into each
 kernel that reads q or k; `PHASES` in the generated file lists the kernels of the forward and the backward.
@@ -512,7 +514,7 @@ def _wy(f: _Features, shared: bool = True) -> str:
 
 
 def _wy_loaded() -> str:
-    """The WY form as stage wy stored it, for bwd_chunk: T (TM) and w (W, zero past the sequence's end). Reading
+    """The WY form as stage wy stored it, for bwd_delta: T (TM) and w (W, zero past the sequence's end). Reading
     them keeps the solve, and w's gemm, out of the backward's heaviest kernel."""
     return _ind("""
     T.copy(TM[ci, h, :, :], Tm_m)
@@ -588,8 +590,9 @@ def _masked(dst: str, value: str) -> str:
 
 
 # ---- kernel templates. Each is one stage; the host (`sla_dsl.backends.tilelang`) runs them in order:
-#      forward:  [wy|prep] -> states -> output     backward: [wy|prep] -> states -> [dv_local] -> bwd_dh -> bwd_chunk
-#      (wy, dv_local: delta rule only; prep: a vector decay without it). Chunk-parallel stages have grid
+#      forward:  [wy|prep] -> states -> output
+#      backward: [wy|prep] -> states -> [dv_local] -> bwd_dh -> bwd_chunk [-> bwd_delta]
+#      (wy, dv_local, bwd_delta: delta rule only; prep: a vector decay without it). Chunk-parallel stages have grid
 #      (chunks, H) and read the chunk table; the two sequential ones (states, bwd_dh) have grid
 #      (V / block_v, N * H) and do only what the recurrence needs. ----
 
@@ -626,7 +629,7 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's WY form of every chunk (chunk-parallel). Inputs {inputs}, cu_seqlens, chunk_table
     [NC, 2] int32 (sequence, chunk within it); outputs w [NT, H, K] = T (beta k' exp(b)), u [NT, H, V] =
     T (beta v), ke [NT, H, K] = k' exp(b_C - b) and tm [NC, H, C, C] = T in dtype, T = (I + beta M)^-1 the
-    chunk's triangular solve (tm: for bwd_chunk){gc_doc}."""
+    chunk's triangular solve (tm: for bwd_delta){gc_doc}."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         W: T.Tensor((NT, H, K), dtype),
         U: T.Tensor((NT, H, V), dtype),
@@ -840,19 +843,17 @@ def _bwd_dh_pieces(f: _Features) -> dict:
 
 BWD_CHUNK = '''
 def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, min_blocks=1):
-    """Every input gradient of one chunk (chunk-parallel). Inputs {inputs}, cu_seqlens, chunk_table [NC, 2]
+    """{summary} Inputs {inputs}, cu_seqlens, chunk_table [NC, 2]
     int32 (sequence, chunk within it), hs [NC, H, K, V] (state entering each chunk), dh [NC, H, K, V]
-    (gradient of the state leaving it), do [NT, H, V]{delta_doc}; outputs dq, dk [NT, H, K], dv [NT, H, V] in
-    dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32. min_blocks: the CTAs per SM nvcc must leave registers
-    for (__launch_bounds__), so that a CTA's latency-bound steps overlap another's."""
+    (gradient of the state leaving it), do [NT, H, V]{delta_doc}; outputs {outputs_doc}. min_blocks: the CTAs
+    per SM nvcc must leave registers for (__launch_bounds__), so that a CTA's latency-bound steps overlap
+    another's."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         HS: T.Tensor((NC, H, K, V), state_dt),
         DH: T.Tensor((NC, H, K, V), state_dt),
         DO: T.Tensor((NT, H, V), dtype),
 {delta_params}        DQ: T.Tensor((NT, H, K), dtype),
-        DK: T.Tensor((NT, H, K), dtype),
-        DV: T.Tensor((NT, H, V), dtype),
-{grad_params}    ):
+{out_params}{grad_params}    ):
 ''' + CHUNK_PROLOGUE + '''            T.annotate_min_blocks_per_sm(min_blocks)
 {prep_allocs}{chunk_allocs}{allocs}
 {prep}{common}{pre_loop}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
@@ -862,20 +863,64 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
     return {spec_name}_{stage}
 '''
 
+BWD_DELTA = '''
+def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, min_blocks=1):
+    """The delta rule's backward through its WY form, one chunk per CTA (chunk-parallel): dv, dbeta, and dk and
+    dg finished from the parts bwd_chunk stored{gate_doc}. Inputs {inputs}, cu_seqlens, chunk_table [NC, 2]
+    int32, w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage wy), du [NT, H, V] (the gradient of v_new,
+    stage bwd_dh), dkp [NT, H, K] fp32, dw [NT, H, K]{dbp_doc} (stage bwd_chunk); outputs dk [NT, H, K] and
+    dv [NT, H, V] in dtype, {grads_doc} fp32. min_blocks as in bwd_chunk."""
+''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
+        W: T.Tensor((NT, H, K), dtype),
+        TM: T.Tensor((NC, H, C, C), dtype),
+        U: T.Tensor((NT, H, V), dtype),
+        DU: T.Tensor((NT, H, V), dtype),
+        DKP: T.Tensor((NT, H, K), "float32"),
+        DW: T.Tensor((NT, H, K), dtype),
+{dbp_param}        DK: T.Tensor((NT, H, K), dtype),
+        DV: T.Tensor((NT, H, V), dtype),
+{grad_params}    ):
+''' + CHUNK_PROLOGUE + '''            T.annotate_min_blocks_per_sm(min_blocks)
+{allocs}
+{prep}            for iv in T.Pipelined(V // BV, num_stages=num_stages):
+                v0 = iv * BV
+{vloop}
+{post}
+    return {spec_name}_{stage}
+'''
+
+
+def _dg_param(f: _Features, name: str) -> str:
+    """A [NT, H(, K)] fp32 tensor parameter shaped like the decay's gradient (per channel for a vector decay)."""
+    return f'{name}: T.Tensor((NT, H, K), "float32")' if f.vector else f'{name}: T.Tensor((NT, H), "float32")'
+
 
 def _bwd_chunk_pieces(f: _Features) -> dict:
+    """bwd_chunk: everything that reads the states and their gradients (per V-block of hs, dh, do and u). Without
+    the delta rule that is every input gradient. With it, dq and the parts of dk (as the gradient of k', dkp)
+    and of the log decay's gradient (db, with b_C's terms at the chunk's last row) that do not go through the
+    WY form, and dw = du S^T: bwd_delta reads them back and finishes. One kernel doing both kept gdn's at one or
+    two CTAs per SM, by registers and shared memory (2026-11-24-session16, offline-occupancy.txt). Split, each
+    tuned, and paying for storing dkp, dw and db and reading them back: on the H100 at 4x8192x16x128, gdn's
+    backward 5.09 -> 4.98 ms, sla_gdn's 5.34 -> 5.35 (2026-11-24-session17, ab-split-tuned.log)."""
     gp = []
-    if f.dg:
-        gp.append('DG: T.Tensor((NT, H, K), "float32")' if f.vector else 'DG: T.Tensor((NT, H), "float32")')
     if f.delta:
-        gp.append('DBETA: T.Tensor((NT, H), "float32")')
+        gp += ['DKP: T.Tensor((NT, H, K), "float32")', 'DW: T.Tensor((NT, H, K), dtype)']
+        if f.dg:
+            gp.append(_dg_param(f, "DBP"))
+    else:
+        if f.dg:
+            gp.append(_dg_param(f, "DG"))
     if f.read:
         gp.append('DGQ: T.Tensor((NT, H), "float32")')
-    if f.gk:
+    if f.gk and not f.delta:
         gp.append('DGK: T.Tensor((NT, H), "float32")')
     grad_params = "".join(f"        {p},\n" for p in gp)
-    a = """
+    out_params = ("" if f.delta else
+                  "        DK: T.Tensor((NT, H, K), dtype),\n        DV: T.Tensor((NT, H, V), dtype),\n")
+    a = ("" if f.delta else """
     v_m = T.alloc_shared((C, BV), dtype)
+    """) + """
     do_m = T.alloc_shared((C, BV), dtype)
     S_m = T.alloc_shared((K, BV), dtype)
     dS_m = T.alloc_shared((K, BV), dtype)
@@ -906,18 +951,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     dbr_s = T.alloc_shared((C,), "float32")
     dbl_s = T.alloc_shared((C,), "float32")
     """
-    if f.vector:
-        a += """
-    pr_m = T.alloc_shared((SB, C), dtype)
-    pc_m = T.alloc_shared((C, SB), dtype)
-    part_f = T.alloc_fragment((SB, K), "float32")
-    px_s = T.alloc_shared((C, K), "float32")
-    py_s = T.alloc_shared((C, K), "float32")
-    """
-    else:
-        a += """
-    P_m = T.alloc_shared((C, C), dtype)
-    """
+    a += _pair_terms_allocs(f)
     if not f.delta:  # du, which the delta rule reads as bwd_dh stored it
         a += """
     du_f = T.alloc_fragment((C, BV), "float32")
@@ -925,51 +959,40 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     else:
         a += """
     u_m = T.alloc_shared((C, BV), dtype)
-    U1_m = T.alloc_shared((C, BV), dtype)
     du_m = T.alloc_shared((C, BV), dtype)
     dws_f = T.alloc_fragment((C, K), "float32")
-    dws_m = T.alloc_shared((C, K), dtype)
-    dvb_f = T.alloc_fragment((C, BV), "float32")
-    dvb_m = T.alloc_shared((C, BV), dtype)
-    dL_f = T.alloc_fragment((C, C), "float32")
-    X_f = T.alloc_fragment((C, C), "float32")
-    dL_s = T.alloc_shared((C, C), "float32")
-    dkb_f = T.alloc_fragment((C, K), "float32")
-    dkb_m = T.alloc_shared((C, K), dtype)
-    tv_f = T.alloc_fragment((C, BV), "float32")
-    tvr_f = T.alloc_fragment((C,), "float32")
-    dbv_s = T.alloc_shared((C,), "float32")
-    dbt_s = T.alloc_shared((C,), "float32")
-    Pd_f = T.alloc_fragment((C, K), "float32")
-    Pt_f = T.alloc_fragment((C, K), "float32")
-    rkr_f = T.alloc_fragment((C,), "float32")
-    xr_f = T.alloc_fragment((C,), "float32")
     """
     a += """
     terms_f = T.alloc_fragment((C, K), "float32")
     gq_f = T.alloc_fragment((C,), "float32")
     dgq_f = T.alloc_fragment((C,), "float32")
+    """
+    if not f.delta:
+        a += """
     dgk_f = T.alloc_fragment((C,), "float32")
     """
-    if f.key_gate:
-        a += """
+        if f.key_gate:
+            a += """
     gk_f = T.alloc_fragment((C,), "float32")
     """
     if f.l2 or f.read:
         a += """
     yq_f = T.alloc_fragment((C, K), "float32")
     """
-    if f.l2 or f.key_gate:
+    if (f.l2 or f.key_gate) and not f.delta:
         a += """
     yk_f = T.alloc_fragment((C, K), "float32")
     """
     if f.l2:
         a += """
     inv_norm_q_f = T.alloc_fragment((C,), "float32")
+    """ + ("" if f.delta else """
     inv_norm_k_f = T.alloc_fragment((C,), "float32")
+    """) + """
     dot_q_f = T.alloc_fragment((C,), "float32")
+    """ + ("" if f.delta else """
     dot_k_f = T.alloc_fragment((C,), "float32")
-    """
+    """)
     allocs = _ind(a, 0)
 
     pre = """
@@ -985,16 +1008,14 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     if f.delta:
         pre += """
     T.clear(dws_f)
-    T.clear(dL_f)
-    for i in T.Parallel(C):
-        dbv_s[i] = 0.0
     """
     pre_loop = _ind(pre, 0)
 
-    v = """
+    v = ("" if f.delta else """
     for i, e2 in T.Parallel(C, BV):
         v_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
         do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+    """) + """
     for a, e2 in T.Parallel(K, BV):
         S_m[a, e2] = T.cast(HS[ci, h, a, v0 + e2], dtype)
         dS_m[a, e2] = T.cast(DH[ci, h, a, v0 + e2], dtype)
@@ -1010,11 +1031,11 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     u_name = "v_m"
     if f.delta:
         u_name = "u_m"
-        # v_new (u_m), T beta v (U1_m) and du as stages states, wy and bwd_dh stored them
+        # v_new (u_m) and du as stages states and bwd_dh stored them
         v += """
     for i, e2 in T.Parallel(C, BV):
+        do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
         u_m[i, e2] = T.if_then_else(t0 + i < eos, VN[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
-        U1_m[i, e2] = T.if_then_else(t0 + i < eos, U[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
         du_m[i, e2] = T.if_then_else(t0 + i < eos, DU[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
     """
     else:
@@ -1033,30 +1054,13 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         if t0 + i < eos:
             DV[t0 + i, h, v0 + e2] = T.cast(du_f[i, e2], dtype)
     """
-    else:
-        # dw = -du S^T (accumulated as +du S^T), dvb = T^T du, dL part dvb U1^T, dbeta part sum_v dvb v.
-        # At chunk 64 and 256 threads, TileLang's ThreadSync pass warns that the guarded `dbv_s[i] += tvr_f[i]`
-        # (and `dbt_s` below) keeps a race: a false positive. After the reduction one thread of each row's
-        # replicas writes that row, and no two writers share a row (all 256 threads enumerated, session 11).
+    else:  # dw = -du S^T, accumulated as +du S^T (bwd_delta subtracts)
         v += """
     T.gemm(du_m, S_m, dws_f, transpose_B=True)
-    T.gemm(Tm_m, du_m, dvb_f, transpose_A=True, clear_accum=True)
-    T.copy(dvb_f, dvb_m)
-    T.gemm(dvb_m, U1_m, dL_f, transpose_B=True)
-    for i, e2 in T.Parallel(C, BV):
-        if t0 + i < eos:
-            DV[t0 + i, h, v0 + e2] = T.cast(bt_s[i] * dvb_f[i, e2], dtype)
-    for i, e2 in T.Parallel(C, BV):
-        tv_f[i, e2] = dvb_f[i, e2] * T.cast(v_m[i, e2], "float32")
-    T.reduce_sum(tv_f, tvr_f, dim=1)
-    for i in T.Parallel(C):
-        dbv_s[i] = dbv_s[i] + tvr_f[i]
     """
     vloop = _ind(v, 0)
 
-    # ---- after the V loop. The delta rule finishes the q side first, so that its [C, K] tiles (q', dq') are dead
-    # before the WY backward: TileLang reuses a dead buffer's shared memory, and at chunk 64 their 64 KB decide
-    # whether gdn's bwd_chunk fits a CTA. Without it dq and dk are finished together, sharing their loops. ----
+    # ---- after the V loop: the gradients of q' and k' through the intra-chunk attention and the states ----
     p = """
     for i, j in T.Parallel(C, C):
         dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
@@ -1072,10 +1076,170 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
                           f"(dkA_f[i, d] + {f.exp_rest('i')} * dke_f[i, d])", first=True)
     if f.delta:
         p += _input_gradients(f, ("q",))
-        # dkb = -T^T (du S^T), used while in registers (dkb_f holds -dkb); dL = -strict(dvb U1^T + dkb w^T) =
-        # strict((T^T dws) w^T - dL_acc)
-        p += f"""
-    T.copy(dws_f, dws_m)
+        if f.dg:
+            # b_C's terms at the last row of the sequence in the chunk: the rows past it are not stored, and the
+            # suffix sums bwd_delta takes carry it to every row before as from row C - 1 (b is constant past it)
+            p += _dg_chunk_end(f, "T.min(C - 1, eos - t0 - 1)")
+            db = "db_s[i, d]" if f.vector else "dbr_s[i]"
+            p += f"""
+    for i{", d" if f.vector else ""} in T.Parallel(C{", K" if f.vector else ""}):
+        if t0 + i < eos:
+            DBP[t0 + i, h{", d" if f.vector else ""}] = {db}
+    """
+        p += """
+    for i, d in T.Parallel(C, K):
+        if t0 + i < eos:
+            DKP[t0 + i, h, d] = dkp_s[i, d]
+            DW[t0 + i, h, d] = T.cast(dws_f[i, d], dtype)
+    """
+    else:
+        if f.dg:
+            p += _dg_chunk_end(f, "C - 1") + _dg_suffix_store(f)
+        p += _input_gradients(f, ("q", "k"))
+    post = _ind(p, 0)
+    delta_params = ('        VN: T.Tensor((NT, H, V), dtype),\n        DU: T.Tensor((NT, H, V), dtype),\n'
+                    if f.delta else "")
+    delta_doc = (", vn [NT, H, V] (v_new, stage states), du [NT, H, V] (the gradient of v_new, stage bwd_dh)"
+                 if f.delta else "")
+    if f.delta:
+        summary = ("The gradients of one chunk that read the states (chunk-parallel): dq, and what bwd_delta "
+                   "finishes dk and dg from.")
+        outputs = ["dq [NT, H, K] in dtype", "dkp [NT, H, K] fp32 (the gradient of k' but for the WY form's terms)",
+                   "dw [NT, H, K] in dtype (minus the gradient of w)"]
+        if f.dg:
+            outputs.append(f"dbp [NT, H{', K' if f.vector else ''}] fp32 (the log decay's gradient but for the WY "
+                           "form's terms, before its suffix sum)")
+        if f.read:
+            outputs.append("dgq [NT, H] fp32")
+        outputs_doc = ", ".join(outputs)
+    else:
+        summary = "Every input gradient of one chunk (chunk-parallel)."
+        outputs_doc = "dq, dk [NT, H, K], dv [NT, H, V] in dtype, dg [NT, H(, K)], dbeta, dgq, dgk [NT, H] fp32"
+    return {"grad_params": grad_params, "out_params": out_params, "allocs": allocs, "pre_loop": pre_loop,
+            "vloop": vloop, "post": post, "delta_params": delta_params, "delta_doc": delta_doc, "summary": summary,
+            "outputs_doc": outputs_doc}
+
+
+def _pair_terms_allocs(f: _Features) -> str:
+    """The scratch of _pair_terms."""
+    if f.vector:
+        return """
+    pr_m = T.alloc_shared((SB, C), dtype)
+    pc_m = T.alloc_shared((C, SB), dtype)
+    part_f = T.alloc_fragment((SB, K), "float32")
+    px_s = T.alloc_shared((C, K), "float32")
+    py_s = T.alloc_shared((C, K), "float32")
+    """
+    return """
+    P_m = T.alloc_shared((C, C), dtype)
+    """
+
+
+def _bwd_delta_pieces(f: _Features) -> dict:
+    """bwd_delta: the delta rule's backward through the WY form w = T (beta k' exp(b)), u = T (beta v) with T =
+    (I + strict(beta M))^-1, M = strict(decayed k' k'^T): dv, dbeta and the write gate's gradient, and dk and dg
+    finished from what bwd_chunk stored."""
+    gp = []
+    if f.dg:
+        gp.append(_dg_param(f, "DG"))
+    gp.append('DBETA: T.Tensor((NT, H), "float32")')
+    if f.gk:
+        gp.append('DGK: T.Tensor((NT, H), "float32")')
+    grad_params = "".join(f"        {p},\n" for p in gp)
+    a = """
+    v_m = T.alloc_shared((C, BV), dtype)
+    U1_m = T.alloc_shared((C, BV), dtype)
+    du_m = T.alloc_shared((C, BV), dtype)
+    dkp_s = T.alloc_shared((C, K), "float32")
+    dws_m = T.alloc_shared((C, K), dtype)
+    dvb_f = T.alloc_fragment((C, BV), "float32")
+    dvb_m = T.alloc_shared((C, BV), dtype)
+    dL_f = T.alloc_fragment((C, C), "float32")
+    X_f = T.alloc_fragment((C, C), "float32")
+    dL_s = T.alloc_shared((C, C), "float32")
+    dkb_f = T.alloc_fragment((C, K), "float32")
+    dkb_m = T.alloc_shared((C, K), dtype)
+    tv_f = T.alloc_fragment((C, BV), "float32")
+    tvr_f = T.alloc_fragment((C,), "float32")
+    dbv_s = T.alloc_shared((C,), "float32")
+    dbt_s = T.alloc_shared((C,), "float32")
+    Pd_f = T.alloc_fragment((C, K), "float32")
+    Pt_f = T.alloc_fragment((C, K), "float32")
+    rkr_f = T.alloc_fragment((C,), "float32")
+    xr_f = T.alloc_fragment((C,), "float32")
+    terms_f = T.alloc_fragment((C, K), "float32")
+    """ + _pair_terms_allocs(f)
+    if f.vector:
+        a += """
+    db_s = T.alloc_shared((C, K), "float32")
+    """
+    elif f.dg:
+        a += """
+    dbr_f = T.alloc_fragment((C,), "float32")
+    dbr_s = T.alloc_shared((C,), "float32")
+    """
+    if f.gk:
+        a += """
+    dgk_f = T.alloc_fragment((C,), "float32")
+    """
+    if f.key_gate:
+        a += """
+    gk_f = T.alloc_fragment((C,), "float32")
+    """
+    if f.l2 or f.key_gate:
+        a += """
+    yk_f = T.alloc_fragment((C, K), "float32")
+    """
+    if f.l2:
+        a += """
+    inv_norm_k_f = T.alloc_fragment((C,), "float32")
+    dot_k_f = T.alloc_fragment((C,), "float32")
+    """
+    # k', M and the WY form as stage wy stored it; then bwd_chunk's parts
+    pre = """
+    for i, d in T.Parallel(C, K):
+        dkp_s[i, d] = T.if_then_else(t0 + i < eos, DKP[t0 + i, h, d], 0.0)
+        dws_m[i, d] = T.if_then_else(t0 + i < eos, DW[t0 + i, h, d], T.cast(0.0, dtype))
+    """
+    if f.vector:
+        pre += """
+    for i, d in T.Parallel(C, K):
+        db_s[i, d] = T.if_then_else(t0 + i < eos, DBP[t0 + i, h, d], 0.0)
+    """
+    elif f.dg:
+        pre += """
+    for i in T.Parallel(C):
+        dbr_s[i] = T.if_then_else(t0 + i < eos, DBP[t0 + i, h], 0.0)
+    """
+    pre += """
+    T.clear(dL_f)
+    for i in T.Parallel(C):
+        dbv_s[i] = 0.0
+    """
+    # dvb = T^T du, dv = beta dvb, dL part dvb U1^T, dbeta part sum_v dvb v. At chunk 64 and 256 threads,
+    # TileLang's ThreadSync pass warns that the guarded `dbv_s[i] += tvr_f[i]` (and `dbt_s` below) keeps a race:
+    # a false positive. After the reduction one thread of each row's replicas writes that row, and no two writers
+    # share a row (all 256 threads enumerated, session 11).
+    v = """
+    for i, e2 in T.Parallel(C, BV):
+        v_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+        U1_m[i, e2] = T.if_then_else(t0 + i < eos, U[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+        du_m[i, e2] = T.if_then_else(t0 + i < eos, DU[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
+    T.gemm(Tm_m, du_m, dvb_f, transpose_A=True, clear_accum=True)
+    T.copy(dvb_f, dvb_m)
+    T.gemm(dvb_m, U1_m, dL_f, transpose_B=True)
+    for i, e2 in T.Parallel(C, BV):
+        if t0 + i < eos:
+            DV[t0 + i, h, v0 + e2] = T.cast(bt_s[i] * dvb_f[i, e2], dtype)
+    for i, e2 in T.Parallel(C, BV):
+        tv_f[i, e2] = dvb_f[i, e2] * T.cast(v_m[i, e2], "float32")
+    T.reduce_sum(tv_f, tvr_f, dim=1)
+    for i in T.Parallel(C):
+        dbv_s[i] = dbv_s[i] + tvr_f[i]
+    """
+    # dkb = -T^T (du S^T), used while in registers (dkb_f holds -dkb); dL = -strict(dvb U1^T + dkb w^T) =
+    # strict((T^T dws) w^T - dL_acc)
+    p = f"""
     T.gemm(Tm_m, dws_m, dkb_f, transpose_A=True, clear_accum=True)
     T.copy(dkb_f, dkb_m)
     for i, d in T.Parallel(C, K):
@@ -1086,9 +1250,9 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     for i, d in T.Parallel(C, K):
         dkp_s[i, d] = dkp_s[i, d] - bt_s[i] * {f.exp_b("i")} * dkb_f[i, d]
     """
-        if f.dg:
-            p += _db_terms(f, f"-bt_s[i] * kp_s[i, d] * {f.exp_b('i')} * dkb_f[i, d]")
-        p += """
+    if f.dg:
+        p += _db_terms(f, f"-bt_s[i] * kp_s[i, d] * {f.exp_b('i')} * dkb_f[i, d]")
+    p += """
     T.gemm(dkb_m, w_m, X_f, transpose_B=True, clear_accum=True)
     for i, j in T.Parallel(C, C):
         dL_s[i, j] = T.if_then_else(j < i, X_f[i, j] - dL_f[i, j], 0.0)
@@ -1100,24 +1264,25 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     for i, j in T.Parallel(C, C):
         dL_s[i, j] = dL_s[i, j] * bt_s[i]
     """
-        p += _pair_terms(f, "dL_s", "kp_s", "kp_s", "Pd_f", "Pt_f", strict=True)
-        p += """
+    p += _pair_terms(f, "dL_s", "kp_s", "kp_s", "Pd_f", "Pt_f", strict=True)
+    p += """
     for i, d in T.Parallel(C, K):
         dkp_s[i, d] = dkp_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
     """
-        if f.dg:
-            p += _db_terms(f, "kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])")
     if f.dg:
-        p += _dg_store(f)
-    p += _input_gradients(f, ("k",) if f.delta else ("q", "k"))
-    post = _ind(p, 0)
-    delta_params = ('        W: T.Tensor((NT, H, K), dtype),\n        TM: T.Tensor((NC, H, C, C), dtype),\n'
-                    '        U: T.Tensor((NT, H, V), dtype),\n        VN: T.Tensor((NT, H, V), dtype),\n'
-                    '        DU: T.Tensor((NT, H, V), dtype),\n' if f.delta else "")
-    delta_doc = (", w [NT, H, K], tm [NC, H, C, C] and u [NT, H, V] (stage wy), vn [NT, H, V] (v_new, stage states),"
-                 " du [NT, H, V] (the gradient of v_new, stage bwd_dh)" if f.delta else "")
-    return {"grad_params": grad_params, "allocs": allocs, "pre_loop": pre_loop, "vloop": vloop, "post": post,
-            "delta_params": delta_params, "delta_doc": delta_doc}
+        p += _db_terms(f, "kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])") + _dg_suffix_store(f)
+    p += _input_gradients(f, ("k",))
+    grads = ([f"dg [NT, H{', K' if f.vector else ''}]"] if f.dg else []) + ["dbeta [NT, H]"] + (
+        ["dgk [NT, H]"] if f.gk else [])
+    shared_allocs = (_prep_allocs(f, q=False) + _cast_qk_allocs(f, q=False) + _wy_allocs(f, solve=False)
+                     + _subblock_allocs(f))
+    loaded = _prep(f, q=False) + _cast_qk(f, q=False) + _wy_gram(f) + _wy_loaded()
+    return {"grad_params": grad_params, "allocs": shared_allocs + _ind(a, 0), "prep": loaded + _ind(pre, 0),
+            "vloop": _ind(v, 0), "post": _ind(p, 0),
+            "dbp_param": f"        {_dg_param(f, 'DBP')},\n" if f.dg else "",
+            "dbp_doc": f", dbp [NT, H{', K' if f.vector else ''}] fp32" if f.dg else "",
+            "gate_doc": "" if not f.gk else ", with the write gate's gradient",
+            "grads_doc": ", ".join(grads)}
 
 
 def _db_terms(f: _Features, expr: str, first: bool = False) -> str:
@@ -1140,20 +1305,16 @@ def _db_terms(f: _Features, expr: str, first: bool = False) -> str:
     """
 
 
-def _dg_store(f: _Features) -> str:
-    """The terms of b_C (through the state decay exp(b_C) and ke = k' exp(b_C - b)), then dg: the reverse
-    cumulative sum of db over the chunk's rows, since b is the cumulative sum of g."""
+def _dg_chunk_end(f: _Features, row: str) -> str:
+    """The terms of b_C (through the state decay exp(b_C) and ke = k' exp(b_C - b)), added to db at `row` (an
+    expression): C - 1, or the sequence's last row in the chunk, past which b is constant and nothing is added."""
     if f.vector:
         return f"""
     for i, d in T.Parallel(C, K):
         terms_f[i, d] = kp_s[i, d] * {f.exp_rest("i")} * dke_f[i, d]
     T.reduce_sum(terms_f, bl_f, dim=0)
     for d in T.Parallel(K):
-        db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1, d])
-    """ + _column_scan("db_s", reverse=True) + """
-    for i, d in T.Parallel(C, K):
-        if t0 + i < eos:
-            DG[t0 + i, h, d] = db_s[i, d]
+        db_s[{row}, d] = db_s[{row}, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1, d])
     """
     # b_C's total, summed over rows and channels, is the first entry of the suffix sums of its row sums
     return f"""
@@ -1164,7 +1325,19 @@ def _dg_store(f: _Features) -> str:
     T.copy(dbr_f, dbl_s)
     T.cumsum(dbl_s, dim=0, reverse=True)
     for i in T.Parallel(C):
-        dbr_s[i] = dbr_s[i] + T.if_then_else(i == C - 1, dbl_s[0], 0.0)
+        dbr_s[i] = dbr_s[i] + T.if_then_else(i == {row}, dbl_s[0], 0.0)
+    """
+
+
+def _dg_suffix_store(f: _Features) -> str:
+    """dg: the reverse cumulative sum of db over the chunk's rows, since b is the cumulative sum of g."""
+    if f.vector:
+        return _column_scan("db_s", reverse=True) + """
+    for i, d in T.Parallel(C, K):
+        if t0 + i < eos:
+            DG[t0 + i, h, d] = db_s[i, d]
+    """
+    return """
     T.cumsum(dbr_s, dim=0, reverse=True)
     for i in T.Parallel(C):
         if t0 + i < eos:
@@ -1356,7 +1529,8 @@ def phase_kernels(spec: Spec) -> dict[str, tuple[str, ...]]:
     f = _Features(spec)
     first = ("wy",) if f.delta else ("prep",) if f.vector else ()
     return {"fwd": (*first, "states", "output"),
-            "bwd": (*first, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk")}
+            "bwd": (*first, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk",
+                    *(("bwd_delta",) if f.delta else ()))}
 
 
 def generate(spec: Spec) -> dict[str, str]:
@@ -1450,16 +1624,23 @@ def generate(spec: Spec) -> dict[str, str]:
     pieces = _bwd_chunk_pieces(f)
     # du = A^T dO + ke dS: the delta rule reads it as bwd_dh stored it; an additive write computes it per V-block
     du_operands = "" if f.delta else "ke_m = T.alloc_shared((C, K), dtype)\n" + _attention_allocs(f)
-    chunk_allocs = (du_operands + _cast_qk_allocs(f) + (_wy_allocs(f, solve=False) if f.delta else "")
-                    + _subblock_allocs(f))
-    chunk_common = _cast_qk(f) + (_wy_gram(f) + _wy_loaded() if f.delta else _ke(f) + _attention(f))
+    chunk_allocs = du_operands + _cast_qk_allocs(f) + _subblock_allocs(f)
+    chunk_common = _cast_qk(f) + ("" if f.delta else _ke(f) + _attention(f))
     factories.append(BWD_CHUNK.format(
-        stage="bwd_chunk", prep_allocs=at(_prep_allocs(f), 12), chunk_allocs=at(chunk_allocs, 12),
-        prep=at(_prep(f), 12),
-        common=at(chunk_common, 12), grad_params=pieces["grad_params"], allocs=at(pieces["allocs"], 12),
-        delta_params=pieces["delta_params"], delta_doc=pieces["delta_doc"],
+        stage="bwd_chunk", prep_allocs=at(_prep_allocs(f, beta=False), 12), chunk_allocs=at(chunk_allocs, 12),
+        prep=at(_prep(f, beta=False), 12),
+        common=at(chunk_common, 12), grad_params=pieces["grad_params"], out_params=pieces["out_params"],
+        allocs=at(pieces["allocs"], 12), delta_params=pieces["delta_params"], delta_doc=pieces["delta_doc"],
+        summary=pieces["summary"], outputs_doc=pieces["outputs_doc"],
         pre_loop=at(pieces["pre_loop"], 12), vloop=at(pieces["vloop"], 16), post=at(pieces["post"], 12),
         **with_states))
+    if f.delta:
+        wy_pieces = _bwd_delta_pieces(f)
+        factories.append(BWD_DELTA.format(
+            stage="bwd_delta", allocs=at(wy_pieces["allocs"], 12), prep=at(wy_pieces["prep"], 12),
+            vloop=at(wy_pieces["vloop"], 16), post=at(wy_pieces["post"], 12),
+            **{key: wy_pieces[key] for key in ("grad_params", "dbp_param", "dbp_doc", "gate_doc", "grads_doc")},
+            **common))
     phases = phase_kernels(spec)
     block_constants = ("# Rows of the sub-blocks of a vector decay's C x C products (generator._decayed_products).\n"
                        "SUB_BLOCK = 16\n" if f.vector else "")
@@ -1477,7 +1658,7 @@ FEATURES = {{"decay": {rec.decay.value!r}, "write": {rec.write.value!r}, "gates"
             "feature_map_k": {rec.feature_map_k.value!r}, "qk_l2_norm": {rec.qk_l2_norm!r}}}
 # The inputs every kernel takes after q, k, v, in this order (the host runtime passes them by these names).
 INPUTS = {tuple(_input_names(f))!r}
-# dg / dbeta / dgq / dgk outputs of bwd_chunk, in order.
+# dg / dbeta / dgq / dgk outputs{', in order: dgq of bwd_chunk, the others of bwd_delta' if f.delta else ' of bwd_chunk, in order'}.
 GRAD_OUTPUTS = {tuple(n for n, on in (("dg", f.has_b and f.decay is not Decay.CONSTANT), ("dbeta", f.delta),
                                         ("dgq", f.read), ("dgk", f.gk)) if on)!r}
 EPS = {L2_NORM_EPS!r}

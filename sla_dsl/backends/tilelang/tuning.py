@@ -4,14 +4,14 @@ Each kernel factory takes a chunk size, a V-block (block_v: the grid's split of 
 the inner loop's block in the chunk-parallel ones), its thread count and the software pipelining depth of its
 main loop (num_stages; 0 leaves the loop unpipelined). A generated module lists the kernels of each phase in
 the order they run (`PHASES`): fwd runs [wy|prep,] states, output; bwd runs [wy|prep,] states, [dv_local,]
-bwd_dh, bwd_chunk (wy and dv_local: delta rule only; prep: a vector decay without it). The stages of a phase
-exchange per-chunk tensors, so a phase has one chunk size.
+bwd_dh, bwd_chunk[, bwd_delta] (wy, dv_local and bwd_delta: delta rule only; prep: a vector decay without it).
+The stages of a phase exchange per-chunk tensors, so a phase has one chunk size.
 
 Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
-stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (bwd_dh and bwd_chunk keep theirs),
-so that one flat override can name settings of both phases; bwd_chunk's also "bwd_chunk_min_blocks"
-(MIN_BLOCKS). Constraints: the kernels' K and V are the head dims rounded up to powers of two from 16
-(tensor-core tiles; `padded`); block_v divides that V. A setting with more threads than its gemm tiles can
+stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (BACKWARD_KERNELS keep theirs),
+so that one flat override can name settings of both phases; bwd_chunk's and bwd_delta's also
+"<stage>_min_blocks" (MIN_BLOCKS). Constraints: the kernels' K and V are the head dims rounded up to powers of
+two from 16 (tensor-core tiles; `padded`); block_v divides that V. A setting with more threads than its gemm tiles can
 split among is rejected before it compiles (`check_threads`), one whose compiled kernel needs more shared
 memory than a CTA may have (or than min_blocks CTAs may share on an SM) before it launches
 (`check_shared_memory`); one that needs more registers than the GPU has fails to compile or launch, and the
@@ -49,21 +49,26 @@ SEQUENTIAL_NUM_STAGES = (0, 1)
 UNBLOCKED_KERNELS = ("prep",)
 STAGE_PARAMS = ("block_v", "threads", "num_stages")
 # The CTAs per SM a kernel's registers must allow (its factory's min_blocks: __launch_bounds__' second
-# argument). Only bwd_chunk takes it: the offline report (`offline`, 2026-11-24) found it the one stage held to one
-# CTA per SM, by registers (gdn: 236 per thread at 256 threads, where ptxas fits it in 128 with 20 bytes
-# spilled), so each CTA's chain of dependent loads and small gemms ran with nothing to overlap it. 2 is offered
-# only where the compiled kernel's shared memory fits twice on an SM (check_shared_memory).
+# argument). Only bwd_chunk and bwd_delta (the delta rule's WY backward, split from it) take it: the offline
+# report (`offline`, 2026-11-24) found bwd_chunk the one stage held to one CTA per SM, by registers (gdn: 236 per
+# thread at 256 threads, where ptxas fits it in 128 with 20 bytes spilled), so each CTA's chain of dependent
+# loads and small gemms ran with nothing to overlap it. 2 is offered only where the compiled kernel's shared
+# memory fits twice on an SM (check_shared_memory).
 MIN_BLOCKS = (1, 2)
 OCCUPANCY_PARAM = "min_blocks"
 
 
+# the kernels only the backward runs, whose names say so: their stage names are theirs
+BACKWARD_KERNELS = ("bwd_dh", "bwd_chunk", "bwd_delta")
+
+
 def stage_name(phase: str, kernel: str) -> str:
-    return kernel if phase == "fwd" or kernel.startswith("bwd_") else f"bwd_{kernel}"
+    return kernel if phase == "fwd" or kernel in BACKWARD_KERNELS else f"bwd_{kernel}"
 
 
 def stage_kernel(stage: str) -> str:
     """The kernel factory a stage runs (the inverse of stage_name)."""
-    return stage if stage in ("bwd_dh", "bwd_chunk") else stage.removeprefix("bwd_")
+    return stage if stage in BACKWARD_KERNELS else stage.removeprefix("bwd_")
 
 
 def phase_stages(module, phase: str) -> tuple[str, ...]:
