@@ -133,16 +133,16 @@ SHIPPED_TABLES = sorted(table.REPO_ROOT.joinpath("autotune").glob("*/*/*.json"))
 
 @pytest.mark.parametrize("path", SHIPPED_TABLES, ids=[str(p.relative_to(table.REPO_ROOT)) for p in SHIPPED_TABLES])
 def test_every_shipped_table_was_tuned_for_the_kernels_generated_now(path):
-    """A template change stales the tables tuned for the old kernels: call-time lookups then ignore them with a
-    warning. Re-sweep on that GPU, or delete the table, in the same change."""
+    """A template change stales the tables tuned for the old kernels: call-time lookups then ignore them (the
+    phases whose code changed) with a warning. Re-sweep on that GPU, or delete the table, in the same change. An
+    edit of the generated files' documentation alone leaves them valid (table.code_only)."""
     data = table.read_table(path)
     assert data is not None, f"{path}: unreadable"
     spec = {s.name: s for s in seed_specs()}[data["spec"]]
     assert (path.parent.name, path.stem) == (data["backend"], spec.name)
-    assert data["source_sha256"] == table.source_hash(spec, data["backend"]), (
+    assert table.valid_phases(data, spec, data["backend"]) == table.PHASES, (
         f"{path} was tuned for other generated kernels: re-tune with `{table.tune_command(spec, data['backend'])}` "
         f"on that GPU, or delete it")
-    assert data["phase_source_sha256"] == table.phase_source_hashes(spec, data["backend"])
 
 
 def test_stale_entries_are_superseded_when_the_source_changes_until_retuned(tables, gla):
@@ -229,6 +229,14 @@ def test_a_stage_added_to_one_phase_leaves_the_other_phase_hash():
     relisted = {name: text.replace(repr(kernels), repr(reordered)) for name, text in files.items()}
     after = table.phase_digests(relisted, reordered)
     assert after["fwd"] != before["fwd"] and after["bwd"] == before["bwd"]
+
+
+def test_code_only_is_the_source_text_without_its_documentation():
+    """A table's phase hash must come out the same under every Python version that writes or reads it, so the code
+    it digests is text: a dump of the syntax tree changes form between versions (3.12's differs from 3.11's)."""
+    text = ('r"""Module doc."""\nimport x  # why\n\n\ndef f(a):\n    """Doc\n    more."""\n    # a note\n'
+            '    return a + "#not a comment"  \n')
+    assert table.code_only(text) == 'import x\ndef f(a):\n    return a + "#not a comment"'
 
 
 @pytest.mark.parametrize("backend", ["triton", "tilelang"])

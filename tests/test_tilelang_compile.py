@@ -150,18 +150,19 @@ def test_shared_memory_of_the_compiled_layout_decides():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_min_blocks_bounds_the_registers_and_needs_the_shared_memory_of_as_many_ctas():
     """bwd_chunk's min_blocks is __launch_bounds__' second argument: at 2, ptxas keeps gdn's bwd_chunk (chunk 32,
-    256 threads) within half an SM's registers (236 per thread without the bound). At block_v 64 its layout
-    (122752 bytes) does not fit twice in an SM's shared memory, so 2 is refused there; at block_v 32 it does."""
+    block_v 32, 256 threads) within half an SM's registers. At chunk 64 (block_v 64) its layout (over 115 KB) does
+    not fit twice in an SM's shared memory, so 2 is refused there; at chunk 32 it does. bwd_delta takes it too."""
     from sla_dsl.autotune import ConfigRejected, Shape
     from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, offline, tuning
 
     kernels = TileLangKernels(next(s for s in SPECS if s.name == "gdn"))
     shape = Shape(2, 4096, 4, 128, 128, "bfloat16")
     assert {config["bwd_chunk_min_blocks"] for config in kernels.tuning_space(shape, "bwd")} == {1, 2}
-    assert "wy_min_blocks" not in kernels.default_config(shape, "fwd")  # only bwd_chunk takes it
+    assert {config["bwd_delta_min_blocks"] for config in kernels.tuning_space(shape, "bwd")} == {1, 2}
+    assert "wy_min_blocks" not in kernels.default_config(shape, "fwd")  # only bwd_chunk and bwd_delta take it
     assert kernels.default_config(shape, "bwd")["bwd_chunk_min_blocks"] == 1
-    for block_v, fits in ((64, False), (32, True)):
-        config = {"chunk": 32, "bwd_chunk_block_v": block_v, "bwd_chunk_threads": 256, "bwd_chunk_num_stages": 0,
+    for chunk, block_v, fits in ((64, 64, False), (32, 32, True)):
+        config = {"chunk": chunk, "bwd_chunk_block_v": block_v, "bwd_chunk_threads": 256, "bwd_chunk_num_stages": 0,
                   "bwd_chunk_min_blocks": 2}
         source = compile_kernel(kernels.module, "bwd_chunk", HEADS, 128, 128, "bfloat16",
                                 tuning.kernel_params(config, "bwd_chunk"), target=SM90_TARGET).get_kernel_source()

@@ -27,12 +27,14 @@ import ast
 import contextlib
 import datetime
 import hashlib
+import io
 import json
 import os
 import re
 import subprocess
 import tempfile
 import threading
+import tokenize
 import warnings
 from pathlib import Path
 
@@ -130,16 +132,21 @@ def with_one_phase_listed(text: str, phase: str, own: tuple[str, ...]) -> str:
 
 
 def code_only(text: str) -> str:
-    """Python source `text` as its syntax tree, without docstrings: what it computes, whatever its comments,
-    docstrings and layout say (a generated file's documentation can change and leave its tuning valid)."""
-    tree = ast.parse(text)
-    for node in ast.walk(tree):
+    """Python source `text` without comments, docstrings, trailing spaces or blank lines: what it computes, whatever
+    its documentation says (a generated file's can change and leave its tuning valid). Text, not a dump of the
+    syntax tree, whose form changes between Python versions: a table written on one must stay valid on another."""
+    docstrings = set()
+    for node in ast.walk(ast.parse(text)):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)
+            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    comment_at = {token.start[0]: token.start[1] for token in tokenize.generate_tokens(io.StringIO(text).readline)
+                  if token.type == tokenize.COMMENT}
+    kept = (line[:comment_at.get(number, len(line))].rstrip()
+            for number, line in enumerate(text.splitlines(), 1) if number not in docstrings)
+    return "\n".join(line for line in kept if line)
 
 
 def phase_digests(files: dict[str, str], kernels: dict[str, tuple[str, ...]]) -> dict[str, str]:
