@@ -103,16 +103,13 @@ def source_digest(files: dict[str, str]) -> str:
 
 
 def without_functions(text: str, names: set[str]) -> str:
-    """Python source `text` without its top-level functions named in `names` (decorators and the blank lines
-    before them included, so that dropping the last functions of a file leaves what dropping one would)."""
+    """Python source `text` without its top-level functions named in `names` (decorators included)."""
     lines = text.splitlines(keepends=True)
     dropped = set()
     for node in ast.parse(text).body:
         if isinstance(node, ast.FunctionDef) and node.name in names:
-            first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
-            while first > 0 and not lines[first - 1].strip():
-                first -= 1
-            dropped.update(range(first, node.end_lineno))
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            dropped.update(range(first - 1, node.end_lineno))
     return "".join(line for number, line in enumerate(lines) if number not in dropped)
 
 
