@@ -202,21 +202,24 @@ def compiled_shared_memory_bytes(kernel_source: str, module, stage: str, config:
     return max(ends, default=0)
 
 
-def shared_memory_limit() -> int:
-    """Bytes of shared memory a CTA may opt into on this machine's GPU (sm_90's when there is none)."""
+def _gpu_property(name: str, sm90_value: int) -> int:
+    """Property `name` of this machine's GPU (torch's device properties), or sm_90's value where there is no GPU
+    or torch does not report it."""
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return int(getattr(properties, "shared_memory_per_block_optin", SM90_SHARED_MEMORY_BYTES))
-    return SM90_SHARED_MEMORY_BYTES
+        return int(getattr(properties, name, sm90_value))
+    return sm90_value
+
+
+def shared_memory_limit() -> int:
+    """Bytes of shared memory a CTA may opt into on this machine's GPU (sm_90's when there is none)."""
+    return _gpu_property("shared_memory_per_block_optin", SM90_SHARED_MEMORY_BYTES)
 
 
 def shared_memory_per_sm() -> int:
     """Bytes of shared memory an SM of this machine's GPU holds for its resident CTAs (sm_90's when there is
     none)."""
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return int(getattr(properties, "shared_memory_per_multiprocessor", SM90_SHARED_MEMORY_PER_SM))
-    return SM90_SHARED_MEMORY_PER_SM
+    return _gpu_property("shared_memory_per_multiprocessor", SM90_SHARED_MEMORY_PER_SM)
 
 
 _FRAGMENT_ALLOC = re.compile(r'^ *(\w+) = T\.alloc_fragment\(\(([^)]*)\), "float32"\)', re.M)
