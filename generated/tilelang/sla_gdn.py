@@ -257,9 +257,12 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     b_s[i] = T.if_then_else(t0 + i < eos, g_s[i], 0.0)
                 T.cumsum(b_s, dim=0)
                 T.copy(KE[t0:t0 + C, h, :], ke_m)
-                for a, e2 in T.Parallel(K, BV):
-                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
                 T.copy(S, S_m)
+                if state_dt == dtype:
+                    T.copy(S_m, HS[CO[n] + c, h, :, v0:v0 + BV])
+                else:
+                    for a, e2 in T.Parallel(K, BV):
+                        HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
                 T.copy(W[t0:t0 + C, h, :], w_m)
                 T.copy(U[t0:t0 + C, h, v0:v0 + BV], us_m)
                 compensated_gemm(w_m, S_m, WS_f, tf32_C_K, tf32_K_BV, clear_accum=True)
@@ -542,12 +545,15 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 T.cumsum(b_s, dim=0)
                 T.copy(QE[t0:t0 + C, h, :], qe_m)
                 T.copy(KE[t0:t0 + C, h, :], ke_m)
-                for a, e2 in T.Parallel(K, BV):
-                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
+                T.copy(dS, dS_m)
+                if state_dt == dtype:
+                    T.copy(dS_m, DH[CO[n] + c, h, :, v0:v0 + BV])
+                else:
+                    for a, e2 in T.Parallel(K, BV):
+                        DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
                 T.copy(DO[t0:t0 + C, h, v0:v0 + BV], dor_m)
                 for i, e2 in T.Parallel(C, BV):
                     do_m[i, e2] = T.if_then_else(t0 + i < eos, T.cast(dor_m[i, e2], dtype), T.cast(0.0, dtype))
-                T.copy(dS, dS_m)
                 T.copy(DVL[t0:t0 + C, h, v0:v0 + BV], dvl_s)
                 T.copy(dvl_s, du_f)
                 compensated_gemm(ke_m, dS_m, du_f, tf32_C_K, tf32_K_BV)

@@ -105,6 +105,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             gk_s = T.alloc_shared((C,), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kr = T.alloc_fragment((C,), "float32")
+            S_m = T.alloc_shared((K, BV), state_dt)
             ke_m = T.alloc_shared((C, K), dtype)
             S = T.alloc_fragment((K, BV), "float32")
             u_m = T.alloc_shared((C, BV), dtype)
@@ -125,8 +126,8 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     kr[i] = T.if_then_else(t0 + i < eos, gk_s[i], 0.0)
                 for i, d in T.Parallel(C, K):
                     ke_m[i, d] = T.cast(kx[i, d] * kr[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
-                for a, e2 in T.Parallel(K, BV):
-                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
+                T.copy(S, S_m)
+                T.copy(S_m, HS[CO[n] + c, h, :, v0:v0 + BV])
                 T.copy(VV[t0:t0 + C, h, v0:v0 + BV], u_m)
                 for a, e2 in T.Parallel(K, BV):
                     S[a, e2] = S[a, e2] * T.exp(b_s[C - 1])
@@ -264,6 +265,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
+            dS_m = T.alloc_shared((K, BV), state_dt)
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
@@ -283,8 +285,8 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     qr[i] = T.if_then_else(t0 + i < eos, gq_s[i] * SC[0], 0.0)
                 for i, d in T.Parallel(C, K):
                     qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
-                for a, e2 in T.Parallel(K, BV):
-                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
+                T.copy(dS, dS_m)
+                T.copy(dS_m, DH[CO[n] + c, h, :, v0:v0 + BV])
                 T.copy(DO[t0:t0 + C, h, v0:v0 + BV], do_m)
                 for a, e2 in T.Parallel(K, BV):
                     dS[a, e2] = dS[a, e2] * T.exp(b_s[C - 1])

@@ -589,6 +589,33 @@ def _masked(dst: str, value: str) -> str:
     """, 0)
 
 
+def _store_state(f: _Features, frag: str, copy: str, dst: str) -> str:
+    """The sequential stages' store of the state (or state gradient) fragment `frag` [K, BV] entering chunk c
+    to `dst`: through the shared buffer `copy`, then as whole rows of the V-block, where a fragment's layout
+    would store a few bytes per thread at a time. This made the states and bwd_dh stages of gdn and retnet 12 to
+    16% faster on the H100 (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session18/). A vector decay keeps the
+    fragment store: through shared memory, gla's states stage was slower at chunk 32 (0.452 -> 0.548 ms at
+    block_v 64) and its bwd_dh no faster. `copy` is the delta rule's gemm operand (in dtype, which float16's
+    float32 states cannot go through), else a buffer of the state's own dtype (`_state_copy_alloc`)."""
+    fragment_store = _ind(f"""
+    for a, e2 in T.Parallel(K, BV):
+        {dst}[CO[n] + c, h, a, v0 + e2] = T.cast({frag}[a, e2], state_dt)
+    """, 0)
+    if f.vector:  # the delta rule's gemm still reads the copy
+        return (f"T.copy({frag}, {copy})\n" if f.delta else "") + fragment_store
+    rows_store = f"T.copy({copy}, {dst}[CO[n] + c, h, :, v0:v0 + BV])\n"
+    if not f.delta:
+        return f"T.copy({frag}, {copy})\n" + rows_store
+    return f"T.copy({frag}, {copy})\nif state_dt == dtype:\n" + _ind(rows_store, 4) + "else:\n" + _ind(
+        fragment_store, 4)
+
+
+def _state_copy_alloc(f: _Features, copy: str) -> str:
+    """The shared buffer of `_store_state` where the stage has none of its own (the delta rule's is a gemm
+    operand)."""
+    return "" if f.vector or f.delta else f"{copy} = T.alloc_shared((K, BV), state_dt)\n"
+
+
 # ---- kernel templates. Each is one stage; the host (`sla_dsl.backends.tilelang`) runs them in order:
 #      forward:  [wy|prep] -> states -> output
 #      backward: [wy|prep] -> states -> [dv_local] -> bwd_dh -> bwd_chunk [-> bwd_delta]
@@ -689,9 +716,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 S[a, e2] = H0[n, h, a, v0 + e2]
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
-{prep}{ke}                for a, e2 in T.Parallel(K, BV):
-                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
-{u}{state_decay}                T.gemm(ke_m, u_m, S, transpose_A=True)
+{prep}{ke}{store_hs}{u}{state_decay}                T.gemm(ke_m, u_m, S, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
 
@@ -709,7 +734,7 @@ def _states_u(f: _Features) -> dict:
         # 2026-11-23-session10/ab-5.log.)
         u = _copy_rows("VV", "u_m", "BV") if not f.vector else _load_rows("VV", "u_m")
         return {"u": u, "delta_params": "", "delta_allocs": "", "delta_inputs": "", "delta_outputs": ""}
-    u = "T.copy(S, S_m)\n" + _copy_rows("W", "w_m", "K") + _copy_rows("U", "us_m", "BV") + _ind("""
+    u = _copy_rows("W", "w_m", "K") + _copy_rows("U", "us_m", "BV") + _ind("""
     T.gemm(w_m, S_m, WS_f, clear_accum=True)
     """, 0) + _masked("u_m", 'T.cast(us_m[i, e2], "float32") - WS_f[i, e2]') + _ind("""
     for i, e2 in T.Parallel(C, BV):
@@ -798,9 +823,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for cc in T.Pipelined(nchunks, num_stages=num_stages):
                 c = nchunks - 1 - cc
                 t0 = bos + c * C
-{prep}{qe}                for a, e2 in T.Parallel(K, BV):
-                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
-{load_do}{du}{state_decay}                T.gemm(qe_m, do_m, dS, transpose_A=True)
+{prep}{qe}{store_dh}{load_do}{du}{state_decay}                T.gemm(qe_m, do_m, dS, transpose_A=True)
 {dw}            for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]
 
@@ -823,7 +846,7 @@ def _bwd_dh_pieces(f: _Features) -> dict:
     # du = A^T dO + ke dS_end (A^T dO from dv_local);  dS_in = gC dS_end + qe^T dO - w^T du, added as
     # w^T (-du) so that w is read as stored (a plain copy). du is also stored for bwd_chunk, which would
     # otherwise recompute it per V-block with two more gemms and the chunk's C x C attention.
-    du = "T.copy(dS, dS_m)\n" + _copy_rows("DVL", "dvl_s", "BV") + _ind("""
+    du = _copy_rows("DVL", "dvl_s", "BV") + _ind("""
     T.copy(dvl_s, du_f)
     T.gemm(ke_m, dS_m, du_f)
     for i, e2 in T.Parallel(C, BV):
@@ -1578,10 +1601,10 @@ def generate(spec: Spec) -> dict[str, str]:
     factories.append(STATES.format(
         stage="states",
         allocs=at(_prep_allocs(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector, staged=True)
-                  + st["delta_allocs"], 12),
+                  + st["delta_allocs"] + _state_copy_alloc(f, "S_m"), 12),
         prep=at(_prep(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector, staged=True), 16),
         ke=at(_ke(f, _scaled(f, "k")) if k_prep else _copy_rows("KE", "ke_m", "K"), 16),
-        u=at(st["u"], 16),
+        store_hs=at(_store_state(f, "S", "S_m", "HS"), 16), u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=states_params,
         delta_inputs=states_inputs, delta_outputs=st["delta_outputs"], **with_states))
     qk = dict(allocs=at(_prep_allocs(f, beta=False, shared=shared) + _cast_qk_allocs(f) + _subblock_allocs(f), 12),
@@ -1616,8 +1639,10 @@ def generate(spec: Spec) -> dict[str, str]:
         load_do=at(_copy_rows("DO", "do_m", "BV") if q_prep
                    else _copy_rows("DO", "dor_m", "BV") + _masked("do_m", "dor_m[i, e2]") if f.delta
                    else _load_rows("DO", "do_m"), 16),
-        du=at(dh["du"], 16), dw=at(dh["dw"], 16), state_decay=at(_state_decay(f, "dS"), 16),
-        delta_allocs=at(dh["delta_allocs"] + ("dor_m = T.alloc_shared((C, BV), dtype)\n" if f.delta else ""), 12),
+        store_dh=at(_store_state(f, "dS", "dS_m", "DH"), 16), du=at(dh["du"], 16), dw=at(dh["dw"], 16),
+        state_decay=at(_state_decay(f, "dS"), 16),
+        delta_allocs=at(dh["delta_allocs"] + ("dor_m = T.alloc_shared((C, BV), dtype)\n" if f.delta else "")
+                        + _state_copy_alloc(f, "dS_m"), 12),
         delta_params=dh_params, delta_doc=dh["delta_doc"],
         delta_inputs=dh_inputs, delta_outputs=dh["delta_outputs"], delta_out_params=dh["delta_out_params"],
         **with_states))

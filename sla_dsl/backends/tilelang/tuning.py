@@ -128,17 +128,18 @@ def tuning_space(module, shape, phase: str) -> Space:
                  order=_search_order(module, names), linked=linked)
 
 
-_SHARED_ALLOC = re.compile(r'(\w+) = T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype)\)(' + re.escape(FP32_ONLY) + ')?')
+_SHARED_ALLOC = re.compile(r'(\w+) = T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype|state_dt)\)('
+                           + re.escape(FP32_ONLY) + ')?')
 # where the compiled CUDA places a shared buffer in the kernel's one dynamic allocation
 _SHARED_OFFSET = re.compile(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\)")
 
 
 @functools.cache
-def _shared_buffers(module, kernel: str) -> tuple[tuple[str, tuple[str, ...], bool, bool], ...]:
-    """(name, dimension names, is float32, exists only for float32 inputs) of every T.alloc_shared in the
-    source of a generated kernel factory."""
+def _shared_buffers(module, kernel: str) -> tuple[tuple[str, tuple[str, ...], str, bool], ...]:
+    """(name, dimension names, element type as written: '"float32"', 'dtype' or 'state_dt', exists only for
+    float32 inputs) of every T.alloc_shared in the source of a generated kernel factory."""
     source = inspect.getsource(getattr(module, kernel))
-    return tuple((name, tuple(d.strip() for d in dims.split(",") if d.strip()), kind == '"float32"', bool(fp32_only))
+    return tuple((name, tuple(d.strip() for d in dims.split(",") if d.strip()), kind, bool(fp32_only))
                  for name, dims, kind, fp32_only in _SHARED_ALLOC.findall(source))
 
 
@@ -155,10 +156,11 @@ def _buffer_bytes(module, stage: str, config: dict, shape) -> dict[str, int]:
     sizes = _sizes(module, stage, config, shape)
     fp32_inputs = shape.dtype == "float32"
     out = {}
-    for name, dims, is_float32, fp32_only in _shared_buffers(module, stage_kernel(stage)):
+    element = {'"float32"': "float32", "dtype": shape.dtype, "state_dt": module.state_dtype(shape.dtype)}
+    for name, dims, kind, fp32_only in _shared_buffers(module, stage_kernel(stage)):
         if fp32_only and not fp32_inputs:
             continue
-        count = 4 if is_float32 or fp32_inputs else 2
+        count = 4 if element[kind] == "float32" else 2
         for dim in dims:
             count *= sizes[dim]
         out[name] = count
