@@ -168,6 +168,8 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             v0 = iv * BV
             bos = CU[n]
             eos = CU[n + 1]
+            S_m = T.alloc_shared((K, BV), state_dt)
+            gc_s = T.alloc_shared((K,), "float32")
             ke_m = T.alloc_shared((C, K), dtype)
             S = T.alloc_fragment((K, BV), "float32")
             u_m = T.alloc_shared((C, BV), dtype)
@@ -178,13 +180,14 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 S[a, e2] = H0[n, h, a, v0 + e2]
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
+                T.copy(GC[CO[n] + c, h, :], gc_s)
                 T.copy(KE[t0:t0 + C, h, :], ke_m)
-                for a, e2 in T.Parallel(K, BV):
-                    HS[CO[n] + c, h, a, v0 + e2] = T.cast(S[a, e2], state_dt)
+                T.copy(S, S_m)
+                T.copy(S_m, HS[CO[n] + c, h, :, v0:v0 + BV])
                 for i, e2 in T.Parallel(C, BV):
                     u_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
-                    S[a, e2] = S[a, e2] * GC[CO[n] + c, h, a]
+                    S[a, e2] = S[a, e2] * gc_s[a]
                 compensated_gemm(ke_m, u_m, S, tf32_C_K, tf32_C_BV, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 HT[n, h, a, v0 + e2] = S[a, e2]
@@ -339,6 +342,8 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
+            dS_m = T.alloc_shared((K, BV), state_dt)
+            gc_s = T.alloc_shared((K,), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
@@ -348,13 +353,14 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for cc in T.Pipelined(nchunks, num_stages=num_stages):
                 c = nchunks - 1 - cc
                 t0 = bos + c * C
+                T.copy(GC[CO[n] + c, h, :], gc_s)
                 T.copy(QE[t0:t0 + C, h, :], qe_m)
-                for a, e2 in T.Parallel(K, BV):
-                    DH[CO[n] + c, h, a, v0 + e2] = T.cast(dS[a, e2], state_dt)
+                T.copy(dS, dS_m)
+                T.copy(dS_m, DH[CO[n] + c, h, :, v0:v0 + BV])
                 for i, e2 in T.Parallel(C, BV):
                     do_m[i, e2] = T.if_then_else(t0 + i < eos, DO[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
                 for a, e2 in T.Parallel(K, BV):
-                    dS[a, e2] = dS[a, e2] * GC[CO[n] + c, h, a]
+                    dS[a, e2] = dS[a, e2] * gc_s[a]
                 compensated_gemm(qe_m, do_m, dS, tf32_C_K, tf32_C_BV, transpose_A=True)
             for a, e2 in T.Parallel(K, BV):
                 DH0[n, h, a, v0 + e2] = dS[a, e2]

@@ -551,8 +551,8 @@ def _state_decay(f: _Features, target: str) -> str:
     if not f.has_b:
         return ""
     # a vector decay's exp(b_C) comes from a chunk-parallel stage (gc), so that the sequential stages do no
-    # column scan of the chunk's decays
-    e = "GC[CO[n] + c, h, a]" if f.vector else "T.exp(b_s[C - 1])"
+    # column scan of the chunk's decays; _load_chunk_decay reads it into gc_s
+    e = "gc_s[a]" if f.vector else "T.exp(b_s[C - 1])"
     return _ind(f"""
     for a, e2 in T.Parallel(K, BV):
         {target}[a, e2] = {target}[a, e2] * {e}
@@ -592,28 +592,34 @@ def _masked(dst: str, value: str) -> str:
 def _store_state(f: _Features, frag: str, copy: str, dst: str) -> str:
     """The sequential stages' store of the state (or state gradient) fragment `frag` [K, BV] entering chunk c
     to `dst`: through the shared buffer `copy`, then as whole rows of the V-block, where a fragment's layout
-    would store a few bytes per thread at a time. This made the states and bwd_dh stages of gdn and retnet 12 to
-    16% faster on the H100 (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session18/). A vector decay keeps the
-    fragment store: through shared memory, gla's states stage was slower at chunk 32 (0.452 -> 0.548 ms at
-    block_v 64) and its bwd_dh no faster. `copy` is the delta rule's gemm operand (in dtype, which float16's
-    float32 states cannot go through), else a buffer of the state's own dtype (`_state_copy_alloc`)."""
+    would store a few bytes per thread at a time. On the H100 this made the states and bwd_dh stages of gdn and
+    retnet 12 to 16% faster, and gla's 16% (states, with its chunk decay read through shared memory too,
+    `_load_chunk_decay`) and 7% (bwd_dh) (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session18/). `copy` is
+    the delta rule's gemm operand (in dtype, which float16's float32 states cannot go through: they keep the
+    fragment store), else a buffer of the state's own dtype (`_state_copy_alloc`)."""
+    rows_store = f"T.copy({copy}, {dst}[CO[n] + c, h, :, v0:v0 + BV])\n"
+    if not f.delta:
+        return f"T.copy({frag}, {copy})\n" + rows_store
     fragment_store = _ind(f"""
     for a, e2 in T.Parallel(K, BV):
         {dst}[CO[n] + c, h, a, v0 + e2] = T.cast({frag}[a, e2], state_dt)
     """, 0)
-    if f.vector:  # the delta rule's gemm still reads the copy
-        return (f"T.copy({frag}, {copy})\n" if f.delta else "") + fragment_store
-    rows_store = f"T.copy({copy}, {dst}[CO[n] + c, h, :, v0:v0 + BV])\n"
-    if not f.delta:
-        return f"T.copy({frag}, {copy})\n" + rows_store
     return f"T.copy({frag}, {copy})\nif state_dt == dtype:\n" + _ind(rows_store, 4) + "else:\n" + _ind(
         fragment_store, 4)
 
 
 def _state_copy_alloc(f: _Features, copy: str) -> str:
-    """The shared buffer of `_store_state` where the stage has none of its own (the delta rule's is a gemm
-    operand)."""
-    return "" if f.vector or f.delta else f"{copy} = T.alloc_shared((K, BV), state_dt)\n"
+    """The shared buffers of `_store_state` and `_load_chunk_decay` that the stage does not have already (the
+    delta rule's state copy is a gemm operand)."""
+    return (("" if f.delta else f"{copy} = T.alloc_shared((K, BV), state_dt)\n")
+            + ('gc_s = T.alloc_shared((K,), "float32")\n' if f.vector else ""))
+
+
+def _load_chunk_decay(f: _Features) -> str:
+    """A vector decay's exp(b_C) of chunk c (stage wy's or prep's gc) into shared memory, first in the
+    sequential stages' loop body: a T.copy, which their pipelined loop issues a chunk ahead, where reading gc
+    in the decay's element-wise product waited for a global load on the critical path."""
+    return "T.copy(GC[CO[n] + c, h, :], gc_s)\n" if f.vector else ""
 
 
 # ---- kernel templates. Each is one stage; the host (`sla_dsl.backends.tilelang`) runs them in order:
@@ -1602,7 +1608,8 @@ def generate(spec: Spec) -> dict[str, str]:
         stage="states",
         allocs=at(_prep_allocs(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector, staged=True)
                   + st["delta_allocs"] + _state_copy_alloc(f, "S_m"), 12),
-        prep=at(_prep(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector, staged=True), 16),
+        prep=at(_load_chunk_decay(f)
+                + _prep(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector, staged=True), 16),
         ke=at(_ke(f, _scaled(f, "k")) if k_prep else _copy_rows("KE", "ke_m", "K"), 16),
         store_hs=at(_store_state(f, "S", "S_m", "HS"), 16), u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=states_params,
@@ -1629,7 +1636,8 @@ def generate(spec: Spec) -> dict[str, str]:
         stage="bwd_dh",
         allocs=at(_prep_allocs(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector, staged=True),
                   12),
-        prep=at(_prep(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector, staged=True), 16),
+        prep=at(_load_chunk_decay(f)
+                + _prep(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector, staged=True), 16),
         qe=at(_qe(f, _scaled(f, "q")) if q_prep else _copy_rows("QE", "qe_m", "K")
               + (_copy_rows("KE", "ke_m", "K") if f.delta else ""), 16),
         # qe^T dO needs the rows past eos zero in one operand: qe is where this stage computes it. Where qe is
