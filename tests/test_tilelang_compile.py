@@ -147,6 +147,20 @@ def test_shared_memory_of_the_compiled_layout_decides():
                         assert tuning.shared_memory_bytes(kernels.module, stage, config, shape) <= limit
 
 
+def test_shared_buffers_in_the_state_dtype_count_its_width():
+    """The sequential stages' state copies are allocated in state_dt: float32 for float16 inputs (whose states are
+    stored in float32), the input dtype otherwise. The shared-memory bound counts their bytes by it."""
+    from sla_dsl.autotune import Shape
+    from sla_dsl.backends.tilelang import TileLangKernels, tuning
+
+    kernels = TileLangKernels(next(s for s in SPECS if s.name == "retnet"))
+    config = {"chunk": 64, "states_block_v": 32, "states_threads": 128, "states_num_stages": 1}
+    for dtype, width in (("bfloat16", 2), ("float16", 4), ("float32", 4)):
+        sizes = tuning._buffer_bytes(kernels.module, "states", config, Shape(2, 4096, 4, 128, 128, dtype))
+        assert sizes["S_m"] == 128 * 32 * width, dtype
+        assert sizes["ke_m"] == 64 * 128 * (4 if dtype == "float32" else 2), dtype
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_min_blocks_bounds_the_registers_and_needs_the_shared_memory_of_as_many_ctas():
     """bwd_chunk's min_blocks is __launch_bounds__' second argument: at 2, ptxas keeps gdn's bwd_chunk (chunk 32,
