@@ -6,10 +6,11 @@ source hash changed), and timings from two processes or two device calls differ 
     # here: snapshot the base's generated kernels and tuned tables (the GPU machine's .git may be older)
     python scripts/ab_generated.py prepare REV DIR [--backend tilelang|triton]
     # on the GPU, from the repository root:
-    python scripts/ab_generated.py run DIR SPEC [SPEC ...] [--shape 4x8192x16x128] [--set KEY=VALUE ...]
+    python scripts/ab_generated.py run DIR SPEC [SPEC ...] [--shape 4x8192x16x128] [--set KEY=VALUE ...] [--kernels N]
 
 --set overrides a key of the new kernels' config (e.g. states_num_stages=1), for a setting the base's space did
-not have; it applies to both phases that have the key. Where the base's table for this GPU has no entry with
+not have; it applies to both phases that have the key. --kernels N also prints each side's N slowest kernels per
+phase: which stages a template change moved. Where the base's table for this GPU has no entry with
 the shape's K, V and dtype, each side runs its own defaults: the printout says which.
 """
 
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 from sla_dsl.codegen import SEED_SPECS_DIR, seed_specs
+from sla_dsl.kernel_profile import format_rows, kernel_times
 
 REPO = Path(__file__).resolve().parent.parent
 # each backend's host side (allocations, launch order, kernel arguments): a change may move work between stages
@@ -105,7 +107,7 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def run(base_dir: Path, spec_names: list[str], shape_text: str, sets: dict) -> None:
+def run(base_dir: Path, spec_names: list[str], shape_text: str, sets: dict, kernels_top: int = 0) -> None:
     import torch
     import triton
 
@@ -156,6 +158,9 @@ def run(base_dir: Path, spec_names: list[str], shape_text: str, sets: dict) -> N
             where = "base's tuned config" if tuned else "defaults: no base table entry for this GPU and shape"
             print(f"{spec.name:12s} {side:4s}: fwd {fwd_ms:.3f} ms  bwd {bwd_ms:.3f} ms  fwd+bwd {fwd_ms + bwd_ms:.3f} ms"
                   f"  [{where}]", flush=True)
+            if kernels_top:
+                for phase, call in (("fwd", forward), ("bwd", backward)):
+                    print(f"  {phase} per kernel:\n{format_rows(kernel_times(call), kernels_top)}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -171,11 +176,13 @@ def main(argv=None) -> None:
     r.add_argument("specs", nargs="+", help="seed spec names")
     r.add_argument("--shape", default="4x8192x16x128")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="also print each side's N slowest kernels per phase (torch profiler)")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.rev, args.dir, args.backend)
     else:
-        run(args.dir, args.specs, args.shape, _parse_sets(args.set))
+        run(args.dir, args.specs, args.shape, _parse_sets(args.set), args.kernels)
 
 
 if __name__ == "__main__":

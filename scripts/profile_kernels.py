@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import sla_dsl
 from sla_dsl.autotune.precompile import compile_ahead
 from sla_dsl.autotune.runner import resolve_specs
 from sla_dsl.autotune.shapes import parse_shapes
+from sla_dsl.kernel_profile import format_rows, kernel_times
 from sla_dsl.workloads import fla_equivalent, realistic_inputs
 
 REPEATS = 5
@@ -34,20 +34,19 @@ def profile_one(spec, backend: str, shape, dtype: torch.dtype) -> None:
     inputs = realistic_inputs(spec.recurrence, shape.B, shape.T, shape.H, shape.K, shape.V,
                               dtype=dtype, device="cuda", requires_grad=True)
     grad = torch.randn(shape.B, shape.T, shape.H, shape.V, device="cuda", dtype=dtype)
-    for _ in range(3):  # compile, autotune (fla) and warm up
+
+    def step():
         forward(**inputs).backward(grad)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPEATS):
-            forward(**inputs).backward(grad)
-        torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in events if e.device_time_total > 0 and e.count) / REPEATS / 1e3
+        for leaf in inputs.values():  # no accumulation kernels in the profile
+            leaf.grad = None
+
+    for _ in range(2):  # compile, autotune (fla) and warm up; kernel_times adds one more
+        step()
+    rows = kernel_times(step, REPEATS)
     # a line of its own: progress bars before it end in a carriage return, not a newline
     print(f"\n{spec.name} {backend} {shape.B}x{shape.T}x{shape.H}x{shape.K} {dtype}: "
-          f"CUDA time per forward+backward (mean of {REPEATS}), kernels sum {total:.3f} ms")
-    for event in events[:14]:
-        print(f"  {event.device_time_total / REPEATS / 1e3:8.3f} ms  {event.count // REPEATS:3d}x  {event.key[:100]}")
+          f"CUDA time per forward+backward (mean of {REPEATS}), kernels sum {sum(r.ms for r in rows):.3f} ms")
+    print(format_rows(rows, 14))
 
 
 def main(specs: str, backends: str, shape_text: str = "4x8192x16x128", dtype: str = "bfloat16") -> None:
