@@ -335,7 +335,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             P_m = T.alloc_shared((C, C), dtype)
             du_f = T.alloc_fragment((C, BV), "float32")
             terms_f = T.alloc_fragment((C, K), "float32")
-            gq_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
@@ -397,13 +396,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + dkA_f[i, d]
-            for i in T.Parallel(C):
-                gq_f[i] = SC[0]
-            for i, d in T.Parallel(C, K):
-                dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
-                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * 1.0, dtype)
-                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * 1.0, dtype)
+                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * SC[0], dtype)
+                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d], dtype)
 
     return retnet_bwd_chunk

@@ -652,7 +652,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             du_m = T.alloc_shared((C, BV), dtype)
             dws_f = T.alloc_fragment((C, K), "float32")
             terms_f = T.alloc_fragment((C, K), "float32")
-            gq_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             yq_f = T.alloc_fragment((C, K), "float32")
             inv_norm_q_f = T.alloc_fragment((C,), "float32")
@@ -743,8 +742,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 inv_norm_q_f[i] = T.rsqrt(inv_norm_q_f[i] + EPS)
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = yq_f[i, d] * inv_norm_q_f[i]
-            for i in T.Parallel(C):
-                gq_f[i] = gq_s[i] * SC[0]
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
             T.reduce_sum(terms_f, dgq_f, dim=1)
@@ -752,15 +749,13 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 if t0 + i < eos:
                     DGQ[t0 + i, h] = dgq_f[i]
             for i, d in T.Parallel(C, K):
-                dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
-            for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dqp_s[i, d] * yq_f[i, d]
             T.reduce_sum(terms_f, dot_q_f, dim=1)
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = inv_norm_q_f[i] * (dqp_s[i, d] - yq_f[i, d] * dot_q_f[i])
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
-                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)
+                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * gq_s[i] * SC[0] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(Q[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[t0 + i, h, d], 'float32'))))))), dtype)
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + T.if_then_else(
                     i == C - 1, dgc_s[d] * T.exp(b_s[C - 1]), 0.0)
@@ -860,7 +855,6 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             dbr_f = T.alloc_fragment((C,), "float32")
             dbr_s = T.alloc_shared((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
-            gk_f = T.alloc_fragment((C,), "float32")
             yk_f = T.alloc_fragment((C, K), "float32")
             inv_norm_k_f = T.alloc_fragment((C,), "float32")
             dot_k_f = T.alloc_fragment((C,), "float32")
@@ -970,8 +964,6 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 inv_norm_k_f[i] = T.rsqrt(inv_norm_k_f[i] + EPS)
             for i, d in T.Parallel(C, K):
                 yk_f[i, d] = yk_f[i, d] * inv_norm_k_f[i]
-            for i in T.Parallel(C):
-                gk_f[i] = gk_s[i]
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
             T.reduce_sum(terms_f, dgk_f, dim=1)
@@ -982,14 +974,12 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 if t0 + i < eos:
                     DBETA[t0 + i, h] = dbt_s[i]
             for i, d in T.Parallel(C, K):
-                dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
-            for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
             T.reduce_sum(terms_f, dot_k_f, dim=1)
             for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = inv_norm_k_f[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
-                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
+                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * gk_s[i] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
 
     return sla_gdn_bwd_delta

@@ -363,10 +363,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             P_m = T.alloc_shared((C, C), dtype)
             du_f = T.alloc_fragment((C, BV), "float32")
             terms_f = T.alloc_fragment((C, K), "float32")
-            gq_f = T.alloc_fragment((C,), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
-            gk_f = T.alloc_fragment((C,), "float32")
             yq_f = T.alloc_fragment((C, K), "float32")
             yk_f = T.alloc_fragment((C, K), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
@@ -437,10 +435,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 yq_f[i, d] = T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')
             for i, d in T.Parallel(C, K):
                 yk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
-            for i in T.Parallel(C):
-                gq_f[i] = gq_s[i] * SC[0]
-            for i in T.Parallel(C):
-                gk_f[i] = gk_s[i]
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
             T.reduce_sum(terms_f, dgq_f, dim=1)
@@ -454,12 +448,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 if t0 + i < eos:
                     DGK[t0 + i, h] = dgk_f[i]
             for i, d in T.Parallel(C, K):
-                dqp_s[i, d] = dqp_s[i, d] * gq_f[i]
-            for i, d in T.Parallel(C, K):
-                dkp_s[i, d] = dkp_s[i, d] * gk_f[i]
-            for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
-                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * 1.0, dtype)
-                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * 1.0, dtype)
+                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * gq_s[i] * SC[0], dtype)
+                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * gk_s[i], dtype)
 
     return sla_retnet_bwd_chunk
