@@ -1380,7 +1380,7 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     The L2 step is linear in dy and the gate and scale are one number per row, so both multiply in at the final
     store, from shared memory. Scaled in place in dqp_s / dkp_s through a [C] fragment, the rows went to one
     thread each: a quarter of the threads, each row's reads on one bank (bwd_chunk at 4x8192 on the H100: retnet
-    0.924 -> 0.810 ms, sla_retnet 1.243 -> 1.024, sla_gla 5.318 -> 4.441)."""
+    0.924 -> 0.810 ms, sla_retnet 1.243 -> 1.024, sla_gla 5.318 -> 4.441); `loop_layouts` finds such loops."""
     # per side: the input tensor, its feature map, its output tensor and whether a gate scales it
     names = {"q": ("Q", f.fq, "DQ", f.read), "k": ("KK", f.fk, "DK", f.key_gate)}
 
