@@ -396,7 +396,9 @@ def add_arguments(parser) -> None:
                         help="leave out the tasks whose bucket and phase this GPU's table already holds for the "
                              "kernels generated now: after a template change, re-tune what it changed")
     parser.add_argument("--budget-seconds", type=float, default=480.0,
-                        help="wall-time budget for the sweep, shared out over all tasks (default 480)")
+                        help="wall-time budget for the search, shared out over all tasks (default 480). Each "
+                             "task's default and table seeds are compiled and timed even past it, so a sweep of "
+                             "many tasks with cold compiles runs longer (13 TileLang tasks: 528 s for 400)")
     parser.add_argument("--out-dir", default=None, help="table root (default: autotune/ or $SLA_DSL_AUTOTUNE_DIR)")
     parser.add_argument("--tolerance-scale", type=float, default=1.0,
                         help="multiply the reference-check tolerances of sla_dsl.testing (default 1)")
