@@ -341,7 +341,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             qp_s = T.alloc_shared((C, K), "float32")
             gk_s = T.alloc_shared((C,), "float32")
             kx = T.alloc_fragment((C, K), "float32")
-            kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
             ke_m = T.alloc_shared((C, K), dtype)
             A_f = T.alloc_fragment((C, C), "float32")
@@ -365,8 +364,6 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             terms_f = T.alloc_fragment((C, K), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
-            yq_f = T.alloc_fragment((C, K), "float32")
-            yk_f = T.alloc_fragment((C, K), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
@@ -383,21 +380,19 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for i, d in T.Parallel(C, K):
                 qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(Q[t0 + i, h, d], "float32"), 0.0)
             for i in T.Parallel(C):
-                qr[i] = T.if_then_else(t0 + i < eos, gq_s[i] * SC[0], 0.0)
+                qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
             for i, d in T.Parallel(C, K):
                 qp_s[i, d] = qx[i, d] * qr[i]
             for i, d in T.Parallel(C, K):
                 kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
-            for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, gk_s[i], 0.0)
             for i, d in T.Parallel(C, K):
-                kp_s[i, d] = kx[i, d] * kr[i]
+                kp_s[i, d] = kx[i, d]
             for i, d in T.Parallel(C, K):
-                km_m[i, d] = T.cast(kp_s[i, d], dtype)
+                km_m[i, d] = T.cast(kp_s[i, d] * gk_s[i], dtype)
             for i, d in T.Parallel(C, K):
-                qm_m[i, d] = T.cast(qp_s[i, d], dtype)
+                qm_m[i, d] = T.cast(qp_s[i, d] * gq_s[i], dtype)
             for i, d in T.Parallel(C, K):
-                ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
+                ke_m[i, d] = T.cast(kp_s[i, d] * gk_s[i] * T.exp(b_s[C - 1] - b_s[i]), dtype)
             compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
@@ -432,17 +427,13 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 dqp_s[i, d] = T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + dkA_f[i, d]
             for i, d in T.Parallel(C, K):
-                yq_f[i, d] = T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')
-            for i, d in T.Parallel(C, K):
-                yk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
-            for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+                terms_f[i, d] = dqp_s[i, d] * qp_s[i, d]
             T.reduce_sum(terms_f, dgq_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGQ[t0 + i, h] = dgq_f[i]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+                terms_f[i, d] = dkp_s[i, d] * kp_s[i, d]
             T.reduce_sum(terms_f, dgk_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:

@@ -33,6 +33,7 @@ b_j) for j > i and drop it in a select, and a vector decay's clamp it at 0.
 
 from __future__ import annotations
 
+import functools
 import re
 import textwrap
 
@@ -174,36 +175,56 @@ def _row_gate(f: _Features, side: str) -> str | None:
     return "GQ" if side == "q" and f.read else "GK" if side == "k" and f.key_gate else None
 
 
-def _gate_scale(f: _Features, side: str) -> str:
+def _gate_kept_out(f: _Features, side: str) -> bool:
+    """Whether bwd_chunk's shared copy of q' (k') holds it without its gate, which every reader of that copy
+    multiplies in (`_copy_row`): then the gate's gradient reduces dq' against the copy on chip. With the gate in
+    the copy, it reloaded q and k from global memory for that (sla_retnet's bwd_chunk on the H100 at 4x8192:
+    1.028 -> 0.934 ms without the reload, 2026-11-24-session19). Not under the L2 norm, whose backward rebuilds y
+    and its norm in a [C, K] fragment either way. Not under a vector decay: its sub-block products read the
+    copies many times over, and multiplying the gate in at each read made sla_gla's bwd_chunk slower than the
+    reload (4.925 -> 5.126 ms)."""
+    return _row_gate(f, side) is not None and not f.l2 and not f.vector
+
+
+def _gate_scale(f: _Features, side: str, gate: bool = True) -> str:
     """The gate and scale of q' = phi(x) * gate * scale (k' = phi(x) * gate) at row i; "1.0" when nothing scales
-    the side. The gates as _prep loaded them (g{side}_s)."""
-    factors = [f"g{side}_s[i]"] if _row_gate(f, side) else []
+    the side. The gates as _prep loaded them (g{side}_s); `gate` False leaves the gate out."""
+    factors = [f"g{side}_s[i]"] if gate and _row_gate(f, side) else []
     if side == "q":
         factors.append("SC[0]")
     return " * ".join(factors) or "1.0"
 
 
-def _row_factor(f: _Features, side: str) -> str:
+def _row_factor(f: _Features, side: str, gate: bool = True) -> str:
     """What scales each row of phi(x) into q' or k': the L2 norm's 1/||phi(x)||, then _gate_scale; "1.0" when
     nothing does."""
     factors = [f"T.rsqrt({side}n[i] + EPS)"] if f.l2 else []
-    if _gate_scale(f, side) != "1.0":
-        factors.append(_gate_scale(f, side))
+    if _gate_scale(f, side, gate) != "1.0":
+        factors.append(_gate_scale(f, side, gate))
     return " * ".join(factors) or "1.0"
 
 
-def _scaled(f: _Features, side: str) -> str:
+def _scaled(f: _Features, side: str, gate: bool = True) -> str:
     """q' or k' at [i, d] from the registers _prep leaves (before or instead of its shared copy)."""
-    return f"{side}x[i, d]" if _row_factor(f, side) == "1.0" else f"{side}x[i, d] * {side}r[i]"
+    factor = _row_factor(f, side, gate)
+    return f"{side}x[i, d]" if factor == "1.0" else f"{side}x[i, d] * {side}r[i]"
 
 
-def _qk_value(f: _Features, side: str, shared: bool) -> str:
-    """q' or k' at [i, d]: its shared fp32 copy, or _scaled's registers (`shared` as passed to _prep)."""
-    return f"{side}p_s[i, d]" if shared else _scaled(f, side)
+def _copy_row(f: _Features, side: str, row: str = "i", ungated: bool = False) -> str:
+    """q' (k') at [row, d] from its shared fp32 copy; `ungated`: bwd_chunk's copy, to which the gate is applied
+    here where _gate_kept_out."""
+    value = f"{side}p_s[{row}, d]"
+    return f"{value} * g{side}_s[{row}]" if ungated and _gate_kept_out(f, side) else value
+
+
+def _qk_value(f: _Features, side: str, shared: bool, ungated: bool = False) -> str:
+    """q' or k' at [i, d]: its shared fp32 copy (`ungated` as in _copy_row), or _scaled's registers (`shared` as
+    passed to _prep)."""
+    return _copy_row(f, side, ungated=ungated) if shared else _scaled(f, side)
 
 
 def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True,
-                 decay: bool = True, staged: bool = False) -> str:
+                 decay: bool = True, staged: bool = False, ungated: bool = False) -> str:
     """The buffers of `_prep` for what it computes (q', k', beta', b)."""
     lines = []
     if f.has_b and decay:
@@ -220,7 +241,7 @@ def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True
         lines.append(f'{side}x = T.alloc_fragment((C, K), "float32")')
         if f.l2:
             lines.append(f'{side}n = T.alloc_fragment((C,), "float32")')
-        if _row_factor(f, side) != "1.0":
+        if _row_factor(f, side, gate=not (ungated and _gate_kept_out(f, side))) != "1.0":
             lines.append(f'{side}r = T.alloc_fragment((C,), "float32")')
         if shared:
             lines.append(f'{side}p_s = T.alloc_shared((C, K), "float32")')
@@ -250,14 +271,15 @@ def _column_scan(buf: str, reverse: bool) -> str:
 
 
 def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True,
-          decay: bool = True, staged: bool = False) -> str:
+          decay: bool = True, staged: bool = False, ungated: bool = False) -> str:
     """For the chunk at t0, each where asked for: the in-chunk cumulative log decay b (`decay`), phi(x) and its
     row factors in registers (`_scaled` reads q' and k' from them), q' and k' in shared fp32 (`shared`), and
     beta'. Rows past the sequence's end are zero. `staged` (the sequential stages): the inputs are read by
     T.copy's into shared memory first, which their pipelined loop issues a chunk ahead (_copy_rows). Otherwise
     the per-row inputs (g, the gates, beta) are loaded first, in one loop: loaded where first used, after
     q's and k's feature maps and norms, each was a global load the CTA waited for. On the H100 the kernels that
-    read the SLA gates so took 14-29% longer than gdn's (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session14)."""
+    read the SLA gates so took 14-29% longer than gdn's (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session14).
+    `ungated` (bwd_chunk): the shared copies leave the gate out where _gate_kept_out."""
     s = ""
     rows = []  # (shared [C] buffer, value of row i) loaded first
     if decay and f.decay is Decay.SCALAR:
@@ -318,7 +340,8 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         sq[i, d] = {side}x[i, d] * {side}x[i, d]
     T.reduce_sum(sq, {side}n, dim=1)
     """
-        factor = _row_factor(f, side)
+        gate = not (ungated and _gate_kept_out(f, side))
+        factor = _row_factor(f, side, gate)
         if factor != "1.0":
             s += f"""
     for i in T.Parallel(C):
@@ -327,7 +350,7 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         if shared:
             s += f"""
     for i, d in T.Parallel(C, K):
-        {side}p_s[i, d] = {_scaled(f, side)}
+        {side}p_s[i, d] = {_scaled(f, side, gate)}
     """
     return _ind(s, 0)
 
@@ -370,18 +393,19 @@ def _store_qe(f: _Features, q: str) -> str:
     return _store_rows("QE", f"{q} * {f.exp_b('i')}")
 
 
-def _cast_qk(f: _Features, q: bool = True, shared: bool = True) -> str:
-    """q' and k' in dtype (operands of the C x C gemms of a scalar or constant decay); `shared` as in _qk_value."""
+def _cast_qk(f: _Features, q: bool = True, shared: bool = True, ungated: bool = False) -> str:
+    """q' and k' in dtype (operands of the C x C gemms of a scalar or constant decay); `shared` and `ungated` as
+    in _qk_value."""
     if f.vector:
         return ""
     s = f"""
     for i, d in T.Parallel(C, K):
-        km_m[i, d] = T.cast({_qk_value(f, "k", shared)}, dtype)
+        km_m[i, d] = T.cast({_qk_value(f, "k", shared, ungated)}, dtype)
     """
     if q:
         s += f"""
     for i, d in T.Parallel(C, K):
-        qm_m[i, d] = T.cast({_qk_value(f, "q", shared)}, dtype)
+        qm_m[i, d] = T.cast({_qk_value(f, "q", shared, ungated)}, dtype)
     """
     return _ind(s, 0)
 
@@ -396,9 +420,9 @@ def _cast_qk_allocs(f: _Features, q: bool = True) -> str:
     """ if q else ""), 0)
 
 
-def _decayed_products(X: str, Y: str, out: str, strict: bool) -> str:
+def _decayed_products(X, Y, out: str, strict: bool) -> str:
     """Vector decay: out[i, j] = sum_d X_id Y_jd exp(b_id - b_jd) for j <= i (j < i if strict), else 0, into
-    the shared fp32 C x C buffer `out`. Below the diagonal sub-blocks (SB rows) it runs on tensor cores: for
+    the shared fp32 C x C buffer `out`; X and Y give a row's value at [row, d] (_copy_row). Below the diagonal sub-blocks (SB rows) it runs on tensor cores: for
     rows in sub-block r the decay splits at the row before it, exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j),
     both exponents <= 0. The diagonal sub-blocks take the exact elementwise form (SB x SB x K per sub-block
     instead of C x C x K per chunk): one column jj of every diagonal sub-block at a time, as the row sums of a
@@ -410,10 +434,10 @@ def _decayed_products(X: str, Y: str, out: str, strict: bool) -> str:
     for r in T.serial(C // SB):
         for i, d in T.Parallel(SB, K):
             xg_m[i, d] = T.cast(
-                {X}[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+                {X("r * SB + i")} * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
         for j, d in T.Parallel(C, K):
             cg_m[j, d] = T.cast(T.if_then_else(
-                j < r * SB, {Y}[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                j < r * SB, {Y("j")} * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
         T.gemm(xg_m, cg_m, rows_f, transpose_B=True, clear_accum=True)
         for i, j in T.Parallel(SB, C):
             {out}[r * SB + i, j] = rows_f[i, j]
@@ -421,7 +445,7 @@ def _decayed_products(X: str, Y: str, out: str, strict: bool) -> str:
         for i, d in T.Parallel(C, K):
             diag_terms_f[i, d] = T.if_then_else(
                 {mask},
-                {X}[i, d] * {Y}[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+                {X("i")} * {Y("i - i % SB + jj")} * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
         T.reduce_sum(diag_terms_f, diag_column_f, dim=1)
         for i in T.Parallel(C):
             {out}[i, i - i % SB + jj] = diag_column_f[i]
@@ -441,10 +465,12 @@ def _subblock_allocs(f: _Features) -> str:
     """, 0)
 
 
-def _attention(f: _Features) -> str:
-    """A[i, j] = sum_d q'_id k'_jd exp(b_i - b_j) for j <= i, else 0, into A_m (dtype)."""
+def _attention(f: _Features, ungated: bool = False) -> str:
+    """A[i, j] = sum_d q'_id k'_jd exp(b_i - b_j) for j <= i, else 0, into A_m (dtype); `ungated` as in
+    _copy_row (a scalar or constant decay reads q' and k' as _cast_qk cast them)."""
     if f.vector:
-        return _ind(_decayed_products("qp_s", "kp_s", "A_s", strict=False) + """
+        rows = {side: functools.partial(_copy_row, f, side, ungated=ungated) for side in "qk"}
+        return _ind(_decayed_products(rows["q"], rows["k"], "A_s", strict=False) + """
     T.copy(A_s, A_m)
     """, 0)
     return _ind(f"""
@@ -466,7 +492,8 @@ def _attention_allocs(f: _Features) -> str:
 def _wy_gram(f: _Features) -> str:
     """M = strict(decayed k' k'^T) into M_s, the matrix the delta rule's triangular solve inverts I + beta M of."""
     if f.vector:
-        return _ind(_decayed_products("kp_s", "kp_s", "M_s", strict=True), 0)
+        k_row = functools.partial(_copy_row, f, "k")
+        return _ind(_decayed_products(k_row, k_row, "M_s", strict=True), 0)
     return _ind(f"""
     T.gemm(km_m, km_m, M_f, transpose_B=True, clear_accum=True)
     for i, j in T.Parallel(C, C):
@@ -1006,11 +1033,12 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         a += """
     dgk_f = T.alloc_fragment((C,), "float32")
     """
-    if f.l2 or f.read:
+    # y = phi(x), reloaded for the L2 norm's backward and for a gate's gradient unless _gate_kept_out
+    if f.l2 or (f.read and not _gate_kept_out(f, "q")):
         a += """
     yq_f = T.alloc_fragment((C, K), "float32")
     """
-    if (f.l2 or f.key_gate) and not f.delta:
+    if (f.l2 or (f.key_gate and not _gate_kept_out(f, "k"))) and not f.delta:
         a += """
     yk_f = T.alloc_fragment((C, K), "float32")
     """
@@ -1096,17 +1124,18 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     for i, j in T.Parallel(C, C):
         dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
     """
-    p += _pair_terms(f, "dA_s", "qp_s", "kp_s", "dqA_f", "dkA_f", strict=False)
+    q_row, k_row = (functools.partial(_copy_row, f, side, ungated=True) for side in "qk")
+    p += _pair_terms(f, "dA_s", q_row, k_row, "dqA_f", "dkA_f", strict=False)
     p += f"""
     for i, d in T.Parallel(C, K):
         dqp_s[i, d] = {f.exp_b("i")} * dqe_f[i, d] + dqA_f[i, d]
         dkp_s[i, d] = {f.exp_rest("i")} * dke_f[i, d] + dkA_f[i, d]
     """
     if f.dg:
-        p += _db_terms(f, f"qp_s[i, d] * ({f.exp_b('i')} * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * "
+        p += _db_terms(f, f"{q_row('i')} * ({f.exp_b('i')} * dqe_f[i, d] + dqA_f[i, d]) - {k_row('i')} * "
                           f"(dkA_f[i, d] + {f.exp_rest('i')} * dke_f[i, d])", first=True)
     if f.delta:
-        p += _input_gradients(f, ("q",))
+        p += _input_gradients(f, ("q",), ungated=True)
         if f.dg:
             # b_C's terms at the last row of the sequence in the chunk: the rows past it are not stored, and the
             # suffix sums bwd_delta takes carry it to every row before as from row C - 1 (b is constant past it)
@@ -1126,7 +1155,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     else:
         if f.dg:
             p += _dg_chunk_end(f, "C - 1") + _dg_suffix_store(f)
-        p += _input_gradients(f, ("q", "k"))
+        p += _input_gradients(f, ("q", "k"), ungated=True)
     post = _ind(p, 0)
     delta_params = ('        VN: T.Tensor((NT, H, V), dtype),\n        DU: T.Tensor((NT, H, V), dtype),\n'
                     if f.delta else "")
@@ -1291,7 +1320,8 @@ def _bwd_delta_pieces(f: _Features) -> dict:
     for i, j in T.Parallel(C, C):
         dL_s[i, j] = dL_s[i, j] * bt_s[i]
     """
-    p += _pair_terms(f, "dL_s", "kp_s", "kp_s", "Pd_f", "Pt_f", strict=True)
+    k_row = functools.partial(_copy_row, f, "k")
+    p += _pair_terms(f, "dL_s", k_row, k_row, "Pd_f", "Pt_f", strict=True)
     p += """
     for i, d in T.Parallel(C, K):
         dkp_s[i, d] = dkp_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
@@ -1334,11 +1364,13 @@ def _db_terms(f: _Features, expr: str, first: bool = False) -> str:
 
 def _dg_chunk_end(f: _Features, row: str) -> str:
     """The terms of b_C (through the state decay exp(b_C) and ke = k' exp(b_C - b)), added to db at `row` (an
-    expression): C - 1, or the sequence's last row in the chunk, past which b is constant and nothing is added."""
+    expression): C - 1, or the sequence's last row in the chunk, past which b is constant and nothing is added.
+    bwd_chunk's (k' from its ungated copy)."""
+    k = _copy_row(f, "k", ungated=True)
     if f.vector:
         return f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = kp_s[i, d] * {f.exp_rest("i")} * dke_f[i, d]
+        terms_f[i, d] = {k} * {f.exp_rest("i")} * dke_f[i, d]
     T.reduce_sum(terms_f, bl_f, dim=0)
     for d in T.Parallel(K):
         db_s[{row}, d] = db_s[{row}, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1, d])
@@ -1346,7 +1378,7 @@ def _dg_chunk_end(f: _Features, row: str) -> str:
     # b_C's total, summed over rows and channels, is the first entry of the suffix sums of its row sums
     return f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = kp_s[i, d] * {f.exp_rest("i")} * dke_f[i, d] + T.if_then_else(
+        terms_f[i, d] = {k} * {f.exp_rest("i")} * dke_f[i, d] + T.if_then_else(
             i == C - 1, dgc_s[d] * T.exp(b_s[C - 1]), 0.0)
     T.reduce_sum(terms_f, dbr_f, dim=1)
     T.copy(dbr_f, dbl_s)
@@ -1372,7 +1404,7 @@ def _dg_suffix_store(f: _Features) -> str:
     """
 
 
-def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
+def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False) -> str:
     """dq (side "q") and/or dk ("k") from the gradients of q' and k' in dqp_s / dkp_s, through the gates, the
     scale, the L2 norm and the feature maps, with the gates' gradients: dy = dx' * gate * scale; L2: dx = r (dy -
     y sum(dy y)) with r the inverse norm; then phi'. y = phi(x) (L2-normalised) is what the gates and the L2 norm
@@ -1380,9 +1412,12 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     The L2 step is linear in dy and the gate and scale are one number per row, so both multiply in at the final
     store, from shared memory. Scaled in place in dqp_s / dkp_s through a [C] fragment, the rows went to one
     thread each: a quarter of the threads, each row's reads on one bank (bwd_chunk at 4x8192 on the H100: retnet
-    0.924 -> 0.810 ms, sla_retnet 1.243 -> 1.024, sla_gla 5.318 -> 4.441); `loop_layouts` finds such loops."""
+    0.924 -> 0.810 ms, sla_retnet 1.243 -> 1.024, sla_gla 5.318 -> 4.441); `loop_layouts` finds such loops.
+    `ungated` (bwd_chunk): a side whose shared copy leaves the gate out (_gate_kept_out) reads y (times the
+    scale) from that copy; the others reload x from global memory."""
     # per side: the input tensor, its feature map, its output tensor and whether a gate scales it
     names = {"q": ("Q", f.fq, "DQ", f.read), "k": ("KK", f.fk, "DK", f.key_gate)}
+    on_chip = {side: ungated and _gate_kept_out(f, side) for side in sides}
 
     def loop(body) -> str:  # one loop over the chunk's [C, K] tile, a statement per side
         lines = "".join(f"\n        {body(side)}" for side in sides)
@@ -1393,7 +1428,7 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     s = ""
     for side in sides:
         x, fm, _, gated = names[side]
-        if f.l2 or gated:
+        if f.l2 or (gated and not on_chip[side]):
             s += f"""
     for i, d in T.Parallel(C, K):
         y{side}_f[i, d] = {_phi(fm, f"T.cast({x}[T.min(t0 + i, NT - 1), h, d], 'float32')")}
@@ -1411,9 +1446,10 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     """
         s += loop(lambda side: f"y{side}_f[i, d] = y{side}_f[i, d] * inv_norm_{side}_f[i]")
     if "q" in sides and f.read:
-        s += """
+        y_scaled = "qp_s[i, d]" if on_chip["q"] else "yq_f[i, d] * SC[0]"
+        s += f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+        terms_f[i, d] = dqp_s[i, d] * {y_scaled}
     T.reduce_sum(terms_f, dgq_f, dim=1)
     for i in T.Parallel(C):
         if t0 + i < eos:
@@ -1421,9 +1457,9 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     """
     if "k" in sides:
         if f.key_gate:
-            s += """
+            s += f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+        terms_f[i, d] = dkp_s[i, d] * {"kp_s[i, d]" if on_chip["k"] else "yk_f[i, d]"}
     T.reduce_sum(terms_f, dgk_f, dim=1)
     """
         if f.beta_gate:
@@ -1466,8 +1502,9 @@ def _input_gradients(f: _Features, sides: tuple[str, ...]) -> str:
     return s
 
 
-def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, strict: bool) -> str:
-    """For a masked C x C matrix P (shared fp32) and rows X, Y (shared fp32, [C, K]):
+def _pair_terms(f: _Features, P: str, X, Y, outx: str, outy: str, strict: bool) -> str:
+    """For a masked C x C matrix P (shared fp32) and rows X, Y ([C, K], a row's value at [row, d] as _copy_row
+    gives it; a scalar or constant decay reads them as _cast_qk cast them):
         outx[i, d] = sum_j P[i, j] Y[j, d] exp(b_id - b_jd)      outy[j, d] = sum_i P[i, j] X[i, d] exp(b_id - b_jd)
     (the gradients of sum_ij P_ij sum_d X_id Y_jd exp(b_id - b_jd) w.r.t. X and Y)."""
     if f.vector:
@@ -1484,7 +1521,7 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
             pr_m[i, j] = T.cast(T.if_then_else(j < r * SB, {P}[r * SB + i, j], 0.0), dtype)
         for j, d in T.Parallel(C, K):
             cg_m[j, d] = T.cast(T.if_then_else(
-                j < r * SB, {Y}[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                j < r * SB, {Y("j")} * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
         T.gemm(pr_m, cg_m, part_f, clear_accum=True)
         for i, d in T.Parallel(SB, K):
             px_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d])
@@ -1492,7 +1529,7 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
             pc_m[i, j] = T.cast(T.if_then_else(i >= r * SB + SB, {P}[i, r * SB + j], 0.0), dtype)
         for i, d in T.Parallel(C, K):
             cg_m[i, d] = T.cast(T.if_then_else(
-                i >= r * SB + SB, {X}[i, d] * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
+                i >= r * SB + SB, {X("i")} * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
         T.gemm(pc_m, cg_m, part_f, transpose_A=True, clear_accum=True)
         for j, d in T.Parallel(SB, K):
             py_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
@@ -1502,7 +1539,7 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
         for i, d in T.Parallel(C, K):
             diag_terms_f[i, d] += T.if_then_else(
                 {xmask},
-                {P}[i, i - i % SB + jj] * {Y}[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)),
+                {P}[i, i - i % SB + jj] * {Y("i - i % SB + jj")} * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)),
                 0.0)
     for i, d in T.Parallel(C, K):
         px_s[i, d] = diag_terms_f[i, d]
@@ -1512,7 +1549,7 @@ def _pair_terms(f: _Features, P: str, X: str, Y: str, outx: str, outy: str, stri
         for j, d in T.Parallel(C, K):
             diag_terms_f[j, d] += T.if_then_else(
                 {ymask},
-                {P}[j - j % SB + ii, j] * {X}[j - j % SB + ii, d] * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)),
+                {P}[j - j % SB + ii, j] * {X("j - j % SB + ii")} * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)),
                 0.0)
     for j, d in T.Parallel(C, K):
         py_s[j, d] = diag_terms_f[j, d]
@@ -1640,10 +1677,11 @@ def generate(spec: Spec) -> dict[str, str]:
     # du = A^T dO + ke dS: the delta rule reads it as bwd_dh stored it; an additive write computes it per V-block
     du_operands = "" if f.delta else "ke_m = T.alloc_shared((C, K), dtype)\n" + _attention_allocs(f)
     chunk_allocs = du_operands + _cast_qk_allocs(f) + _subblock_allocs(f)
-    chunk_common = _cast_qk(f) + ("" if f.delta else _ke(f) + _attention(f))
+    chunk_common = _cast_qk(f, ungated=True) + ("" if f.delta else _ke(f, _copy_row(f, "k", ungated=True))
+                                                 + _attention(f, ungated=True))
     factories.append(BWD_CHUNK.format(
-        stage="bwd_chunk", prep_allocs=at(_prep_allocs(f, beta=False), 12), chunk_allocs=at(chunk_allocs, 12),
-        prep=at(_prep(f, beta=False), 12),
+        stage="bwd_chunk", prep_allocs=at(_prep_allocs(f, beta=False, ungated=True), 12),
+        chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f, beta=False, ungated=True), 12),
         common=at(chunk_common, 12), grad_params=pieces["grad_params"], out_params=pieces["out_params"],
         allocs=at(pieces["allocs"], 12), delta_params=pieces["delta_params"], delta_doc=pieces["delta_doc"],
         summary=pieces["summary"], outputs_doc=pieces["outputs_doc"],
