@@ -195,19 +195,20 @@ def _gate_scale(f: _Features, side: str, gate: bool = True) -> str:
     return " * ".join(factors) or "1.0"
 
 
-def _row_factor(f: _Features, side: str, gate: bool = True) -> str:
-    """What scales each row of phi(x) into q' or k': the L2 norm's 1/||phi(x)||, then _gate_scale; "1.0" when
-    nothing does."""
+def _row_factor(f: _Features, side: str, ungated: bool = False) -> str:
+    """What scales each row of phi(x) into q' or k': the L2 norm's 1/||phi(x)||, then _gate_scale (without the
+    gate where `ungated` and _gate_kept_out); "1.0" when nothing does."""
     factors = [f"T.rsqrt({side}n[i] + EPS)"] if f.l2 else []
-    if _gate_scale(f, side, gate) != "1.0":
-        factors.append(_gate_scale(f, side, gate))
+    gate_scale = _gate_scale(f, side, gate=not (ungated and _gate_kept_out(f, side)))
+    if gate_scale != "1.0":
+        factors.append(gate_scale)
     return " * ".join(factors) or "1.0"
 
 
-def _scaled(f: _Features, side: str, gate: bool = True) -> str:
-    """q' or k' at [i, d] from the registers _prep leaves (before or instead of its shared copy)."""
-    factor = _row_factor(f, side, gate)
-    return f"{side}x[i, d]" if factor == "1.0" else f"{side}x[i, d] * {side}r[i]"
+def _scaled(f: _Features, side: str, ungated: bool = False) -> str:
+    """q' or k' at [i, d] from the registers _prep leaves (before or instead of its shared copy); `ungated` as
+    in _row_factor."""
+    return f"{side}x[i, d]" if _row_factor(f, side, ungated) == "1.0" else f"{side}x[i, d] * {side}r[i]"
 
 
 def _copy_row(f: _Features, side: str, row: str = "i", ungated: bool = False) -> str:
@@ -241,7 +242,7 @@ def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True
         lines.append(f'{side}x = T.alloc_fragment((C, K), "float32")')
         if f.l2:
             lines.append(f'{side}n = T.alloc_fragment((C,), "float32")')
-        if _row_factor(f, side, gate=not (ungated and _gate_kept_out(f, side))) != "1.0":
+        if _row_factor(f, side, ungated) != "1.0":
             lines.append(f'{side}r = T.alloc_fragment((C,), "float32")')
         if shared:
             lines.append(f'{side}p_s = T.alloc_shared((C, K), "float32")')
@@ -340,8 +341,7 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         sq[i, d] = {side}x[i, d] * {side}x[i, d]
     T.reduce_sum(sq, {side}n, dim=1)
     """
-        gate = not (ungated and _gate_kept_out(f, side))
-        factor = _row_factor(f, side, gate)
+        factor = _row_factor(f, side, ungated)
         if factor != "1.0":
             s += f"""
     for i in T.Parallel(C):
@@ -350,7 +350,7 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         if shared:
             s += f"""
     for i, d in T.Parallel(C, K):
-        {side}p_s[i, d] = {_scaled(f, side, gate)}
+        {side}p_s[i, d] = {_scaled(f, side, ungated)}
     """
     return _ind(s, 0)
 
