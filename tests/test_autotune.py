@@ -347,6 +347,54 @@ def test_space_is_the_product_of_its_factors_and_moves_one_key_at_a_time():
         Space([{"a": 1}, {"b": 1}])
 
 
+def test_a_schedule_switch_leaves_out_the_moves_of_the_stages_it_does_not_run():
+    """While "schedule" is "fused", the split stages' keys change nothing that runs: no move of theirs (it would
+    time the same kernels again), and the other way round; the switch itself moves either way."""
+    space = Space([{"chunk": c} for c in (32, 64)], [{"schedule": "split"}, {"schedule": "fused"}],
+                  [{"states_bv": b} for b in (16, 32)], [{"fused_bv": b} for b in (32, 64)],
+                  inactive={"schedule": {"split": ("fused_bv",), "fused": ("states_bv",)}})
+    split = {"chunk": 64, "schedule": "split", "states_bv": 16, "fused_bv": 64}
+    fused = {**split, "schedule": "fused"}
+    assert space.ignored(split) == {"fused_bv"} and space.ignored(fused) == {"states_bv"}
+    assert space.moves(split) == [{**split, "chunk": 32}, fused, {**split, "states_bv": 32}]
+    assert space.moves(fused) == [{**fused, "chunk": 32}, split, {**fused, "fused_bv": 32}]
+    assert space.first("schedule") == "split"
+    with pytest.raises(ValueError, match=r"inactive keys \['gone'\] of 'schedule' are not keys of the space"):
+        Space(*space.factors, inactive={"schedule": {"split": ("gone",)}})
+    with pytest.raises(ValueError, match="inactive keys of 'nope', which is not a key"):
+        Space(*space.factors, inactive={"nope": {"split": ("chunk",)}})
+
+
+def test_the_combined_move_leaves_out_the_keys_a_switched_schedule_ignores():
+    """A round where the fused schedule and a split stage's block both improved: combining them would time the
+    fused move again (the split key is ignored there), so there is no combined move; with a third key that the
+    fused schedule runs, the combination keeps that one and the switch."""
+    from sla_dsl.autotune.sweep import _combined
+
+    space = Space([{"schedule": "split"}, {"schedule": "fused"}], [{"states_bv": b} for b in (16, 32)],
+                  [{"fused_bv": b} for b in (32, 64)], [{"chunk": c} for c in (32, 64)],
+                  inactive={"schedule": {"split": ("fused_bv",), "fused": ("states_bv",)}})
+    current = {"schedule": "split", "states_bv": 16, "fused_bv": 64, "chunk": 64}
+    moved = [(1.0, {**current, "schedule": "fused"}), (2.0, {**current, "states_bv": 32})]
+    assert _combined(current, 3.0, moved, space) is None
+    moved.append((2.5, {**current, "chunk": 32}))
+    assert _combined(current, 3.0, moved, space) == {**current, "schedule": "fused", "chunk": 32}
+
+
+def test_a_seed_from_before_a_schedule_switch_keeps_the_schedule_it_ran(gla):
+    """A table entry tuned before the fused schedule existed ran the split one: as a seed it takes the switch's
+    first setting (split), not the default's (fused), which would leave its tuned settings inactive."""
+    from sla_dsl.autotune.sweep import seeds_of
+
+    space = Space([{"schedule": "split"}, {"schedule": "fused"}], [{"states_bv": b} for b in (16, 32)],
+                  [{"fused_bv": b} for b in (32, 64)],
+                  inactive={"schedule": {"split": ("fused_bv",), "fused": ("states_bv",)}})
+    default = {"schedule": "fused", "states_bv": 16, "fused_bv": 64}
+    task = Task(FakeKernels(gla), gla, "tilelang", Shape(1, 32, 2, 8, 8, "float32"), "fwd",
+                seeds=({"states_bv": 32},))
+    assert seeds_of(task, default, space) == [{"schedule": "split", "states_bv": 32, "fused_bv": 64}]
+
+
 # --- the protocol and the sweep ------------------------------------------------------------------------------
 
 class FakeKernels(ReferenceKernels):
@@ -1138,6 +1186,31 @@ def test_tilelang_default_chunk_is_32_for_a_vector_decay_or_the_delta_rule():
     shape = Shape(4, 8192, 16, 128, 128, "bfloat16")
     chunks = {spec.name: TileLangKernels(spec).default_config(shape, "fwd")["chunk"] for spec in seed_specs()}
     assert chunks == {"retnet": 64, "sla_retnet": 64, "gla": 32, "sla_gla": 32, "gdn": 32, "sla_gdn": 32}
+
+
+def test_tilelang_default_forward_schedule_is_fused_where_its_grid_fills_the_gpu():
+    """retnet's forward has two schedules: fused (states_output) where B * H * V / 64 CTAs reach
+    FUSED_MIN_PROGRAMS, else split; each default is in the space and names both schedules' settings. gdn's forward
+    (delta rule) and gla's (vector decay) have one schedule and no switch."""
+    from sla_dsl.backends.tilelang import TileLangKernels, tuning
+
+    by_name = {spec.name: TileLangKernels(spec) for spec in seed_specs()}
+    retnet = by_name["retnet"]
+    for shape, schedule in ((Shape(4, 8192, 16, 128, 128, "bfloat16"), "fused"),
+                            (Shape(8, 2048, 16, 64, 64, "bfloat16"), "fused"),
+                            (Shape(1, 32768, 16, 128, 128, "bfloat16"), "split"),
+                            (Shape(2, 64, 4, 128, 128, "float32"), "split")):
+        config = retnet.default_config(shape, "fwd")
+        assert config[tuning.SCHEDULE] == schedule and config in retnet.tuning_space(shape, "fwd")
+        assert tuning.phase_stages(retnet.module, "fwd", config) == (
+            ("states_output",) if schedule == "fused" else ("states", "output"))
+        assert {"states_block_v", "output_block_v", "states_output_block_v"} <= set(config)
+    fused = retnet.default_config(Shape(4, 8192, 16, 128, 128, "bfloat16"), "fwd")
+    assert (fused["states_output_block_v"], fused["states_output_threads"]) == (64, 256)
+    for name in ("gdn", "gla", "sla_gdn", "sla_gla"):
+        config = by_name[name].default_config(Shape(4, 8192, 16, 128, 128, "bfloat16"), "fwd")
+        assert tuning.SCHEDULE not in config and not tuning.schedules(by_name[name].module, "fwd")
+    assert tuning.SCHEDULE not in retnet.default_config(Shape(4, 8192, 16, 128, 128, "bfloat16"), "bwd")
 
 
 def test_tilelang_default_narrows_the_sequential_stages_blocks_until_their_grid_fills_the_gpu():

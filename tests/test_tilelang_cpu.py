@@ -33,11 +33,14 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SLA_DSL_CACHE", str(tmp_path_factory.getbasetemp() / "sla_dsl_cache"))
 
 
-def small_config(module, chunk: int = 16, block_v: int = 16) -> dict:
-    """Every stage of both phases at `chunk` with V in blocks of `block_v` (two or more blocks of V below)."""
+def small_config(module, chunk: int = 16, block_v: int = 16, schedule: str = "split") -> dict:
+    """Every stage of both phases at `chunk` with V in blocks of `block_v` (two or more blocks of V below); a
+    forward with two schedules runs `schedule`."""
     from sla_dsl.backends.tilelang import tuning
 
     config = {"chunk": chunk}
+    if tuning.schedules(module, "fwd"):
+        config[tuning.SCHEDULE] = schedule
     for stage in tuning.phase_stages(module, "fwd") + tuning.phase_stages(module, "bwd"):
         config.update({f"{stage}_block_v": block_v, f"{stage}_threads": 64, f"{stage}_num_stages": 1})
     return config
@@ -53,9 +56,18 @@ def kernels_for(rec, **config):
     return TileLangKernels(spec, config=small_config(module, **config))
 
 
-def check(rec, *shape, tolerance=FP32, cu_seqlens=None, config=None, **make):
-    errors = testing.compare_to_reference(rec, kernels_for(rec, **(config or {})),
-                                          testing.make_inputs(rec, *shape, **make), cu_seqlens=cu_seqlens)
+def fusable(rec) -> bool:
+    from sla_dsl.backends.tilelang import generator
+
+    return generator.fusable(dataclasses.replace(BASE, recurrence=rec))
+
+
+def check(rec, *shape, tolerance=FP32, cu_seqlens=None, config=None, ran=None, **make):
+    """`ran`: a kernel the forward or backward must have run (compiled)."""
+    kernels = kernels_for(rec, **(config or {}))
+    errors = testing.compare_to_reference(rec, kernels, testing.make_inputs(rec, *shape, **make),
+                                          cu_seqlens=cu_seqlens)
+    assert ran is None or any(key[0] == ran for key in kernels._compiled), (ran, list(kernels._compiled))
     out_tol, grad_tol = tolerance
     bad = {name: err for name, err in errors.items()
            if not err <= (out_tol if name in ("o", "final_state") else grad_tol)}
@@ -67,6 +79,25 @@ def check(rec, *shape, tolerance=FP32, cu_seqlens=None, config=None, **make):
 def test_every_combination_forward_backward(rec):
     # T = 40: not a multiple of the chunk; chunk 32: two sub-blocks of a vector decay; V = 32: two blocks of V
     check(rec, 2, 40, 2, 16, 32, config={"chunk": 32})
+
+
+@pytest.mark.parametrize("rec", [rec for rec in testing.all_combinations() if fusable(rec)],
+                         ids=testing.combination_id)
+def test_fused_forward_every_combination_it_covers(rec):
+    """The fused schedule (states_output) for every combination that has it: T not a multiple of the chunk, two
+    blocks of V, with the initial and the final state; variable lengths with an empty and a one-token sequence."""
+    check(rec, 2, 40, 2, 16, 32, config={"chunk": 32, "schedule": "fused"}, ran="states_output")
+    cu_seqlens = torch.tensor([0, 5, 5, 6, 77])
+    check(rec, 1, 77, 2, 48, 32, cu_seqlens=cu_seqlens, num_sequences=4, config={"chunk": 16, "schedule": "fused"},
+          ran="states_output")
+
+
+def test_fused_forward_with_feature_maps_and_l2_norm():
+    rec = testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.BOTH, feature_map_q=FeatureMap.ELU_PLUS_ONE,
+                             feature_map_k=FeatureMap.SIGMOID, qk_l2_norm=True)
+    check(rec, 2, 40, 2, 20, 12, config={"chunk": 16, "schedule": "fused"}, ran="states_output")
+    check(rec, 2, 40, 2, 16, 16, dtype=torch.float16, tolerance=testing.TOLERANCES[torch.float16],
+          config={"chunk": 32, "schedule": "fused"}, ran="states_output")
 
 
 @pytest.mark.parametrize("write", list(WriteRule))

@@ -21,8 +21,10 @@ def state_dtype(dtype):
     return "float32" if dtype == "float16" else dtype
 
 
-# The kernels each phase runs, in order (the host runtime and the tuning space follow it).
-PHASES = {'fwd': ('states', 'output'), 'bwd': ('states', 'bwd_dh', 'bwd_chunk')}
+# The kernels each phase runs, in order (the host runtime and the tuning space follow it). A forward that
+# lists states_output has two schedules, which the tuning key fwd_schedule picks between: split (the kernels
+# before it) and fused (states_output alone).
+PHASES = {'fwd': ('states', 'output', 'states_output'), 'bwd': ('states', 'bwd_dh', 'bwd_chunk')}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
 # TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).
 PASS_CONFIGS = {
@@ -206,6 +208,99 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                         O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
 
     return retnet_output
+
+def states_output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """The whole forward in one sequential pass (the fused schedule): each CTA carries the state S[K, block_v] of
+    one (sequence, head, V-block) through the sequence's chunks as stage states does, and computes each chunk's o =
+    qe S + A v with the state it holds, so the per-chunk states never go through global memory (states writes them
+    and output reads them back: twice the bytes of q at chunk 64). A is recomputed by each of the V / block_v CTAs
+    of a head. Inputs (q, k, v, log_gamma, scale), cu_seqlens, h0 [N, H, K, V] fp32; outputs o [NT, H, V] and ht [N,
+    H, K, V] fp32."""
+    C, BV = chunk, block_v
+    # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
+    # cannot solve N + 1 for N
+    NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
+
+    @T.prim_func
+    def retnet_states_output(
+        Q: T.Tensor((NT, H, K), dtype),
+        KK: T.Tensor((NT, H, K), dtype),
+        VV: T.Tensor((NT, H, V), dtype),
+        LG: T.Tensor((H,), "float32"),
+        SC: T.Tensor((1,), "float32"),
+        CU: T.Tensor((NB,), "int32"),
+        H0: T.Tensor((N, H, K, V), "float32"),
+        O: T.Tensor((NT, H, V), dtype),
+        HT: T.Tensor((N, H, K, V), "float32"),
+    ):
+        with T.Kernel(V // BV, N * H, threads=threads) as (iv, nh):
+            n = nh // H
+            h = nh % H
+            v0 = iv * BV
+            bos = CU[n]
+            eos = CU[n + 1]
+            b_s = T.alloc_shared((C,), "float32")
+            qraw_m = T.alloc_shared((C, K), dtype)
+            qx = T.alloc_fragment((C, K), "float32")
+            qr = T.alloc_fragment((C,), "float32")
+            kraw_m = T.alloc_shared((C, K), dtype)
+            kx = T.alloc_fragment((C, K), "float32")
+            km_m = T.alloc_shared((C, K), dtype)
+            qm_m = T.alloc_shared((C, K), dtype)
+            qe_m = T.alloc_shared((C, K), dtype)
+            ke_m = T.alloc_shared((C, K), dtype)
+            A_f = T.alloc_fragment((C, C), "float32")
+            A_m = T.alloc_shared((C, C), dtype)
+            S = T.alloc_fragment((K, BV), "float32")
+            S_m = T.alloc_shared((K, BV), dtype)
+            u_m = T.alloc_shared((C, BV), dtype)
+            O_f = T.alloc_fragment((C, BV), "float32")
+            # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
+            tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
+            tf32_K_BV = T.alloc_shared((K, BV), dtype) if dtype == "float32" else None
+            tf32_C_C = T.alloc_shared((C, C), dtype) if dtype == "float32" else None
+            tf32_C_BV = T.alloc_shared((C, BV), dtype) if dtype == "float32" else None
+            for a, e2 in T.Parallel(K, BV):
+                S[a, e2] = H0[n, h, a, v0 + e2]
+            for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
+                t0 = bos + c * C
+                for i in T.Parallel(C):
+                    b_s[i] = LG[h] * T.cast(T.min(i, eos - t0 - 1) + 1, "float32")
+                T.copy(Q[t0:t0 + C, h, :], qraw_m)
+                for i, d in T.Parallel(C, K):
+                    qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(qraw_m[i, d], "float32"), 0.0)
+                for i in T.Parallel(C):
+                    qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
+                T.copy(KK[t0:t0 + C, h, :], kraw_m)
+                for i, d in T.Parallel(C, K):
+                    kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(kraw_m[i, d], "float32"), 0.0)
+                T.copy(VV[t0:t0 + C, h, v0:v0 + BV], u_m)
+                for i, d in T.Parallel(C, K):
+                    km_m[i, d] = T.cast(kx[i, d], dtype)
+                for i, d in T.Parallel(C, K):
+                    qm_m[i, d] = T.cast(qx[i, d] * qr[i], dtype)
+                for i, d in T.Parallel(C, K):
+                    qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
+                for i, d in T.Parallel(C, K):
+                    ke_m[i, d] = T.cast(kx[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
+                compensated_gemm(qm_m, km_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(C, C):
+                    A_f[i, j] = T.if_then_else(j <= i, A_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
+                T.copy(A_f, A_m)
+                T.copy(S, S_m)
+                compensated_gemm(qe_m, S_m, O_f, tf32_C_K, tf32_K_BV, clear_accum=True)
+                compensated_gemm(A_m, u_m, O_f, tf32_C_C, tf32_C_BV)
+                for i, e2 in T.Parallel(C, BV):
+                    if t0 + i < eos:
+                        O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
+                for a, e2 in T.Parallel(K, BV):
+                    S[a, e2] = S[a, e2] * T.exp(b_s[C - 1])
+                compensated_gemm(ke_m, u_m, S, tf32_C_K, tf32_C_BV, transpose_A=True)
+            for a, e2 in T.Parallel(K, BV):
+                HT[n, h, a, v0 + e2] = S[a, e2]
+
+    return retnet_states_output
 
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO.

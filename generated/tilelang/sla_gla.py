@@ -23,7 +23,9 @@ def state_dtype(dtype):
     return "float32" if dtype == "float16" else dtype
 
 
-# The kernels each phase runs, in order (the host runtime and the tuning space follow it).
+# The kernels each phase runs, in order (the host runtime and the tuning space follow it). A forward that
+# lists states_output has two schedules, which the tuning key fwd_schedule picks between: split (the kernels
+# before it) and fused (states_output alone).
 PHASES = {'fwd': ('prep', 'states', 'output'), 'bwd': ('prep', 'states', 'bwd_dh', 'bwd_chunk')}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
 # TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).

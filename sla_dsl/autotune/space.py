@@ -6,7 +6,10 @@ filtered by the constraints between them), and factors share no keys, so any com
 valid config. The space is never listed: its size is the product of the factor sizes, membership is checked
 factor by factor, and the sweep moves through it one key at a time (`moves`), so a product of millions
 costs only the sum of its axes per search round. A key whose change pays only together with another's (more
-CTAs per SM need smaller tiles to fit) names those keys in `linked`: its moves also change one of them.
+CTAs per SM need smaller tiles to fit) names those keys in `linked`: its moves also change one of them. A key
+that picks between schedules (which kernels run) names, per value, the keys of the kernels that value leaves
+out in `inactive`: while it has that value, moves of theirs would time the same kernels again, and `moves`
+leaves them out.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ class Space:
     """The product of `factors` (each an iterable of dicts over its own keys). `order` lists the keys that
     `moves` tries first (the settings that matter most, so a sweep cut short by its budget has tried them);
     the rest follow in factor order. `linked` maps a key to keys of its own factor that its moves may change
-    with it, one at a time."""
+    with it, one at a time. `inactive` maps a key to {value: keys that do not matter while it has that value}."""
 
     def __init__(self, *factors: Iterable[dict], order: Iterable[str] = (),
-                 linked: dict[str, Iterable[str]] | None = None):
+                 linked: dict[str, Iterable[str]] | None = None,
+                 inactive: dict[str, dict[object, Iterable[str]]] | None = None):
         self.factors = tuple(tuple(dict(setting) for setting in factor) for factor in factors)
         seen: set[str] = set()
         for number, factor in enumerate(self.factors):
@@ -50,6 +54,13 @@ class Space:
             if key not in seen or any(self._factor_of.get(other) != self._factor_of[key] for other in others):
                 raise ValueError(f"Space: linked keys {key!r} -> {list(others)} are not keys of one factor")
         self._members = [{config_key(setting) for setting in factor} for factor in self.factors]
+        self.inactive = {key: {value: frozenset(keys) for value, keys in by_value.items()}
+                         for key, by_value in (inactive or {}).items()}
+        for key, by_value in self.inactive.items():
+            unknown = set().union(*by_value.values()) - seen
+            if key not in seen or unknown:
+                raise ValueError(f"Space: inactive keys {sorted(unknown)} of {key!r} are not keys of the space"
+                                 if unknown else f"Space: inactive keys of {key!r}, which is not a key of the space")
 
     @classmethod
     def of(cls, space) -> Space:
@@ -71,12 +82,24 @@ class Space:
             return False
         return all(config_key(self._part(config, n)) in members for n, members in enumerate(self._members))
 
+    def first(self, key: str):
+        """The value of `key` in the first setting of its factor (of a schedule switch: the schedule that configs
+        from before the switch ran)."""
+        return self.factors[self._factor_of[key]][0][key]
+
+    def ignored(self, config: dict) -> frozenset[str]:
+        """The keys whose values do not matter in `config` (`inactive`)."""
+        return frozenset().union(*(self.inactive[key].get(config[key], ()) for key in self.inactive))
+
     def moves(self, config: dict) -> list[dict]:
         """The configs of the space that differ from `config` (a member) in exactly one key, by key in
         `self.keys` order, then in the order of the factor's settings; after a linked key's, those that also
-        differ in one of its linked keys."""
+        differ in one of its linked keys. None that differs only in keys `config` ignores."""
         found = []
+        ignored = self.ignored(config)
         for key in self.keys:
+            if key in ignored:
+                continue
             number = self._factor_of[key]
             part = self._part(config, number)
             changed = [setting for setting in self.factors[number] if setting[key] != part[key]]

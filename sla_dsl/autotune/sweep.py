@@ -191,10 +191,13 @@ def start_of(task: Task):
 def seeds_of(task: Task, default: dict, space) -> list[dict]:
     """The task's seeds that are settings of its space, once each, the default left out. A seed without a key
     the space has (a parameter the templates gained after it was tuned) takes the default's setting of it, so a
-    re-sweep after such a change starts from the previous winners too."""
+    re-sweep after such a change starts from the previous winners too; a schedule switch (Space.inactive) takes
+    its first setting, the schedule that there was before (the default's could make the seed's settings
+    inactive)."""
     out = []
+    fill = {**default, **{key: space.first(key) for key in space.inactive}}
     for seed in task.seeds:
-        config = {key: seed.get(key, default[key]) for key in space.keys} if set(seed) <= set(space.keys) else seed
+        config = {key: seed.get(key, fill[key]) for key in space.keys} if set(seed) <= set(space.keys) else seed
         if config in space and config != default and config not in out:
             out.append(config)
     return out
@@ -214,8 +217,10 @@ def _short(exc: BaseException) -> str:
 
 
 def _combined(current: dict, current_ms: float, moved: list[tuple[float, dict]], space) -> dict | None:
-    """`current` with the value of the fastest improving move of every key, when more than one key improved. A
-    move of linked keys (Space.linked) changes two and is left out: its keys may clash with single moves."""
+    """`current` with the value of the fastest improving move of every key, when more than one key improved,
+    less the moves of keys that the combination ignores (Space.inactive: a schedule that runs none of their
+    kernels, which it would time again). A move of linked keys (Space.linked) changes two and is left out: its
+    keys may clash with single moves."""
     best: dict[str, tuple[float, object]] = {}
     for ms, config in moved:
         changed = [k for k in config if config[k] != current[k]]
@@ -227,6 +232,10 @@ def _combined(current: dict, current_ms: float, moved: list[tuple[float, dict]],
     if len(best) < 2:
         return None
     config = {**current, **{key: value for key, (_, value) in best.items()}}
+    ignored = space.ignored(config)
+    if len(best.keys() - ignored) < 2:
+        return None
+    config = {**current, **{key: value for key, (_, value) in best.items() if key not in ignored}}
     return config if config in space else None
 
 

@@ -5,7 +5,7 @@ varlen, allocates outputs and the tensors the stages pass on, compiles kernels (
 under our cache directory; its key is the kernel's full TIR, so a changed template or spec never reuses a
 stale binary) and launches the generated module's `PHASES` in order:
 
-    forward:  [wy | prep ->] states -> output
+    forward:  [wy | prep ->] states -> output, or states_output alone (the fused schedule; see tuning)
     backward: [wy | prep ->] states -> [dv_local ->] bwd_dh -> bwd_chunk [-> bwd_delta]
 
 (wy, dv_local and bwd_delta: the delta rule; prep: a vector decay without it).
@@ -115,7 +115,7 @@ class TileLangKernels:
                              "dtype torch.bfloat16 on cpu")
         heads, dim_k, dim_v = q.shape[2], tuning.padded(q.shape[3]), tuning.padded(v.shape[3])
         return {tuning.stage_kernel(stage): self.kernel(stage, config, heads, dim_k, dim_v, q.dtype, q.device)
-                for stage in tuning.phase_stages(self.module, phase)}
+                for stage in tuning.phase_stages(self.module, phase, config)}
 
     # ---- host-side packing ----
 
@@ -227,13 +227,27 @@ class TileLangKernels:
         if compile_only:
             return None
         p = self._pack(q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale)
-        st = self._run_states(p, kernels, cfg["chunk"])
         o = new_output((p["nt"], p["heads"], p["dim_v"]), v.dtype, q.device)
-        if p["nt"] > 0:
-            v_new = [st["v_new"]] if "wy" in kernels else []
-            kernels["output"](*p["inputs"], p["cu"], st["table"], st["hs"], *v_new, o)
+        if tuning.FUSED_FORWARD in kernels:
+            ht = self._run_fused(p, kernels, o)
+        else:
+            st = self._run_states(p, kernels, cfg["chunk"])
+            ht = st["ht"]
+            if p["nt"] > 0:
+                v_new = [st["v_new"]] if "wy" in kernels else []
+                kernels["output"](*p["inputs"], p["cu"], st["table"], st["hs"], *v_new, o)
         o = o[..., :p["real_v"]].reshape(p["batch"], p["length"], p["heads"], p["real_v"])
-        return o, (_unpad_state(st["ht"], p) if output_final_state else None)
+        return o, (_unpad_state(ht, p) if output_final_state else None)
+
+    @staticmethod
+    def _run_fused(p, kernels: dict, o):
+        """The fused forward (stage states_output): writes o, returns the final state."""
+        ht = new_output((p["num_seq"], p["heads"], p["dim_k"], p["dim_v"]), torch.float32, p["q"].device)
+        if p["nt"] > 0:
+            kernels[tuning.FUSED_FORWARD](*p["inputs"], p["cu"], p["h0"], o, ht)
+        else:
+            ht.copy_(p["h0"])
+        return ht
 
     def backward(self, q, k, v, g, beta, gq, gk, initial_state, cu_seqlens, scale, do, dfinal_state, config=None,
                  compile_only=False):

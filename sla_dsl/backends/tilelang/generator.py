@@ -821,6 +821,41 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     return {spec_name}_{stage}
 '''
 
+STATES_OUTPUT = '''
+def states_output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """The whole forward in one sequential pass (the fused schedule): each CTA carries the state S[K, block_v] of
+    one (sequence, head, V-block) through the sequence's chunks as stage states does, and computes each chunk's
+    o = qe S + A v with the state it holds, so the per-chunk states never go through global memory (states
+    writes them and output reads them back: twice the bytes of q at chunk 64). A is recomputed by each of the
+    V / block_v CTAs of a head. Inputs {inputs}, cu_seqlens, h0 [N, H, K, V] fp32; outputs o [NT, H, V] and
+    ht [N, H, K, V] fp32."""
+''' + SIGNATURE + '''        H0: T.Tensor((N, H, K, V), "float32"),
+        O: T.Tensor((NT, H, V), dtype),
+        HT: T.Tensor((N, H, K, V), "float32"),
+    ):
+''' + SEQUENTIAL_PROLOGUE + '''{allocs}            qe_m = T.alloc_shared((C, K), dtype)
+            ke_m = T.alloc_shared((C, K), dtype)
+{attention_allocs}            S = T.alloc_fragment((K, BV), "float32")
+            S_m = T.alloc_shared((K, BV), dtype)
+            u_m = T.alloc_shared((C, BV), dtype)
+            O_f = T.alloc_fragment((C, BV), "float32")
+            for a, e2 in T.Parallel(K, BV):
+                S[a, e2] = H0[n, h, a, v0 + e2]
+            for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
+                t0 = bos + c * C
+{prep}{u}{cast_qk}{qe}{ke}{attention}                T.copy(S, S_m)
+                T.gemm(qe_m, S_m, O_f, clear_accum=True)
+                T.gemm(A_m, u_m, O_f)
+                for i, e2 in T.Parallel(C, BV):
+                    if t0 + i < eos:
+                        O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
+{state_decay}                T.gemm(ke_m, u_m, S, transpose_A=True)
+            for a, e2 in T.Parallel(K, BV):
+                HT[n, h, a, v0 + e2] = S[a, e2]
+
+    return {spec_name}_{stage}
+'''
+
 DV_LOCAL = '''
 def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no
@@ -1573,11 +1608,19 @@ def _pair_terms(f: _Features, P: str, X, Y, outx: str, outy: str, strict: bool) 
     return s
 
 
+def fusable(spec: Spec) -> bool:
+    """Whether the spec's forward has the fused schedule (stage states_output): an additive write without a
+    vector decay, whose chunk's output needs only q', k', v, the scalar decay and the state."""
+    f = _Features(spec)
+    return not (f.delta or f.vector)
+
+
 def phase_kernels(spec: Spec) -> dict[str, tuple[str, ...]]:
-    """The kernel factories each phase runs, in order (named by stage; `PHASES` of the generated file)."""
+    """The kernel factories each phase runs, in order (named by stage; `PHASES` of the generated file), and last
+    in the forward, where the spec is `fusable`, states_output: the fused schedule, which runs it alone."""
     f = _Features(spec)
     first = ("wy",) if f.delta else ("prep",) if f.vector else ()
-    return {"fwd": (*first, "states", "output"),
+    return {"fwd": (*first, "states", "output", *(("states_output",) if fusable(spec) else ())),
             "bwd": (*first, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk",
                     *(("bwd_delta",) if f.delta else ()))}
 
@@ -1643,6 +1686,15 @@ def generate(spec: Spec) -> dict[str, str]:
         u_param='        VN: T.Tensor((NT, H, V), dtype),\n' if f.delta else "",
         load_u=at(_load_rows("VN" if f.delta else "VV", "u_m"), 16),
         u_doc=", vn [NT, H, V] (v_new, stage states)" if f.delta else "", **qk, **with_states))
+    if fusable(spec):
+        factories.append(STATES_OUTPUT.format(
+            stage="states_output",
+            allocs=at(_prep_allocs(f, beta=False, shared=False, staged=True) + _cast_qk_allocs(f), 12),
+            prep=at(_prep(f, beta=False, shared=False, staged=True), 16),
+            u=at(_copy_rows("VV", "u_m", "BV"), 16), cast_qk=at(_cast_qk(f, shared=False), 16),
+            qe=at(_qe(f, _scaled(f, "q")), 16), ke=at(_ke(f, _scaled(f, "k")), 16),
+            attention_allocs=at(_attention_allocs(f), 12), attention=at(_attention(f), 16),
+            state_decay=at(_state_decay(f, "S"), 16), **common))
     if f.delta:
         factories.append(DV_LOCAL.format(
             stage="dv_local", load_do=at(_load_rows("DO", "do_m"), 16),
@@ -1724,7 +1776,9 @@ def state_dtype(dtype):
     return "float32" if dtype == "float16" else dtype
 
 
-# The kernels each phase runs, in order (the host runtime and the tuning space follow it).
+# The kernels each phase runs, in order (the host runtime and the tuning space follow it). A forward that
+# lists states_output has two schedules, which the tuning key fwd_schedule picks between: split (the kernels
+# before it) and fused (states_output alone).
 PHASES = {phases!r}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
 # TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).

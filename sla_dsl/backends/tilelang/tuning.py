@@ -5,7 +5,10 @@ the inner loop's block in the chunk-parallel ones), its thread count and the sof
 main loop (num_stages; 0 leaves the loop unpipelined). A generated module lists the kernels of each phase in
 the order they run (`PHASES`): fwd runs [wy|prep,] states, output; bwd runs [wy|prep,] states, [dv_local,]
 bwd_dh, bwd_chunk[, bwd_delta] (wy, dv_local and bwd_delta: delta rule only; prep: a vector decay without it).
-The stages of a phase exchange per-chunk tensors, so a phase has one chunk size.
+The stages of a phase exchange per-chunk tensors, so a phase has one chunk size. A forward without the delta
+rule or a vector decay has a second schedule, fused: one sequential stage, states_output, that computes each
+chunk's output with the state it carries (`generator.STATES_OUTPUT`); the key "fwd_schedule" ("split" or
+"fused") picks one, and the settings of the other's stages are in the config but ignored (Space.inactive).
 
 Config keys: "chunk", and "<stage>_block_v", "<stage>_threads", "<stage>_num_stages" for each stage, where a
 stage is the kernel's name in phase fwd and "bwd_" + its name in phase bwd (BACKWARD_KERNELS keep theirs),
@@ -42,7 +45,7 @@ NUM_STAGES = (0, 1, 2)
 # cp.async once their buffers are free, so the next chunk's loads overlap this chunk's math; 0 waits for
 # each load where it stands. num_stages 2 fails to lower (the wait count of a loop whose trip count is a
 # sequence's length is not a constant), so the space offers 0 and 1 (default: sequential_num_stages).
-SEQUENTIAL_KERNELS = ("states", "bwd_dh")
+SEQUENTIAL_KERNELS = ("states", "bwd_dh", "states_output")
 SEQUENTIAL_NUM_STAGES = (0, 1)
 # The stages with no loop over blocks of V: block_v and num_stages change nothing in them, so the space offers
 # one of each (the largest block_v, as default_config picks).
@@ -58,6 +61,19 @@ MIN_BLOCKS = (1, 2)
 OCCUPANCY_PARAM = "min_blocks"
 
 
+# The forward's fused schedule: this kernel alone, where a generated module's forward lists it (last), in place of
+# the kernels before it (the split schedule). The config key SCHEDULE picks one.
+FUSED_FORWARD = "states_output"
+SCHEDULE = "fwd_schedule"
+# The default schedule is fused where its grid, at block_v FUSED_BLOCK_V, has at least FUSED_MIN_PROGRAMS CTAs:
+# each CTA walks its sequence's chunks and recomputes the chunk's C x C products for its block of V, so it pays
+# with wide blocks of V and enough sequences x heads to fill the GPU. On the H100 (retnet, sla_retnet; block_v
+# 64, 256 threads) it took 0.91x and 0.86x the tuned split forward's time at 4x8192x16x128 (128 CTAs), 0.75x and
+# 0.52x at 8x2048x16x64 (128), and 2.2x at 1x32768x16x128 (32) (benchmarks/NVIDIA_H100_80GB_HBM3/
+# 2026-11-24-session20/fused-ab.log).
+FUSED_BLOCK_V = 64
+FUSED_THREADS = 256
+FUSED_MIN_PROGRAMS = 64
 # the kernels only the backward runs, whose names say so: their stage names are theirs
 BACKWARD_KERNELS = ("bwd_dh", "bwd_chunk", "bwd_delta")
 
@@ -71,11 +87,25 @@ def stage_kernel(stage: str) -> str:
     return stage if stage in BACKWARD_KERNELS else stage.removeprefix("bwd_")
 
 
-def phase_stages(module, phase: str) -> tuple[str, ...]:
-    """The stages of `phase` of a generated module, in the order they run."""
+def schedules(module, phase: str) -> dict[str, tuple[str, ...]]:
+    """The schedules of `phase` of a generated module and the stages each runs, in order, where there are two
+    (the forward's split and fused); else {}."""
+    kernels = module.PHASES[phase]
+    if phase != "fwd" or FUSED_FORWARD not in kernels:
+        return {}
+    return {"split": tuple(k for k in kernels if k != FUSED_FORWARD), "fused": (FUSED_FORWARD,)}
+
+
+def phase_stages(module, phase: str, config: dict | None = None) -> tuple[str, ...]:
+    """The stages of `phase` of a generated module, in the order they run: those of `config`'s schedule, or
+    without a config every stage of the phase (those of both schedules, each of which has its settings in a
+    config)."""
     if phase not in module.PHASES:
         raise ValueError(f"phase: expected 'fwd' or 'bwd', got {phase!r}")
-    return tuple(stage_name(phase, kernel) for kernel in module.PHASES[phase])
+    kernels = module.PHASES[phase]
+    if config is not None and schedules(module, phase):
+        kernels = schedules(module, phase)[config[SCHEDULE]]
+    return tuple(stage_name(phase, kernel) for kernel in kernels)
 
 
 def takes_min_blocks(module, stage: str) -> bool:
@@ -83,13 +113,20 @@ def takes_min_blocks(module, stage: str) -> bool:
     return OCCUPANCY_PARAM in inspect.signature(getattr(module, stage_kernel(stage))).parameters
 
 
-def _search_order(module, stages) -> tuple[str, ...]:
-    # tried first by the sweep: the chunk and the V-blocking change the work of every CTA most; then the CTAs
-    # per SM (on the H100, gdn's backward 5.55 -> 5.10 ms at 4x8192, 2026-11-24-session16/ab-mb2-gdn.log)
+def _search_order(module, phase: str, stages) -> tuple[str, ...]:
+    # tried first by the sweep: the chunk, the schedule and the V-blocking change the work of every CTA most;
+    # then the CTAs per SM (on the H100, gdn's backward 5.55 -> 5.10 ms at 4x8192, 2026-11-24-session16/
+    # ab-mb2-gdn.log)
     occupancy = tuple(f"{stage}_{OCCUPANCY_PARAM}" for stage in stages if takes_min_blocks(module, stage))
     blocks, rest = STAGE_PARAMS[0], STAGE_PARAMS[1:]
-    return ("chunk", *(f"{stage}_{blocks}" for stage in stages), *occupancy,
-            *(f"{stage}_{param}" for param in rest for stage in stages))
+    return ("chunk", *((SCHEDULE,) if schedules(module, phase) else ()), *(f"{stage}_{blocks}" for stage in stages),
+            *occupancy, *(f"{stage}_{param}" for param in rest for stage in stages))
+
+
+def _stage_keys(module, stage: str) -> list[str]:
+    """The config keys of one stage's settings."""
+    return [f"{stage}_{param}" for param in STAGE_PARAMS + ((OCCUPANCY_PARAM,) if takes_min_blocks(module, stage)
+                                                            else ())]
 
 
 def padded(dim: int) -> int:
@@ -124,8 +161,13 @@ def tuning_space(module, shape, phase: str) -> Space:
     # min_blocks 2 fits an SM twice only at block_v 32, and its tuned block_v was 64
     linked = {f"{stage}_{OCCUPANCY_PARAM}": (f"{stage}_block_v", f"{stage}_threads")
               for stage in names if takes_min_blocks(module, stage)}
-    return Space([{"chunk": c} for c in CHUNK_SIZES], *(settings(stage) for stage in names),
-                 order=_search_order(module, names), linked=linked)
+    by_schedule = schedules(module, phase)
+    choice = [[{SCHEDULE: name} for name in by_schedule]] if by_schedule else []
+    # the stages a schedule leaves out: their settings change nothing while it is chosen
+    inactive = {SCHEDULE: {name: [key for stage in names if stage not in own for key in _stage_keys(module, stage)]
+                           for name, own in by_schedule.items()}} if by_schedule else None
+    return Space([{"chunk": c} for c in CHUNK_SIZES], *choice, *(settings(stage) for stage in names),
+                 order=_search_order(module, phase, names), linked=linked, inactive=inactive)
 
 
 _SHARED_ALLOC = re.compile(r'(\w+) = T\.alloc_shared\(\(([^)]*)\),\s*("float32"|dtype|state_dt)\)('
@@ -304,22 +346,45 @@ def sequential_num_stages(module) -> int:
 
 
 def default_config(module, shape, phase: str) -> dict:
-    """Heuristic settings for `shape` (a member of tuning_space): the first chunk of chunk_preference at which
-    every stage fits in shared memory by the bound known before compiling (shared_memory_bytes), and at it each
-    chunk-parallel stage's largest block_v that fits (narrower than 32 only as a last resort) and each sequential
-    stage's largest that fits within sequential_block_v."""
+    """Heuristic settings for `shape` (a member of tuning_space): the schedule of default_schedule, then the first
+    chunk of chunk_preference at which every stage it runs fits in shared memory by the bound known before
+    compiling (shared_memory_bytes), and at it each chunk-parallel stage's largest block_v that fits (narrower
+    than 32 only as a last resort), each sequential stage's largest that fits within sequential_block_v, and the
+    fused forward's within FUSED_BLOCK_V. The stages of the schedule not chosen get the settings that fit at that
+    chunk where some do (else the smallest): they are the sweep's first move to the other schedule."""
     shape = _padded_shape(shape)
-    stages = phase_stages(module, phase)
+    schedule = default_schedule(module, shape, phase)
+    config = {} if schedule is None else {SCHEDULE: schedule}
+    stages = phase_stages(module, phase, config or None)
+    others = [stage for stage in phase_stages(module, phase) if stage not in stages]
     block_sizes = [b for b in sorted(BLOCK_V, reverse=True) if shape.V % b == 0]
     limit = shared_memory_limit()
     for narrowest in (32, 16):
         for chunk in chunk_preference(module):
-            config = _largest_fitting_blocks(module, shape, stages, chunk, [b for b in block_sizes if b >= narrowest],
-                                             limit)
-            if config is not None:
-                return config
+            blocks = [b for b in block_sizes if b >= narrowest]
+            settings = _largest_fitting_blocks(module, shape, stages, chunk, blocks, limit)
+            if settings is not None:
+                settings.update(_largest_fitting_blocks(module, shape, others, chunk, block_sizes, limit)
+                                or _smallest_settings(module, others))
+                return {"chunk": chunk, **config, **{key: settings[key] for stage in phase_stages(module, phase)
+                                                    for key in _stage_keys(module, stage)}}
     raise ValueError(f"tilelang backend: no chunk size in {CHUNK_SIZES} and block_v in {block_sizes} fits the "
                      f"{phase} kernels for K={shape.K}, V={shape.V} in {limit} bytes of shared memory")
+
+
+def default_schedule(module, shape, phase: str) -> str | None:
+    """The schedule default_config picks where `phase` has two: fused where its grid at FUSED_BLOCK_V has
+    FUSED_MIN_PROGRAMS CTAs, else split; None where there is one."""
+    if not schedules(module, phase):
+        return None
+    programs = shape.B * shape.H * -(-shape.V // FUSED_BLOCK_V)
+    return "fused" if programs >= FUSED_MIN_PROGRAMS else "split"
+
+
+def _smallest_settings(module, stages) -> dict:
+    """Every stage at the smallest block_v, threads and num_stages of the space (all valid for any shape)."""
+    return {key: value for stage in stages
+            for key, value in zip(_stage_keys(module, stage), (TILE, min(THREADS), 0, min(MIN_BLOCKS)))}
 
 
 def sequential_block_v(shape) -> int:
@@ -336,6 +401,7 @@ def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list
     # the sequential stages' candidates ignore the chunk-parallel stages' floor of 32 (default_config)
     sequential_blocks = [b for b in sorted(BLOCK_V, reverse=True)
                          if shape.V % b == 0 and b <= sequential_block_v(shape)]
+    fused_blocks = [b for b in sorted(BLOCK_V, reverse=True) if shape.V % b == 0 and b <= FUSED_BLOCK_V]
     for stage in stages:
         # num_stages=0 in the chunk-parallel stages: their pipelined variants are left to the sweep, which
         # checks each winner against the float64 reference on the GPU. The sequential stages' is measured
@@ -344,10 +410,12 @@ def _largest_fitting_blocks(module, shape, stages, chunk: int, block_sizes: list
         depth = sequential_num_stages(module) if sequential else 0
         # min_blocks 1: what nvcc does without the bound; 2 is the sweep's to measure
         occupancy = {f"{stage}_{OCCUPANCY_PARAM}": 1} if takes_min_blocks(module, stage) else {}
+        fused = stage_kernel(stage) == FUSED_FORWARD
         candidates = ({**config, f"{stage}_block_v": b, f"{stage}_threads": 0, f"{stage}_num_stages": depth,
                        **occupancy}
-                      for b in (sequential_blocks if sequential else block_sizes))
-        fitting = ({**candidate, f"{stage}_threads": min(128, max_threads(module, stage, candidate, shape))}
+                      for b in (fused_blocks if fused else sequential_blocks if sequential else block_sizes))
+        threads = FUSED_THREADS if fused else 128
+        fitting = ({**candidate, f"{stage}_threads": min(threads, max_threads(module, stage, candidate, shape))}
                    for candidate in candidates if shared_memory_bytes(module, stage, candidate, shape) <= limit)
         setting = next(fitting, None)
         if setting is None:
