@@ -40,7 +40,7 @@ TIMES: dict[str, float] = {}
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
     from sla_dsl.autotune import Shape
-    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
+    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, copy_hazards, tuning
 
     kernels = TileLangKernels(spec)
     total = 0.0
@@ -58,6 +58,7 @@ def test_tilelang_kernels_compile_for_sm90a(spec, dtype):
         assert "__global__" in source
         label = f"{spec.name}.{stage}.{dtype}"
         assert_no_bank_conflicts_in_loops(source, label)
+        assert not copy_hazards.hazards(source), (label, [str(h) for h in copy_hazards.hazards(source)])
         if name in tuning.SEQUENTIAL_KERNELS:
             # at num_stages 1 the next chunk's loads are asynchronous copies, issued while this chunk computes
             assert config["num_stages"] == tuning.sequential_num_stages(kernels.module), label
@@ -145,6 +146,43 @@ def test_shared_memory_of_the_compiled_layout_decides():
                     for stage in tuning.phase_stages(kernels.module, phase):
                         tuning.check_threads(kernels.module, stage, config, shape)
                         assert tuning.shared_memory_bytes(kernels.module, stage, config, shape) <= limit
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_sequential_stages_copy_no_buffer_a_gemm_of_another_warpgroup_still_reads(spec):
+    """The sequential stages' pipelined loops copy the next chunk's inputs into shared buffers their gemms read;
+    with two warpgroups (256 threads) a barrier must separate each gemm from the next copy into its operand
+    (`copy_hazards`: a variant of the fused forward whose gemms read its copy of q directly raced there)."""
+    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, copy_hazards, tuning
+
+    kernels = TileLangKernels(spec)
+    stages = [stage for phase in ("fwd", "bwd") for stage in tuning.phase_stages(kernels.module, phase)
+              if tuning.stage_kernel(stage) in tuning.SEQUENTIAL_KERNELS]
+    chunk = tuning.chunk_preference(kernels.module)[0]
+    for stage in dict.fromkeys(tuning.stage_kernel(stage) for stage in stages):
+        params = {"chunk": chunk, "block_v": 32, "threads": 256, "num_stages": 1}
+        source = compile_kernel(kernels.module, stage, HEADS, DIM_K, DIM_V, "bfloat16", params,
+                                target=SM90_TARGET).get_kernel_source()
+        assert "cp_async_commit" in source, stage
+        assert not copy_hazards.hazards(source), (stage, [str(h) for h in copy_hazards.hazards(source)])
+
+
+def test_copy_hazards_are_copies_after_a_gemm_read_with_no_barrier_between():
+    from sla_dsl.backends.tilelang import copy_hazards
+
+    source = """
+    tl::initialize_wgmma_descriptor<1, 1, 64>(desc_a, (&(((bfloat16_t*)q_m)[0])));
+    tl::initialize_wgmma_descriptor<1, 1, 64>(desc_b, (&(((bfloat16_t*)k_m)[0])));
+    __syncthreads();
+    tl::wgmma_ss<tl::DataType::kBFloat16, 64, 16>(uint64_t(desc_a + 4), uint64_t(desc_b + 2), ((uint32_t*)(O + 0)), 1);
+    tl::warpgroup_wait<0>();
+    tl::cp_async_gs_conditional<16>((&(((bfloat16_t*)q_m)[threadIdx.x])), (&(Q[0])), true);
+    __syncthreads();
+    tl::cp_async_gs_conditional<16>((&(((bfloat16_t*)k_m)[threadIdx.x])), (&(K[0])), true);
+    """
+    # the read is the wgmma (line 5), not the descriptor (line 2, before the barrier); k_m's copy is after one
+    assert [(h.buffer, h.gemm_line, h.copy_line) for h in copy_hazards.hazards(source)] == [("q_m", 5, 7)]
 
 
 def test_shared_buffers_in_the_state_dtype_count_its_width():
