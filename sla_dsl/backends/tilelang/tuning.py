@@ -69,7 +69,7 @@ SCHEDULE = "fwd_schedule"
 # each CTA walks its sequence's chunks and recomputes the chunk's C x C products for its block of V, so it pays
 # with wide blocks of V and enough sequences x heads to fill the GPU. On the H100 (retnet, sla_retnet; block_v
 # 64, 256 threads) it took 0.91x and 0.86x the tuned split forward's time at 4x8192x16x128 (128 CTAs), 0.75x and
-# 0.52x at 8x2048x16x64 (128), and 2.2x at 1x32768x16x128 (32) (benchmarks/NVIDIA_H100_80GB_HBM3/
+# 0.52x at 8x2048x16x64 (128), and 2.2x and 2.0x at 1x32768x16x128 (32) (benchmarks/NVIDIA_H100_80GB_HBM3/
 # 2026-11-24-session20/fused-ab.log).
 FUSED_BLOCK_V = 64
 FUSED_THREADS = 256
