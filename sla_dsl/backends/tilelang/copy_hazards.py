@@ -7,8 +7,9 @@ descriptor), TileLang's barrier placement does not see the read: each warpgroup 
 with two or more warpgroups one can overwrite the buffer while another's gemm still reads it. On the H100 a
 variant of the fused forward (states_output) whose gemms read its copy of q directly got rows 8-15 of every 16 of
 its output wrong, at random, in one config of six (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session20/
-fused-diag.log). An element-wise reader of the buffer in the loop body is seen, and the barrier is placed: the
-generated stages read every copy element-wise before any gemm does.
+fused-diag.log). An element-wise reader of the buffer in the loop body is seen, and the barrier is placed before
+the next copy into it, and before the copies issued after that one: the fused forward orders its copies so
+(generator._states_output_pieces).
 
 `hazards(source)` lists every cp.async into a buffer that a wgmma read (through a descriptor of it) since the
 last __syncthreads() before it, in the order of the source (a copy at the top of a loop body is not checked against

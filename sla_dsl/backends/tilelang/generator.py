@@ -827,14 +827,13 @@ def states_output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=
     one (sequence, head, V-block) through the sequence's chunks as stage states does, and computes each chunk's
     o = qe S + A v with the state it holds, so the per-chunk states never go through global memory (states
     writes them and output reads them back: twice the bytes of q at chunk 64). A is recomputed by each of the
-    V / block_v CTAs of a head. Inputs {inputs}, cu_seqlens, h0 [N, H, K, V] fp32; outputs o [NT, H, V] and
-    ht [N, H, K, V] fp32."""
+    V / block_v CTAs of a head.{raw_doc} Inputs {inputs}, cu_seqlens, h0 [N, H, K, V] fp32; outputs o [NT, H, V]
+    and ht [N, H, K, V] fp32."""
 ''' + SIGNATURE + '''        H0: T.Tensor((N, H, K, V), "float32"),
         O: T.Tensor((NT, H, V), dtype),
         HT: T.Tensor((N, H, K, V), "float32"),
     ):
-''' + SEQUENTIAL_PROLOGUE + '''{allocs}            qe_m = T.alloc_shared((C, K), dtype)
-            ke_m = T.alloc_shared((C, K), dtype)
+''' + SEQUENTIAL_PROLOGUE + '''{allocs}            ke_m = T.alloc_shared((C, K), dtype)
 {attention_allocs}            S = T.alloc_fragment((K, BV), "float32")
             S_m = T.alloc_shared((K, BV), dtype)
             u_m = T.alloc_shared((C, BV), dtype)
@@ -843,10 +842,7 @@ def states_output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=
                 S[a, e2] = H0[n, h, a, v0 + e2]
             for c in T.Pipelined(T.ceildiv(eos - bos, C), num_stages=num_stages):
                 t0 = bos + c * C
-{prep}{u}{cast_qk}{qe}{ke}{attention}                T.copy(S, S_m)
-                T.gemm(qe_m, S_m, O_f, clear_accum=True)
-                T.gemm(A_m, u_m, O_f)
-                for i, e2 in T.Parallel(C, BV):
+{prep}{u}{body}                for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
                         O[t0 + i, h, v0 + e2] = T.cast(O_f[i, e2], dtype)
 {state_decay}                T.gemm(ke_m, u_m, S, transpose_A=True)
@@ -855,6 +851,71 @@ def states_output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=
 
     return {spec_name}_{stage}
 '''
+
+
+def _raw_operands(f: _Features) -> bool:
+    """Whether q' and k' are the inputs times one factor per row (gate, scale: identity feature maps, no L2
+    norm). Then states_output's gemms read q and k as its T.copy's loaded them, and the row factors and decays
+    scale the products' rows and columns, where forming q' and k' took four element-wise passes over [C, K]
+    tiles per chunk (on the H100, retnet's forward at 4x8192: 0.529 -> 0.496 ms, benchmarks/
+    NVIDIA_H100_80GB_HBM3/2026-11-24-session20/fused-v5-ab.log)."""
+    return f.fq is FeatureMap.IDENTITY and f.fk is FeatureMap.IDENTITY and not f.l2
+
+
+def _states_output_pieces(f: _Features) -> dict:
+    """The parts of STATES_OUTPUT that depend on how q' and k' are formed (_raw_operands): its buffers, the
+    chunk's loads, and its body up to o = qe S + A v in O_f."""
+    if not _raw_operands(f):
+        return {"allocs": _prep_allocs(f, beta=False, shared=False, staged=True) + _cast_qk_allocs(f)
+                + "qe_m = T.alloc_shared((C, K), dtype)\n",
+                "prep": _prep(f, beta=False, shared=False, staged=True),
+                "body": _cast_qk(f, shared=False) + _qe(f, _scaled(f, "q")) + _ke(f, _scaled(f, "k"))
+                + _attention(f) + _ind("""
+    T.copy(S, S_m)
+    T.gemm(qe_m, S_m, O_f, clear_accum=True)
+    T.gemm(A_m, u_m, O_f)
+    """, 0),
+                "raw_doc": ""}
+    # the row factors, read from shared memory: rows past the sequence's end hold the next sequence's tokens,
+    # which no stored row of o reads (A[i, j] for j <= i < eos) and ke zeroes
+    q_factor = " * ".join(([f"gq_s[{{row}}]"] if f.read else []) + ["SC[0]"])
+    k_factor = "gk_s[{row}]" if f.key_gate else None
+    allocs = _prep_allocs(f, q=False, k=False, beta=False, shared=False, staged=True) + "".join(
+        f"{side}raw_m = T.alloc_shared((C, K), dtype)\n"
+        + (f'g{side}_s = T.alloc_shared((C,), "float32")\n' if _row_gate(f, side) else "") for side in "qk")
+    # k is copied first, q last, and q k^T is the last reader of both: TileLang issues the next chunk's copies
+    # after it in that order and puts its barrier before the first (k's, which ke reads element-wise). It
+    # places none for a buffer only gemms read, so with the copy of q first, or its last reader q S, one
+    # warpgroup overwrote q while the other's gemm still read it (copy_hazards; a race seen on the H100,
+    # fused-diag.log in the same folder)
+    copies = "".join(f"T.copy({src}[t0:t0 + C, h, :], {side}raw_m)\n"
+                     + (f"T.copy({_row_gate(f, side)}[t0:t0 + C, h], g{side}_s)\n" if _row_gate(f, side) else "")
+                     for side, src in (("k", "KK"), ("q", "Q")))
+    pair = " * ".join([q_factor.format(row="i"), *([k_factor.format(row="j")] if k_factor else []),
+                       *([f.exp_rel("i", "j")] if f.has_b else [])])
+    q_row = " * ".join([q_factor.format(row="i"), *([f.exp_b("i")] if f.has_b else [])])
+    k_row = " * ".join(["kraw_m[i, d]", *([k_factor.format(row="i")] if k_factor else []),
+                        *([f.exp_rest("i")] if f.has_b else [])])
+    body = _ind(f'''
+    for i, d in T.Parallel(C, K):
+        ke_m[i, d] = T.if_then_else(
+            t0 + i < eos, T.cast({k_row}, dtype), T.cast(0.0, dtype))
+    T.copy(S, S_m)
+    T.gemm(qraw_m, S_m, O_f, clear_accum=True)
+    for i, e2 in T.Parallel(C, BV):
+        O_f[i, e2] = O_f[i, e2] * {q_row}
+    T.gemm(qraw_m, kraw_m, A_f, transpose_B=True, clear_accum=True)
+    for i, j in T.Parallel(C, C):
+        A_f[i, j] = T.if_then_else(
+            j <= i, A_f[i, j] * {pair}, 0.0)
+    T.copy(A_f, A_m)
+    T.gemm(A_m, u_m, O_f)
+    ''', 0)
+    return {"allocs": allocs, "prep": _prep(f, q=False, k=False, beta=False, shared=False, staged=True) + copies,
+            "body": body,
+            "raw_doc": (" q and k are the gemms' operands as loaded; the row factors and decays scale q S, the"
+                        " rows and columns of q k^T, and ke.")}
+
 
 DV_LOCAL = '''
 def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
@@ -1687,14 +1748,12 @@ def generate(spec: Spec) -> dict[str, str]:
         load_u=at(_load_rows("VN" if f.delta else "VV", "u_m"), 16),
         u_doc=", vn [NT, H, V] (v_new, stage states)" if f.delta else "", **qk, **with_states))
     if fusable(spec):
+        fused = _states_output_pieces(f)
         factories.append(STATES_OUTPUT.format(
-            stage="states_output",
-            allocs=at(_prep_allocs(f, beta=False, shared=False, staged=True) + _cast_qk_allocs(f), 12),
-            prep=at(_prep(f, beta=False, shared=False, staged=True), 16),
-            u=at(_copy_rows("VV", "u_m", "BV"), 16), cast_qk=at(_cast_qk(f, shared=False), 16),
-            qe=at(_qe(f, _scaled(f, "q")), 16), ke=at(_ke(f, _scaled(f, "k")), 16),
-            attention_allocs=at(_attention_allocs(f), 12), attention=at(_attention(f), 16),
-            state_decay=at(_state_decay(f, "S"), 16), **common))
+            stage="states_output", allocs=at(fused["allocs"], 12), prep=at(fused["prep"], 16),
+            u=at(_copy_rows("VV", "u_m", "BV"), 16), body=at(fused["body"], 16),
+            raw_doc=fused["raw_doc"],
+            attention_allocs=at(_attention_allocs(f), 12), state_decay=at(_state_decay(f, "S"), 16), **common))
     if f.delta:
         factories.append(DV_LOCAL.format(
             stage="dv_local", load_do=at(_load_rows("DO", "do_m"), 16),
