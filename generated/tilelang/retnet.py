@@ -103,6 +103,7 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             b_s = T.alloc_shared((C,), "float32")
             kraw_m = T.alloc_shared((C, K), dtype)
             kx = T.alloc_fragment((C, K), "float32")
+            kd_s = T.alloc_shared((C,), "float32")
             S_m = T.alloc_shared((K, BV), state_dt)
             ke_m = T.alloc_shared((C, K), dtype)
             S = T.alloc_fragment((K, BV), "float32")
@@ -119,8 +120,10 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 T.copy(KK[t0:t0 + C, h, :], kraw_m)
                 for i, d in T.Parallel(C, K):
                     kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(kraw_m[i, d], "float32"), 0.0)
+                for i in T.Parallel(C):
+                    kd_s[i] = T.exp(b_s[C - 1] - b_s[i])
                 for i, d in T.Parallel(C, K):
-                    ke_m[i, d] = T.cast(kx[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype)
+                    ke_m[i, d] = T.cast(kx[i, d] * kd_s[i], dtype)
                 T.copy(S, S_m)
                 T.copy(S_m, HS[CO[n] + c, h, :, v0:v0 + BV])
                 T.copy(VV[t0:t0 + C, h, v0:v0 + BV], u_m)
@@ -243,6 +246,8 @@ def states_output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=
             b_s = T.alloc_shared((C,), "float32")
             qraw_m = T.alloc_shared((C, K), dtype)
             kraw_m = T.alloc_shared((C, K), dtype)
+            qd_s = T.alloc_shared((C,), "float32")
+            kd_s = T.alloc_shared((C,), "float32")
             ke_m = T.alloc_shared((C, K), dtype)
             A_f = T.alloc_fragment((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
@@ -265,13 +270,17 @@ def states_output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=
                 T.copy(KK[t0:t0 + C, h, :], kraw_m)
                 T.copy(Q[t0:t0 + C, h, :], qraw_m)
                 T.copy(VV[t0:t0 + C, h, v0:v0 + BV], u_m)
+                for i in T.Parallel(C):
+                    qd_s[i] = T.exp(b_s[i])
+                for i in T.Parallel(C):
+                    kd_s[i] = T.exp(b_s[C - 1] - b_s[i])
                 for i, d in T.Parallel(C, K):
                     ke_m[i, d] = T.if_then_else(
-                        t0 + i < eos, T.cast(kraw_m[i, d] * T.exp(b_s[C - 1] - b_s[i]), dtype), T.cast(0.0, dtype))
+                        t0 + i < eos, T.cast(kraw_m[i, d] * kd_s[i], dtype), T.cast(0.0, dtype))
                 T.copy(S, S_m)
                 compensated_gemm(qraw_m, S_m, O_f, tf32_C_K, tf32_K_BV, clear_accum=True)
                 for i, e2 in T.Parallel(C, BV):
-                    O_f[i, e2] = O_f[i, e2] * SC[0] * T.exp(b_s[i])
+                    O_f[i, e2] = O_f[i, e2] * SC[0] * qd_s[i]
                 compensated_gemm(qraw_m, kraw_m, A_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
                     A_f[i, j] = T.if_then_else(
@@ -324,6 +333,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             qraw_m = T.alloc_shared((C, K), dtype)
             qx = T.alloc_fragment((C, K), "float32")
             qr = T.alloc_fragment((C,), "float32")
+            qd_s = T.alloc_shared((C,), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
             dS = T.alloc_fragment((K, BV), "float32")
             do_m = T.alloc_shared((C, BV), dtype)
@@ -344,8 +354,10 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                     qx[i, d] = T.if_then_else(t0 + i < eos, T.cast(qraw_m[i, d], "float32"), 0.0)
                 for i in T.Parallel(C):
                     qr[i] = T.if_then_else(t0 + i < eos, SC[0], 0.0)
+                for i in T.Parallel(C):
+                    qd_s[i] = T.exp(b_s[i])
                 for i, d in T.Parallel(C, K):
-                    qe_m[i, d] = T.cast(qx[i, d] * qr[i] * T.exp(b_s[i]), dtype)
+                    qe_m[i, d] = T.cast(qx[i, d] * qr[i] * qd_s[i], dtype)
                 T.copy(dS, dS_m)
                 T.copy(dS_m, DH[CO[n] + c, h, :, v0:v0 + BV])
                 T.copy(DO[t0:t0 + C, h, v0:v0 + BV], do_m)

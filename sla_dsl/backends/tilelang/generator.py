@@ -357,20 +357,35 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
 
 # ---- intra-chunk terms: qe = q' exp(b), ke = k' exp(b_C - b), A, and the delta rule's WY form ----
 
-def _qe(f: _Features, q: str = "qp_s[i, d]") -> str:
-    """qe = q' exp(b) in dtype; `q`: q' at [i, d] (the shared copy, or _scaled's registers)."""
+def _qe(f: _Features, q: str = "qp_s[i, d]", decay: str | None = None) -> str:
+    """qe = q' exp(b) in dtype; `q`: q' at [i, d] (the shared copy, or _scaled's registers); `decay`: exp(b_i) as
+    _row_decays computed it, else computed here."""
     return _ind(f"""
     for i, d in T.Parallel(C, K):
-        qe_m[i, d] = T.cast({q} * {f.exp_b("i")}, dtype)
+        qe_m[i, d] = T.cast({q} * {decay or f.exp_b("i")}, dtype)
     """, 0)
 
 
-def _ke(f: _Features, k: str = "kp_s[i, d]") -> str:
-    """ke = k' exp(b_C - b) in dtype; `k` as in _qe."""
+def _ke(f: _Features, k: str = "kp_s[i, d]", decay: str | None = None) -> str:
+    """ke = k' exp(b_C - b) in dtype; `k` and `decay` (exp(b_C - b_i)) as in _qe."""
     return _ind(f"""
     for i, d in T.Parallel(C, K):
-        ke_m[i, d] = T.cast({k} * {f.exp_rest("i")}, dtype)
+        ke_m[i, d] = T.cast({k} * {decay or f.exp_rest("i")}, dtype)
     """, 0)
+
+
+def _row_decays(f: _Features, side: str) -> tuple[str, str, str | None]:
+    """(allocation, computation, expression at row i) of the decay factor of qe (side "q": exp(b_i)) or ke ("k":
+    exp(b_C - b_i)) per row, for the sequential stages that form them: one exp per row of a [C] buffer, where
+    the [C, K] product took one per element on their critical path (a scalar or constant decay; empty strings
+    and None without one, or with a vector decay, whose factor differs per column)."""
+    if not f.has_b or f.vector:
+        return "", "", None
+    value = f.exp_b("i") if side == "q" else f.exp_rest("i")
+    return (f'{side}d_s = T.alloc_shared((C,), "float32")\n', _ind(f"""
+    for i in T.Parallel(C):
+        {side}d_s[i] = {value}
+    """, 0), f"{side}d_s[i]")
 
 
 def _store_rows(dst: str, value: str) -> str:
@@ -893,10 +908,11 @@ def _states_output_pieces(f: _Features) -> dict:
                      for side, src in (("k", "KK"), ("q", "Q")))
     pair = " * ".join([q_factor.format(row="i"), *([k_factor.format(row="j")] if k_factor else []),
                        *([f.exp_rel("i", "j")] if f.has_b else [])])
-    q_row = " * ".join([q_factor.format(row="i"), *([f.exp_b("i")] if f.has_b else [])])
+    q_decay, k_decay = _row_decays(f, "q"), _row_decays(f, "k")
+    q_row = " * ".join([q_factor.format(row="i"), *([q_decay[2]] if f.has_b else [])])
     k_row = " * ".join(["kraw_m[i, d]", *([k_factor.format(row="i")] if k_factor else []),
-                        *([f.exp_rest("i")] if f.has_b else [])])
-    body = _ind(f'''
+                        *([k_decay[2]] if f.has_b else [])])
+    body = q_decay[1] + k_decay[1] + _ind(f'''
     for i, d in T.Parallel(C, K):
         ke_m[i, d] = T.if_then_else(
             t0 + i < eos, T.cast({k_row}, dtype), T.cast(0.0, dtype))
@@ -911,7 +927,8 @@ def _states_output_pieces(f: _Features) -> dict:
     T.copy(A_f, A_m)
     T.gemm(A_m, u_m, O_f)
     ''', 0)
-    return {"allocs": allocs, "prep": _prep(f, q=False, k=False, beta=False, shared=False, staged=True) + copies,
+    return {"allocs": allocs + q_decay[0] + k_decay[0],
+            "prep": _prep(f, q=False, k=False, beta=False, shared=False, staged=True) + copies,
             "body": body,
             "raw_doc": (" q and k are the gemms' operands as loaded; the row factors and decays scale q S, the"
                         " rows and columns of q k^T, and ke.")}
@@ -1725,16 +1742,17 @@ def generate(spec: Spec) -> dict[str, str]:
             **common))
     st = _states_u(f)
     k_prep = not (f.delta or prep_stage)
+    k_decay = _row_decays(f, "k") if k_prep else ("", "", None)
     states_params = st["delta_params"] + ('        KE: T.Tensor((NT, H, K), dtype),\n' if prep_stage else "") + gc_param
     states_inputs = st["delta_inputs"] + (", ke [NT, H, K] and gc [NC, H, K] from stage prep" if prep_stage
                                           else ", gc [NC, H, K] from stage wy" if f.vector else "")
     factories.append(STATES.format(
         stage="states",
         allocs=at(_prep_allocs(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector, staged=True)
-                  + st["delta_allocs"] + _state_copy_alloc(f, "S_m"), 12),
+                  + k_decay[0] + st["delta_allocs"] + _state_copy_alloc(f, "S_m"), 12),
         prep=at(_load_chunk_decay(f)
                 + _prep(f, q=False, k=k_prep, beta=False, shared=False, decay=not f.vector, staged=True), 16),
-        ke=at(_ke(f, _scaled(f, "k")) if k_prep else _copy_rows("KE", "ke_m", "K"), 16),
+        ke=at(k_decay[1] + _ke(f, _scaled(f, "k"), k_decay[2]) if k_prep else _copy_rows("KE", "ke_m", "K"), 16),
         store_hs=at(_store_state(f, "S", "S_m", "HS"), 16), u=at(st["u"], 16),
         state_decay=at(_state_decay(f, "S"), 16), delta_params=states_params,
         delta_inputs=states_inputs, delta_outputs=st["delta_outputs"], **with_states))
@@ -1760,16 +1778,17 @@ def generate(spec: Spec) -> dict[str, str]:
             store_qe=at(_store_qe(f, _qk_value(f, "q", shared)), 12), **qk, **common))
     dh = _bwd_dh_pieces(f)
     q_prep = not (f.delta or prep_stage)
+    q_decay = _row_decays(f, "q") if q_prep else ("", "", None)
     dh_params = dh["delta_params"] + ('        QE: T.Tensor((NT, H, K), dtype),\n' if prep_stage else "") + gc_param
     dh_inputs = dh["delta_inputs"] + (", qe [NT, H, K] and gc [NC, H, K] from stage prep" if prep_stage
                                       else ", gc [NC, H, K] from stage wy" if f.vector else "")
     factories.append(BWD_DH.format(
         stage="bwd_dh",
-        allocs=at(_prep_allocs(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector, staged=True),
-                  12),
+        allocs=at(_prep_allocs(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector, staged=True)
+                  + q_decay[0], 12),
         prep=at(_load_chunk_decay(f)
                 + _prep(f, q=q_prep, k=False, beta=False, shared=False, decay=not f.vector, staged=True), 16),
-        qe=at(_qe(f, _scaled(f, "q")) if q_prep else _copy_rows("QE", "qe_m", "K")
+        qe=at(q_decay[1] + _qe(f, _scaled(f, "q"), q_decay[2]) if q_prep else _copy_rows("QE", "qe_m", "K")
               + (_copy_rows("KE", "ke_m", "K") if f.delta else ""), 16),
         # qe^T dO needs the rows past eos zero in one operand: qe is where this stage computes it. Where qe is
         # a copy, dO is masked: loaded masked for a vector decay (as u in states), copied and masked in a
