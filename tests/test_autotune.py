@@ -1188,6 +1188,23 @@ def test_tilelang_default_chunk_is_32_for_a_vector_decay_or_the_delta_rule():
     assert chunks == {"retnet": 64, "sla_retnet": 64, "gla": 32, "sla_gla": 32, "gdn": 32, "sla_gdn": 32}
 
 
+def test_compiling_ahead_compiles_what_a_call_runs_with_the_backends_fixed_settings(gla, monkeypatch):
+    """A backend built with fixed settings (its constructor's config, or $SLA_DSL_TILELANG_CONFIG) runs them in
+    every call without a config: compiling ahead for such a call compiles them too (a gpu-check with the fused
+    schedule forced compiled the split forward's kernels ahead, and the fused one at its first call)."""
+    from sla_dsl.autotune import precompile
+
+    class Compiling(FakeKernels):
+        def forward(self, *args, config=None, compile_only=False):
+            self.calls.append(("fwd", config, compile_only))
+
+    kernels = Compiling(gla)
+    kernels.config = {"num_warps": 8}
+    monkeypatch.setitem(precompile._built, ("fake", gla.name, gla.source_sha256), kernels)
+    precompile.compile_config("fake", gla, Shape(1, 32, 2, 8, 8, "float32"), "fwd", None)
+    assert kernels.calls == [("fwd", {"block": 32, "num_warps": 8, "wrong": False}, True)]
+
+
 def test_tilelang_default_forward_schedule_is_fused_where_its_grid_fills_the_gpu():
     """retnet's forward has two schedules: fused (states_output) where B * H * V / 64 CTAs reach
     FUSED_MIN_PROGRAMS, else split; each default is in the space and names both schedules' settings. gdn's forward

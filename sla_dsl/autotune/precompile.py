@@ -55,10 +55,11 @@ _built: dict[tuple, object] = {}
 
 def compile_config(backend: str, spec, shape, phase: str, config: dict | None) -> None:
     """The worker's job: compile what `config` runs for `phase` at `shape`'s H, K, V and dtype (None: what a
-    call of `shape` resolves to)."""
+    call of `shape` resolves to, the backend's fixed settings included: its constructor's or the environment's,
+    e.g. $SLA_DSL_TILELANG_CONFIG)."""
     import torch
 
-    from sla_dsl.autotune.protocol import is_tunable, resolve_config
+    from sla_dsl.autotune.protocol import is_tunable, override_config, resolve_config
     from sla_dsl.autotune.runner import call_arguments
     from sla_dsl.autotune.shapes import Shape
     from sla_dsl.backends import build_backend
@@ -68,7 +69,8 @@ def compile_config(backend: str, spec, shape, phase: str, config: dict | None) -
         _built[key] = build_backend(backend, spec)
     kernels = _built[key]
     if config is None and is_tunable(kernels):  # resolved for the real shape: the tiny one has another bucket
-        config = resolve_config(kernels, spec, backend, shape, phase)
+        fixed = override_config(kernels, spec, backend, shape, phase, getattr(kernels, "config", None))
+        config = resolve_config(kernels, spec, backend, shape, phase, fixed)
     tiny = Shape(min(shape.B, 2), 16, shape.H, shape.K, shape.V, shape.dtype, shape.varlen)
     positional, cu_seqlens, scale, do, dfinal = call_arguments(spec, tiny, "cuda" if torch.cuda.is_available()
                                                                else "cpu")
