@@ -153,7 +153,7 @@ def test_shared_memory_of_the_compiled_layout_decides():
 def test_sequential_stages_copy_no_buffer_a_gemm_of_another_warpgroup_still_reads(spec):
     """The sequential stages' pipelined loops copy the next chunk's inputs into shared buffers their gemms read;
     with two warpgroups (256 threads) a barrier must separate each gemm from the next copy into its operand
-    (`copy_hazards`: a variant of the fused forward whose gemms read its copy of q directly raced there)."""
+    (`copy_hazards`: a variant of the fused forward in which a gemm was the last reader of its copy of q raced)."""
     from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, copy_hazards, tuning
 
     kernels = TileLangKernels(spec)

@@ -5,8 +5,8 @@ A pipelined loop (T.Pipelined) issues the next chunk's T.copy into a shared buff
 buffer's last reader in the loop body. When that reader is a T.gemm (wgmma, which reads shared memory through a
 descriptor), TileLang's barrier placement does not see the read: each warpgroup waits for its own wgmma only, so
 with two or more warpgroups one can overwrite the buffer while another's gemm still reads it. On the H100 a
-variant of the fused forward (states_output) whose gemms read its copy of q directly got rows 8-15 of every 16 of
-its output wrong, at random, in one config of six (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session20/
+variant of the fused forward (states_output) in which a gemm was the last reader of its copy of q got rows 8-15 of
+every 16 of its output wrong, at random, in one config of six (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session20/
 fused-diag.log). An element-wise reader of the buffer in the loop body is seen, and the barrier is placed before
 the next copy into it, and before the copies issued after that one: the fused forward orders its copies so
 (generator._states_output_pieces).
