@@ -62,7 +62,9 @@ def report(spec, shape, gpu: str) -> None:
         tuned = lookup(spec, "tilelang", shape, phase=phase, gpu=gpu)
         config = tuned if tuned is not None else kernels.default_config(shape, phase)
         origin = "tuned" if tuned is not None else "default"
-        for stage in tuning.phase_stages(kernels.module, phase):
+        if tuning.SCHEDULE in config:
+            origin += f", {config[tuning.SCHEDULE]} schedule"
+        for stage in tuning.phase_stages(kernels.module, phase, config):  # the stages this config runs
             params = tuning.kernel_params(config, stage)
             compiled = compile_kernel(kernels.module, tuning.stage_kernel(stage), shape.H, tuning.padded(shape.K),
                                       tuning.padded(shape.V), shape.dtype, params, target=SM90_TARGET)
