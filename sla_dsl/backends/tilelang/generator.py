@@ -186,10 +186,10 @@ def _gate_kept_out(f: _Features, side: str) -> bool:
     return _row_gate(f, side) is not None and not f.l2 and not f.vector
 
 
-def _gate_scale(f: _Features, side: str, gate: bool = True) -> str:
-    """The gate and scale of q' = phi(x) * gate * scale (k' = phi(x) * gate) at row i; "1.0" when nothing scales
+def _gate_scale(f: _Features, side: str, gate: bool = True, row: str = "i") -> str:
+    """The gate and scale of q' = phi(x) * gate * scale (k' = phi(x) * gate) at `row`; "1.0" when nothing scales
     the side. The gates as _prep loaded them (g{side}_s); `gate` False leaves the gate out."""
-    factors = [f"g{side}_s[i]"] if gate and _row_gate(f, side) else []
+    factors = [f"g{side}_s[{row}]"] if gate and _row_gate(f, side) else []
     if side == "q":
         factors.append("SC[0]")
     return " * ".join(factors) or "1.0"
@@ -891,10 +891,8 @@ def _states_output_pieces(f: _Features) -> dict:
     T.gemm(A_m, u_m, O_f)
     """, 0),
                 "raw_doc": ""}
-    # the row factors, read from shared memory: rows past the sequence's end hold the next sequence's tokens,
-    # which no stored row of o reads (A[i, j] for j <= i < eos) and ke zeroes
-    q_factor = " * ".join(([f"gq_s[{{row}}]"] if f.read else []) + ["SC[0]"])
-    k_factor = "gk_s[{row}]" if f.key_gate else None
+    # the row factors (_gate_scale), read from shared memory: rows past the sequence's end hold the next
+    # sequence's tokens, which no stored row of o reads (A[i, j] for j <= i < eos) and ke zeroes
     allocs = _prep_allocs(f, q=False, k=False, beta=False, shared=False, staged=True) + "".join(
         f"{side}raw_m = T.alloc_shared((C, K), dtype)\n"
         + (f'g{side}_s = T.alloc_shared((C,), "float32")\n' if _row_gate(f, side) else "") for side in "qk")
@@ -906,12 +904,11 @@ def _states_output_pieces(f: _Features) -> dict:
     copies = "".join(f"T.copy({src}[t0:t0 + C, h, :], {side}raw_m)\n"
                      + (f"T.copy({_row_gate(f, side)}[t0:t0 + C, h], g{side}_s)\n" if _row_gate(f, side) else "")
                      for side, src in (("k", "KK"), ("q", "Q")))
-    pair = " * ".join([q_factor.format(row="i"), *([k_factor.format(row="j")] if k_factor else []),
-                       *([f.exp_rel("i", "j")] if f.has_b else [])])
     q_decay, k_decay = _row_decays(f, "q"), _row_decays(f, "k")
-    q_row = " * ".join([q_factor.format(row="i"), *([q_decay[2]] if f.has_b else [])])
-    k_row = " * ".join(["kraw_m[i, d]", *([k_factor.format(row="i")] if k_factor else []),
-                        *([k_decay[2]] if f.has_b else [])])
+    product = lambda *factors: " * ".join(x for x in factors if x and x != "1.0")  # noqa: E731
+    pair = product(_gate_scale(f, "q"), _gate_scale(f, "k", row="j"), f.exp_rel("i", "j"))
+    q_row = product(_gate_scale(f, "q"), q_decay[2])
+    k_row = product("kraw_m[i, d]", _gate_scale(f, "k"), k_decay[2])
     body = q_decay[1] + k_decay[1] + _ind(f'''
     for i, d in T.Parallel(C, K):
         ke_m[i, d] = T.if_then_else(
