@@ -12,6 +12,7 @@ the GPU, so its occupancy is its grid's, not this figure."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import tempfile
@@ -56,12 +57,15 @@ def ctas_per_sm(registers: int, threads: int, shared_bytes: int) -> dict[str, in
             "threads": SM90_THREADS_PER_SM // threads}
 
 
-def report(spec, shape, gpu: str) -> None:
+def report(spec, shape, gpu: str, overrides: dict | None = None) -> None:
     kernels = TileLangKernels(spec)
     for phase in ("fwd", "bwd"):
         tuned = lookup(spec, "tilelang", shape, phase=phase, gpu=gpu)
         config = tuned if tuned is not None else kernels.default_config(shape, phase)
         origin = "tuned" if tuned is not None else "default"
+        if overrides:
+            config = {**config, **{key: value for key, value in overrides.items() if key in config}}
+            origin += " + --config"
         if tuning.SCHEDULE in config:
             origin += f", {config[tuning.SCHEDULE]} schedule"
         for stage in tuning.phase_stages(kernels.module, phase, config):  # the stages this config runs
@@ -85,10 +89,13 @@ def main() -> None:
     parser.add_argument("shape", nargs="?", default="4x8192x16x128", help="BxTxHxK[xV]")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--gpu", default="NVIDIA_H100_80GB_HBM3", help="whose tuned table (autotune/<gpu>/)")
+    parser.add_argument("--config", type=json.loads, default=None,
+                        help="JSON object of config keys set over the tuned or default ones, each phase taking "
+                             "those it has (e.g. a stale table entry's, or a config the sweep has not tried)")
     args = parser.parse_args()
     (shape,) = parse_shapes(args.shape, args.dtype)
     for spec in resolve_specs(args.specs.split(",")):
-        report(spec, shape, args.gpu)
+        report(spec, shape, args.gpu, args.config)
 
 
 if __name__ == "__main__":
