@@ -217,9 +217,11 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             qp_s = T.alloc_shared((C, K), "float32")
             kx = T.alloc_fragment((C, K), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
+            step_s = T.alloc_shared((C, K), "float32")
             xg_m = T.alloc_shared((SB, K), dtype)
             cg_m = T.alloc_shared((C, K), dtype)
             rows_f = T.alloc_fragment((SB, C), "float32")
+            diag_decay_f = T.alloc_fragment((C, K), "float32")
             diag_terms_f = T.alloc_fragment((C, K), "float32")
             diag_column_f = T.alloc_fragment((C,), "float32")
             qe_m = T.alloc_shared((C, K), dtype)
@@ -251,24 +253,29 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 kp_s[i, d] = kx[i, d]
             for i, d in T.Parallel(C, K):
                 qe_m[i, d] = T.cast(qp_s[i, d] * T.exp(b_s[i, d]), dtype)
-            for r in T.serial(C // SB):
+            for i, j in T.Parallel(SB, C):
+                A_s[i, j] = 0.0
+            for r in T.serial(1, C // SB):
                 for i, d in T.Parallel(SB, K):
-                    xg_m[i, d] = T.cast(
-                        qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+                    xg_m[i, d] = T.cast(qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[r * SB - 1, d]), dtype)
                 for j, d in T.Parallel(C, K):
                     cg_m[j, d] = T.cast(T.if_then_else(
-                        j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                        j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[r * SB - 1, d] - b_s[j, d], 0.0)), 0.0), dtype)
                 compensated_gemm(xg_m, cg_m, rows_f, tf32_SB_K, tf32_C_K, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(SB, C):
                     A_s[r * SB + i, j] = rows_f[i, j]
+            for i, d in T.Parallel(C, K):
+                step_s[i, d] = T.exp(T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0))
+            for i, d in T.Parallel(C, K):
+                diag_decay_f[i, d] = 0.0
             for jj in T.serial(SB):
                 for i, d in T.Parallel(C, K):
+                    diag_decay_f[i, d] = T.if_then_else(i % SB == SB - 1 - jj, 1.0, diag_decay_f[i, d] * step_s[i - i % SB + T.min(SB - jj, SB - 1), d])
                     diag_terms_f[i, d] = T.if_then_else(
-                        jj <= i % SB,
-                        qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+                        SB - 1 - jj <= i % SB, qp_s[i, d] * kp_s[i - i % SB + SB - 1 - jj, d] * diag_decay_f[i, d], 0.0)
                 T.reduce_sum(diag_terms_f, diag_column_f, dim=1)
                 for i in T.Parallel(C):
-                    A_s[i, i - i % SB + jj] = diag_column_f[i]
+                    A_s[i, i - i % SB + SB - 1 - jj] = diag_column_f[i]
             T.copy(A_s, A_m)
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
@@ -389,9 +396,11 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             ke_m = T.alloc_shared((C, K), dtype)
             A_s = T.alloc_shared((C, C), "float32")
             A_m = T.alloc_shared((C, C), dtype)
+            step_s = T.alloc_shared((C, K), "float32")
             xg_m = T.alloc_shared((SB, K), dtype)
             cg_m = T.alloc_shared((C, K), dtype)
             rows_f = T.alloc_fragment((SB, C), "float32")
+            diag_decay_f = T.alloc_fragment((C, K), "float32")
             diag_terms_f = T.alloc_fragment((C, K), "float32")
             diag_column_f = T.alloc_fragment((C,), "float32")
             v_m = T.alloc_shared((C, BV), dtype)
@@ -414,8 +423,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             pr_m = T.alloc_shared((SB, C), dtype)
             pc_m = T.alloc_shared((C, SB), dtype)
             part_f = T.alloc_fragment((SB, K), "float32")
-            px_s = T.alloc_shared((C, K), "float32")
-            py_s = T.alloc_shared((C, K), "float32")
+            pair_s = T.alloc_shared((C, K), "float32")
             du_f = T.alloc_fragment((C, BV), "float32")
             terms_f = T.alloc_fragment((C, K), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
@@ -447,24 +455,29 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 kp_s[i, d] = kx[i, d]
             for i, d in T.Parallel(C, K):
                 ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
-            for r in T.serial(C // SB):
+            for i, j in T.Parallel(SB, C):
+                A_s[i, j] = 0.0
+            for r in T.serial(1, C // SB):
                 for i, d in T.Parallel(SB, K):
-                    xg_m[i, d] = T.cast(
-                        qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+                    xg_m[i, d] = T.cast(qp_s[r * SB + i, d] * T.exp(b_s[r * SB + i, d] - b_s[r * SB - 1, d]), dtype)
                 for j, d in T.Parallel(C, K):
                     cg_m[j, d] = T.cast(T.if_then_else(
-                        j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                        j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[r * SB - 1, d] - b_s[j, d], 0.0)), 0.0), dtype)
                 compensated_gemm(xg_m, cg_m, rows_f, tf32_SB_K, tf32_C_K, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(SB, C):
                     A_s[r * SB + i, j] = rows_f[i, j]
+            for i, d in T.Parallel(C, K):
+                step_s[i, d] = T.exp(T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0))
+            for i, d in T.Parallel(C, K):
+                diag_decay_f[i, d] = 0.0
             for jj in T.serial(SB):
                 for i, d in T.Parallel(C, K):
+                    diag_decay_f[i, d] = T.if_then_else(i % SB == SB - 1 - jj, 1.0, diag_decay_f[i, d] * step_s[i - i % SB + T.min(SB - jj, SB - 1), d])
                     diag_terms_f[i, d] = T.if_then_else(
-                        jj <= i % SB,
-                        qp_s[i, d] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+                        SB - 1 - jj <= i % SB, qp_s[i, d] * kp_s[i - i % SB + SB - 1 - jj, d] * diag_decay_f[i, d], 0.0)
                 T.reduce_sum(diag_terms_f, diag_column_f, dim=1)
                 for i in T.Parallel(C):
-                    A_s[i, i - i % SB + jj] = diag_column_f[i]
+                    A_s[i, i - i % SB + SB - 1 - jj] = diag_column_f[i]
             T.copy(A_s, A_m)
             T.clear(dqe_f)
             T.clear(dke_f)
@@ -495,15 +508,35 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
 
             for i, j in T.Parallel(C, C):
                 dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
-            for r in T.serial(C // SB):
+            for i, d in T.Parallel(SB, K):
+                pair_s[i, d] = 0.0
+            for r in T.serial(1, C // SB):
                 for i, j in T.Parallel(SB, C):
                     pr_m[i, j] = T.cast(T.if_then_else(j < r * SB, dA_s[r * SB + i, j], 0.0), dtype)
                 for j, d in T.Parallel(C, K):
                     cg_m[j, d] = T.cast(T.if_then_else(
-                        j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                        j < r * SB, kp_s[j, d] * T.exp(T.min(b_s[r * SB - 1, d] - b_s[j, d], 0.0)), 0.0), dtype)
                 compensated_gemm(pr_m, cg_m, part_f, tf32_SB_C, tf32_C_K, clear_accum=True)
                 for i, d in T.Parallel(SB, K):
-                    px_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d])
+                    pair_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[r * SB - 1, d])
+            for i, d in T.Parallel(C, K):
+                step_s[i, d] = T.exp(T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0))
+            for i, d in T.Parallel(C, K):
+                diag_terms_f[i, d] = pair_s[i, d]
+                diag_decay_f[i, d] = 0.0
+            for jj in T.serial(SB):
+                for i, d in T.Parallel(C, K):
+                    diag_decay_f[i, d] = T.if_then_else(i % SB == SB - 1 - jj, 1.0, diag_decay_f[i, d] * step_s[i - i % SB + T.min(SB - jj, SB - 1), d])
+                    diag_terms_f[i, d] += T.if_then_else(
+                        SB - 1 - jj <= i % SB,
+                        dA_s[i, i - i % SB + SB - 1 - jj] * kp_s[i - i % SB + SB - 1 - jj, d] * diag_decay_f[i, d], 0.0)
+            for i, d in T.Parallel(C, K):
+                pair_s[i, d] = diag_terms_f[i, d]
+            for i, d in T.Parallel(C, K):
+                dqA_f[i, d] = pair_s[i, d]
+            for j, d in T.Parallel(SB, K):
+                pair_s[C - SB + j, d] = 0.0
+            for r in T.serial(C // SB - 1):
                 for i, j in T.Parallel(C, SB):
                     pc_m[i, j] = T.cast(T.if_then_else(i >= r * SB + SB, dA_s[i, r * SB + j], 0.0), dtype)
                 for i, d in T.Parallel(C, K):
@@ -511,31 +544,19 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                         i >= r * SB + SB, qp_s[i, d] * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
                 compensated_gemm(pc_m, cg_m, part_f, tf32_C_SB, tf32_C_K, transpose_A=True, clear_accum=True)
                 for j, d in T.Parallel(SB, K):
-                    py_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
-            for i, d in T.Parallel(C, K):
-                diag_terms_f[i, d] = px_s[i, d]
-            for jj in T.serial(SB):
-                for i, d in T.Parallel(C, K):
-                    diag_terms_f[i, d] += T.if_then_else(
-                        jj <= i % SB,
-                        dA_s[i, i - i % SB + jj] * kp_s[i - i % SB + jj, d] * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)),
-                        0.0)
-            for i, d in T.Parallel(C, K):
-                px_s[i, d] = diag_terms_f[i, d]
+                    pair_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
             for j, d in T.Parallel(C, K):
-                diag_terms_f[j, d] = py_s[j, d]
+                diag_terms_f[j, d] = pair_s[j, d]
+                diag_decay_f[j, d] = 0.0
             for ii in T.serial(SB):
                 for j, d in T.Parallel(C, K):
+                    diag_decay_f[j, d] = T.if_then_else(j % SB == ii, 1.0, diag_decay_f[j, d] * step_s[j - j % SB + ii, d])
                     diag_terms_f[j, d] += T.if_then_else(
-                        ii >= j % SB,
-                        dA_s[j - j % SB + ii, j] * qp_s[j - j % SB + ii, d] * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)),
-                        0.0)
+                        ii >= j % SB, dA_s[j - j % SB + ii, j] * qp_s[j - j % SB + ii, d] * diag_decay_f[j, d], 0.0)
             for j, d in T.Parallel(C, K):
-                py_s[j, d] = diag_terms_f[j, d]
-            for i, d in T.Parallel(C, K):
-                dqA_f[i, d] = px_s[i, d]
+                pair_s[j, d] = diag_terms_f[j, d]
             for j, d in T.Parallel(C, K):
-                dkA_f[j, d] = py_s[j, d]
+                dkA_f[j, d] = pair_s[j, d]
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = T.exp(b_s[i, d]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d] + dkA_f[i, d]

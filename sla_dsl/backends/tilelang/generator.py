@@ -312,7 +312,8 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         s += """
     for i, d in T.Parallel(C, K):
         b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-    """ + _column_scan("b_s", reverse=False)
+    """
+        s += _column_scan("b_s", reverse=False)
     for side, src, fm, on in (("q", "Q", f.fq, q), ("k", "KK", f.fk, k)):
         if not on:
             continue
@@ -440,42 +441,70 @@ def _decayed_products(X, Y, out: str, strict: bool) -> str:
     the shared fp32 C x C buffer `out`; X and Y give a row's value at [row, d] (_copy_row). Below the diagonal
     sub-blocks (SB rows) it runs on tensor cores: for
     rows in sub-block r the decay splits at the row before it, exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j),
-    both exponents <= 0. The diagonal sub-blocks take the exact elementwise form (SB x SB x K per sub-block
-    instead of C x C x K per chunk): one column jj of every diagonal sub-block at a time, as the row sums of a
-    [C, K] tile. Threads run along K there, so a warp reads one row of X, Y and b_s, contiguous in shared memory;
-    with threads along the sub-block's columns instead (a [C, SB] tile summed over K serially) each read of Y
-    and b_s hit one shared-memory bank from 16 rows, and that loop took most of gla's forward on the H100."""
-    mask = "jj < i % SB" if strict else "jj <= i % SB"
+    both exponents <= 0 (sub-block 0 has no columns before it). The diagonal sub-blocks take the exact elementwise form (SB x SB x K per sub-block
+    instead of C x C x K per chunk): one column of every diagonal sub-block at a time, as the row sums of a
+    [C, K] tile. Threads run along K there, so a warp reads one row of X, Y and step_s, contiguous in shared
+    memory; with threads along the sub-block's columns instead (a [C, SB] tile summed over K serially) each read
+    of Y hit one shared-memory bank from 16 rows, and that loop took most of gla's forward on the H100.
+    _diagonal_decays gives the columns' decays."""
+    mask = "SB - 1 - jj < i % SB" if strict else "SB - 1 - jj <= i % SB"
     return f"""
-    for r in T.serial(C // SB):
+    for i, j in T.Parallel(SB, C):
+        {out}[i, j] = 0.0
+    for r in T.serial(1, C // SB):
         for i, d in T.Parallel(SB, K):
-            xg_m[i, d] = T.cast(
-                {X("r * SB + i")} * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d]), dtype)
+            xg_m[i, d] = T.cast({X("r * SB + i")} * T.exp(b_s[r * SB + i, d] - b_s[r * SB - 1, d]), dtype)
         for j, d in T.Parallel(C, K):
             cg_m[j, d] = T.cast(T.if_then_else(
-                j < r * SB, {Y("j")} * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                j < r * SB, {Y("j")} * T.exp(T.min(b_s[r * SB - 1, d] - b_s[j, d], 0.0)), 0.0), dtype)
         T.gemm(xg_m, cg_m, rows_f, transpose_B=True, clear_accum=True)
         for i, j in T.Parallel(SB, C):
             {out}[r * SB + i, j] = rows_f[i, j]
+    {_load_steps()}
+    for i, d in T.Parallel(C, K):
+        diag_decay_f[i, d] = 0.0
     for jj in T.serial(SB):
         for i, d in T.Parallel(C, K):
+            {_diagonal_decay("i", "SB - 1 - jj", "T.min(SB - jj, SB - 1)")}
             diag_terms_f[i, d] = T.if_then_else(
-                {mask},
-                {X("i")} * {Y("i - i % SB + jj")} * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)), 0.0)
+                {mask}, {X("i")} * {Y("i - i % SB + SB - 1 - jj")} * diag_decay_f[i, d], 0.0)
         T.reduce_sum(diag_terms_f, diag_column_f, dim=1)
         for i in T.Parallel(C):
-            {out}[i, i - i % SB + jj] = diag_column_f[i]
+            {out}[i, i - i % SB + SB - 1 - jj] = diag_column_f[i]
     """
 
 
+def _load_steps() -> str:
+    """step_s = exp(g) of every row of the chunk (1 past the sequence's end), for _diagonal_decay: from g itself
+    rather than from differences of b, whose rounding grows with |b|; loaded where the diagonal sub-blocks start
+    rather than with b, so that in the forward's output stage step_s takes the shared memory b_s had (the
+    off-diagonal part is b_s's last use there), and the stage keeps three CTAs per SM on the H100."""
+    return """for i, d in T.Parallel(C, K):
+        step_s[i, d] = T.exp(T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0))"""
+
+
+def _diagonal_decay(row: str, reset: str, step: str) -> str:
+    """The update of diag_decay_f[row, d] = exp(b_i - b_j) for the next pair (i, j) of a diagonal sub-block that
+    its loop visits: 1 where j = i (the sub-block offset `reset`), else the last one times one step decay, exp(g)
+    of sub-block row `step`. A loop walks j right to left (row i fixed) or i down (column j fixed), so each
+    step is one factor exp(g_{j+1}) or exp(g_i), each <= 1, and no product overflows: the diagonal
+    sub-blocks take SB x K exps each (step_s) instead of SB x SB x K. Before j reaches i the value is 0
+    (diag_decay_f starts at 0) and the loop masks it out."""
+    return (f"diag_decay_f[{row}, d] = T.if_then_else({row} % SB == {reset}, 1.0, "
+            f"diag_decay_f[{row}, d] * step_s[{row} - {row} % SB + {step}, d])")
+
+
 def _subblock_allocs(f: _Features) -> str:
-    """The scratch of _decayed_products (cg_m is also _pair_terms', whose other buffers bwd_chunk allocates)."""
+    """The scratch of _decayed_products and _pair_terms' diagonal sub-blocks (step_s: _load_steps; cg_m is also
+    _pair_terms', whose other buffers bwd_chunk allocates)."""
     if not f.vector:
         return ""
     return _ind("""
+    step_s = T.alloc_shared((C, K), "float32")
     xg_m = T.alloc_shared((SB, K), dtype)
     cg_m = T.alloc_shared((C, K), dtype)
     rows_f = T.alloc_fragment((SB, C), "float32")
+    diag_decay_f = T.alloc_fragment((C, K), "float32")
     diag_terms_f = T.alloc_fragment((C, K), "float32")
     diag_column_f = T.alloc_fragment((C,), "float32")
     """, 0)
@@ -1298,8 +1327,7 @@ def _pair_terms_allocs(f: _Features) -> str:
     pr_m = T.alloc_shared((SB, C), dtype)
     pc_m = T.alloc_shared((C, SB), dtype)
     part_f = T.alloc_fragment((SB, K), "float32")
-    px_s = T.alloc_shared((C, K), "float32")
-    py_s = T.alloc_shared((C, K), "float32")
+    pair_s = T.alloc_shared((C, K), "float32")
     """
     return """
     P_m = T.alloc_shared((C, C), dtype)
@@ -1621,21 +1649,45 @@ def _pair_terms(f: _Features, P: str, X, Y, outx: str, outy: str, strict: bool) 
     if f.vector:
         # Below the diagonal sub-blocks on tensor cores, the decay split at a reference row as in
         # _decayed_products: rows of sub-block r against the columns before it (reference: the row before the
-        # sub-block), columns of sub-block r against the rows after it (reference: its last row). The diagonal
+        # sub-block), columns of sub-block r against the rows after it (reference: its last row); none before the
+        # first sub-block's rows or after the last one's columns. The diagonal
         # sub-blocks take the exact elementwise form, summed in diag_terms_f (threads along K, one row per warp)
-        # and handed to outx / outy through shared memory. Summed in outx / outy themselves (gemm accumulators,
-        # 8 rows per warp), the reads of b_s and P hit one bank from 8 rows at a time.
-        xmask, ymask = ("jj < i % SB", "ii > j % SB") if strict else ("jj <= i % SB", "ii >= j % SB")
+        # and handed to outx / outy through shared memory. Summed in outx / outy themselves, or copied to them
+        # from registers (which gives diag_terms_f their layout: 8 rows per warp), the reads of P hit one bank
+        # from 8 rows at a time. outx is done before outy's off-diagonal part starts, so one shared buffer
+        # (pair_s) takes both in turn: with two, gla's bwd_chunk at chunk 64 needed more shared memory than an
+        # SM has once the diagonal sub-blocks read step_s.
+        xmask, ymask = (("SB - 1 - jj < i % SB", "ii > j % SB") if strict
+                        else ("SB - 1 - jj <= i % SB", "ii >= j % SB"))
         return f"""
-    for r in T.serial(C // SB):
+    for i, d in T.Parallel(SB, K):
+        pair_s[i, d] = 0.0
+    for r in T.serial(1, C // SB):
         for i, j in T.Parallel(SB, C):
             pr_m[i, j] = T.cast(T.if_then_else(j < r * SB, {P}[r * SB + i, j], 0.0), dtype)
         for j, d in T.Parallel(C, K):
             cg_m[j, d] = T.cast(T.if_then_else(
-                j < r * SB, {Y("j")} * T.exp(T.min(b_s[T.max(r * SB - 1, 0), d] - b_s[j, d], 0.0)), 0.0), dtype)
+                j < r * SB, {Y("j")} * T.exp(T.min(b_s[r * SB - 1, d] - b_s[j, d], 0.0)), 0.0), dtype)
         T.gemm(pr_m, cg_m, part_f, clear_accum=True)
         for i, d in T.Parallel(SB, K):
-            px_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[T.max(r * SB - 1, 0), d])
+            pair_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[r * SB - 1, d])
+    {_load_steps()}
+    for i, d in T.Parallel(C, K):
+        diag_terms_f[i, d] = pair_s[i, d]
+        diag_decay_f[i, d] = 0.0
+    for jj in T.serial(SB):
+        for i, d in T.Parallel(C, K):
+            {_diagonal_decay("i", "SB - 1 - jj", "T.min(SB - jj, SB - 1)")}
+            diag_terms_f[i, d] += T.if_then_else(
+                {xmask},
+                {P}[i, i - i % SB + SB - 1 - jj] * {Y("i - i % SB + SB - 1 - jj")} * diag_decay_f[i, d], 0.0)
+    for i, d in T.Parallel(C, K):
+        pair_s[i, d] = diag_terms_f[i, d]
+    for i, d in T.Parallel(C, K):
+        {outx}[i, d] = pair_s[i, d]
+    for j, d in T.Parallel(SB, K):
+        pair_s[C - SB + j, d] = 0.0
+    for r in T.serial(C // SB - 1):
         for i, j in T.Parallel(C, SB):
             pc_m[i, j] = T.cast(T.if_then_else(i >= r * SB + SB, {P}[i, r * SB + j], 0.0), dtype)
         for i, d in T.Parallel(C, K):
@@ -1643,31 +1695,19 @@ def _pair_terms(f: _Features, P: str, X, Y, outx: str, outy: str, strict: bool) 
                 i >= r * SB + SB, {X("i")} * T.exp(T.min(b_s[i, d] - b_s[r * SB + SB - 1, d], 0.0)), 0.0), dtype)
         T.gemm(pc_m, cg_m, part_f, transpose_A=True, clear_accum=True)
         for j, d in T.Parallel(SB, K):
-            py_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
-    for i, d in T.Parallel(C, K):
-        diag_terms_f[i, d] = px_s[i, d]
-    for jj in T.serial(SB):
-        for i, d in T.Parallel(C, K):
-            diag_terms_f[i, d] += T.if_then_else(
-                {xmask},
-                {P}[i, i - i % SB + jj] * {Y("i - i % SB + jj")} * T.exp(T.min(b_s[i, d] - b_s[i - i % SB + jj, d], 0.0)),
-                0.0)
-    for i, d in T.Parallel(C, K):
-        px_s[i, d] = diag_terms_f[i, d]
+            pair_s[r * SB + j, d] = part_f[j, d] * T.exp(b_s[r * SB + SB - 1, d] - b_s[r * SB + j, d])
     for j, d in T.Parallel(C, K):
-        diag_terms_f[j, d] = py_s[j, d]
+        diag_terms_f[j, d] = pair_s[j, d]
+        diag_decay_f[j, d] = 0.0
     for ii in T.serial(SB):
         for j, d in T.Parallel(C, K):
+            {_diagonal_decay("j", "ii", "ii")}
             diag_terms_f[j, d] += T.if_then_else(
-                {ymask},
-                {P}[j - j % SB + ii, j] * {X("j - j % SB + ii")} * T.exp(T.min(b_s[j - j % SB + ii, d] - b_s[j, d], 0.0)),
-                0.0)
+                {ymask}, {P}[j - j % SB + ii, j] * {X("j - j % SB + ii")} * diag_decay_f[j, d], 0.0)
     for j, d in T.Parallel(C, K):
-        py_s[j, d] = diag_terms_f[j, d]
-    for i, d in T.Parallel(C, K):
-        {outx}[i, d] = px_s[i, d]
+        pair_s[j, d] = diag_terms_f[j, d]
     for j, d in T.Parallel(C, K):
-        {outy}[j, d] = py_s[j, d]
+        {outy}[j, d] = pair_s[j, d]
     """
     mask = "j < i" if strict else "j <= i"
     xm = "km_m" if strict else "qm_m"
