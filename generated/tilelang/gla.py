@@ -26,7 +26,7 @@ def state_dtype(dtype):
 # The kernels each phase runs, in order (the host runtime and the tuning space follow it). A forward that
 # lists states_output has two schedules, which the tuning key fwd_schedule picks between: split (the kernels
 # before it) and fused (states_output alone).
-PHASES = {'fwd': ('prep', 'states', 'output'), 'bwd': ('prep', 'states', 'bwd_dh', 'bwd_chunk')}
+PHASES = {'fwd': ('prep', 'states', 'output'), 'bwd': ('bwd_prep', 'states', 'bwd_dh', 'bwd_chunk')}
 # Warp specialisation and TMA lowering are disabled: both have known miscompilation bugs on sm_90 in this
 # TileLang version for kernels of this shape (loop-carried fragments, masked element-wise loads).
 PASS_CONFIGS = {
@@ -73,9 +73,9 @@ def tf32_lo(x, part):
 
 def prep(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """What the sequential stages of a vector decay read per chunk, computed chunk-parallel so that its column scan
-    of the chunk's decays and q' and k' stay off their critical path. Inputs (q, k, v, g, scale), cu_seqlens,
-    chunk_table [NC, 2] int32; outputs ke [NT, H, K] = k' exp(b_C - b) (for states) and qe [NT, H, K] = q' exp(b)
-    (for bwd_dh) in dtype, gc [NC, H, K] = exp(b_C) fp32 (the chunk's decay of the state)."""
+    of the chunk's decays and k' stay off their critical path. Inputs (q, k, v, g, scale), cu_seqlens, chunk_table
+    [NC, 2] int32; outputs ke [NT, H, K] = k' exp(b_C - b) (for states) in dtype, gc [NC, H, K] = exp(b_C) fp32 (the
+    chunk's decay of the state). The forward's; the backward's (bwd_prep) also writes qe."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -83,6 +83,51 @@ def prep(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 
     @T.prim_func
     def gla_prep(
+        Q: T.Tensor((NT, H, K), dtype),
+        KK: T.Tensor((NT, H, K), dtype),
+        VV: T.Tensor((NT, H, V), dtype),
+        G: T.Tensor((NT, H, K), "float32"),
+        SC: T.Tensor((1,), "float32"),
+        CU: T.Tensor((NB,), "int32"),
+        CI: T.Tensor((NC, 2), "int32"),
+        KE: T.Tensor((NT, H, K), dtype),
+        GC: T.Tensor((NC, H, K), "float32"),
+    ):
+        with T.Kernel(NC, H, threads=threads) as (ci, h):
+            n = CI[ci, 0]
+            bos = CU[n]
+            eos = CU[n + 1]
+            t0 = bos + CI[ci, 1] * C
+            b_s = T.alloc_shared((C, K), "float32")
+            kx = T.alloc_fragment((C, K), "float32")
+            for i, d in T.Parallel(C, K):
+                b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
+            for d in T.Parallel(K):
+                for i in T.serial(C - 1):
+                    b_s[i + 1, d] = b_s[i + 1, d] + b_s[i, d]
+            for i, d in T.Parallel(C, K):
+                kx[i, d] = T.if_then_else(t0 + i < eos, T.cast(KK[t0 + i, h, d], "float32"), 0.0)
+            for i, d in T.Parallel(C, K):
+                if t0 + i < eos:
+                    KE[t0 + i, h, d] = T.cast(kx[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
+            for d in T.Parallel(K):
+                GC[ci, h, d] = T.exp(b_s[C - 1, d])
+
+    return gla_prep
+
+def bwd_prep(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+    """What the sequential stages of a vector decay read per chunk, computed chunk-parallel so that its column scan
+    of the chunk's decays and q' and k' stay off their critical path. Inputs (q, k, v, g, scale), cu_seqlens,
+    chunk_table [NC, 2] int32; outputs ke [NT, H, K] = k' exp(b_C - b) (for states) and qe [NT, H, K] = q' exp(b)
+    (for bwd_dh) in dtype, gc [NC, H, K] = exp(b_C) fp32 (the chunk's decay of the state). The backward's; the
+    forward's (prep) leaves qe out."""
+    C, BV, SB = chunk, block_v, SUB_BLOCK
+    # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
+    # cannot solve N + 1 for N
+    NT, N, NC, NB = T.dynamic("NT"), T.dynamic("N"), T.dynamic("NC"), T.dynamic("NB")
+
+    @T.prim_func
+    def gla_bwd_prep(
         Q: T.Tensor((NT, H, K), dtype),
         KK: T.Tensor((NT, H, K), dtype),
         VV: T.Tensor((NT, H, V), dtype),
@@ -123,7 +168,7 @@ def prep(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             for d in T.Parallel(K):
                 GC[ci, h, d] = T.exp(b_s[C - 1, d])
 
-    return gla_prep
+    return gla_bwd_prep
 
 def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state S[K,

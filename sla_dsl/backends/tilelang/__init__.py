@@ -6,9 +6,10 @@ under our cache directory; its key is the kernel's full TIR, so a changed templa
 stale binary) and launches the generated module's `PHASES` in order:
 
     forward:  [wy | prep ->] states -> output, or states_output alone (the fused schedule; see tuning)
-    backward: [wy | prep ->] states -> [dv_local ->] bwd_dh -> bwd_chunk [-> bwd_delta]
+    backward: [wy | bwd_prep ->] states -> [dv_local ->] bwd_dh -> bwd_chunk [-> bwd_delta]
 
-(wy, dv_local and bwd_delta: the delta rule; prep: a vector decay without it).
+(wy, dv_local and bwd_delta: the delta rule; prep and bwd_prep, which also writes bwd_dh's qe: a vector decay
+without it).
 
 CPU tensors run the same kernels compiled by TileLang's C target (`cpu_emulation`): slow, for tests.
 
@@ -175,25 +176,27 @@ class TileLangKernels:
         # a vector decay's exp(b_C) per chunk, written by wy or prep
         gc = [new_output((max(total, 1), heads, dim_k), torch.float32, device)] if vector else []
         v_new, wy, tm, prep, extra = p["v"], [], [], [], []
+        prep_kernel = next((name for name in ("prep", "bwd_prep") if name in kernels), None)
         if "wy" in kernels:
             wy = [new_output((nt, heads, dim), dtype, device) for dim in (dim_k, dim_v, dim_k)]  # w, u, ke
             tm = [new_output((max(total, 1), heads, chunk, chunk), dtype, device)]  # the solve T, for bwd_delta
             v_new = new_output((nt, heads, dim_v), dtype, device)
             extra = [*wy, v_new, *gc]
-        elif "prep" in kernels:
-            prep = [new_output((nt, heads, dim_k), dtype, device) for _ in range(2)]  # ke, qe
+        elif prep_kernel:
+            # ke, and for the backward's bwd_dh qe
+            prep = [new_output((nt, heads, dim_k), dtype, device) for _ in range(2 if prep_kernel == "bwd_prep" else 1)]
             extra = [prep[0], *gc]
         if nt > 0:
             if wy:
                 kernels["wy"](*p["inputs"], p["cu"], table, *wy, *tm, *gc)
             if prep:
-                kernels["prep"](*p["inputs"], p["cu"], table, *prep, *gc)
+                kernels[prep_kernel](*p["inputs"], p["cu"], table, *prep, *gc)
             kernels["states"](*p["inputs"], p["cu"], offsets, *extra, p["h0"], hs, ht)
         else:
             ht.copy_(p["h0"])
         w, u, ke = wy or (None, None, prep[0] if prep else None)
         return dict(hs=hs, ht=ht, v_new=v_new, w=w, u=u, ke=ke, tm=tm[0] if tm else None,
-                    qe=prep[1] if prep else None, gc=gc, offsets=offsets, table=table)
+                    qe=prep[1] if len(prep) > 1 else None, gc=gc, offsets=offsets, table=table)
 
     def _run_delta_backward(self, p, kernels: dict, st: dict, dh, do_flat, du, dq, dk, dv, small: dict) -> None:
         """The delta rule's last two backward stages: bwd_chunk (dq, and the parts of dk and dg that read the
@@ -280,7 +283,7 @@ class TileLangKernels:
             shape = (nt, heads, dim_k) if name == "dg" and self.recurrence.decay is Decay.VECTOR else (nt, heads)
             small[name] = new_output(shape, torch.float32, device)
         if nt > 0:
-            extra, du = ([st["qe"]] if "prep" in kernels else []), []
+            extra, du = ([st["qe"]] if "bwd_prep" in kernels else []), []
             if "dv_local" in kernels:
                 dvl = new_output((nt, heads, dim_v), torch.float32, device)
                 qe = new_output((nt, heads, dim_k), dtype, device)

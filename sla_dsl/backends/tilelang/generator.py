@@ -768,15 +768,14 @@ def wy(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 '''
 
 PREP = '''
-def prep(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
+def {stage}(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """What the sequential stages of a vector decay read per chunk, computed chunk-parallel so that its column
-    scan of the chunk's decays and q' and k' stay off their critical path. Inputs {inputs}, cu_seqlens,
-    chunk_table [NC, 2] int32; outputs ke [NT, H, K] = k' exp(b_C - b) (for states) and qe [NT, H, K] =
-    q' exp(b) (for bwd_dh) in dtype, gc [NC, H, K] = exp(b_C) fp32 (the chunk's decay of the state)."""
+    scan of the chunk's decays and {prepared} stay off their critical path. Inputs {inputs}, cu_seqlens,
+    chunk_table [NC, 2] int32; outputs ke [NT, H, K] = k' exp(b_C - b) (for states){qe_doc} in dtype, gc [NC,
+    H, K] = exp(b_C) fp32 (the chunk's decay of the state).{phase_doc}"""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         KE: T.Tensor((NT, H, K), dtype),
-        QE: T.Tensor((NT, H, K), dtype),
-        GC: T.Tensor((NC, H, K), "float32"),
+{qe_param}        GC: T.Tensor((NC, H, K), "float32"),
     ):
 ''' + CHUNK_PROLOGUE + '''{allocs}{body}
     return {spec_name}_{stage}
@@ -1735,8 +1734,9 @@ def phase_kernels(spec: Spec) -> dict[str, tuple[str, ...]]:
     in the forward, where the spec is `fusable`, states_output: the fused schedule, which runs it alone."""
     f = _Features(spec)
     first = ("wy",) if f.delta else ("prep",) if f.vector else ()
+    bwd_first = ("wy",) if f.delta else ("bwd_prep",) if f.vector else ()
     return {"fwd": (*first, "states", "output", *(("states_output",) if fusable(spec) else ())),
-            "bwd": (*first, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk",
+            "bwd": (*bwd_first, "states", *(("dv_local",) if f.delta else ()), "bwd_dh", "bwd_chunk",
                     *(("bwd_delta",) if f.delta else ()))}
 
 
@@ -1772,11 +1772,18 @@ def generate(spec: Spec) -> dict[str, str]:
             gc_param=gc_param, gc_doc=", and gc [NC, H, K] = exp(b_C) fp32" if f.vector else "", **common))
     prep_stage = f.vector and not f.delta
     if prep_stage:
-        factories.append(PREP.format(
-            stage="prep", allocs=at(_prep_allocs(f, beta=False, shared=False), 12),
-            body=at(_prep(f, beta=False, shared=False)
-                    + _store_ke(f, _scaled(f, "k")) + _store_qe(f, _scaled(f, "q")) + store_gc, 12),
-            **common))
+        # the forward's prep leaves qe out (only bwd_dh reads it): a third less memory traffic
+        for stage, q in (("prep", False), ("bwd_prep", True)):
+            factories.append(PREP.format(
+                stage=stage, prepared="q' and k'" if q else "k'",
+                qe_doc=" and qe [NT, H, K] = q' exp(b) (for bwd_dh)" if q else "",
+                qe_param="        QE: T.Tensor((NT, H, K), dtype),\n" if q else "",
+                phase_doc=(" The backward's; the forward's (prep) leaves qe out." if q
+                           else " The forward's; the backward's (bwd_prep) also writes qe."),
+                allocs=at(_prep_allocs(f, q=q, beta=False, shared=False), 12),
+                body=at(_prep(f, q=q, beta=False, shared=False) + _store_ke(f, _scaled(f, "k"))
+                        + (_store_qe(f, _scaled(f, "q")) if q else "") + store_gc, 12),
+                **common))
     st = _states_u(f)
     k_prep = not (f.delta or prep_stage)
     k_decay = _row_decays(f, "k") if k_prep else ("", "", None)

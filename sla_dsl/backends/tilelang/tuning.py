@@ -3,8 +3,9 @@
 Each kernel factory takes a chunk size, a V-block (block_v: the grid's split of V in the sequential stages,
 the inner loop's block in the chunk-parallel ones), its thread count and the software pipelining depth of its
 main loop (num_stages; 0 leaves the loop unpipelined). A generated module lists the kernels of each phase in
-the order they run (`PHASES`): fwd runs [wy|prep,] states, output; bwd runs [wy|prep,] states, [dv_local,]
-bwd_dh, bwd_chunk[, bwd_delta] (wy, dv_local and bwd_delta: delta rule only; prep: a vector decay without it).
+the order they run (`PHASES`): fwd runs [wy|prep,] states, output; bwd runs [wy|bwd_prep,] states, [dv_local,]
+bwd_dh, bwd_chunk[, bwd_delta] (wy, dv_local and bwd_delta: delta rule only; prep and bwd_prep: a vector decay
+without it).
 The stages of a phase exchange per-chunk tensors, so a phase has one chunk size. A forward without the delta
 rule or a vector decay has a second schedule, fused: one sequential stage, states_output, that computes each
 chunk's output with the state it carries (`generator.STATES_OUTPUT`); the key "fwd_schedule" ("split" or
@@ -49,7 +50,7 @@ SEQUENTIAL_KERNELS = ("states", "bwd_dh", "states_output")
 SEQUENTIAL_NUM_STAGES = (0, 1)
 # The stages with no loop over blocks of V: block_v and num_stages change nothing in them, so the space offers
 # one of each (the largest block_v, as default_config picks).
-UNBLOCKED_KERNELS = ("prep",)
+UNBLOCKED_KERNELS = ("prep", "bwd_prep")
 STAGE_PARAMS = ("block_v", "threads", "num_stages")
 # The CTAs per SM a kernel's registers must allow (its factory's min_blocks: __launch_bounds__' second
 # argument). Only bwd_chunk and bwd_delta (the delta rule's WY backward, split from it) take it: the offline
@@ -75,7 +76,7 @@ FUSED_BLOCK_V = 64
 FUSED_THREADS = 256
 FUSED_MIN_PROGRAMS = 64
 # the kernels only the backward runs, whose names say so: their stage names are theirs
-BACKWARD_KERNELS = ("bwd_dh", "bwd_chunk", "bwd_delta")
+BACKWARD_KERNELS = ("bwd_prep", "bwd_dh", "bwd_chunk", "bwd_delta")
 
 
 def stage_name(phase: str, kernel: str) -> str:
