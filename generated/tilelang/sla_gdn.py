@@ -655,6 +655,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             dws_f = T.alloc_fragment((C, K), "float32")
             terms_f = T.alloc_fragment((C, K), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
+            row_terms_f = T.alloc_fragment((C, K), "float32")
             yq_f = T.alloc_fragment((C, K), "float32")
             inv_norm_q_f = T.alloc_fragment((C,), "float32")
             dot_q_f = T.alloc_fragment((C,), "float32")
@@ -738,21 +739,21 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = (T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32'))))
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = yq_f[i, d] * yq_f[i, d]
-            T.reduce_sum(terms_f, inv_norm_q_f, dim=1)
+                row_terms_f[i, d] = yq_f[i, d] * yq_f[i, d]
+            T.reduce_sum(row_terms_f, inv_norm_q_f, dim=1)
             for i in T.Parallel(C):
                 inv_norm_q_f[i] = T.rsqrt(inv_norm_q_f[i] + EPS)
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = yq_f[i, d] * inv_norm_q_f[i]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
-            T.reduce_sum(terms_f, dgq_f, dim=1)
+                row_terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+            T.reduce_sum(row_terms_f, dgq_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGQ[t0 + i, h] = dgq_f[i]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d]
-            T.reduce_sum(terms_f, dot_q_f, dim=1)
+                row_terms_f[i, d] = dqp_s[i, d] * yq_f[i, d]
+            T.reduce_sum(row_terms_f, dot_q_f, dim=1)
             for i, d in T.Parallel(C, K):
                 dqp_s[i, d] = inv_norm_q_f[i] * (dqp_s[i, d] - yq_f[i, d] * dot_q_f[i])
             for i, d in T.Parallel(C, K):
@@ -857,6 +858,7 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             dbr_f = T.alloc_fragment((C,), "float32")
             dbr_s = T.alloc_shared((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
+            row_terms_f = T.alloc_fragment((C, K), "float32")
             yk_f = T.alloc_fragment((C, K), "float32")
             inv_norm_k_f = T.alloc_fragment((C,), "float32")
             dot_k_f = T.alloc_fragment((C,), "float32")
@@ -960,15 +962,15 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for i, d in T.Parallel(C, K):
                 yk_f[i, d] = (T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32'))))
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = yk_f[i, d] * yk_f[i, d]
-            T.reduce_sum(terms_f, inv_norm_k_f, dim=1)
+                row_terms_f[i, d] = yk_f[i, d] * yk_f[i, d]
+            T.reduce_sum(row_terms_f, inv_norm_k_f, dim=1)
             for i in T.Parallel(C):
                 inv_norm_k_f[i] = T.rsqrt(inv_norm_k_f[i] + EPS)
             for i, d in T.Parallel(C, K):
                 yk_f[i, d] = yk_f[i, d] * inv_norm_k_f[i]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(terms_f, dgk_f, dim=1)
+                row_terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+            T.reduce_sum(row_terms_f, dgk_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGK[t0 + i, h] = dgk_f[i]
@@ -976,8 +978,8 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 if t0 + i < eos:
                     DBETA[t0 + i, h] = dbt_s[i]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(terms_f, dot_k_f, dim=1)
+                row_terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+            T.reduce_sum(row_terms_f, dot_k_f, dim=1)
             for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = inv_norm_k_f[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
             for i, d in T.Parallel(C, K):

@@ -512,6 +512,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             terms_f = T.alloc_fragment((C, K), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
+            row_terms_f = T.alloc_fragment((C, K), "float32")
             yq_f = T.alloc_fragment((C, K), "float32")
             yk_f = T.alloc_fragment((C, K), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
@@ -669,14 +670,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for i, d in T.Parallel(C, K):
                 yk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
-            T.reduce_sum(terms_f, dgq_f, dim=1)
+                row_terms_f[i, d] = dqp_s[i, d] * yq_f[i, d] * SC[0]
+            T.reduce_sum(row_terms_f, dgq_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGQ[t0 + i, h] = dgq_f[i]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(terms_f, dgk_f, dim=1)
+                row_terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+            T.reduce_sum(row_terms_f, dgk_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGK[t0 + i, h] = dgk_f[i]

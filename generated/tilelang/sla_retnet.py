@@ -464,6 +464,7 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             terms_f = T.alloc_fragment((C, K), "float32")
             dgq_f = T.alloc_fragment((C,), "float32")
             dgk_f = T.alloc_fragment((C,), "float32")
+            row_terms_f = T.alloc_fragment((C, K), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
             tf32_C_K_2 = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
@@ -527,14 +528,14 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 dqp_s[i, d] = T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + dkA_f[i, d]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dqp_s[i, d] * qp_s[i, d]
-            T.reduce_sum(terms_f, dgq_f, dim=1)
+                row_terms_f[i, d] = dqp_s[i, d] * qp_s[i, d]
+            T.reduce_sum(row_terms_f, dgq_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGQ[t0 + i, h] = dgq_f[i]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dkp_s[i, d] * kp_s[i, d]
-            T.reduce_sum(terms_f, dgk_f, dim=1)
+                row_terms_f[i, d] = dkp_s[i, d] * kp_s[i, d]
+            T.reduce_sum(row_terms_f, dgk_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGK[t0 + i, h] = dgk_f[i]

@@ -1172,6 +1172,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         a += """
     dgk_f = T.alloc_fragment((C,), "float32")
     """
+    a += _row_terms_alloc(f.l2 or f.read or (f.key_gate and not f.delta))
     # y = phi(x), reloaded for the L2 norm's backward and for a gate's gradient unless _gate_kept_out
     if f.l2 or (f.read and not _gate_kept_out(f, "q")):
         a += """
@@ -1380,6 +1381,7 @@ def _bwd_delta_pieces(f: _Features) -> dict:
         a += """
     dgk_f = T.alloc_fragment((C,), "float32")
     """
+    a += _row_terms_alloc(f.l2 or f.key_gate)
     if f.l2 or f.key_gate:
         a += """
     yk_f = T.alloc_fragment((C, K), "float32")
@@ -1542,6 +1544,14 @@ def _dg_suffix_store(f: _Features) -> str:
     """
 
 
+def _row_terms_alloc(used: bool) -> str:
+    """The [C, K] fragment of _input_gradients' row sums, where it has any (`used`: an L2 norm, or a gate on a
+    side it finishes)."""
+    return """
+    row_terms_f = T.alloc_fragment((C, K), "float32")
+    """ if used else ""
+
+
 def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False) -> str:
     """dq (side "q") and/or dk ("k") from the gradients of q' and k' in dqp_s / dkp_s, through the gates, the
     scale, the L2 norm and the feature maps, with the gates' gradients: dy = dx' * gate * scale; L2: dx = r (dy -
@@ -1552,7 +1562,10 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False
     thread each: a quarter of the threads, each row's reads on one bank (bwd_chunk at 4x8192 on the H100: retnet
     0.924 -> 0.810 ms, sla_retnet 1.243 -> 1.024, sla_gla 5.318 -> 4.441); `loop_layouts` finds such loops.
     `ungated` (bwd_chunk): a side whose shared copy leaves the gate out (_gate_kept_out) reads y (times the
-    scale) from that copy; the others reload x from global memory."""
+    scale) from that copy; the others reload x from global memory. The row sums read row_terms_f
+    (_row_terms_alloc), not the stage's terms_f, whose layout is a gemm accumulator's where it meets dke_f:
+    with that one each row's sum crossed warpgroups through shared memory, and the loops that fill it read
+    dqp_s / dkp_s 8 rows to a bank."""
     # per side: the input tensor, its feature map, its output tensor and whether a gate scales it
     names = {"q": ("Q", f.fq, "DQ", f.read), "k": ("KK", f.fk, "DK", f.key_gate)}
     on_chip = {side: ungated and _gate_kept_out(f, side) for side in sides}
@@ -1575,8 +1588,8 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False
         for side in sides:
             s += f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = y{side}_f[i, d] * y{side}_f[i, d]
-    T.reduce_sum(terms_f, inv_norm_{side}_f, dim=1)
+        row_terms_f[i, d] = y{side}_f[i, d] * y{side}_f[i, d]
+    T.reduce_sum(row_terms_f, inv_norm_{side}_f, dim=1)
     """
         s += """
     for i in T.Parallel(C):""" + "".join(f"""
@@ -1587,8 +1600,8 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False
         y_scaled = "qp_s[i, d]" if on_chip["q"] else "yq_f[i, d] * SC[0]"
         s += f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dqp_s[i, d] * {y_scaled}
-    T.reduce_sum(terms_f, dgq_f, dim=1)
+        row_terms_f[i, d] = dqp_s[i, d] * {y_scaled}
+    T.reduce_sum(row_terms_f, dgq_f, dim=1)
     for i in T.Parallel(C):
         if t0 + i < eos:
             DGQ[t0 + i, h] = dgq_f[i]
@@ -1597,8 +1610,8 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False
         if f.key_gate:
             s += f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dkp_s[i, d] * {"kp_s[i, d]" if on_chip["k"] else "yk_f[i, d]"}
-    T.reduce_sum(terms_f, dgk_f, dim=1)
+        row_terms_f[i, d] = dkp_s[i, d] * {"kp_s[i, d]" if on_chip["k"] else "yk_f[i, d]"}
+    T.reduce_sum(row_terms_f, dgk_f, dim=1)
     """
         if f.beta_gate:
             s += """
@@ -1622,8 +1635,8 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False
         for side in sides:
             s += f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = d{side}p_s[i, d] * y{side}_f[i, d]
-    T.reduce_sum(terms_f, dot_{side}_f, dim=1)
+        row_terms_f[i, d] = d{side}p_s[i, d] * y{side}_f[i, d]
+    T.reduce_sum(row_terms_f, dot_{side}_f, dim=1)
     """
         s += loop(lambda side: f"d{side}p_s[i, d] = inv_norm_{side}_f[i] * (d{side}p_s[i, d] - y{side}_f[i, d] * "
                                f"dot_{side}_f[i])")
