@@ -28,3 +28,15 @@ def test_ptxas_reports_registers_and_spills_of_a_cuda_kernel():
     assert 0 < registers < 32 and spills == 0
     with pytest.raises(RuntimeError, match="nvcc failed"):
         offline.ptxas_usage("this is not CUDA")
+
+
+def test_config_keys_it_does_not_know_are_an_error_naming_them():
+    from sla_dsl.autotune.runner import resolve_specs
+    from sla_dsl.autotune.shapes import parse_shapes
+
+    (spec,) = resolve_specs(["gla"])
+    (shape,) = parse_shapes("4x8192x16x128", "bfloat16")
+    with pytest.raises(SystemExit, match="chunkk is not a key of gla's TileLang configs"):
+        offline.report(spec, shape, "NVIDIA_H100_80GB_HBM3", {"chunk": 64, "chunkk": 64})
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        offline._config_object("[64]")

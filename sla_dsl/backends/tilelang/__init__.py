@@ -183,8 +183,8 @@ class TileLangKernels:
             v_new = new_output((nt, heads, dim_v), dtype, device)
             extra = [*wy, v_new, *gc]
         elif prep_kernel:
-            # ke, and for the backward's bwd_dh qe
-            prep = [new_output((nt, heads, dim_k), dtype, device) for _ in range(2 if prep_kernel == "bwd_prep" else 1)]
+            outputs = 2 if prep_kernel == "bwd_prep" else 1  # ke, and for the backward's bwd_dh qe
+            prep = [new_output((nt, heads, dim_k), dtype, device) for _ in range(outputs)]
             extra = [prep[0], *gc]
         if nt > 0:
             if wy:

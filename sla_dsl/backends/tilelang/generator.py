@@ -439,14 +439,14 @@ def _cast_qk_allocs(f: _Features, q: bool = True) -> str:
 def _decayed_products(X, Y, out: str, strict: bool) -> str:
     """Vector decay: out[i, j] = sum_d X_id Y_jd exp(b_id - b_jd) for j <= i (j < i if strict), else 0, into
     the shared fp32 C x C buffer `out`; X and Y give a row's value at [row, d] (_copy_row). Below the diagonal
-    sub-blocks (SB rows) it runs on tensor cores: for
-    rows in sub-block r the decay splits at the row before it, exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j),
-    both exponents <= 0 (sub-block 0 has no columns before it). The diagonal sub-blocks take the exact elementwise form (SB x SB x K per sub-block
-    instead of C x C x K per chunk): one column of every diagonal sub-block at a time, as the row sums of a
-    [C, K] tile. Threads run along K there, so a warp reads one row of X, Y and step_s, contiguous in shared
-    memory; with threads along the sub-block's columns instead (a [C, SB] tile summed over K serially) each read
-    of Y hit one shared-memory bank from 16 rows, and that loop took most of gla's forward on the H100.
-    _diagonal_decays gives the columns' decays."""
+    sub-blocks (SB rows) it runs on tensor cores: for rows in sub-block r the decay splits at the row before it,
+    exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j), both exponents <= 0 (sub-block 0 has no columns before it).
+    The diagonal sub-blocks take the exact elementwise form (SB x SB x K per sub-block instead of C x C x K per
+    chunk): one column of every diagonal sub-block at a time, as the row sums of a [C, K] tile. Threads run along
+    K there, so a warp reads one row of X, Y and step_s, contiguous in shared memory; with threads along the
+    sub-block's columns instead (a [C, SB] tile summed over K serially) each read of Y hit one shared-memory bank
+    from 16 rows, and that loop took most of gla's forward on the H100. _diagonal_decay gives the columns'
+    decays, right to left."""
     mask = "SB - 1 - jj < i % SB" if strict else "SB - 1 - jj <= i % SB"
     return f"""
     for i, j in T.Parallel(SB, C):

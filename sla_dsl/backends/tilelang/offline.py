@@ -59,6 +59,11 @@ def ctas_per_sm(registers: int, threads: int, shared_bytes: int) -> dict[str, in
 
 def report(spec, shape, gpu: str, overrides: dict | None = None) -> None:
     kernels = TileLangKernels(spec)
+    known = {key for phase in ("fwd", "bwd") for key in kernels.default_config(shape, phase)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise SystemExit(f"--config: {', '.join(unknown)} is not a key of {spec.name}'s TileLang configs "
+                         f"(expected some of: {', '.join(sorted(known))})")
     for phase in ("fwd", "bwd"):
         tuned = lookup(spec, "tilelang", shape, phase=phase, gpu=gpu)
         config = tuned if tuned is not None else kernels.default_config(shape, phase)
@@ -83,13 +88,21 @@ def report(spec, shape, gpu: str, overrides: dict | None = None) -> None:
                   f"{shared} B shared; {min(SM90_CTAS_PER_SM, limits[bound])} CTAs / SM ({bound} bound)", flush=True)
 
 
+def _config_object(text: str) -> dict:
+    """--config's value: a JSON object (argparse reports the ValueError as an invalid value)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("specs", help="comma-separated spec names or paths")
     parser.add_argument("shape", nargs="?", default="4x8192x16x128", help="BxTxHxK[xV]")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--gpu", default="NVIDIA_H100_80GB_HBM3", help="whose tuned table (autotune/<gpu>/)")
-    parser.add_argument("--config", type=json.loads, default=None,
+    parser.add_argument("--config", type=_config_object, default=None,
                         help="JSON object of config keys set over the tuned or default ones, each phase taking "
                              "those it has (e.g. a stale table entry's, or a config the sweep has not tried)")
     args = parser.parse_args()
