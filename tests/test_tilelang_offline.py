@@ -40,3 +40,21 @@ def test_config_keys_it_does_not_know_are_an_error_naming_them():
         offline.report(spec, shape, "NVIDIA_H100_80GB_HBM3", {"chunk": 64, "chunkk": 64})
     with pytest.raises(ValueError, match="expected a JSON object"):
         offline._config_object("[64]")
+
+
+def test_row_sums_whose_compiled_all_reduce_goes_through_shared_memory_are_named():
+    factory = """
+            T.reduce_sum(terms_f, dgq_f, dim=1)
+            T.reduce_sum(terms_f, bl_f, dim=0)
+            T.reduce_sum(diag_terms_f, diag_column_f, dim=1)
+    """
+    # as TileLang 0.1.15 compiles them: a row split between warpgroups (workspace), a column sum (workspace, but
+    # not a row sum), a row within a warp (shuffles only)
+    cuda = """
+    dgq_f[i_55] = tl::AllReduce<tl::SumOp, 256, 128, 0, tl::NamedBarrier<256>>::run(dgq_f[i_55], (&(((float*)workspace_1)[0])));
+    dgq_f[i_55] = tl::AllReduce<tl::SumOp, 4, 1, 0, tl::NamedBarrier<256>>::run(dgq_f[i_55]);
+    bl_f[i_48] = tl::AllReduce<tl::SumOp, 128, 32, 0, tl::NamedBarrier<256>>::run(bl_f[i_48], (&(((float*)workspace)[0])));
+    diag_column_f[i_15] = tl::AllReduce<tl::SumOp, 32, 1, 0, tl::NamedBarrier<256>>::run(diag_column_f[i_15]);
+    """
+    assert offline.cross_warp_row_sums(factory, cuda) == {"dgq_f": 1}
+    assert offline.cross_warp_row_sums(factory, cuda.replace("(&(((float*)workspace_1)[0]))", "")) == {}

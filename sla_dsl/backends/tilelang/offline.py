@@ -1,9 +1,13 @@
 """Compiling the generated TileLang kernels for sm_90a on a machine without a GPU, and reading what each one uses:
 registers and spill stores (from ptxas), shared memory (its compiled layout), and the resident CTAs per SM these
 allow. What bounds a chunk-parallel stage's occupancy, to read next to a profile (scripts/profile_kernels.py). The
-configs are a GPU's tuned ones for the shape (its table under autotune/), else the default.
+configs are a GPU's tuned ones for the shape (its table under autotune/), else the default, with the keys of
+--config set over them. It also names the row sums (`T.reduce_sum(..., dim=1)`) whose rows the compiled kernel
+splits across warps: they meet through shared memory and a barrier, where a row within a warp takes shuffles
+alone. A row sum gets that layout from a fragment it shares with a gemm accumulator (09df650 removed one such
+sharing; session 21's README).
 
-    python -m sla_dsl.backends.tilelang.offline SPEC[,SPEC...] [BxTxHxK] [--dtype DTYPE] [--gpu GPU]
+    python -m sla_dsl.backends.tilelang.offline SPEC[,SPEC...] [BxTxHxK] [--dtype DTYPE] [--gpu GPU] [--config JSON]
 
 CTAs per SM is an estimate from the sm_90 limits below (registers allocated per warp in units of 256, shared memory
 per CTA plus 1 KB the driver reserves); a sequential stage's grid (V / block_v x N * H CTAs) is usually smaller than
@@ -12,6 +16,7 @@ the GPU, so its occupancy is its grid's, not this figure."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import subprocess
@@ -31,6 +36,9 @@ SM90_THREADS_PER_SM = 2048
 SM90_CTAS_PER_SM = 32
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores")
+# a row sum of the generated source, and a compiled AllReduce that goes through a shared workspace
+_ROW_SUM = re.compile(r"T\.reduce_sum\(\w+, (\w+), dim=1\)")
+_WORKSPACE_ALL_REDUCE = re.compile(r"(\w+)\[[^\]]*\] = tl::AllReduce<[^;]*?::run\([^;]*?\(&")
 
 
 def ptxas_usage(cuda_source: str) -> tuple[int, int]:
@@ -47,6 +55,17 @@ def ptxas_usage(cuda_source: str) -> tuple[int, int]:
     if found.returncode != 0 or registers is None:
         raise RuntimeError(f"nvcc failed on the kernel:\n{found.stderr[-2000:]}")
     return int(registers[1]), int(_SPILLS.search(found.stderr)[1])
+
+
+def cross_warp_row_sums(factory_source: str, cuda_source: str) -> dict[str, int]:
+    """The row sums of a kernel factory's source whose compiled AllReduce goes through shared memory (its rows
+    split across warps), by destination fragment, with how many such AllReduce calls each has."""
+    rows = set(_ROW_SUM.findall(factory_source))
+    found: dict[str, int] = {}
+    for name in _WORKSPACE_ALL_REDUCE.findall(cuda_source):
+        if name in rows:
+            found[name] = found.get(name, 0) + 1
+    return dict(sorted(found.items()))
 
 
 def ctas_per_sm(registers: int, threads: int, shared_bytes: int) -> dict[str, int]:
@@ -83,9 +102,14 @@ def report(spec, shape, gpu: str, overrides: dict | None = None) -> None:
             limits = ctas_per_sm(registers, params["threads"], shared)
             bound = min(limits, key=limits.get)
             occupancy = f", min_blocks {params['min_blocks']}" if "min_blocks" in params else ""
+            crossing = cross_warp_row_sums(inspect.getsource(getattr(kernels.module, tuning.stage_kernel(stage))),
+                                           source)
+            across = ("; row sums across warps: " + ", ".join(f"{name} x{count}" for name, count in crossing.items())
+                      if crossing else "")
             print(f"{spec.name} {phase} {stage} ({origin}: chunk {params['chunk']}, block_v {params['block_v']}, "
                   f"{params['threads']} threads{occupancy}): {registers} registers, {spills} B spilled, "
-                  f"{shared} B shared; {min(SM90_CTAS_PER_SM, limits[bound])} CTAs / SM ({bound} bound)", flush=True)
+                  f"{shared} B shared; {min(SM90_CTAS_PER_SM, limits[bound])} CTAs / SM ({bound} bound){across}",
+                  flush=True)
 
 
 def _config_object(text: str) -> dict:
