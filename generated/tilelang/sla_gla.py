@@ -192,8 +192,9 @@ def states(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The inter-chunk state pass, the only sequential stage of the forward: each CTA carries the state S[K,
     block_v] of one (sequence, head, V-block) in an fp32 fragment through the sequence's chunks, S <- exp(b_C) S +
     ke^T u. Inputs (q, k, v, g, gq, gk, scale), cu_seqlens, chunk_offsets [N] int32 (first global chunk of each
-    sequence), h0 [N, H, K, V] fp32, ke [NT, H, K] and gc [NC, H, K] from stage prep; outputs hs [NC, H, K, V] (the
-    state entering every chunk, in dtype: the operand of the chunk-parallel stages' gemms), ht [N, H, K, V] fp32."""
+    sequence), h0 [N, H, K, V] fp32, ke [NT, H, K] and gc [NC, H, K] from stage prep (bwd_prep in the backward);
+    outputs hs [NC, H, K, V] (the state entering every chunk, in dtype: the operand of the chunk-parallel stages'
+    gemms), ht [N, H, K, V] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
@@ -369,8 +370,8 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """Reverse state-gradient recurrence, the only sequential stage of the backward: dS <- exp(b_C) dS + qe^T dO.
     Inputs (q, k, v, g, gq, gk, scale), cu_seqlens, chunk_offsets, do [NT, H, V], qe [NT, H, K] and gc [NC, H, K]
-    from stage prep, dht [N, H, K, V] fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K, V] in
-    dtype (the gradient of the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
+    from stage bwd_prep, dht [N, H, K, V] fp32 (zeros when the final state has no gradient); outputs dh [NC, H, K,
+    V] in dtype (the gradient of the state at the end of every chunk) and dh0 [N, H, K, V] fp32."""
     C, BV, SB = chunk, block_v, SUB_BLOCK
     state_dt = state_dtype(dtype)
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)

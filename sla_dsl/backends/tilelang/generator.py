@@ -312,8 +312,7 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         s += """
     for i, d in T.Parallel(C, K):
         b_s[i, d] = T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0)
-    """
-        s += _column_scan("b_s", reverse=False)
+    """ + _column_scan("b_s", reverse=False)
     for side, src, fm, on in (("q", "Q", f.fq, q), ("k", "KK", f.fk, k)):
         if not on:
             continue
@@ -1172,7 +1171,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         a += """
     dgk_f = T.alloc_fragment((C,), "float32")
     """
-    a += _row_terms_alloc(f.l2 or f.read or (f.key_gate and not f.delta))
+    a += _row_terms_alloc(f, ("q",) if f.delta else ("q", "k"))
     # y = phi(x), reloaded for the L2 norm's backward and for a gate's gradient unless _gate_kept_out
     if f.l2 or (f.read and not _gate_kept_out(f, "q")):
         a += """
@@ -1381,7 +1380,7 @@ def _bwd_delta_pieces(f: _Features) -> dict:
         a += """
     dgk_f = T.alloc_fragment((C,), "float32")
     """
-    a += _row_terms_alloc(f.l2 or f.key_gate)
+    a += _row_terms_alloc(f, ("k",))
     if f.l2 or f.key_gate:
         a += """
     yk_f = T.alloc_fragment((C, K), "float32")
@@ -1544,9 +1543,10 @@ def _dg_suffix_store(f: _Features) -> str:
     """
 
 
-def _row_terms_alloc(used: bool) -> str:
-    """The [C, K] fragment of _input_gradients' row sums, where it has any (`used`: an L2 norm, or a gate on a
-    side it finishes)."""
+def _row_terms_alloc(f: _Features, sides: tuple[str, ...]) -> str:
+    """The [C, K] fragment of the row sums of _input_gradients(f, sides), where it has any: an L2 norm, or a gate
+    on a side it finishes."""
+    used = f.l2 or ("q" in sides and f.read) or ("k" in sides and f.key_gate)
     return """
     row_terms_f = T.alloc_fragment((C, K), "float32")
     """ if used else ""
@@ -1801,7 +1801,8 @@ def generate(spec: Spec) -> dict[str, str]:
     k_prep = not (f.delta or prep_stage)
     k_decay = _row_decays(f, "k") if k_prep else ("", "", None)
     states_params = st["delta_params"] + ('        KE: T.Tensor((NT, H, K), dtype),\n' if prep_stage else "") + gc_param
-    states_inputs = st["delta_inputs"] + (", ke [NT, H, K] and gc [NC, H, K] from stage prep" if prep_stage
+    states_inputs = st["delta_inputs"] + (", ke [NT, H, K] and gc [NC, H, K] from stage prep (bwd_prep in the "
+                                          "backward)" if prep_stage
                                           else ", gc [NC, H, K] from stage wy" if f.vector else "")
     factories.append(STATES.format(
         stage="states",
@@ -1837,7 +1838,7 @@ def generate(spec: Spec) -> dict[str, str]:
     q_prep = not (f.delta or prep_stage)
     q_decay = _row_decays(f, "q") if q_prep else ("", "", None)
     dh_params = dh["delta_params"] + ('        QE: T.Tensor((NT, H, K), dtype),\n' if prep_stage else "") + gc_param
-    dh_inputs = dh["delta_inputs"] + (", qe [NT, H, K] and gc [NC, H, K] from stage prep" if prep_stage
+    dh_inputs = dh["delta_inputs"] + (", qe [NT, H, K] and gc [NC, H, K] from stage bwd_prep" if prep_stage
                                       else ", gc [NC, H, K] from stage wy" if f.vector else "")
     factories.append(BWD_DH.format(
         stage="bwd_dh",
