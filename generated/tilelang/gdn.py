@@ -374,7 +374,7 @@ def output(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no C x C
     product. Inputs (q, k, v, g, beta, scale), cu_seqlens, chunk_table [NC, 2] int32, do [NT, H, V]; outputs dvl
-    [NT, H, V] fp32 and qe [NT, H, K] = q' exp(b) in dtype (for bwd_dh)."""
+    [NT, H, V] and qe [NT, H, K] = q' exp(b) in dtype (for bwd_dh)."""
     C, BV = chunk, block_v
     # NB = N + 1 sequence boundaries: a dynamic of its own, since TileLang's C host wrapper (the CPU tests)
     # cannot solve N + 1 for N
@@ -391,7 +391,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CU: T.Tensor((NB,), "int32"),
         CI: T.Tensor((NC, 2), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
-        DVL: T.Tensor((NT, H, V), "float32"),
+        DVL: T.Tensor((NT, H, V), dtype),
         QE: T.Tensor((NT, H, K), dtype),
     ):
         with T.Kernel(NC, H, threads=threads) as (ci, h):
@@ -457,7 +457,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
                 compensated_gemm(A_m, do_m, du_f, tf32_C_C, tf32_C_BV, transpose_A=True, clear_accum=True)
                 for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
-                        DVL[t0 + i, h, v0 + e2] = du_f[i, e2]
+                        DVL[t0 + i, h, v0 + e2] = T.cast(du_f[i, e2], dtype)
 
     return gdn_dv_local
 
@@ -485,7 +485,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
         CO: T.Tensor((N,), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
         W: T.Tensor((NT, H, K), dtype),
-        DVL: T.Tensor((NT, H, V), "float32"),
+        DVL: T.Tensor((NT, H, V), dtype),
         QE: T.Tensor((NT, H, K), dtype),
         KE: T.Tensor((NT, H, K), dtype),
         DHT: T.Tensor((N, H, K, V), "float32"),
@@ -507,7 +507,7 @@ def bwd_dh(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
             ke_m = T.alloc_shared((C, K), dtype)
             dS_m = T.alloc_shared((K, BV), dtype)
             du_f = T.alloc_fragment((C, BV), "float32")
-            dvl_s = T.alloc_shared((C, BV), "float32")
+            dvl_s = T.alloc_shared((C, BV), dtype)
             ndu_m = T.alloc_shared((C, BV), dtype)
             w_m = T.alloc_shared((C, K), dtype)
             dor_m = T.alloc_shared((C, BV), dtype)
@@ -621,6 +621,8 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             sd_f = T.alloc_fragment((K, BV), "float32")
             sdr_f = T.alloc_fragment((K,), "float32")
             dgc_s = T.alloc_shared((K,), "float32")
+            db_terms_f = T.alloc_fragment((C, K), "float32")
+            db_rows_f = T.alloc_fragment((C,), "float32")
             dbr_f = T.alloc_fragment((C,), "float32")
             dbr_s = T.alloc_shared((C,), "float32")
             dbl_s = T.alloc_shared((C,), "float32")
@@ -705,10 +707,10 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 dqp_s[i, d] = T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]
                 dkp_s[i, d] = T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d] + dkA_f[i, d]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = qp_s[i, d] * (T.exp(b_s[i]) * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + T.exp(b_s[C - 1] - b_s[i]) * dke_f[i, d])
-            T.reduce_sum(terms_f, dbr_f, dim=1)
+                db_terms_f[i, d] = qp_s[i, d] * dqp_s[i, d] - kp_s[i, d] * dkp_s[i, d]
+            T.reduce_sum(db_terms_f, db_rows_f, dim=1)
             for i in T.Parallel(C):
-                dbr_s[i] = dbr_f[i]
+                dbr_s[i] = db_rows_f[i]
             for i, d in T.Parallel(C, K):
                 yq_f[i, d] = (T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(Q[T.min(t0 + i, NT - 1), h, d], 'float32'))))
             for i, d in T.Parallel(C, K):
@@ -809,11 +811,11 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             dkb_m = T.alloc_shared((C, K), dtype)
             tv_f = T.alloc_fragment((C, BV), "float32")
             tvr_f = T.alloc_fragment((C,), "float32")
-            dbv_s = T.alloc_shared((C,), "float32")
             dbt_s = T.alloc_shared((C,), "float32")
             Pd_f = T.alloc_fragment((C, K), "float32")
             Pt_f = T.alloc_fragment((C, K), "float32")
             rkr_f = T.alloc_fragment((C,), "float32")
+            xm_f = T.alloc_fragment((C, C), "float32")
             xr_f = T.alloc_fragment((C,), "float32")
             terms_f = T.alloc_fragment((C, K), "float32")
             P_m = T.alloc_shared((C, C), dtype)
@@ -860,8 +862,7 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for i in T.Parallel(C):
                 dbr_s[i] = T.if_then_else(t0 + i < eos, DBP[t0 + i, h], 0.0)
             T.clear(dL_f)
-            for i in T.Parallel(C):
-                dbv_s[i] = 0.0
+            T.clear(tv_f)
             for iv in T.Pipelined(V // BV, num_stages=num_stages):
                 v0 = iv * BV
                 for i, e2 in T.Parallel(C, BV):
@@ -875,31 +876,26 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                     if t0 + i < eos:
                         DV[t0 + i, h, v0 + e2] = T.cast(bt_s[i] * dvb_f[i, e2], dtype)
                 for i, e2 in T.Parallel(C, BV):
-                    tv_f[i, e2] = dvb_f[i, e2] * T.cast(v_m[i, e2], "float32")
-                T.reduce_sum(tv_f, tvr_f, dim=1)
-                for i in T.Parallel(C):
-                    dbv_s[i] = dbv_s[i] + tvr_f[i]
+                    tv_f[i, e2] = tv_f[i, e2] + dvb_f[i, e2] * T.cast(v_m[i, e2], "float32")
 
+            T.reduce_sum(tv_f, tvr_f, dim=1)
             compensated_gemm(Tm_m, dws_m, dkb_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
             T.copy(dkb_f, dkb_m)
             for i, d in T.Parallel(C, K):
                 terms_f[i, d] = dkb_f[i, d] * kp_s[i, d] * T.exp(b_s[i])
             T.reduce_sum(terms_f, rkr_f, dim=1)
             for i in T.Parallel(C):
-                dbt_s[i] = dbv_s[i] - rkr_f[i]
+                dbt_s[i] = tvr_f[i] - rkr_f[i]
             for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = dkp_s[i, d] - bt_s[i] * T.exp(b_s[i]) * dkb_f[i, d]
-            for i, d in T.Parallel(C, K):
-                terms_f[i, d] = -bt_s[i] * kp_s[i, d] * T.exp(b_s[i]) * dkb_f[i, d]
-            T.reduce_sum(terms_f, dbr_f, dim=1)
             for i in T.Parallel(C):
-                dbr_s[i] = dbr_s[i] + dbr_f[i]
+                dbr_s[i] = dbr_s[i] - bt_s[i] * rkr_f[i]
             compensated_gemm(dkb_m, w_m, X_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 dL_s[i, j] = T.if_then_else(j < i, X_f[i, j] - dL_f[i, j], 0.0)
             for i, j in T.Parallel(C, C):
-                X_f[i, j] = dL_s[i, j] * M_s[i, j]
-            T.reduce_sum(X_f, xr_f, dim=1)
+                xm_f[i, j] = dL_s[i, j] * M_s[i, j]
+            T.reduce_sum(xm_f, xr_f, dim=1)
             for i in T.Parallel(C):
                 dbt_s[i] = dbt_s[i] + xr_f[i]
             for i, j in T.Parallel(C, C):

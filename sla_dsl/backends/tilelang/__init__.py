@@ -285,7 +285,7 @@ class TileLangKernels:
         if nt > 0:
             extra, du = ([st["qe"]] if "bwd_prep" in kernels else []), []
             if "dv_local" in kernels:
-                dvl = new_output((nt, heads, dim_v), torch.float32, device)
+                dvl = new_output((nt, heads, dim_v), dtype, device)
                 qe = new_output((nt, heads, dim_k), dtype, device)
                 kernels["dv_local"](*p["inputs"], p["cu"], st["table"], do_flat, dvl, qe)
                 extra = [st["w"], dvl, qe, st["ke"]]

@@ -962,10 +962,10 @@ DV_LOCAL = '''
 def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
     """The delta rule's in-chunk part of du, A^T dO (chunk-parallel), so that the sequential bwd_dh needs no
     C x C product. Inputs {inputs}, cu_seqlens, chunk_table [NC, 2] int32, do [NT, H, V]; outputs
-    dvl [NT, H, V] fp32 and qe [NT, H, K] = q' exp(b) in dtype (for bwd_dh)."""
+    dvl [NT, H, V] and qe [NT, H, K] = q' exp(b) in dtype (for bwd_dh)."""
 ''' + SIGNATURE + '''        CI: T.Tensor((NC, 2), "int32"),
         DO: T.Tensor((NT, H, V), dtype),
-        DVL: T.Tensor((NT, H, V), "float32"),
+        DVL: T.Tensor((NT, H, V), dtype),
         QE: T.Tensor((NT, H, K), dtype),
     ):
 ''' + CHUNK_PROLOGUE + '''{allocs}{attention_allocs}            do_m = T.alloc_shared((C, BV), dtype)
@@ -975,7 +975,7 @@ def dv_local(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1):
 {load_do}                T.gemm(A_m, do_m, du_f, transpose_A=True, clear_accum=True)
                 for i, e2 in T.Parallel(C, BV):
                     if t0 + i < eos:
-                        DVL[t0 + i, h, v0 + e2] = du_f[i, e2]
+                        DVL[t0 + i, h, v0 + e2] = T.cast(du_f[i, e2], dtype)
 
     return {spec_name}_{stage}
 '''
@@ -1017,7 +1017,7 @@ def _bwd_dh_pieces(f: _Features) -> dict:
     ke_m = T.alloc_shared((C, K), dtype)
     dS_m = T.alloc_shared((K, BV), dtype)
     du_f = T.alloc_fragment((C, BV), "float32")
-    dvl_s = T.alloc_shared((C, BV), "float32")
+    dvl_s = T.alloc_shared((C, BV), dtype)
     ndu_m = T.alloc_shared((C, BV), dtype)
     w_m = T.alloc_shared((C, K), dtype)
     """, 0)
@@ -1034,7 +1034,7 @@ def _bwd_dh_pieces(f: _Features) -> dict:
     return {"delta_allocs": delta_allocs, "du": du, "dw": _ind("""
     T.gemm(w_m, ndu_m, dS, transpose_A=True)
     """, 0), "delta_params": ('        W: T.Tensor((NT, H, K), dtype),\n'
-                             '        DVL: T.Tensor((NT, H, V), "float32"),\n'
+                             '        DVL: T.Tensor((NT, H, V), dtype),\n'
                              '        QE: T.Tensor((NT, H, K), dtype),\n        KE: T.Tensor((NT, H, K), dtype),\n'),
             "delta_doc": " - w^T du, du = A^T dO + ke dS",
             "delta_inputs": ", w and ke [NT, H, K] (stage wy), dvl [NT, H, V] and qe [NT, H, K] (stage dv_local)",
@@ -1148,6 +1148,8 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     elif f.dg:
         a += """
     dgc_s = T.alloc_shared((K,), "float32")
+    db_terms_f = T.alloc_fragment((C, K), "float32")
+    db_rows_f = T.alloc_fragment((C,), "float32")
     dbr_f = T.alloc_fragment((C,), "float32")
     dbr_s = T.alloc_shared((C,), "float32")
     dbl_s = T.alloc_shared((C,), "float32")
@@ -1270,9 +1272,12 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         dqp_s[i, d] = {f.exp_b("i")} * dqe_f[i, d] + dqA_f[i, d]
         dkp_s[i, d] = {f.exp_rest("i")} * dke_f[i, d] + dkA_f[i, d]
     """
-    if f.dg:
+    if f.vector:
         p += _db_terms(f, f"{q_row('i')} * ({f.exp_b('i')} * dqe_f[i, d] + dqA_f[i, d]) - {k_row('i')} * "
                           f"(dkA_f[i, d] + {f.exp_rest('i')} * dke_f[i, d])", first=True)
+    elif f.dg:  # from the shared copies just stored, so that the terms' layout keeps each row within a warp
+        p += _db_terms(f, f"{q_row('i')} * dqp_s[i, d] - {k_row('i')} * dkp_s[i, d]", first=True,
+                       terms="db_terms_f", rows="db_rows_f")
     if f.delta:
         p += _input_gradients(f, ("q",), ungated=True)
         if f.dg:
@@ -1359,11 +1364,11 @@ def _bwd_delta_pieces(f: _Features) -> dict:
     dkb_m = T.alloc_shared((C, K), dtype)
     tv_f = T.alloc_fragment((C, BV), "float32")
     tvr_f = T.alloc_fragment((C,), "float32")
-    dbv_s = T.alloc_shared((C,), "float32")
     dbt_s = T.alloc_shared((C,), "float32")
     Pd_f = T.alloc_fragment((C, K), "float32")
     Pt_f = T.alloc_fragment((C, K), "float32")
     rkr_f = T.alloc_fragment((C,), "float32")
+    xm_f = T.alloc_fragment((C, C), "float32")
     xr_f = T.alloc_fragment((C,), "float32")
     terms_f = T.alloc_fragment((C, K), "float32")
     """ + _pair_terms_allocs(f)
@@ -1408,13 +1413,10 @@ def _bwd_delta_pieces(f: _Features) -> dict:
     """
     pre += """
     T.clear(dL_f)
-    for i in T.Parallel(C):
-        dbv_s[i] = 0.0
+    T.clear(tv_f)
     """
-    # dvb = T^T du, dv = beta dvb, dL part dvb U1^T, dbeta part sum_v dvb v. At chunk 64 and 256 threads,
-    # TileLang's ThreadSync pass warns that the guarded `dbv_s[i] += tvr_f[i]` (and `dbt_s` below) keeps a race:
-    # a false positive. After the reduction one thread of each row's replicas writes that row, and no two writers
-    # share a row (all 256 threads enumerated, session 11).
+    # dvb = T^T du, dv = beta dvb, dL part dvb U1^T, dbeta part sum_v dvb v: tv_f sums dvb v over the V-blocks
+    # and is summed over its columns once, after the loop (its rows are split across warps, as dvb_f's)
     v = """
     for i, e2 in T.Parallel(C, BV):
         v_m[i, e2] = T.if_then_else(t0 + i < eos, VV[t0 + i, h, v0 + e2], T.cast(0.0, dtype))
@@ -1427,33 +1429,39 @@ def _bwd_delta_pieces(f: _Features) -> dict:
         if t0 + i < eos:
             DV[t0 + i, h, v0 + e2] = T.cast(bt_s[i] * dvb_f[i, e2], dtype)
     for i, e2 in T.Parallel(C, BV):
-        tv_f[i, e2] = dvb_f[i, e2] * T.cast(v_m[i, e2], "float32")
-    T.reduce_sum(tv_f, tvr_f, dim=1)
-    for i in T.Parallel(C):
-        dbv_s[i] = dbv_s[i] + tvr_f[i]
+        tv_f[i, e2] = tv_f[i, e2] + dvb_f[i, e2] * T.cast(v_m[i, e2], "float32")
     """
     # dkb = -T^T (du S^T), used while in registers (dkb_f holds -dkb); dL = -strict(dvb U1^T + dkb w^T) =
-    # strict((T^T dws) w^T - dL_acc)
+    # strict((T^T dws) w^T - dL_acc). At chunk 64 and 256 threads, TileLang's ThreadSync pass warns that the
+    # guarded `dbt_s[i] = ...` keeps a race: a false positive. After a reduction one thread of each row's
+    # replicas writes that row, and no two writers share a row (all 256 threads enumerated, session 11).
     p = f"""
+    T.reduce_sum(tv_f, tvr_f, dim=1)
     T.gemm(Tm_m, dws_m, dkb_f, transpose_A=True, clear_accum=True)
     T.copy(dkb_f, dkb_m)
     for i, d in T.Parallel(C, K):
         terms_f[i, d] = dkb_f[i, d] * kp_s[i, d] * {f.exp_b("i")}
     T.reduce_sum(terms_f, rkr_f, dim=1)
     for i in T.Parallel(C):
-        dbt_s[i] = dbv_s[i] - rkr_f[i]
+        dbt_s[i] = tvr_f[i] - rkr_f[i]
     for i, d in T.Parallel(C, K):
         dkp_s[i, d] = dkp_s[i, d] - bt_s[i] * {f.exp_b("i")} * dkb_f[i, d]
     """
-    if f.dg:
+    if f.vector:
         p += _db_terms(f, f"-bt_s[i] * kp_s[i, d] * {f.exp_b('i')} * dkb_f[i, d]")
+    elif f.dg:  # the same terms as rkr's, times -beta: no second row sum
+        p += """
+    for i in T.Parallel(C):
+        dbr_s[i] = dbr_s[i] - bt_s[i] * rkr_f[i]
+    """
+    # xm_f reads only shared buffers, so its layout keeps each row within a warp
     p += """
     T.gemm(dkb_m, w_m, X_f, transpose_B=True, clear_accum=True)
     for i, j in T.Parallel(C, C):
         dL_s[i, j] = T.if_then_else(j < i, X_f[i, j] - dL_f[i, j], 0.0)
     for i, j in T.Parallel(C, C):
-        X_f[i, j] = dL_s[i, j] * M_s[i, j]
-    T.reduce_sum(X_f, xr_f, dim=1)
+        xm_f[i, j] = dL_s[i, j] * M_s[i, j]
+    T.reduce_sum(xm_f, xr_f, dim=1)
     for i in T.Parallel(C):
         dbt_s[i] = dbt_s[i] + xr_f[i]
     for i, j in T.Parallel(C, C):
@@ -1481,21 +1489,23 @@ def _bwd_delta_pieces(f: _Features) -> dict:
             "grads_doc": ", ".join(grads)}
 
 
-def _db_terms(f: _Features, expr: str, first: bool = False) -> str:
+def _db_terms(f: _Features, expr: str, first: bool = False, terms: str = "terms_f", rows: str = "dbr_f") -> str:
     """Adds `expr` (of row i, key channel d) to the gradient of the in-chunk cumulative log decay b: per channel
     in db_s [C, K] for a vector decay, summed over the channels into dbr_s [C] for a scalar one (which then
-    keeps no [C, K] tile for it). `first` sets it instead."""
+    keeps no [C, K] tile for it), through the fragments `terms` [C, K] and `rows` [C] (a reduction's output
+    takes its input's layout, so fragments of different layouts need rows of their own). `first` sets it
+    instead."""
     if f.vector:
         total = expr if first else f"db_s[i, d] + {expr}"
         return f"""
     for i, d in T.Parallel(C, K):
         db_s[i, d] = {total}
     """
-    total = "dbr_f[i]" if first else "dbr_s[i] + dbr_f[i]"
+    total = f"{rows}[i]" if first else f"dbr_s[i] + {rows}[i]"
     return f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = {expr}
-    T.reduce_sum(terms_f, dbr_f, dim=1)
+        {terms}[i, d] = {expr}
+    T.reduce_sum({terms}, {rows}, dim=1)
     for i in T.Parallel(C):
         dbr_s[i] = {total}
     """
