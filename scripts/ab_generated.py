@@ -6,7 +6,8 @@ source hash changed), and timings from two processes or two device calls differ 
     # here: snapshot the base's generated kernels and tuned tables (the GPU machine's .git may be older)
     python scripts/ab_generated.py prepare REV DIR [--backend tilelang|triton]
     # on the GPU, from the repository root:
-    python scripts/ab_generated.py run DIR SPEC [SPEC ...] [--shape 4x8192x16x128] [--set KEY=VALUE ...] [--kernels N]
+    python scripts/ab_generated.py run DIR SPEC [SPEC ...] [--shape 4x8192x16x128] \
+        [--set KEY=VALUE [KEY=VALUE ...]] [--kernels N]
 
 --set overrides a key of the new kernels' config (e.g. states_num_stages=1), for a setting the base's space did
 not have; it applies to both phases that have the key. --kernels N also prints each side's N slowest kernels per
@@ -175,7 +176,8 @@ def main(argv=None) -> None:
     r.add_argument("dir", type=Path)
     r.add_argument("specs", nargs="+", help="seed spec names")
     r.add_argument("--shape", default="4x8192x16x128")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="one or more KEY=VALUE (the flag may also repeat)")
     r.add_argument("--kernels", type=int, default=0, metavar="N",
                    help="also print each side's N slowest kernels per phase (torch profiler)")
     args = parser.parse_args(argv)

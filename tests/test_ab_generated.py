@@ -80,3 +80,12 @@ def test_the_base_side_runs_the_revisions_runtime(head_snapshot):
     spec = next(s for s in seed_specs() if s.name == "gdn")
     kernels = ab._base_kernels("tilelang", runtime, spec, module)
     assert type(kernels).__module__ == runtime.__name__ and kernels.module is module
+
+
+def test_set_takes_several_settings_after_one_flag_or_repeated(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(ab, "run", lambda *args: calls.append(args))
+    ab.main(["run", str(tmp_path), "gla", "--set", "bwd_chunk_block_v=64", "bwd_chunk_num_stages=1",
+             "--set", "chunk=32", "--kernels", "3"])
+    assert calls == [(tmp_path, ["gla"], "4x8192x16x128",
+                      {"bwd_chunk_block_v": 64, "bwd_chunk_num_stages": 1, "chunk": 32}, 3)]
