@@ -58,3 +58,25 @@ def test_row_sums_whose_compiled_all_reduce_goes_through_shared_memory_are_named
     """
     assert offline.cross_warp_row_sums(factory, cuda) == {"dgq_f": 1}
     assert offline.cross_warp_row_sums(factory, cuda.replace("(&(((float*)workspace_1)[0]))", "")) == {}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_the_delta_rule_backward_keeps_its_row_sums_off_the_gemm_layout():
+    """2d81a5a: gdn's bwd_delta sums dvb v once after its V loop (it took a sum across warps per V-block), takes
+    db's dkb terms from dbeta's sum and dL M from shared buffers (xr_f); bwd_chunk's first db sum reads the
+    stored dq', dk' (db_rows_f). What still crosses warps reads a gemm accumulator, at the shipped H100 configs'
+    shape (chunk 32, 128 threads)."""
+    import inspect
+
+    from sla_dsl.autotune.runner import resolve_specs
+    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel
+
+    (spec,) = resolve_specs(["gdn"])
+    kernels = TileLangKernels(spec)
+    expected = {"bwd_delta": {"dbr_f": 1, "rkr_f": 1, "tvr_f": 1}, "bwd_chunk": {"dbr_f": 1}}
+    for stage, crossing in expected.items():
+        params = {"chunk": 32, "block_v": 32, "threads": 128, "num_stages": 0, "min_blocks": 1}
+        source = compile_kernel(kernels.module, stage, 4, 128, 128, "bfloat16", params,
+                                target=SM90_TARGET).get_kernel_source()
+        factory = inspect.getsource(getattr(kernels.module, stage))
+        assert offline.cross_warp_row_sums(factory, source) == crossing, stage
