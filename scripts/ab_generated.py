@@ -9,6 +9,10 @@ source hash changed), and timings from two processes or two device calls differ 
     python scripts/ab_generated.py run DIR SPEC [SPEC ...] [--shape 4x8192x16x128] \
         [--set KEY=VALUE [KEY=VALUE ...]] [--kernels N]
 
+Before anything runs, `run` reads the working tree's generated TileLang modules of the specs for loops that
+`loop_layouts` flags (laid out one thread per row: slow, and a test fails on them) and refuses to time them: a
+GPU call spent on such a kernel measures a known pathology (2026-11-25-session23, ab-l2-onchip-1.log).
+
 --set overrides a key of the new kernels' config (e.g. states_num_stages=1), for a setting the base's space did
 not have; it applies to both phases that have the key. --kernels N also prints each side's N slowest kernels per
 phase: which stages a template change moved. Where the base's table for this GPU has no entry with
@@ -28,6 +32,7 @@ from sla_dsl.codegen import SEED_SPECS_DIR, seed_specs
 from sla_dsl.kernel_profile import format_rows, kernel_times
 
 REPO = Path(__file__).resolve().parent.parent
+GENERATED = REPO / "generated"
 # each backend's host side (allocations, launch order, kernel arguments): a change may move work between stages
 RUNTIMES = {"tilelang": "sla_dsl/backends/tilelang/__init__.py", "triton": "sla_dsl/backends/triton/runtime.py"}
 
@@ -108,6 +113,17 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
+def row_fragment_problems(backend: str, spec_names: list[str]) -> list[str]:
+    """The working tree's generated loops of these specs that `loop_layouts.row_fragment_loops` flags (TileLang
+    only: Triton has no such layouts)."""
+    if backend != "tilelang":
+        return []
+    from sla_dsl.backends.tilelang.loop_layouts import row_fragment_loops
+
+    return [f"generated/tilelang/{name}.py {loop}" for name in spec_names
+            for loop in row_fragment_loops((GENERATED / "tilelang" / f"{name}.py").read_text())]
+
+
 def run(base_dir: Path, spec_names: list[str], shape_text: str, sets: dict, kernels_top: int = 0) -> None:
     import torch
     import triton
@@ -118,11 +134,15 @@ def run(base_dir: Path, spec_names: list[str], shape_text: str, sets: dict, kern
     from sla_dsl.loader import load_spec
     from sla_dsl.workloads import realistic_inputs
 
-    if not torch.cuda.is_available():
-        raise SystemExit("run: needs a GPU")
     backends = [d.name for d in base_dir.iterdir() if d.is_dir()]
     if len(backends) != 1:
         raise SystemExit(f"{base_dir}: expected one backend folder from `prepare`, found {backends}")
+    problems = row_fragment_problems(backends[0], spec_names)
+    if problems:
+        raise SystemExit("run: the working tree's kernels have loops laid out one thread per row "
+                         "(sla_dsl/backends/tilelang/loop_layouts.py); not timing them:\n  " + "\n  ".join(problems))
+    if not torch.cuda.is_available():
+        raise SystemExit("run: needs a GPU")
     backend, shape, gpu = backends[0], parse_shape(shape_text), gpu_name()
     base = base_dir / backend
     base_runtime = _load_module(base / "runtime.py")

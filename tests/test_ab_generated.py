@@ -89,3 +89,23 @@ def test_set_takes_several_settings_after_one_flag_or_repeated(monkeypatch, tmp_
              "--set", "chunk=32", "--kernels", "3"])
     assert calls == [(tmp_path, ["gla"], "4x8192x16x128",
                       {"bwd_chunk_block_v": 64, "bwd_chunk_num_stages": 1, "chunk": 32}, 3)]
+
+
+def test_run_refuses_kernels_with_loops_laid_out_a_row_per_thread(monkeypatch, tmp_path, head_snapshot):
+    """The check runs before the GPU is looked for: here, on a CPU machine, it is what stops the run."""
+    generated = tmp_path / "generated"
+    (generated / "tilelang").mkdir(parents=True)
+    source = (REPO / "generated" / "tilelang" / "gdn.py").read_text()
+    assert not ab.row_fragment_problems("tilelang", ["gdn"])
+    # the pathology of session 23's first A/B: a [C, K] loop whose only fragment is a per-row one
+    (generated / "tilelang" / "gdn.py").write_text(source + '''
+def extra(C, K):
+    dot_q_f = T.alloc_fragment((C,), "float32")
+    for i, d in T.Parallel(C, K):
+        dqp_s[i, d] = dqp_s[i, d] * dot_q_f[i]
+''')
+    monkeypatch.setattr(ab, "GENERATED", generated)
+    assert len(ab.row_fragment_problems("tilelang", ["gdn"])) == 1
+    assert ab.row_fragment_problems("triton", ["gdn"]) == []
+    with pytest.raises(SystemExit, match="(?s)one thread per row.*dot_q_f"):
+        ab.run(head_snapshot, ["gdn"], "4x8192x16x128", {})
