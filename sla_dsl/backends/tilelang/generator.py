@@ -1617,10 +1617,9 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], copy: _Copy = _Copy.F
     `copy` (_Copy): a side whose shared copy leaves the gate out (UNGATED, _gate_kept_out) reads y (times the
     scale) from that copy; one whose copy is y (NORMALISED, _normalised) reads y and its inverse norms from
     there, and its L2 step's row sums serve as its gate's gradient; the others reload x from global memory and
-    rebuild y. The row sums read row_terms_f
-    (_row_terms_alloc), not the stage's terms_f, whose layout is a gemm accumulator's where it meets dke_f:
-    with that one each row's sum crossed warpgroups through shared memory, and the loops that fill it read
-    dqp_s / dkp_s 8 rows to a bank."""
+    rebuild y. The row sums read row_terms_f (_row_terms_alloc), not the stage's terms_f, whose layout is a gemm
+    accumulator's where it meets dke_f: with that one each row's sum crossed warpgroups through shared memory,
+    and the loops that fill it read dqp_s / dkp_s 8 rows to a bank."""
     # per side: the input tensor, its feature map, its output tensor and whether a gate scales it
     names = {"q": ("Q", f.fq, "DQ", f.read), "k": ("KK", f.fk, "DK", f.key_gate)}
     on_chip = {side: copy is _Copy.UNGATED and _gate_kept_out(f, side) for side in sides}
