@@ -790,6 +790,7 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             kn = T.alloc_fragment((C,), "float32")
             kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
+            inv_norm_k_s = T.alloc_shared((C,), "float32")
             sq = T.alloc_fragment((C, K), "float32")
             bt_s = T.alloc_shared((C,), "float32")
             km_m = T.alloc_shared((C, K), dtype)
@@ -823,7 +824,7 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             dbr_s = T.alloc_shared((C,), "float32")
             row_terms_f = T.alloc_fragment((C, K), "float32")
             yk_f = T.alloc_fragment((C, K), "float32")
-            inv_norm_k_f = T.alloc_fragment((C,), "float32")
+            xk_f = T.alloc_fragment((C, K), "float32")
             dot_k_f = T.alloc_fragment((C,), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
@@ -845,6 +846,7 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             T.reduce_sum(sq, kn, dim=1)
             for i in T.Parallel(C):
                 kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
+                inv_norm_k_s[i] = kr[i]
             for i, d in T.Parallel(C, K):
                 kp_s[i, d] = kx[i, d] * kr[i]
             for i, d in T.Parallel(C, K):
@@ -916,24 +918,19 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 if t0 + i < eos:
                     DG[t0 + i, h] = dbr_s[i]
             for i, d in T.Parallel(C, K):
-                yk_f[i, d] = (T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32'))))
+                yk_f[i, d] = kp_s[i, d]
             for i, d in T.Parallel(C, K):
-                row_terms_f[i, d] = yk_f[i, d] * yk_f[i, d]
-            T.reduce_sum(row_terms_f, inv_norm_k_f, dim=1)
-            for i in T.Parallel(C):
-                inv_norm_k_f[i] = T.rsqrt(inv_norm_k_f[i] + EPS)
+                xk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
             for i, d in T.Parallel(C, K):
-                yk_f[i, d] = yk_f[i, d] * inv_norm_k_f[i]
+                row_terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
+            T.reduce_sum(row_terms_f, dot_k_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DBETA[t0 + i, h] = dbt_s[i]
             for i, d in T.Parallel(C, K):
-                row_terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(row_terms_f, dot_k_f, dim=1)
-            for i, d in T.Parallel(C, K):
-                dkp_s[i, d] = inv_norm_k_f[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
+                dkp_s[i, d] = inv_norm_k_s[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
-                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
+                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * (T.fast_rcp(1.0 + T.__exp(-(xk_f[i, d])))) * (1.0 + (xk_f[i, d]) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(xk_f[i, d])))))), dtype)
 
     return gdn_bwd_delta

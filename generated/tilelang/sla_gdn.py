@@ -828,6 +828,7 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             kn = T.alloc_fragment((C,), "float32")
             kr = T.alloc_fragment((C,), "float32")
             kp_s = T.alloc_shared((C, K), "float32")
+            inv_norm_k_s = T.alloc_shared((C,), "float32")
             sq = T.alloc_fragment((C, K), "float32")
             bt_s = T.alloc_shared((C,), "float32")
             km_m = T.alloc_shared((C, K), dtype)
@@ -859,10 +860,9 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             P_m = T.alloc_shared((C, C), dtype)
             dbr_f = T.alloc_fragment((C,), "float32")
             dbr_s = T.alloc_shared((C,), "float32")
-            dgk_f = T.alloc_fragment((C,), "float32")
             row_terms_f = T.alloc_fragment((C, K), "float32")
             yk_f = T.alloc_fragment((C, K), "float32")
-            inv_norm_k_f = T.alloc_fragment((C,), "float32")
+            xk_f = T.alloc_fragment((C, K), "float32")
             dot_k_f = T.alloc_fragment((C,), "float32")
             # 3xTF32 scratch: one part of a float32 gemm operand at a time, per operand shape
             tf32_C_K = T.alloc_shared((C, K), dtype) if dtype == "float32" else None
@@ -884,11 +884,12 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 sq[i, d] = kx[i, d] * kx[i, d]
             T.reduce_sum(sq, kn, dim=1)
             for i in T.Parallel(C):
-                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS) * gk_s[i], 0.0)
+                kr[i] = T.if_then_else(t0 + i < eos, T.rsqrt(kn[i] + EPS), 0.0)
+                inv_norm_k_s[i] = kr[i]
             for i, d in T.Parallel(C, K):
                 kp_s[i, d] = kx[i, d] * kr[i]
             for i, d in T.Parallel(C, K):
-                km_m[i, d] = T.cast(kp_s[i, d], dtype)
+                km_m[i, d] = T.cast(kp_s[i, d] * gk_s[i], dtype)
             compensated_gemm(km_m, km_m, M_f, tf32_C_K, tf32_C_K_2, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 M_f[i, j] = T.if_then_else(j < i, M_f[i, j] * T.exp(b_s[i] - b_s[j]), 0.0)
@@ -922,7 +923,7 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             compensated_gemm(Tm_m, dws_m, dkb_f, tf32_C_C, tf32_C_K, transpose_A=True, clear_accum=True)
             T.copy(dkb_f, dkb_m)
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = dkb_f[i, d] * kp_s[i, d] * T.exp(b_s[i])
+                terms_f[i, d] = dkb_f[i, d] * kp_s[i, d] * gk_s[i] * T.exp(b_s[i])
             T.reduce_sum(terms_f, rkr_f, dim=1)
             for i in T.Parallel(C):
                 dbt_s[i] = tvr_f[i] - rkr_f[i]
@@ -947,7 +948,7 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for i, d in T.Parallel(C, K):
                 dkp_s[i, d] = dkp_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
             for i, d in T.Parallel(C, K):
-                terms_f[i, d] = kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])
+                terms_f[i, d] = kp_s[i, d] * gk_s[i] * (Pd_f[i, d] - Pt_f[i, d])
             T.reduce_sum(terms_f, dbr_f, dim=1)
             for i in T.Parallel(C):
                 dbr_s[i] = dbr_s[i] + dbr_f[i]
@@ -956,30 +957,22 @@ def bwd_delta(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 if t0 + i < eos:
                     DG[t0 + i, h] = dbr_s[i]
             for i, d in T.Parallel(C, K):
-                yk_f[i, d] = (T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')) * T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32'))))
+                yk_f[i, d] = kp_s[i, d]
             for i, d in T.Parallel(C, K):
-                row_terms_f[i, d] = yk_f[i, d] * yk_f[i, d]
-            T.reduce_sum(row_terms_f, inv_norm_k_f, dim=1)
-            for i in T.Parallel(C):
-                inv_norm_k_f[i] = T.rsqrt(inv_norm_k_f[i] + EPS)
-            for i, d in T.Parallel(C, K):
-                yk_f[i, d] = yk_f[i, d] * inv_norm_k_f[i]
+                xk_f[i, d] = T.cast(KK[T.min(t0 + i, NT - 1), h, d], 'float32')
             for i, d in T.Parallel(C, K):
                 row_terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(row_terms_f, dgk_f, dim=1)
+            T.reduce_sum(row_terms_f, dot_k_f, dim=1)
             for i in T.Parallel(C):
                 if t0 + i < eos:
-                    DGK[t0 + i, h] = dgk_f[i]
+                    DGK[t0 + i, h] = dot_k_f[i]
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DBETA[t0 + i, h] = dbt_s[i]
             for i, d in T.Parallel(C, K):
-                row_terms_f[i, d] = dkp_s[i, d] * yk_f[i, d]
-            T.reduce_sum(row_terms_f, dot_k_f, dim=1)
-            for i, d in T.Parallel(C, K):
-                dkp_s[i, d] = inv_norm_k_f[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
+                dkp_s[i, d] = inv_norm_k_s[i] * (dkp_s[i, d] - yk_f[i, d] * dot_k_f[i])
             for i, d in T.Parallel(C, K):
                 if t0 + i < eos:
-                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * gk_s[i] * (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))) * (1.0 + (T.cast(KK[t0 + i, h, d], 'float32')) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(T.cast(KK[t0 + i, h, d], 'float32'))))))), dtype)
+                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * gk_s[i] * (T.fast_rcp(1.0 + T.__exp(-(xk_f[i, d])))) * (1.0 + (xk_f[i, d]) * (1.0 - (T.fast_rcp(1.0 + T.__exp(-(xk_f[i, d])))))), dtype)
 
     return sla_gdn_bwd_delta

@@ -33,6 +33,7 @@ b_j) for j > i and drop it in a select, and a vector decay's clamp it at 0.
 
 from __future__ import annotations
 
+import enum
 import functools
 import re
 import textwrap
@@ -175,15 +176,42 @@ def _row_gate(f: _Features, side: str) -> str | None:
     return "GQ" if side == "q" and f.read else "GK" if side == "k" and f.key_gate else None
 
 
+class _Copy(enum.Enum):
+    """What a stage's shared fp32 copy of q' (k') holds (`_prep`), and so what its readers multiply in
+    (`_copy_row`)."""
+    FULL = "q' itself"  # the forward's stages
+    UNGATED = "q' without its gate, where _gate_kept_out"  # bwd_chunk
+    NORMALISED = "under the L2 norm y = phi(x) / ||phi(x)|| alone, its inverse norms kept; else q'"  # bwd_delta
+
+
 def _gate_kept_out(f: _Features, side: str) -> bool:
     """Whether bwd_chunk's shared copy of q' (k') holds it without its gate, which every reader of that copy
     multiplies in (`_copy_row`): then the gate's gradient reduces dq' against the copy on chip. With the gate in
     the copy, it reloaded q and k from global memory for that (sla_retnet's bwd_chunk on the H100 at 4x8192:
     1.028 -> 0.934 ms without the reload, 2026-11-24-session19). Not under the L2 norm, whose backward rebuilds y
-    and its norm in a [C, K] fragment either way. Not under a vector decay: its sub-block products read the
-    copies many times over, and multiplying the gate in at each read made sla_gla's bwd_chunk slower than the
-    reload (4.925 -> 5.126 ms)."""
+    and its norm in a [C, K] fragment either way (bwd_chunk; bwd_delta's copy is _Copy.NORMALISED). Not under a
+    vector decay: its sub-block products read the copies many times over, and multiplying the gate in at each
+    read made sla_gla's bwd_chunk slower than the reload (4.925 -> 5.126 ms)."""
     return _row_gate(f, side) is not None and not f.l2 and not f.vector
+
+
+def _normalised(f: _Features, side: str, copy: _Copy) -> bool:
+    """Whether the copy is y alone (_Copy.NORMALISED under the L2 norm, but for a vector decay: see
+    _gate_kept_out): its readers multiply in the gate and the scale, and the L2 norm's backward reads y and the
+    inverse norms (inv_norm_{side}_s) from it, where bwd_chunk reloads x, rebuilds phi(x) and sums its squares
+    again. In gdn's bwd_delta at its tuned config on the H100 (4x8192x16x128), with x prefetched for phi'(x)
+    (_input_gradients): 1.135 -> 1.038 ms. The same in bwd_chunk made it slower, 1.264 -> 1.286
+    (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-25-session23)."""
+    return copy is _Copy.NORMALISED and f.l2 and not f.vector
+
+
+def _kept_out(f: _Features, side: str, copy: _Copy, row: str = "i") -> str:
+    """What the copy leaves out of q' (k') at `row`, which its readers multiply in; "1.0" when nothing."""
+    if _normalised(f, side, copy):
+        return _gate_scale(f, side, row=row)
+    if copy is _Copy.UNGATED and _gate_kept_out(f, side):
+        return f"g{side}_s[{row}]"
+    return "1.0"
 
 
 def _gate_scale(f: _Features, side: str, gate: bool = True, row: str = "i") -> str:
@@ -195,37 +223,41 @@ def _gate_scale(f: _Features, side: str, gate: bool = True, row: str = "i") -> s
     return " * ".join(factors) or "1.0"
 
 
-def _row_factor(f: _Features, side: str, ungated: bool = False) -> str:
-    """What scales each row of phi(x) into q' or k': the L2 norm's 1/||phi(x)||, then _gate_scale (without the
-    gate where `ungated` and _gate_kept_out); "1.0" when nothing does."""
+def _row_factor(f: _Features, side: str, copy: _Copy = _Copy.FULL) -> str:
+    """What scales each row of phi(x) into the copy (`copy`): the L2 norm's 1/||phi(x)||, then _gate_scale, less
+    what the copy leaves out (_kept_out); "1.0" when nothing does."""
     factors = [f"T.rsqrt({side}n[i] + EPS)"] if f.l2 else []
-    gate_scale = _gate_scale(f, side, gate=not (ungated and _gate_kept_out(f, side)))
+    if _normalised(f, side, copy):
+        gate_scale = "1.0"
+    else:
+        gate_scale = _gate_scale(f, side, gate=not (copy is _Copy.UNGATED and _gate_kept_out(f, side)))
     if gate_scale != "1.0":
         factors.append(gate_scale)
     return " * ".join(factors) or "1.0"
 
 
-def _scaled(f: _Features, side: str, ungated: bool = False) -> str:
-    """q' or k' at [i, d] from the registers _prep leaves (before or instead of its shared copy); `ungated` as
-    in _row_factor."""
-    return f"{side}x[i, d]" if _row_factor(f, side, ungated) == "1.0" else f"{side}x[i, d] * {side}r[i]"
+def _scaled(f: _Features, side: str, copy: _Copy = _Copy.FULL) -> str:
+    """q' or k' at [i, d] from the registers _prep leaves (before or instead of its shared copy), as `copy`
+    holds it (_row_factor)."""
+    return f"{side}x[i, d]" if _row_factor(f, side, copy) == "1.0" else f"{side}x[i, d] * {side}r[i]"
 
 
-def _copy_row(f: _Features, side: str, row: str = "i", ungated: bool = False) -> str:
-    """q' (k') at [row, d] from its shared fp32 copy; `ungated`: bwd_chunk's copy, to which the gate is applied
-    here where _gate_kept_out."""
+def _copy_row(f: _Features, side: str, row: str = "i", copy: _Copy = _Copy.FULL) -> str:
+    """q' (k') at [row, d] from its shared fp32 copy, which holds it as `copy` says: what the copy leaves out is
+    multiplied in here."""
     value = f"{side}p_s[{row}, d]"
-    return f"{value} * g{side}_s[{row}]" if ungated and _gate_kept_out(f, side) else value
+    kept_out = _kept_out(f, side, copy, row)
+    return value if kept_out == "1.0" else f"{value} * {kept_out}"
 
 
-def _qk_value(f: _Features, side: str, shared: bool, ungated: bool = False) -> str:
-    """q' or k' at [i, d]: its shared fp32 copy (`ungated` as in _copy_row), or _scaled's registers (`shared` as
+def _qk_value(f: _Features, side: str, shared: bool, copy: _Copy = _Copy.FULL) -> str:
+    """q' or k' at [i, d]: its shared fp32 copy (`copy` as in _copy_row), or _scaled's registers (`shared` as
     passed to _prep)."""
-    return _copy_row(f, side, ungated=ungated) if shared else _scaled(f, side)
+    return _copy_row(f, side, copy=copy) if shared else _scaled(f, side)
 
 
 def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True,
-                 decay: bool = True, staged: bool = False, ungated: bool = False) -> str:
+                 decay: bool = True, staged: bool = False, copy: _Copy = _Copy.FULL) -> str:
     """The buffers of `_prep` for what it computes (q', k', beta', b)."""
     lines = []
     if f.has_b and decay:
@@ -242,10 +274,12 @@ def _prep_allocs(f: _Features, q: bool = True, k: bool = True, beta: bool = True
         lines.append(f'{side}x = T.alloc_fragment((C, K), "float32")')
         if f.l2:
             lines.append(f'{side}n = T.alloc_fragment((C,), "float32")')
-        if _row_factor(f, side, ungated) != "1.0":
+        if _row_factor(f, side, copy) != "1.0":
             lines.append(f'{side}r = T.alloc_fragment((C,), "float32")')
         if shared:
             lines.append(f'{side}p_s = T.alloc_shared((C, K), "float32")')
+        if shared and _normalised(f, side, copy):
+            lines.append(f'inv_norm_{side}_s = T.alloc_shared((C,), "float32")')
     if f.l2 and (q or k):
         lines.append('sq = T.alloc_fragment((C, K), "float32")')
     if f.delta and beta:
@@ -272,7 +306,7 @@ def _column_scan(buf: str, reverse: bool) -> str:
 
 
 def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, shared: bool = True,
-          decay: bool = True, staged: bool = False, ungated: bool = False) -> str:
+          decay: bool = True, staged: bool = False, copy: _Copy = _Copy.FULL) -> str:
     """For the chunk at t0, each where asked for: the in-chunk cumulative log decay b (`decay`), phi(x) and its
     row factors in registers (`_scaled` reads q' and k' from them), q' and k' in shared fp32 (`shared`), and
     beta'. Rows past the sequence's end are zero. `staged` (the sequential stages): the inputs are read by
@@ -280,7 +314,7 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
     the per-row inputs (g, the gates, beta) are loaded first, in one loop: loaded where first used, after
     q's and k's feature maps and norms, each was a global load the CTA waited for. On the H100 the kernels that
     read the SLA gates so took 14-29% longer than gdn's (benchmarks/NVIDIA_H100_80GB_HBM3/2026-11-24-session14).
-    `ungated` (bwd_chunk): the shared copies leave the gate out where _gate_kept_out."""
+    `copy`: what the shared copies hold (_Copy)."""
     s = ""
     rows = []  # (shared [C] buffer, value of row i) loaded first
     if decay and f.decay is Decay.SCALAR:
@@ -341,16 +375,18 @@ def _prep(f: _Features, q: bool = True, k: bool = True, beta: bool = True, share
         sq[i, d] = {side}x[i, d] * {side}x[i, d]
     T.reduce_sum(sq, {side}n, dim=1)
     """
-        factor = _row_factor(f, side, ungated)
+        factor = _row_factor(f, side, copy)
         if factor != "1.0":
+            keep = f"""
+        inv_norm_{side}_s[i] = {side}r[i]""" if shared and _normalised(f, side, copy) else ""
             s += f"""
     for i in T.Parallel(C):
-        {side}r[i] = T.if_then_else(t0 + i < eos, {factor}, 0.0)
+        {side}r[i] = T.if_then_else(t0 + i < eos, {factor}, 0.0){keep}
     """
         if shared:
             s += f"""
     for i, d in T.Parallel(C, K):
-        {side}p_s[i, d] = {_scaled(f, side, ungated)}
+        {side}p_s[i, d] = {_scaled(f, side, copy)}
     """
     return _ind(s, 0)
 
@@ -408,19 +444,19 @@ def _store_qe(f: _Features, q: str) -> str:
     return _store_rows("QE", f"{q} * {f.exp_b('i')}")
 
 
-def _cast_qk(f: _Features, q: bool = True, shared: bool = True, ungated: bool = False) -> str:
-    """q' and k' in dtype (operands of the C x C gemms of a scalar or constant decay); `shared` and `ungated` as
+def _cast_qk(f: _Features, q: bool = True, shared: bool = True, copy: _Copy = _Copy.FULL) -> str:
+    """q' and k' in dtype (operands of the C x C gemms of a scalar or constant decay); `shared` and `copy` as
     in _qk_value."""
     if f.vector:
         return ""
     s = f"""
     for i, d in T.Parallel(C, K):
-        km_m[i, d] = T.cast({_qk_value(f, "k", shared, ungated)}, dtype)
+        km_m[i, d] = T.cast({_qk_value(f, "k", shared, copy)}, dtype)
     """
     if q:
         s += f"""
     for i, d in T.Parallel(C, K):
-        qm_m[i, d] = T.cast({_qk_value(f, "q", shared, ungated)}, dtype)
+        qm_m[i, d] = T.cast({_qk_value(f, "q", shared, copy)}, dtype)
     """
     return _ind(s, 0)
 
@@ -509,11 +545,11 @@ def _subblock_allocs(f: _Features) -> str:
     """, 0)
 
 
-def _attention(f: _Features, ungated: bool = False) -> str:
-    """A[i, j] = sum_d q'_id k'_jd exp(b_i - b_j) for j <= i, else 0, into A_m (dtype); `ungated` as in
+def _attention(f: _Features, copy: _Copy = _Copy.FULL) -> str:
+    """A[i, j] = sum_d q'_id k'_jd exp(b_i - b_j) for j <= i, else 0, into A_m (dtype); `copy` as in
     _copy_row (a scalar or constant decay reads q' and k' as _cast_qk cast them)."""
     if f.vector:
-        rows = {side: functools.partial(_copy_row, f, side, ungated=ungated) for side in "qk"}
+        rows = {side: functools.partial(_copy_row, f, side, copy=copy) for side in "qk"}
         return _ind(_decayed_products(rows["q"], rows["k"], "A_s", strict=False) + """
     T.copy(A_s, A_m)
     """, 0)
@@ -1265,7 +1301,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     for i, j in T.Parallel(C, C):
         dA_s[i, j] = T.if_then_else(j <= i, dA_f[i, j], 0.0)
     """
-    q_row, k_row = (functools.partial(_copy_row, f, side, ungated=True) for side in "qk")
+    q_row, k_row = (functools.partial(_copy_row, f, side, copy=_Copy.UNGATED) for side in "qk")
     p += _pair_terms(f, "dA_s", q_row, k_row, "dqA_f", "dkA_f", strict=False)
     p += f"""
     for i, d in T.Parallel(C, K):
@@ -1279,7 +1315,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
         p += _db_terms(f, f"{q_row('i')} * dqp_s[i, d] - {k_row('i')} * dkp_s[i, d]", first=True,
                        terms="db_terms_f", rows="db_rows_f")
     if f.delta:
-        p += _input_gradients(f, ("q",), ungated=True)
+        p += _input_gradients(f, ("q",), copy=_Copy.UNGATED)
         if f.dg:
             # b_C's terms at the last row of the sequence in the chunk: the rows past it are not stored, and the
             # suffix sums bwd_delta takes carry it to every row before as from row C - 1 (b is constant past it)
@@ -1299,7 +1335,7 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     else:
         if f.dg:
             p += _dg_chunk_end(f, "C - 1") + _dg_suffix_store(f)
-        p += _input_gradients(f, ("q", "k"), ungated=True)
+        p += _input_gradients(f, ("q", "k"), copy=_Copy.UNGATED)
     post = _ind(p, 0)
     delta_params = ('        VN: T.Tensor((NT, H, V), dtype),\n        DU: T.Tensor((NT, H, V), dtype),\n'
                     if f.delta else "")
@@ -1381,7 +1417,8 @@ def _bwd_delta_pieces(f: _Features) -> dict:
     dbr_f = T.alloc_fragment((C,), "float32")
     dbr_s = T.alloc_shared((C,), "float32")
     """
-    if f.gk:
+    normalised = _normalised(f, "k", _Copy.NORMALISED)
+    if f.gk and not (f.key_gate and normalised):  # else the gate's gradient is the L2 step's row sum
         a += """
     dgk_f = T.alloc_fragment((C,), "float32")
     """
@@ -1390,9 +1427,14 @@ def _bwd_delta_pieces(f: _Features) -> dict:
         a += """
     yk_f = T.alloc_fragment((C, K), "float32")
     """
-    if f.l2:
+    if normalised and f.fk is not FeatureMap.IDENTITY:
         a += """
+    xk_f = T.alloc_fragment((C, K), "float32")
+    """
+    if f.l2:
+        a += ("" if normalised else """
     inv_norm_k_f = T.alloc_fragment((C,), "float32")
+    """) + """
     dot_k_f = T.alloc_fragment((C,), "float32")
     """
     # k', M and the WY form as stage wy stored it; then bwd_chunk's parts
@@ -1435,12 +1477,13 @@ def _bwd_delta_pieces(f: _Features) -> dict:
     # strict((T^T dws) w^T - dL_acc). At chunk 64 and 256 threads, TileLang's ThreadSync pass warns that the
     # guarded `dbt_s[i] = ...` keeps a race: a false positive. After a reduction one thread of each row's
     # replicas writes that row, and no two writers share a row (all 256 threads enumerated, session 11).
+    k_row = functools.partial(_copy_row, f, "k", copy=_Copy.NORMALISED)  # k' from the copy, as the copy holds it
     p = f"""
     T.reduce_sum(tv_f, tvr_f, dim=1)
     T.gemm(Tm_m, dws_m, dkb_f, transpose_A=True, clear_accum=True)
     T.copy(dkb_f, dkb_m)
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = dkb_f[i, d] * kp_s[i, d] * {f.exp_b("i")}
+        terms_f[i, d] = dkb_f[i, d] * {k_row("i")} * {f.exp_b("i")}
     T.reduce_sum(terms_f, rkr_f, dim=1)
     for i in T.Parallel(C):
         dbt_s[i] = tvr_f[i] - rkr_f[i]
@@ -1448,7 +1491,7 @@ def _bwd_delta_pieces(f: _Features) -> dict:
         dkp_s[i, d] = dkp_s[i, d] - bt_s[i] * {f.exp_b("i")} * dkb_f[i, d]
     """
     if f.vector:
-        p += _db_terms(f, f"-bt_s[i] * kp_s[i, d] * {f.exp_b('i')} * dkb_f[i, d]")
+        p += _db_terms(f, f"-bt_s[i] * {k_row('i')} * {f.exp_b('i')} * dkb_f[i, d]")
     elif f.dg:  # the same terms as rkr's, times -beta: no second row sum
         p += """
     for i in T.Parallel(C):
@@ -1467,20 +1510,20 @@ def _bwd_delta_pieces(f: _Features) -> dict:
     for i, j in T.Parallel(C, C):
         dL_s[i, j] = dL_s[i, j] * bt_s[i]
     """
-    k_row = functools.partial(_copy_row, f, "k")
     p += _pair_terms(f, "dL_s", k_row, k_row, "Pd_f", "Pt_f", strict=True)
     p += """
     for i, d in T.Parallel(C, K):
         dkp_s[i, d] = dkp_s[i, d] + Pd_f[i, d] + Pt_f[i, d]
     """
     if f.dg:
-        p += _db_terms(f, "kp_s[i, d] * (Pd_f[i, d] - Pt_f[i, d])") + _dg_suffix_store(f)
-    p += _input_gradients(f, ("k",))
+        p += _db_terms(f, f"{k_row('i')} * (Pd_f[i, d] - Pt_f[i, d])") + _dg_suffix_store(f)
+    p += _input_gradients(f, ("k",), copy=_Copy.NORMALISED)
     grads = ([f"dg [NT, H{', K' if f.vector else ''}]"] if f.dg else []) + ["dbeta [NT, H]"] + (
         ["dgk [NT, H]"] if f.gk else [])
-    shared_allocs = (_prep_allocs(f, q=False) + _cast_qk_allocs(f, q=False) + _wy_allocs(f, solve=False)
-                     + _subblock_allocs(f))
-    loaded = _prep(f, q=False) + _cast_qk(f, q=False) + _wy_gram(f) + _wy_loaded()
+    shared_allocs = (_prep_allocs(f, q=False, copy=_Copy.NORMALISED) + _cast_qk_allocs(f, q=False)
+                     + _wy_allocs(f, solve=False) + _subblock_allocs(f))
+    loaded = (_prep(f, q=False, copy=_Copy.NORMALISED) + _cast_qk(f, q=False, copy=_Copy.NORMALISED) + _wy_gram(f)
+              + _wy_loaded())
     return {"grad_params": grad_params, "allocs": shared_allocs + _ind(a, 0), "prep": loaded + _ind(pre, 0),
             "vloop": _ind(v, 0), "post": _ind(p, 0),
             "dbp_param": f"        {_dg_param(f, 'DBP')},\n" if f.dg else "",
@@ -1514,8 +1557,8 @@ def _db_terms(f: _Features, expr: str, first: bool = False, terms: str = "terms_
 def _dg_chunk_end(f: _Features, row: str) -> str:
     """The terms of b_C (through the state decay exp(b_C) and ke = k' exp(b_C - b)), added to db at `row` (an
     expression): C - 1, or the sequence's last row in the chunk, past which b is constant and nothing is added.
-    bwd_chunk's (k' from its ungated copy)."""
-    k = _copy_row(f, "k", ungated=True)
+    bwd_chunk's (k' from its _Copy.UNGATED copy)."""
+    k = _copy_row(f, "k", copy=_Copy.UNGATED)
     if f.vector:
         return f"""
     for i, d in T.Parallel(C, K):
@@ -1562,7 +1605,7 @@ def _row_terms_alloc(f: _Features, sides: tuple[str, ...]) -> str:
     """ if used else ""
 
 
-def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False) -> str:
+def _input_gradients(f: _Features, sides: tuple[str, ...], copy: _Copy = _Copy.FULL) -> str:
     """dq (side "q") and/or dk ("k") from the gradients of q' and k' in dqp_s / dkp_s, through the gates, the
     scale, the L2 norm and the feature maps, with the gates' gradients: dy = dx' * gate * scale; L2: dx = r (dy -
     y sum(dy y)) with r the inverse norm; then phi'. y = phi(x) (L2-normalised) is what the gates and the L2 norm
@@ -1571,31 +1614,56 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False
     store, from shared memory. Scaled in place in dqp_s / dkp_s through a [C] fragment, the rows went to one
     thread each: a quarter of the threads, each row's reads on one bank (bwd_chunk at 4x8192 on the H100: retnet
     0.924 -> 0.810 ms, sla_retnet 1.243 -> 1.024, sla_gla 5.318 -> 4.441); `loop_layouts` finds such loops.
-    `ungated` (bwd_chunk): a side whose shared copy leaves the gate out (_gate_kept_out) reads y (times the
-    scale) from that copy; the others reload x from global memory. The row sums read row_terms_f
-    (_row_terms_alloc), not the stage's terms_f, whose layout is a gemm accumulator's where it meets dke_f:
-    with that one each row's sum crossed warpgroups through shared memory, and the loops that fill it read
-    dqp_s / dkp_s 8 rows to a bank."""
+    `copy` (_Copy): a side whose shared copy leaves the gate out (UNGATED, _gate_kept_out) reads y (times the
+    scale) from that copy; one whose copy is y (NORMALISED, _normalised) reads y and its inverse norms from
+    there, and its L2 step's row sums serve as its gate's gradient; the others reload x from global memory and
+    rebuild y. The row sums read row_terms_f (_row_terms_alloc), not the stage's terms_f, whose layout is a gemm
+    accumulator's where it meets dke_f: with that one each row's sum crossed warpgroups through shared memory,
+    and the loops that fill it read dqp_s / dkp_s 8 rows to a bank."""
     # per side: the input tensor, its feature map, its output tensor and whether a gate scales it
     names = {"q": ("Q", f.fq, "DQ", f.read), "k": ("KK", f.fk, "DK", f.key_gate)}
-    on_chip = {side: ungated and _gate_kept_out(f, side) for side in sides}
+    on_chip = {side: copy is _Copy.UNGATED and _gate_kept_out(f, side) for side in sides}
+    normalised = {side: _normalised(f, side, copy) for side in sides}
+    rebuilt = [side for side in sides if not normalised[side]]
+    # phi'(x) at the store: from a fragment loaded before the L2 step where the copy is y (x is not reloaded for
+    # y there). Read from global memory in the store's loop, each load waits for the loop's earlier stores (the
+    # pointers may alias): gdn's bwd_delta 1.038 ms against 1.167 (2026-11-25-session23, versions 3 and 4)
+    x_frag = {side: normalised[side] and names[side][1] is not FeatureMap.IDENTITY for side in sides}
+    inv_norm = {side: f"inv_norm_{side}_s[i]" if normalised[side] else f"inv_norm_{side}_f[i]" for side in sides}
 
-    def loop(body) -> str:  # one loop over the chunk's [C, K] tile, a statement per side
-        lines = "".join(f"\n        {body(side)}" for side in sides)
+    def loop(body, among) -> str:  # one loop over the chunk's [C, K] tile, a statement per side
+        lines = "".join(f"\n        {body(side)}" for side in among)
         return f"""
     for i, d in T.Parallel(C, K):{lines}
-    """
+    """ if among else ""
+
+    def dot_sums(among) -> str:  # the L2 step's sum(dy y) per row
+        return "".join(f"""
+    for i, d in T.Parallel(C, K):
+        row_terms_f[i, d] = d{side}p_s[i, d] * y{side}_f[i, d]
+    T.reduce_sum(row_terms_f, dot_{side}_f, dim=1)
+    """ for side in among)
 
     s = ""
     for side in sides:
         x, fm, _, gated = names[side]
-        if f.l2 or (gated and not on_chip[side]):
+        if normalised[side]:
+            s += f"""
+    for i, d in T.Parallel(C, K):
+        y{side}_f[i, d] = {side}p_s[i, d]
+    """
+            if x_frag[side]:
+                s += f"""
+    for i, d in T.Parallel(C, K):
+        x{side}_f[i, d] = T.cast({x}[T.min(t0 + i, NT - 1), h, d], 'float32')
+    """
+        elif f.l2 or (gated and not on_chip[side]):
             s += f"""
     for i, d in T.Parallel(C, K):
         y{side}_f[i, d] = {_phi(fm, f"T.cast({x}[T.min(t0 + i, NT - 1), h, d], 'float32')")}
     """
-    if f.l2:
-        for side in sides:
+    if f.l2 and rebuilt:
+        for side in rebuilt:
             s += f"""
     for i, d in T.Parallel(C, K):
         row_terms_f[i, d] = y{side}_f[i, d] * y{side}_f[i, d]
@@ -1603,21 +1671,32 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False
     """
         s += """
     for i in T.Parallel(C):""" + "".join(f"""
-        inv_norm_{side}_f[i] = T.rsqrt(inv_norm_{side}_f[i] + EPS)""" for side in sides) + """
+        inv_norm_{side}_f[i] = T.rsqrt(inv_norm_{side}_f[i] + EPS)""" for side in rebuilt) + """
     """
-        s += loop(lambda side: f"y{side}_f[i, d] = y{side}_f[i, d] * inv_norm_{side}_f[i]")
+        s += loop(lambda side: f"y{side}_f[i, d] = y{side}_f[i, d] * inv_norm_{side}_f[i]", rebuilt)
+    # where the copy is y, the L2 step's sums come first: they are the gates' gradients too (times the scale)
+    s += dot_sums([side for side in sides if normalised[side]])
     if "q" in sides and f.read:
-        y_scaled = "qp_s[i, d]" if on_chip["q"] else "yq_f[i, d] * SC[0]"
-        s += f"""
+        if normalised["q"]:
+            dgq = "dot_q_f[i] * SC[0]"
+        else:
+            y_scaled = "qp_s[i, d]" if on_chip["q"] else "yq_f[i, d] * SC[0]"
+            dgq = "dgq_f[i]"
+            s += f"""
     for i, d in T.Parallel(C, K):
         row_terms_f[i, d] = dqp_s[i, d] * {y_scaled}
     T.reduce_sum(row_terms_f, dgq_f, dim=1)
+    """
+        s += f"""
     for i in T.Parallel(C):
         if t0 + i < eos:
-            DGQ[t0 + i, h] = dgq_f[i]
+            DGQ[t0 + i, h] = {dgq}
     """
     if "k" in sides:
-        if f.key_gate:
+        dgk = "dgk_f[i]"
+        if f.key_gate and normalised["k"]:
+            dgk = "dot_k_f[i]"
+        elif f.key_gate:
             s += f"""
     for i, d in T.Parallel(C, K):
         row_terms_f[i, d] = dkp_s[i, d] * {"kp_s[i, d]" if on_chip["k"] else "yk_f[i, d]"}
@@ -1629,10 +1708,10 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False
         dgk_f[i] = dbt_s[i] * BETA[T.min(t0 + i, NT - 1), h]
     """
         if f.gk:
-            s += """
+            s += f"""
     for i in T.Parallel(C):
         if t0 + i < eos:
-            DGK[t0 + i, h] = dgk_f[i]
+            DGK[t0 + i, h] = {dgk}
     """
         if f.delta:
             bgate = " * GK[t0 + i, h]" if f.beta_gate else ""
@@ -1642,18 +1721,14 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], ungated: bool = False
             DBETA[t0 + i, h] = dbt_s[i]{bgate}
     """
     if f.l2:
-        for side in sides:
-            s += f"""
-    for i, d in T.Parallel(C, K):
-        row_terms_f[i, d] = d{side}p_s[i, d] * y{side}_f[i, d]
-    T.reduce_sum(row_terms_f, dot_{side}_f, dim=1)
-    """
-        s += loop(lambda side: f"d{side}p_s[i, d] = inv_norm_{side}_f[i] * (d{side}p_s[i, d] - y{side}_f[i, d] * "
-                               f"dot_{side}_f[i])")
+        s += dot_sums(rebuilt)
+        s += loop(lambda side: f"d{side}p_s[i, d] = {inv_norm[side]} * (d{side}p_s[i, d] - y{side}_f[i, d] * "
+                               f"dot_{side}_f[i])", sides)
     stores = ""
     for side in sides:
         x, fm, out, _ = names[side]
-        factors = [f"d{side}p_s[i, d]", _gate_scale(f, side), _dphi(fm, f"T.cast({x}[t0 + i, h, d], 'float32')")]
+        x_value = f"x{side}_f[i, d]" if x_frag[side] else f"T.cast({x}[t0 + i, h, d], 'float32')"
+        factors = [f"d{side}p_s[i, d]", _gate_scale(f, side), _dphi(fm, x_value)]
         stores += f"""
             {out}[t0 + i, h, d] = T.cast({" * ".join(term for term in factors if term != "1.0")}, dtype)"""
     s += f"""
@@ -1876,11 +1951,12 @@ def generate(spec: Spec) -> dict[str, str]:
     # du = A^T dO + ke dS: the delta rule reads it as bwd_dh stored it; an additive write computes it per V-block
     du_operands = "" if f.delta else "ke_m = T.alloc_shared((C, K), dtype)\n" + _attention_allocs(f)
     chunk_allocs = du_operands + _cast_qk_allocs(f) + _subblock_allocs(f)
-    chunk_common = _cast_qk(f, ungated=True) + ("" if f.delta else _ke(f, _copy_row(f, "k", ungated=True))
-                                                 + _attention(f, ungated=True))
+    chunk_common = _cast_qk(f, copy=_Copy.UNGATED)
+    if not f.delta:
+        chunk_common += _ke(f, _copy_row(f, "k", copy=_Copy.UNGATED)) + _attention(f, copy=_Copy.UNGATED)
     factories.append(BWD_CHUNK.format(
-        stage="bwd_chunk", prep_allocs=at(_prep_allocs(f, beta=False, ungated=True), 12),
-        chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f, beta=False, ungated=True), 12),
+        stage="bwd_chunk", prep_allocs=at(_prep_allocs(f, beta=False, copy=_Copy.UNGATED), 12),
+        chunk_allocs=at(chunk_allocs, 12), prep=at(_prep(f, beta=False, copy=_Copy.UNGATED), 12),
         common=at(chunk_common, 12), grad_params=pieces["grad_params"], out_params=pieces["out_params"],
         allocs=at(pieces["allocs"], 12), delta_params=pieces["delta_params"], delta_doc=pieces["delta_doc"],
         summary=pieces["summary"], outputs_doc=pieces["outputs_doc"],
