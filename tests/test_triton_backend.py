@@ -77,13 +77,16 @@ def test_vector_decay_sub_chunks(write):
     check(testing.recurrence(Decay.VECTOR, write, Gates.BOTH), 2, 70, 2, 16, 16, config={"BT": 32, "BC": 16})
 
 
-@pytest.mark.parametrize("l2_norm", [False, True])
-def test_vector_decay_key_blocks(l2_norm):
-    """Stage "prep" of a vector decay with an additive write sums A over column blocks of K (tpl_prep.K_BLOCK):
-    K = 40 spans two blocks, the second partly past K; L2 normalisation needs the whole row first."""
+@pytest.mark.parametrize("l2_norm,dqk_block", [(False, 16), (False, 32), (True, None)])
+def test_vector_decay_key_blocks(l2_norm, dqk_block):
+    """A vector decay with an additive write works by column blocks of K: stage "prep" sums A over blocks of
+    tpl_prep.K_BLOCK (32), stage "bwd_dqk" makes dq', dk', db and the gates' row sums block by block
+    (bwd_dqk_BK). K = 40 spans two blocks of 32 or three of 16, the last partly past K. L2 normalisation needs
+    the whole row first: prep takes the norms in a pass of its own, bwd_dqk keeps whole rows."""
     rec = testing.recurrence(Decay.VECTOR, WriteRule.ADDITIVE, Gates.BOTH, qk_l2_norm=l2_norm,
                              feature_map_q=FeatureMap.ELU_PLUS_ONE, feature_map_k=FeatureMap.SILU)
-    check(rec, 1, 70, 2, 40, 24, config={"BT": 64, "BC": 16})
+    config = {"BT": 64, "BC": 16, **({"bwd_dqk_BK": dqk_block} if dqk_block else {})}
+    check(rec, 1, 70, 2, 40, 24, config=config)
 
 
 SEQUENTIAL_K_BLOCKS = {"states_BK": 32, "bwd_states_BK": 32, "bwd_dh_BK": 32}
@@ -175,7 +178,10 @@ def test_default_config_and_tuning_space():
     from sla_dsl.autotune import Shape
     from sla_dsl.backends.triton import runtime
 
+    from sla_dsl.backends.triton import tpl_bwd_dqk
+
     for rec in (testing.recurrence(Decay.VECTOR, WriteRule.DELTA, Gates.BOTH),
+                testing.recurrence(Decay.VECTOR, WriteRule.ADDITIVE, Gates.BOTH),
                 testing.recurrence(Decay.SCALAR, WriteRule.ADDITIVE, Gates.NONE)):
         for K, V in ((16, 16), (60, 100), (128, 128), (256, 256)):
             for dtype in ("bfloat16", "float32"):
@@ -189,6 +195,8 @@ def test_default_config_and_tuning_space():
                     stages = runtime.phase_stages(rec, phase)
                     assert all(f"{stage}_num_warps" in cfg for stage in stages)
                     assert ("bwd_wy_num_warps" in cfg) == (phase == "bwd" and rec.write is WriteRule.DELTA)
+                    # only the vector decay's additive write works by key blocks in bwd_dqk
+                    assert ("bwd_dqk_BK" in cfg) == (phase == "bwd" and tpl_bwd_dqk.splits_keys(rec))
                     assert all(runtime.stage_options(cfg, s)["BV"] <= runtime.padded(V) for s in stages)
                     # dot_precision is a shared setting, the first factor (walking the product took most of a minute)
                     assert all(s["dot_precision"] == "ieee" for s in space.factors[0]) == (dtype == "float32")

@@ -157,9 +157,11 @@ def _load_qk_t(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q:
 
 
 @triton.jit
-def _qk_backward(x_ptr, gate_ptr, dx_ptr, dgate_ptr, tok, valid, i_h, H, K, cols, kmask, dy, scale,
+def _qk_backward(x_ptr, gate_ptr, dx_ptr, tok, valid, i_h, H, K, cols, kmask, dy, scale,
                  IS_Q: tl.constexpr, GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
-    """From the gradient of q' (or k') to the raw input's and the gate's; stores both."""
+    """From the gradient of q' (or k') on the columns `cols` to the raw input's, which it stores, and to the
+    gate's: returns its row sums sum_k dq'_k n_k ([BT]; zero without GATED) for _store_gate_grad, so that a
+    caller working by column blocks adds them up first. L2_NORM needs whole rows (cols = all KP)."""
     m = valid[:, None] & kmask[None, :]
     x = tl.load(x_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], mask=m, other=0.).to(tl.float32)
     if IS_Q:
@@ -174,14 +176,21 @@ def _qk_backward(x_ptr, gate_ptr, dx_ptr, dgate_ptr, tok, valid, i_h, H, K, cols
         n = y * r[:, None]
     else:
         n = y
+    dgate = tl.zeros([tok.shape[0]], dtype=tl.float32)
     if GATED:
-        gate = tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
-        tl.store(dgate_ptr + tok * H + i_h, tl.sum(dy * n, 1).to(dgate_ptr.dtype.element_ty), mask=valid)
-        dy = dy * gate[:, None]
+        dgate = tl.sum(dy * n, 1)
+        dy = dy * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[:, None]
     if L2_NORM:
         dy = r[:, None] * dy - y * (r * r * r * tl.sum(y * dy, 1))[:, None]
     dx = tl.where(m, dy * dphi, 0.)
     tl.store(dx_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+    return dgate
+
+
+@triton.jit
+def _store_gate_grad(dgate_ptr, dgate, tok, valid, i_h, H):
+    """Stores a gate's gradient ([BT] row sums from _qk_backward) in the gate's dtype."""
+    tl.store(dgate_ptr + tok * H + i_h, dgate.to(dgate_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -775,10 +784,83 @@ def bwd_dh_kernel(q_ws, k_ws, b_ws, lg, w_ws, A_ws, do, dht, dh0, dh_ws, dvn_ws,
 
 # ---- tpl_bwd_dqk ------------------------------------------------------------
 @triton.jit
+def _dqk_by_key_blocks(q, k, gq, gk, q_ws, k_ws, v, b_ws, A_ws, h_ws, dh_ws, do, dq, dk, dv, dgq, dgk, dg, tok,
+                       valid, i_h, ws, state_base, scale, H, K, V, gate_block, KP: tl.constexpr, BK: tl.constexpr,
+                       BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, READ_GATE: tl.constexpr,
+                       KEY_GATE: tl.constexpr, PREC: tl.constexpr):
+    """bwd_dqk of a vector decay with an additive write and no L2 norm for the key block program_id(2) of one
+    chunk: dA = do v^T (each key block's program makes its own: it needs no K), that block's columns of dq', dk'
+    and db, and the gates' row sums over its columns, stored as one of cdiv(K, BK) partial sums (gate_block
+    apart; the host adds them up). dv = A^T do + (k' e^{b_C-b}) dS sums over all of K: its V-blocks are dealt out
+    across the key blocks' programs, each looping over every key block for its own."""
+    i_k, n_k = tl.program_id(2), tl.num_programs(2)
+    rows = tl.arange(0, BT)
+    dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vcols = v0 + tl.arange(0, BV)
+        vmask = vcols < V
+        dob = tl.load(do + (tok * H + i_h)[:, None] * V + vcols[None, :], mask=valid[:, None] & vmask[None, :],
+                      other=0.)
+        dA += _dot(dob, _load_rows_t(v, tok, valid, i_h, H, V, vcols, vmask), PREC)
+    dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.)
+    A = tl.load(A_ws + ws)
+    for v0 in range(i_k * BV, V, n_k * BV):
+        vcols = v0 + tl.arange(0, BV)
+        vmask = vcols < V
+        vm = valid[:, None] & vmask[None, :]
+        v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+        du = _dot(tl.trans(A), tl.load(do + v_off, mask=vm, other=0.), PREC)
+        for k0 in range(0, KP, BK):
+            cols = k0 + tl.arange(0, BK)
+            kmask = cols < K
+            b = _chunk_decay(b_ws, b_ws, tok, valid, i_h, H, K, cols, kmask, 3, BT)
+            kp = tl.load(k_ws + (tok * H + i_h)[:, None] * K + cols[None, :], mask=valid[:, None] & kmask[None, :],
+                         other=0.).to(tl.float32)
+            dS = tl.load(dh_ws + state_base + cols[:, None] * V + vcols[None, :],
+                         mask=kmask[:, None] & vmask[None, :], other=0.)
+            du += _dot(kp * tl.exp(_last_row(b, BT)[None, :] - b), dS, PREC)
+        tl.store(dv + v_off, du.to(dv.dtype.element_ty), mask=vm)
+    cols = i_k * BK + tl.arange(0, BK)
+    kmask = cols < K
+    km = valid[:, None] & kmask[None, :]
+    k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
+    dqe = tl.zeros([BT, BK], dtype=tl.float32)
+    dkd = tl.zeros([BT, BK], dtype=tl.float32)
+    s_ds = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vcols = v0 + tl.arange(0, BV)
+        vmask = vcols < V
+        vm = valid[:, None] & vmask[None, :]
+        v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+        st_off = state_base + cols[None, :] * V + vcols[:, None]
+        St = tl.load(h_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
+        dSt = tl.load(dh_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
+        dqe += _dot(tl.load(do + v_off, mask=vm, other=0.), St, PREC)
+        dkd += _dot(tl.load(v + v_off, mask=vm, other=0.), dSt, PREC)
+        s_ds += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), 0)
+    b = _chunk_decay(b_ws, b_ws, tok, valid, i_h, H, K, cols, kmask, 3, BT)
+    b_last = _last_row(b, BT)
+    qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
+    kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
+    dqp = dqe * tl.exp(b) + _vec_left(dA, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC, PREC)
+    dgq_rows = _qk_backward(q, gq, dq, tok, valid, i_h, H, K, cols, kmask, dqp, scale, True, READ_GATE, False, 0.)
+    db_last = tl.sum(kp * tl.exp(b_last[None, :] - b) * dkd, 0) + tl.exp(b_last) * s_ds
+    dkp = dkd * tl.exp(b_last[None, :] - b) + _vec_right(dA, qp, q_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask,
+                                                           BT, BC, PREC)
+    _store_decay_grad(dg, _fold_last(qp * dqp - kp * dkp, db_last, valid, 3, BT), tok, valid, i_h, H, K, cols, kmask,
+                      3, BT)
+    dgk_rows = _qk_backward(k, gk, dk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, False, 0.)
+    if READ_GATE:
+        _store_gate_grad(dgq + i_k * gate_block, dgq_rows, tok, valid, i_h, H)
+    if KEY_GATE:
+        _store_gate_grad(dgk + i_k * gate_block, dgk_rows, tok, valid, i_h, H)
+
+
+@triton.jit
 def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_ws, dvn_ws, do, dq, dk, dv, dgq,
-                   dgk, dg, dk_ws, db_ws, dw_ws, cu_seqlens, chunk_indices, scale, H, K, V, KP: tl.constexpr,
-                   BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-                   IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
+                   dgk, dg, dk_ws, db_ws, dw_ws, cu_seqlens, chunk_indices, scale, H, K, V, gate_block,
+                   KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+                   DECAY: tl.constexpr, IS_DELTA: tl.constexpr, READ_GATE: tl.constexpr, KEY_GATE: tl.constexpr,
                    L2_NORM: tl.constexpr, EPS: tl.constexpr, PREC: tl.constexpr):
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     tok, valid = _indexed_chunk(cu_seqlens, chunk_indices, i_t, BT)
@@ -789,75 +871,86 @@ def bwd_dqk_kernel(q, k, gq, gk, q_ws, k_ws, v, b_ws, lg, A_ws, h_ws, dh_ws, vn_
     k_off = (tok * H + i_h)[:, None] * K + cols[None, :]
     ws = (i_t.to(tl.int64) * H + i_h) * BT * BT + rows[:, None] * BT + rows[None, :]
     state_base = (i_t.to(tl.int64) * H + i_h) * K * V
-    b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-    b_last = _last_row(b, BT)
-    if not IS_DELTA:
-        qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
-        kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
-        if DECAY == 3:
-            A = tl.load(A_ws + ws)
-        else:
-            A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
-        kd = kp * tl.exp(b_last[None, :] - b)
+    if DECAY == 3 and not IS_DELTA and not L2_NORM:
+        _dqk_by_key_blocks(q, k, gq, gk, q_ws, k_ws, v, b_ws, A_ws, h_ws, dh_ws, do, dq, dk, dv, dgq, dgk, dg, tok,
+                           valid, i_h, ws, state_base, scale, H, K, V, gate_block, KP, BK, BT, BC, BV, READ_GATE,
+                           KEY_GATE, PREC)
     else:
-        dw = tl.zeros([BT, KP], dtype=tl.float32)
-    dqe = tl.zeros([BT, KP], dtype=tl.float32)
-    dkd = tl.zeros([BT, KP], dtype=tl.float32)
-    dA = tl.zeros([BT, BT], dtype=tl.float32)
-    s_ds = tl.zeros([KP], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        vcols = v0 + tl.arange(0, BV)
-        vmask = vcols < V
-        smask = kmask[:, None] & vmask[None, :]
-        # the states transposed, [BV, KP], loaded by their strides (see _load_rows_t)
-        st_off = state_base + cols[None, :] * V + vcols[:, None]
-        St = tl.load(h_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
-        dSt = tl.load(dh_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
-        vm = valid[:, None] & vmask[None, :]
-        v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
-        dob = tl.load(do + v_off, mask=vm, other=0.)
-        if IS_DELTA:
-            vn = tl.load(vn_ws + v_off, mask=vm, other=0.)
-            vnt = _load_rows_t(vn_ws, tok, valid, i_h, H, V, vcols, vmask)
-        else:
-            vn = tl.load(v + v_off, mask=vm, other=0.)
-            vnt = _load_rows_t(v, tok, valid, i_h, H, V, vcols, vmask)
-        dqe += _dot(dob, St, PREC)
-        dkd += _dot(vn, dSt, PREC)
-        dA += _dot(dob, vnt, PREC)
-        s_ds += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), 0)
-        if IS_DELTA:
-            dw -= _dot(tl.load(dvn_ws + v_off, mask=vm, other=0.), St, PREC)
-        else:
-            dS = tl.load(dh_ws + state_base + cols[:, None] * V + vcols[None, :], mask=smask, other=0.)
-            du = _dot(tl.trans(A), dob, PREC) + _dot(kd, dS, PREC)
-            tl.store(dv + v_off, du.to(dv.dtype.element_ty), mask=vm)
-    if IS_DELTA:
-        qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
-        kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
-        kd = kp * tl.exp(b_last[None, :] - b)
-    dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.)
-    # q's gradient is finished and stored before k's is built: fewer [BT, KP] tiles live at once
-    dqp = dqe * tl.exp(b) + _intra_left(dA, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC,
-                                             DECAY, PREC)
-    _qk_backward(q, gq, dq, dgq, tok, valid, i_h, H, K, cols, kmask, dqp, scale, True, READ_GATE, L2_NORM, EPS)
-    db = qp * dqp
-    db_last = tl.sum(kd * dkd, 0) + tl.exp(b_last) * s_ds
-    dkp = dkd * tl.exp(b_last[None, :] - b) + _intra_right(dA, qp, q_ws, b, b_ws, tok, valid, i_h, H, K, cols,
-                                                                  kmask, BT, BC, DECAY, PREC)
-    if DECAY >= 2:
-        db = _fold_last(db - kp * dkp, db_last, valid, DECAY, BT)
+        b = _chunk_decay(b_ws, lg, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+        b_last = _last_row(b, BT)
         if not IS_DELTA:
-            _store_decay_grad(dg, db, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-        elif DECAY == 3:
-            tl.store(db_ws + k_off, db, mask=km)
+            qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
+            kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
+            if DECAY == 3:
+                A = tl.load(A_ws + ws)
+            else:
+                A = _dot(qp, _load_rows_t(k_ws, tok, valid, i_h, H, K, cols, kmask), PREC) * _decay_matrix(b, BT, True)
+            kd = kp * tl.exp(b_last[None, :] - b)
         else:
-            tl.store(db_ws + tok * H + i_h, db, mask=valid)
-    if IS_DELTA:
-        tl.store(dk_ws + k_off, dkp, mask=km)
-        tl.store(dw_ws + k_off, dw, mask=km)
-    else:
-        _qk_backward(k, gk, dk, dgk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)
+            dw = tl.zeros([BT, KP], dtype=tl.float32)
+        dqe = tl.zeros([BT, KP], dtype=tl.float32)
+        dkd = tl.zeros([BT, KP], dtype=tl.float32)
+        dA = tl.zeros([BT, BT], dtype=tl.float32)
+        s_ds = tl.zeros([KP], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            vcols = v0 + tl.arange(0, BV)
+            vmask = vcols < V
+            smask = kmask[:, None] & vmask[None, :]
+            # the states transposed, [BV, KP], loaded by their strides (see _load_rows_t)
+            st_off = state_base + cols[None, :] * V + vcols[:, None]
+            St = tl.load(h_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
+            dSt = tl.load(dh_ws + st_off, mask=vmask[:, None] & kmask[None, :], other=0.)
+            vm = valid[:, None] & vmask[None, :]
+            v_off = (tok * H + i_h)[:, None] * V + vcols[None, :]
+            dob = tl.load(do + v_off, mask=vm, other=0.)
+            if IS_DELTA:
+                vn = tl.load(vn_ws + v_off, mask=vm, other=0.)
+                vnt = _load_rows_t(vn_ws, tok, valid, i_h, H, V, vcols, vmask)
+            else:
+                vn = tl.load(v + v_off, mask=vm, other=0.)
+                vnt = _load_rows_t(v, tok, valid, i_h, H, V, vcols, vmask)
+            dqe += _dot(dob, St, PREC)
+            dkd += _dot(vn, dSt, PREC)
+            dA += _dot(dob, vnt, PREC)
+            s_ds += tl.sum(St.to(tl.float32) * dSt.to(tl.float32), 0)
+            if IS_DELTA:
+                dw -= _dot(tl.load(dvn_ws + v_off, mask=vm, other=0.), St, PREC)
+            else:
+                dS = tl.load(dh_ws + state_base + cols[:, None] * V + vcols[None, :], mask=smask, other=0.)
+                du = _dot(tl.trans(A), dob, PREC) + _dot(kd, dS, PREC)
+                tl.store(dv + v_off, du.to(dv.dtype.element_ty), mask=vm)
+        if IS_DELTA:
+            qp = tl.load(q_ws + k_off, mask=km, other=0.).to(tl.float32)
+            kp = tl.load(k_ws + k_off, mask=km, other=0.).to(tl.float32)
+            kd = kp * tl.exp(b_last[None, :] - b)
+        dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.)
+        # q's gradient is finished and stored before k's is built: fewer [BT, KP] tiles live at once
+        dqp = dqe * tl.exp(b) + _intra_left(dA, kp, k_ws, b, b_ws, tok, valid, i_h, H, K, cols, kmask, BT, BC,
+                                                 DECAY, PREC)
+        dgq_rows = _qk_backward(q, gq, dq, tok, valid, i_h, H, K, cols, kmask, dqp, scale, True, READ_GATE, L2_NORM,
+                                EPS)
+        if READ_GATE:
+            _store_gate_grad(dgq, dgq_rows, tok, valid, i_h, H)
+        db = qp * dqp
+        db_last = tl.sum(kd * dkd, 0) + tl.exp(b_last) * s_ds
+        dkp = dkd * tl.exp(b_last[None, :] - b) + _intra_right(dA, qp, q_ws, b, b_ws, tok, valid, i_h, H, K, cols,
+                                                                      kmask, BT, BC, DECAY, PREC)
+        if DECAY >= 2:
+            db = _fold_last(db - kp * dkp, db_last, valid, DECAY, BT)
+            if not IS_DELTA:
+                _store_decay_grad(dg, db, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
+            elif DECAY == 3:
+                tl.store(db_ws + k_off, db, mask=km)
+            else:
+                tl.store(db_ws + tok * H + i_h, db, mask=valid)
+        if IS_DELTA:
+            tl.store(dk_ws + k_off, dkp, mask=km)
+            tl.store(dw_ws + k_off, dw, mask=km)
+        else:
+            dgk_rows = _qk_backward(k, gk, dk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM,
+                                    EPS)
+            if KEY_GATE:
+                _store_gate_grad(dgk, dgk_rows, tok, valid, i_h, H)
 
 
 # ---- tpl_bwd_wy ------------------------------------------------------------
@@ -909,7 +1002,9 @@ def bwd_wy_kernel(k, v, beta, gk, lg, k_ws, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db
     elif DECAY == 2:
         db = tl.load(db_ws + tok * H + i_h, mask=valid, other=0.) + tl.sum(kp * (dk_row - dk_col) + kbe * dkbe, 1)
         _store_decay_grad(dg, db, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-    _qk_backward(k, gk, dk, dgk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    dgk_rows = _qk_backward(k, gk, dk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    if KEY_GATE:
+        _store_gate_grad(dgk, dgk_rows, tok, valid, i_h, H)
     if BETA_GATE:
         gate = tl.load(gk + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
         raw = tl.load(beta + tok * H + i_h, mask=valid, other=0.).to(tl.float32)

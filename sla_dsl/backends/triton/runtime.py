@@ -6,8 +6,8 @@ Schedule (per call); only "states" and "bwd_dh" walk the chunks in sequence, eac
     forward:  prep (grid (chunks, H)) -> states (grid (cdiv(K, BK), cdiv(V, BV), N*H))
               -> output (grid (cdiv(V, BV), chunks, H))
     backward: prep -> states (recomputed: chunk states, the delta rule's new values) -> bwd_dh (reverse,
-              grid (cdiv(K, BK), cdiv(V, BV), N*H)) -> bwd_dqk (grid (chunks, H))
-              -> bwd_wy (delta rule only, grid (chunks, H))
+              grid (cdiv(K, BK), cdiv(V, BV), N*H)) -> bwd_dqk (grid (chunks, H, key blocks): one key block
+              unless tpl_bwd_dqk.splits_keys) -> bwd_wy (delta rule only, grid (chunks, H))
 The forward of an additive write with no decay workspace (generator.fused_qk: RetNet and its SLA variant)
 launches no prep: states and output make q' and k' from the raw q, k and gates in registers.
 
@@ -20,7 +20,8 @@ A config is a flat dict of JSON scalars for one phase (what the tuner sweeps and
     "<stage>_<key>" for every key of the stage template's TUNING_SPACE (BV, num_warps, num_stages), for the
     stages the phase launches: fwd: prep (unless fused_qk), states, output; bwd: prep, bwd_states (the states template),
     bwd_dh, bwd_dqk, bwd_wy (delta rule only); the sequential passes (states, bwd_states, bwd_dh) also have
-    "<stage>_BK", their block of K (`key_blocks`).
+    "<stage>_BK", their block of K (`key_blocks`), and so has bwd_dqk where it works by key blocks
+    (tpl_bwd_dqk.splits_keys: a vector decay with an additive write and no L2 norm).
 The space is the product of the shared settings and the stages' spaces (`tuning_space`); `default_config`
 is the heuristic, and a tuned table replaces it at call time (sla_dsl.autotune.resolve_config).
 """
@@ -53,7 +54,7 @@ PRECISIONS = {"float16": ("input", "tf32"), "bfloat16": ("input", "tf32"), "floa
               "float64": ("ieee",)}
 # Tried first by the sweep: chunk size, operand precision and the V- and K-blocking change every stage's work most.
 SEARCH_ORDER = ("BT", "dot_precision", "states_BV", "bwd_states_BV", "bwd_dh_BV", "states_BK", "bwd_states_BK",
-                "bwd_dh_BK", "output_BV", "bwd_dqk_BV", "states_num_warps", "bwd_states_num_warps",
+                "bwd_dh_BK", "output_BV", "bwd_dqk_BV", "bwd_dqk_BK", "states_num_warps", "bwd_states_num_warps",
                 "bwd_dh_num_warps", "output_num_warps", "bwd_dqk_num_warps", "prep_num_warps", "bwd_wy_BV",
                 "bwd_wy_num_warps", "prep_BV", "BC")
 # Measured on the H100 (Triton 3.6, 16-bit operands, chunk 64): the output stage with V-blocks of 16 or 32 narrower
@@ -71,6 +72,8 @@ CONSTRAINTS = ("BC <= BT and BT % BC == 0", "every stage's BV <= padded V (next 
                "states_BK, bwd_states_BK, bwd_dh_BK: padded K (next power of two >= 16) or, for an additive write,"
                " a template K_BLOCKS value below it; the delta rule's v_new = u - w S reads every row of the state,"
                " so it keeps BK = padded K (key_blocks)",
+               "bwd_dqk_BK: as the sequential passes', for a vector decay with an additive write and no L2 norm only"
+               " (tpl_bwd_dqk.splits_keys)",
                "dot_precision: 'tf32' or 'input' for 16-bit inputs, 'ieee' for fp32 and fp64")
 
 
@@ -105,7 +108,7 @@ def _stage_settings(rec: Recurrence, shape: Shape, stage: str) -> list[dict]:
     template = STAGE_TEMPLATES[stage]
     VP = padded(shape.V)
     settings = [s for s in template.TUNING_SPACE if min(MIN_BV.get(stage, 0), VP) <= s.get("BV", 0) <= VP]
-    if hasattr(template, "K_BLOCKS"):
+    if hasattr(template, "K_BLOCKS") and (not hasattr(template, "splits_keys") or template.splits_keys(rec)):
         settings = [{"BK": bk, **s} for bk in key_blocks(rec, shape.K, template.K_BLOCKS) for s in settings]
     return settings
 
@@ -128,8 +131,13 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
     BT = 16 if interpreting() else (64 if KP <= 128 else 32)
     if rec.write is WriteRule.DELTA:
         BT = min(BT, MAX_DELTA_BT)
+    key_blocked = tpl_bwd_dqk.splits_keys(rec)
     if rec.decay is Decay.VECTOR and KP >= 128 and not interpreting():
-        BT = 32  # measured offline: gla's bwd_dqk spills 3744 B of stack per thread at chunk 64, 504 at 32
+        # measured offline: gla's bwd_dqk on whole key rows spilled 3744 B of stack per thread at chunk 64, 504 at 32.
+        # By key blocks, on the H100 at (4, 8192, 16, 128) bf16 (2026-11-25-session24/ab-gla_*.log): chunk 16
+        # 10.08 ms fwd+bwd, chunk 32 12.52 (its in-chunk products in prep and bwd_dqk grow faster than the
+        # sequential passes shrink)
+        BT = 16 if key_blocked else 32
     precision = PRECISIONS[shape.dtype][0]
     if interpreting() and shape.dtype == "bfloat16":
         precision = "tf32"  # the interpreter computes bf16 arithmetic wrongly; bf16 operands only run on GPUs
@@ -157,12 +165,16 @@ def default_config(rec: Recurrence, shape: Shape, phase: str) -> dict:
         seq_BV = sequential_block(seq_BV, shape.V, shape.B * shape.H * triton.cdiv(shape.K, seq_BK))
     # the delta rule's solve and the vector decay's in-chunk products keep [BT, BT] and [BT, KP] tiles live
     heavy_warps = 8 if KP > 64 and (rec.write is WriteRule.DELTA or rec.decay is Decay.VECTOR) else 4
-    stage_defaults = {"prep": {"BV": min(VP, 64), "num_warps": heavy_warps, "num_stages": 1},
+    # ... except at chunk 16 by key blocks, whose tiles are small: prep and bwd_dqk on 2 warps took gla's backward
+    # from 8.09 to 7.36 ms on the H100 at (4, 8192, 16, 128) (bwd_dqk 4.70 -> 4.57, prep 1.75 -> 1.11)
+    light = key_blocked and BT == 16
+    stage_defaults = {"prep": {"BV": min(VP, 64), "num_warps": 2 if light else heavy_warps, "num_stages": 1},
                       "states": {"BK": seq_BK, "BV": seq_BV, "num_warps": 4, "num_stages": 2},
                       "output": {"BV": min(VP, 64), "num_warps": 4, "num_stages": 2},
                       "bwd_states": {"BK": seq_BK, "BV": seq_BV, "num_warps": 4, "num_stages": 2},
                       "bwd_dh": {"BK": seq_BK, "BV": seq_BV, "num_warps": 4, "num_stages": 2},
-                      "bwd_dqk": {"BV": min(VP, 64), "num_warps": 4 if KP <= 64 else 8, "num_stages": 1},
+                      "bwd_dqk": {"BV": min(VP, 64), "num_warps": 2 if light else 4 if KP <= 64 else 8,
+                                  "num_stages": 1, **({"BK": min(KP, 32)} if key_blocked else {})},
                       "bwd_wy": {"BV": min(VP, 64), "num_warps": heavy_warps, "num_stages": 1}}
     config = {"BT": BT, "dot_precision": precision}
     if rec.decay is Decay.VECTOR:
@@ -375,12 +387,26 @@ class TritonKernels:
             IS_DELTA=delta, HAS_DHT=dfinal_state is not None, HAS_H0=dh0 is not None, **common, **st)
         if launch.num_chunks > 0:
             pick = lambda t: t if t is not None else dq  # noqa: E731
-            run(self.module.bwd_dqk_kernel, (launch.num_chunks, H),
+            dqk = _launch_options(cfg, "bwd_dqk", launch)
+            if not tpl_bwd_dqk.splits_keys(rec):
+                dqk["BK"] = launch.KP
+            # by key blocks, one program per block: the gates' gradients come as one float32 partial sum per
+            # block, added up here
+            key_blocks = triton.cdiv(K, dqk["BK"])
+            gate_parts = lambda t: torch.empty((key_blocks, *t.shape), dtype=torch.float32, device=t.device) \
+                if t is not None and key_blocks > 1 else t  # noqa: E731
+            dgq_parts, dgk_parts = gate_parts(dgq), gate_parts(dgk)
+            run(self.module.bwd_dqk_kernel, (launch.num_chunks, H, key_blocks),
                 q, k, gq_, gk_, ws.q, ws.k, v, ws.b, launch.lg, ws.A, ws.h, dh_ws, ws.vn, dvn_ws, do, dq, dk, dv,
-                pick(dgq), pick(dgk), pick(dg), dk_ws, db_ws, dw_ws, launch.cu, launch.chunk_indices, scale, H, K,
-                V, BC=cfg["BC"], IS_DELTA=delta, READ_GATE=flags["READ_GATE"],
-                KEY_GATE=flags["KEY_GATE"], L2_NORM=flags["L2_NORM"], EPS=flags["EPS"], **common,
-                **_launch_options(cfg, "bwd_dqk", launch))
+                pick(dgq_parts), pick(dgk_parts), pick(dg), dk_ws, db_ws, dw_ws, launch.cu, launch.chunk_indices,
+                scale, H, K, V, q.shape[0] * q.shape[1] * H, BC=cfg["BC"], IS_DELTA=delta,
+                READ_GATE=flags["READ_GATE"], KEY_GATE=flags["KEY_GATE"], L2_NORM=flags["L2_NORM"], EPS=flags["EPS"],
+                **common, **dqk)
+            if key_blocks > 1 and not compile_only:
+                if dgq is not None:
+                    dgq.copy_(dgq_parts.sum(0))
+                if dgk is not None:
+                    dgk.copy_(dgk_parts.sum(0))
             if delta:
                 run(self.module.bwd_wy_kernel, (launch.num_chunks, H),
                     k, v, beta_, gk_, launch.lg, ws.k, ws.b, ws.T, dvn_ws, dw_ws, dk_ws, db_ws, dk, dv, dbeta,

@@ -58,7 +58,9 @@ def bwd_wy_kernel(k, v, beta, gk, lg, k_ws, b_ws, T_ws, dvn_ws, dw_ws, dk_ws, db
     elif DECAY == 2:
         db = tl.load(db_ws + tok * H + i_h, mask=valid, other=0.) + tl.sum(kp * (dk_row - dk_col) + kbe * dkbe, 1)
         _store_decay_grad(dg, db, tok, valid, i_h, H, K, cols, kmask, DECAY, BT)
-    _qk_backward(k, gk, dk, dgk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    dgk_rows = _qk_backward(k, gk, dk, tok, valid, i_h, H, K, cols, kmask, dkp, 1.0, False, KEY_GATE, L2_NORM, EPS)
+    if KEY_GATE:
+        _store_gate_grad(dgk, dgk_rows, tok, valid, i_h, H)
     if BETA_GATE:
         gate = tl.load(gk + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
         raw = tl.load(beta + tok * H + i_h, mask=valid, other=0.).to(tl.float32)

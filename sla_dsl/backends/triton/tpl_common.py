@@ -107,9 +107,11 @@ def _load_qk_t(x_ptr, gate_ptr, tok, valid, i_h, H, K, cols, kmask, scale, IS_Q:
 
 
 @triton.jit
-def _qk_backward(x_ptr, gate_ptr, dx_ptr, dgate_ptr, tok, valid, i_h, H, K, cols, kmask, dy, scale,
+def _qk_backward(x_ptr, gate_ptr, dx_ptr, tok, valid, i_h, H, K, cols, kmask, dy, scale,
                  IS_Q: tl.constexpr, GATED: tl.constexpr, L2_NORM: tl.constexpr, EPS: tl.constexpr):
-    """From the gradient of q' (or k') to the raw input's and the gate's; stores both."""
+    """From the gradient of q' (or k') on the columns `cols` to the raw input's, which it stores, and to the
+    gate's: returns its row sums sum_k dq'_k n_k ([BT]; zero without GATED) for _store_gate_grad, so that a
+    caller working by column blocks adds them up first. L2_NORM needs whole rows (cols = all KP)."""
     m = valid[:, None] & kmask[None, :]
     x = tl.load(x_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], mask=m, other=0.).to(tl.float32)
     if IS_Q:
@@ -124,14 +126,21 @@ def _qk_backward(x_ptr, gate_ptr, dx_ptr, dgate_ptr, tok, valid, i_h, H, K, cols
         n = y * r[:, None]
     else:
         n = y
+    dgate = tl.zeros([tok.shape[0]], dtype=tl.float32)
     if GATED:
-        gate = tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)
-        tl.store(dgate_ptr + tok * H + i_h, tl.sum(dy * n, 1).to(dgate_ptr.dtype.element_ty), mask=valid)
-        dy = dy * gate[:, None]
+        dgate = tl.sum(dy * n, 1)
+        dy = dy * tl.load(gate_ptr + tok * H + i_h, mask=valid, other=0.).to(tl.float32)[:, None]
     if L2_NORM:
         dy = r[:, None] * dy - y * (r * r * r * tl.sum(y * dy, 1))[:, None]
     dx = tl.where(m, dy * dphi, 0.)
     tl.store(dx_ptr + (tok * H + i_h)[:, None] * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+    return dgate
+
+
+@triton.jit
+def _store_gate_grad(dgate_ptr, dgate, tok, valid, i_h, H):
+    """Stores a gate's gradient ([BT] row sums from _qk_backward) in the gate's dtype."""
+    tl.store(dgate_ptr + tok * H + i_h, dgate.to(dgate_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
