@@ -19,9 +19,9 @@ from sla_dsl.spec import Decay, Recurrence, WriteRule
 # thread at chunk 16 on 4 warps, 1560 B at chunk 32 and 5768 B at chunk 64. One program per key block, on 4
 # warps: chunk 16 takes 96 registers (BK 32), chunk 32 241; chunk 64 spills (72 B with BK 16, 904 with BK 32).
 # On the H100 at (4, 8192, 16, 128), chunk 16 (2026-11-25-session24/ab-dqk-*.log, ab-gla_*.log): this stage took
-# 5.27 ms on whole rows, 4.70 by blocks of 32 on 4 warps, 4.57 on 2 warps, 9.70 by blocks of 16. The key blocks
-# looped over inside one program instead were slower than whole rows (5.66 ms): the diagonal sub-blocks' row
-# loads (_block_rows) wait on memory once per row and block, and a program per block hides that latency.
+# 5.27 ms on whole rows, 4.70 by blocks of 32 on 4 warps, 4.57 on 2 warps, 9.70 by blocks of 16. The same key
+# blocks looped over inside one program (126 registers) were slower than whole rows, 5.66 ms, for reasons not
+# established (that folder's README): hence a program per block.
 K_BLOCKS = (16, 32, 64)
 
 
