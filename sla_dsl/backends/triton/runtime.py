@@ -391,15 +391,15 @@ class TritonKernels:
             if not tpl_bwd_dqk.splits_keys(rec):
                 dqk["BK"] = launch.KP
             # by key blocks, one program per block: the gates' gradients come as one float32 partial sum per
-            # block, added up here
+            # block, added up here (poisoned like outputs in tests: an unwritten partial shows as NaN)
             key_blocks = triton.cdiv(K, dqk["BK"])
-            gate_parts = lambda t: torch.empty((key_blocks, *t.shape), dtype=torch.float32, device=t.device) \
+            gate_parts = lambda t: new_output((key_blocks, *t.shape), torch.float32, t.device) \
                 if t is not None and key_blocks > 1 else t  # noqa: E731
             dgq_parts, dgk_parts = gate_parts(dgq), gate_parts(dgk)
             run(self.module.bwd_dqk_kernel, (launch.num_chunks, H, key_blocks),
                 q, k, gq_, gk_, ws.q, ws.k, v, ws.b, launch.lg, ws.A, ws.h, dh_ws, ws.vn, dvn_ws, do, dq, dk, dv,
                 pick(dgq_parts), pick(dgk_parts), pick(dg), dk_ws, db_ws, dw_ws, launch.cu, launch.chunk_indices,
-                scale, H, K, V, q.shape[0] * q.shape[1] * H, BC=cfg["BC"], IS_DELTA=delta,
+                scale, H, K, V, launch.B * launch.T * H, BC=cfg["BC"], IS_DELTA=delta,
                 READ_GATE=flags["READ_GATE"], KEY_GATE=flags["KEY_GATE"], L2_NORM=flags["L2_NORM"], EPS=flags["EPS"],
                 **common, **dqk)
             if key_blocks > 1 and not compile_only:
