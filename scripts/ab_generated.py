@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import contextlib
+import importlib.abc
 import importlib.util
 import subprocess
 import sys
@@ -35,6 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 GENERATED = REPO / "generated"
 # each backend's host side (allocations, launch order, kernel arguments): a change may move work between stages
 RUNTIMES = {"tilelang": "sla_dsl/backends/tilelang/__init__.py", "triton": "sla_dsl/backends/triton/runtime.py"}
+# the runtime's own package: its template modules hold host-side constants and predicates (which stages split
+# keys, block sizes) that a change edits along with the kernels, so the base runs with its own copies
+PACKAGES = {"tilelang": "sla_dsl.backends.tilelang", "triton": "sla_dsl.backends.triton"}
 
 
 def _git_show(rev: str, path: str) -> str | None:
@@ -69,6 +74,13 @@ def prepare(rev: str, out: Path, backend: str) -> None:
     if not written:
         raise SystemExit(f"{rev} has no generated {backend} kernels of the seed specs")
     (out / backend / "runtime.py").write_text(_git_show(rev, RUNTIMES[backend]))
+    package_dir = PACKAGES[backend].replace(".", "/")
+    package_files = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{package_dir}/"], cwd=REPO,
+                                   capture_output=True, text=True).stdout.split()
+    (out / backend / "package").mkdir(exist_ok=True)
+    for path in package_files:
+        if path.endswith(".py") and path != RUNTIMES[backend] and not path.endswith("__init__.py"):
+            (out / backend / "package" / Path(path).name).write_text(_git_show(rev, path))
     (out / "REVISION").write_text(subprocess.run(["git", "rev-parse", rev], cwd=REPO, capture_output=True,
                                                  text=True).stdout)
     print(f"wrote {written} {backend} module(s) of {rev} and their tables under {out}")
@@ -79,6 +91,44 @@ def _load_module(path: Path):
     module = importlib.util.module_from_spec(loader_spec)
     loader_spec.loader.exec_module(module)
     return module
+
+
+class _SnapshotFinder(importlib.abc.MetaPathFinder):
+    """Finds `package`'s submodules in a `prepare` snapshot (the base's copies) instead of the working tree."""
+
+    def __init__(self, package: str, folder: Path):
+        self.package, self.folder = package, folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        parent, _, name = fullname.rpartition(".")
+        source = self.folder / f"{name}.py"
+        if parent != self.package or not source.exists():
+            return None
+        return importlib.util.spec_from_file_location(fullname, source)
+
+
+@contextlib.contextmanager
+def _base_package(backend: str, folder: Path):
+    """While loading the base's runtime: its package's submodules resolve to the base's snapshot; afterwards the
+    working tree's modules are back in place (the new side imports them as usual)."""
+    package_name = PACKAGES[backend]
+    package = importlib.import_module(package_name)
+    names = [path.stem for path in folder.glob("*.py")] if folder.is_dir() else []
+    saved_modules = {name: sys.modules.pop(f"{package_name}.{name}", None) for name in names}
+    saved_attributes = {name: package.__dict__.pop(name, None) for name in names}
+    finder = _SnapshotFinder(package_name, folder)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for name in names:
+            sys.modules.pop(f"{package_name}.{name}", None)
+            package.__dict__.pop(name, None)
+            if saved_modules[name] is not None:
+                sys.modules[f"{package_name}.{name}"] = saved_modules[name]
+            if saved_attributes[name] is not None:
+                setattr(package, name, saved_attributes[name])
 
 
 def _base_kernels(backend: str, runtime, spec, module):
@@ -145,7 +195,8 @@ def run(base_dir: Path, spec_names: list[str], shape_text: str, sets: dict, kern
         raise SystemExit("run: needs a GPU")
     backend, shape, gpu = backends[0], parse_shape(shape_text), gpu_name()
     base = base_dir / backend
-    base_runtime = _load_module(base / "runtime.py")
+    with _base_package(backend, base / "package"):
+        base_runtime = _load_module(base / "runtime.py")
     revision = (base_dir / "REVISION").read_text().strip()[:12] if (base_dir / "REVISION").exists() else "?"
     print(f"A/B on {gpu}, {backend}, {shape}: base {revision} against the working tree")
     for name in spec_names:

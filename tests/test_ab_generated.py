@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,23 @@ def test_the_base_side_runs_the_revisions_runtime(head_snapshot):
     spec = next(s for s in seed_specs() if s.name == "gdn")
     kernels = ab._base_kernels("tilelang", runtime, spec, module)
     assert type(kernels).__module__ == runtime.__name__ and kernels.module is module
+
+
+def test_the_base_runtime_imports_its_own_template_modules(tmp_path):
+    """The runtime reads host-side constants and predicates from its package's template modules; a change that
+    renames or moves one (session 25: tpl_prep.K_BLOCK -> K_BLOCKS) must not break the base. The snapshot's copies
+    serve the base's runtime while it loads, and the working tree's modules are back in place afterwards."""
+    import sla_dsl.backends.triton as package
+    from sla_dsl.backends.triton import tpl_prep as working_tree_prep
+
+    ab.prepare("HEAD", tmp_path, "triton")
+    snapshot = tmp_path / "triton" / "package" / "tpl_prep.py"
+    snapshot.write_text(snapshot.read_text() + "\nBASE_ONLY_MARKER = 1\n")
+    with ab._base_package("triton", snapshot.parent):
+        runtime = ab._load_module(tmp_path / "triton" / "runtime.py")
+    assert runtime.tpl_prep.BASE_ONLY_MARKER == 1
+    assert package.tpl_prep is working_tree_prep and not hasattr(working_tree_prep, "BASE_ONLY_MARKER")
+    assert sys.modules["sla_dsl.backends.triton.tpl_prep"] is working_tree_prep
 
 
 def test_set_takes_several_settings_after_one_flag_or_repeated(monkeypatch, tmp_path):
