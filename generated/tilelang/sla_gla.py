@@ -546,8 +546,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 kr[i] = T.if_then_else(t0 + i < eos, gk_s[i], 0.0)
             for i, d in T.Parallel(C, K):
                 kp_s[i, d] = kx[i, d] * kr[i]
-            for i, d in T.Parallel(C, K):
-                ke_m[i, d] = T.cast(kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]), dtype)
+            for rb in T.unroll(C // SB, unroll_factor=1):
+                for ib, d in T.Parallel(SB, K):
+                    ke_m[rb * SB + ib, d] = T.cast(kp_s[rb * SB + ib, d] * T.exp(b_s[C - 1, d] - b_s[rb * SB + ib, d]), dtype)
             for i, j in T.Parallel(SB, C):
                 A_s[i, j] = 0.0
             for r in T.serial(1, C // SB):
@@ -559,8 +560,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 compensated_gemm(xg_m, cg_m, rows_f, tf32_SB_K, tf32_C_K, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(SB, C):
                     A_s[r * SB + i, j] = rows_f[i, j]
-            for i, d in T.Parallel(C, K):
-                step_s[i, d] = T.exp(T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0))
+            for rb in T.unroll(C // SB, unroll_factor=1):
+                for ib, d in T.Parallel(SB, K):
+                    step_s[rb * SB + ib, d] = T.exp(T.if_then_else(t0 + rb * SB + ib < eos, G[t0 + rb * SB + ib, h, d], 0.0))
             for i, d in T.Parallel(C, K):
                 diag_decay_f[i, d] = 0.0
             for jj in T.serial(SB):
@@ -612,8 +614,9 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
                 compensated_gemm(pr_m, cg_m, part_f, tf32_SB_C, tf32_C_K, clear_accum=True)
                 for i, d in T.Parallel(SB, K):
                     pair_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[r * SB - 1, d])
-            for i, d in T.Parallel(C, K):
-                step_s[i, d] = T.exp(T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0))
+            for rb in T.unroll(C // SB, unroll_factor=1):
+                for ib, d in T.Parallel(SB, K):
+                    step_s[rb * SB + ib, d] = T.exp(T.if_then_else(t0 + rb * SB + ib < eos, G[t0 + rb * SB + ib, h, d], 0.0))
             for i, d in T.Parallel(C, K):
                 diag_terms_f[i, d] = pair_s[i, d]
                 diag_decay_f[i, d] = 0.0
@@ -651,12 +654,11 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for j, d in T.Parallel(C, K):
                 dkA_f[j, d] = pair_s[j, d]
             for i, d in T.Parallel(C, K):
-                dqp_s[i, d] = T.exp(b_s[i, d]) * dqe_f[i, d] + dqA_f[i, d]
-                dkp_s[i, d] = T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d] + dkA_f[i, d]
-            for i, d in T.Parallel(C, K):
-                db_s[i, d] = qp_s[i, d] * (T.exp(b_s[i, d]) * dqe_f[i, d] + dqA_f[i, d]) - kp_s[i, d] * (dkA_f[i, d] + T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d])
-            for i, d in T.Parallel(C, K):
                 terms_f[i, d] = kp_s[i, d] * T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d]
+                dkp_s[i, d] = T.exp(b_s[C - 1, d] - b_s[i, d]) * dke_f[i, d] + dkA_f[i, d]
+                dqp_s[i, d] = T.exp(b_s[i, d]) * dqe_f[i, d] + dqA_f[i, d]
+            for i, d in T.Parallel(C, K):
+                db_s[i, d] = qp_s[i, d] * dqp_s[i, d] - kp_s[i, d] * dkp_s[i, d]
             T.reduce_sum(terms_f, bl_f, dim=0)
             for d in T.Parallel(K):
                 db_s[C - 1, d] = db_s[C - 1, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1, d])
@@ -682,9 +684,10 @@ def bwd_chunk(H, K, V, dtype, chunk=64, block_v=64, threads=128, num_stages=1, m
             for i in T.Parallel(C):
                 if t0 + i < eos:
                     DGK[t0 + i, h] = dgk_f[i]
-            for i, d in T.Parallel(C, K):
-                if t0 + i < eos:
-                    DQ[t0 + i, h, d] = T.cast(dqp_s[i, d] * gq_s[i] * SC[0], dtype)
-                    DK[t0 + i, h, d] = T.cast(dkp_s[i, d] * gk_s[i], dtype)
+            for rb in T.unroll(C // SB, unroll_factor=1):
+                for ib, d in T.Parallel(SB, K):
+                    if t0 + rb * SB + ib < eos:
+                        DQ[t0 + rb * SB + ib, h, d] = T.cast(dqp_s[rb * SB + ib, d] * gq_s[rb * SB + ib] * SC[0], dtype)
+                        DK[t0 + rb * SB + ib, h, d] = T.cast(dkp_s[rb * SB + ib, d] * gk_s[rb * SB + ib], dtype)
 
     return sla_gla_bwd_chunk

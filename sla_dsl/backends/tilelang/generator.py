@@ -471,7 +471,7 @@ def _cast_qk_allocs(f: _Features, q: bool = True) -> str:
     """ if q else ""), 0)
 
 
-def _decayed_products(X, Y, out: str, strict: bool) -> str:
+def _decayed_products(X, Y, out: str, strict: bool, compact: bool = False) -> str:
     """Vector decay: out[i, j] = sum_d X_id Y_jd exp(b_id - b_jd) for j <= i (j < i if strict), else 0, into
     the shared fp32 C x C buffer `out`; X and Y give a row's value at [row, d] (_copy_row). Below the diagonal
     sub-blocks (SB rows) it runs on tensor cores: for rows in sub-block r the decay splits at the row before it,
@@ -481,7 +481,7 @@ def _decayed_products(X, Y, out: str, strict: bool) -> str:
     K there, so a warp reads one row of X, Y and step_s, contiguous in shared memory; with threads along the
     sub-block's columns instead (a [C, SB] tile summed over K serially) each read of Y hit one shared-memory bank
     from 16 rows, and that loop took most of gla's forward on the H100. _diagonal_decay gives the columns'
-    decays, right to left."""
+    decays, right to left. `compact`: step_s loaded by row blocks (_by_row_blocks)."""
     mask = "SB - 1 - jj < i % SB" if strict else "SB - 1 - jj <= i % SB"
     return f"""
     for i, j in T.Parallel(SB, C):
@@ -495,7 +495,7 @@ def _decayed_products(X, Y, out: str, strict: bool) -> str:
         T.gemm(xg_m, cg_m, rows_f, transpose_B=True, clear_accum=True)
         for i, j in T.Parallel(SB, C):
             {out}[r * SB + i, j] = rows_f[i, j]
-    {_load_steps()}
+    {_load_steps(compact)}
     for i, d in T.Parallel(C, K):
         diag_decay_f[i, d] = 0.0
     for jj in T.serial(SB):
@@ -509,13 +509,35 @@ def _decayed_products(X, Y, out: str, strict: bool) -> str:
     """
 
 
-def _load_steps() -> str:
+def _load_steps(compact: bool = False) -> str:
     """step_s = exp(g) of every row of the chunk (1 past the sequence's end), for _diagonal_decay: from g itself
     rather than from differences of b, whose rounding grows with |b|; loaded where the diagonal sub-blocks start
     rather than with b, so that in the forward's output stage step_s takes the shared memory b_s had (the
-    off-diagonal part is b_s's last use there), and the stage keeps three CTAs per SM on the H100."""
-    return """for i, d in T.Parallel(C, K):
-        step_s[i, d] = T.exp(T.if_then_else(t0 + i < eos, G[t0 + i, h, d], 0.0))"""
+    off-diagonal part is b_s's last use there), and the stage keeps three CTAs per SM on the H100. `compact`:
+    by row blocks (_by_row_blocks)."""
+    def load(row: str) -> str:
+        return f"step_s[{row}, d] = T.exp(T.if_then_else(t0 + {row} < eos, G[t0 + {row}, h, d], 0.0))"
+    if compact:
+        return _ind(_by_row_blocks(load), 4).strip()
+    return f"""for i, d in T.Parallel(C, K):
+        {load("i")}"""
+
+
+def _by_row_blocks(statement) -> str:
+    """A loop over the chunk's [C, K] tile whose body (`statement(row)`, at row expression `row` and channel d)
+    reads and writes shared and global memory only, as one loop over SB-row blocks that nvcc leaves rolled
+    (`#pragma unroll 1`). A T.Parallel loop compiles to every element a thread takes, unrolled; by blocks of rows
+    its code is SB / C of that. For the backward's chunk kernel of a vector decay (`compact`), whose compiled code
+    otherwise outgrows the SM's 128 KB instruction cache: there each CTA fetches its code again from L2, and
+    sla_gla's took 1.45 ms more at the same config than gla's, whose code fitted (2026-11-25-session25). A
+    fragment must not appear in the body: indexed by the block, it would go to local memory. A statement of several
+    lines indents its later lines relative to its first."""
+    body = statement("rb * SB + ib").replace("\n", "\n" + " " * 12)
+    return f"""
+    for rb in T.unroll(C // SB, unroll_factor=1):
+        for ib, d in T.Parallel(SB, K):
+            {body}
+    """
 
 
 def _diagonal_decay(row: str, reset: str, step: str) -> str:
@@ -545,12 +567,13 @@ def _subblock_allocs(f: _Features) -> str:
     """, 0)
 
 
-def _attention(f: _Features, copy: _Copy = _Copy.FULL) -> str:
+def _attention(f: _Features, copy: _Copy = _Copy.FULL, compact: bool = False) -> str:
     """A[i, j] = sum_d q'_id k'_jd exp(b_i - b_j) for j <= i, else 0, into A_m (dtype); `copy` as in
-    _copy_row (a scalar or constant decay reads q' and k' as _cast_qk cast them)."""
+    _copy_row (a scalar or constant decay reads q' and k' as _cast_qk cast them); `compact` as in
+    _decayed_products."""
     if f.vector:
         rows = {side: functools.partial(_copy_row, f, side, copy=copy) for side in "qk"}
-        return _ind(_decayed_products(rows["q"], rows["k"], "A_s", strict=False) + """
+        return _ind(_decayed_products(rows["q"], rows["k"], "A_s", strict=False, compact=compact) + """
     T.copy(A_s, A_m)
     """, 0)
     return _ind(f"""
@@ -1303,19 +1326,26 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     """
     q_row, k_row = (functools.partial(_copy_row, f, side, copy=_Copy.UNGATED) for side in "qk")
     p += _pair_terms(f, "dA_s", q_row, k_row, "dqA_f", "dkA_f", strict=False)
-    p += f"""
-    for i, d in T.Parallel(C, K):
-        dqp_s[i, d] = {f.exp_b("i")} * dqe_f[i, d] + dqA_f[i, d]
-        dkp_s[i, d] = {f.exp_rest("i")} * dke_f[i, d] + dkA_f[i, d]
+    # a vector decay's terms of b_C (_dg_chunk_end) share dk's exponential: in one loop, before the stores to shared
+    # memory (after one, nvcc cannot tell that b_s did not change), it is computed once (the instruction cache)
+    chunk_end_terms = f.vector and not f.delta
+    statements = [f"dqp_s[i, d] = {f.exp_b('i')} * dqe_f[i, d] + dqA_f[i, d]",
+                  f"dkp_s[i, d] = {f.exp_rest('i')} * dke_f[i, d] + dkA_f[i, d]"]
+    if chunk_end_terms:
+        statements = [f"terms_f[i, d] = {_copy_row(f, 'k', copy=_Copy.UNGATED)} * {f.exp_rest('i')} * dke_f[i, d]",
+                      statements[1], statements[0]]
+    p += """
+    for i, d in T.Parallel(C, K):""" + "".join(f"""
+        {statement}""" for statement in statements) + """
     """
-    if f.vector:
-        p += _db_terms(f, f"{q_row('i')} * ({f.exp_b('i')} * dqe_f[i, d] + dqA_f[i, d]) - {k_row('i')} * "
-                          f"(dkA_f[i, d] + {f.exp_rest('i')} * dke_f[i, d])", first=True)
-    elif f.dg:  # from the shared copies just stored, so that the terms' layout keeps each row within a warp
+    if f.dg:
+        # from the shared copies just stored: for a scalar decay so that the terms' layout keeps each row within a
+        # warp; for a vector one because recomputing their exponentials grew gla's compiled kernel past the SM's
+        # 128 KB instruction cache, where every CTA fetches its code again (2026-11-25-session25)
         p += _db_terms(f, f"{q_row('i')} * dqp_s[i, d] - {k_row('i')} * dkp_s[i, d]", first=True,
-                       terms="db_terms_f", rows="db_rows_f")
+                       **({} if f.vector else {"terms": "db_terms_f", "rows": "db_rows_f"}))
     if f.delta:
-        p += _input_gradients(f, ("q",), copy=_Copy.UNGATED)
+        p += _input_gradients(f, ("q",), copy=_Copy.UNGATED, compact=f.vector)
         if f.dg:
             # b_C's terms at the last row of the sequence in the chunk: the rows past it are not stored, and the
             # suffix sums bwd_delta takes carry it to every row before as from row C - 1 (b is constant past it)
@@ -1334,8 +1364,8 @@ def _bwd_chunk_pieces(f: _Features) -> dict:
     """
     else:
         if f.dg:
-            p += _dg_chunk_end(f, "C - 1") + _dg_suffix_store(f)
-        p += _input_gradients(f, ("q", "k"), copy=_Copy.UNGATED)
+            p += _dg_chunk_end(f, "C - 1", terms_ready=chunk_end_terms) + _dg_suffix_store(f)
+        p += _input_gradients(f, ("q", "k"), copy=_Copy.UNGATED, compact=f.vector)
     post = _ind(p, 0)
     delta_params = ('        VN: T.Tensor((NT, H, V), dtype),\n        DU: T.Tensor((NT, H, V), dtype),\n'
                     if f.delta else "")
@@ -1554,15 +1584,17 @@ def _db_terms(f: _Features, expr: str, first: bool = False, terms: str = "terms_
     """
 
 
-def _dg_chunk_end(f: _Features, row: str) -> str:
+def _dg_chunk_end(f: _Features, row: str, terms_ready: bool = False) -> str:
     """The terms of b_C (through the state decay exp(b_C) and ke = k' exp(b_C - b)), added to db at `row` (an
     expression): C - 1, or the sequence's last row in the chunk, past which b is constant and nothing is added.
-    bwd_chunk's (k' from its _Copy.UNGATED copy)."""
+    bwd_chunk's (k' from its _Copy.UNGATED copy). `terms_ready`: a vector decay's terms_f are already computed
+    (with dkp_s, in bwd_chunk)."""
     k = _copy_row(f, "k", copy=_Copy.UNGATED)
     if f.vector:
-        return f"""
+        terms = "" if terms_ready else f"""
     for i, d in T.Parallel(C, K):
-        terms_f[i, d] = {k} * {f.exp_rest("i")} * dke_f[i, d]
+        terms_f[i, d] = {k} * {f.exp_rest("i")} * dke_f[i, d]"""
+        return f"""{terms}
     T.reduce_sum(terms_f, bl_f, dim=0)
     for d in T.Parallel(K):
         db_s[{row}, d] = db_s[{row}, d] + bl_f[d] + dgc_s[d] * T.exp(b_s[C - 1, d])
@@ -1605,7 +1637,7 @@ def _row_terms_alloc(f: _Features, sides: tuple[str, ...]) -> str:
     """ if used else ""
 
 
-def _input_gradients(f: _Features, sides: tuple[str, ...], copy: _Copy = _Copy.FULL) -> str:
+def _input_gradients(f: _Features, sides: tuple[str, ...], copy: _Copy = _Copy.FULL, compact: bool = False) -> str:
     """dq (side "q") and/or dk ("k") from the gradients of q' and k' in dqp_s / dkp_s, through the gates, the
     scale, the L2 norm and the feature maps, with the gates' gradients: dy = dx' * gate * scale; L2: dx = r (dy -
     y sum(dy y)) with r the inverse norm; then phi'. y = phi(x) (L2-normalised) is what the gates and the L2 norm
@@ -1619,7 +1651,8 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], copy: _Copy = _Copy.F
     there, and its L2 step's row sums serve as its gate's gradient; the others reload x from global memory and
     rebuild y. The row sums read row_terms_f (_row_terms_alloc), not the stage's terms_f, whose layout is a gemm
     accumulator's where it meets dke_f: with that one each row's sum crossed warpgroups through shared memory,
-    and the loops that fill it read dqp_s / dkp_s 8 rows to a bank."""
+    and the loops that fill it read dqp_s / dkp_s 8 rows to a bank. `compact`: the final stores by row blocks
+    (_by_row_blocks) where they read no fragment."""
     # per side: the input tensor, its feature map, its output tensor and whether a gate scales it
     names = {"q": ("Q", f.fq, "DQ", f.read), "k": ("KK", f.fk, "DK", f.key_gate)}
     on_chip = {side: copy is _Copy.UNGATED and _gate_kept_out(f, side) for side in sides}
@@ -1724,18 +1757,22 @@ def _input_gradients(f: _Features, sides: tuple[str, ...], copy: _Copy = _Copy.F
         s += dot_sums(rebuilt)
         s += loop(lambda side: f"d{side}p_s[i, d] = {inv_norm[side]} * (d{side}p_s[i, d] - y{side}_f[i, d] * "
                                f"dot_{side}_f[i])", sides)
-    stores = ""
-    for side in sides:
-        x, fm, out, _ = names[side]
-        x_value = f"x{side}_f[i, d]" if x_frag[side] else f"T.cast({x}[t0 + i, h, d], 'float32')"
-        factors = [f"d{side}p_s[i, d]", _gate_scale(f, side), _dphi(fm, x_value)]
-        stores += f"""
-            {out}[t0 + i, h, d] = T.cast({" * ".join(term for term in factors if term != "1.0")}, dtype)"""
-    s += f"""
+    def stores(row: str) -> str:
+        lines = ""
+        for side in sides:
+            x, fm, out, _ = names[side]
+            x_value = f"x{side}_f[{row}, d]" if x_frag[side] else f"T.cast({x}[t0 + {row}, h, d], 'float32')"
+            factors = [f"d{side}p_s[{row}, d]", _gate_scale(f, side, row=row), _dphi(fm, x_value)]
+            lines += f"""
+    {out}[t0 + {row}, h, d] = T.cast({" * ".join(term for term in factors if term != "1.0")}, dtype)"""
+        return f"if t0 + {row} < eos:{lines}"
+
+    if compact and not any(x_frag.values()):
+        return s + _by_row_blocks(stores)
+    return s + f"""
     for i, d in T.Parallel(C, K):
-        if t0 + i < eos:{stores}
+        {_ind(stores("i"), 8).strip()}
     """
-    return s
 
 
 def _pair_terms(f: _Features, P: str, X, Y, outx: str, outy: str, strict: bool) -> str:
@@ -1768,7 +1805,7 @@ def _pair_terms(f: _Features, P: str, X, Y, outx: str, outy: str, strict: bool) 
         T.gemm(pr_m, cg_m, part_f, clear_accum=True)
         for i, d in T.Parallel(SB, K):
             pair_s[r * SB + i, d] = part_f[i, d] * T.exp(b_s[r * SB + i, d] - b_s[r * SB - 1, d])
-    {_load_steps()}
+    {_load_steps(compact=True)}
     for i, d in T.Parallel(C, K):
         diag_terms_f[i, d] = pair_s[i, d]
         diag_decay_f[i, d] = 0.0
@@ -1952,7 +1989,11 @@ def generate(spec: Spec) -> dict[str, str]:
     du_operands = "" if f.delta else "ke_m = T.alloc_shared((C, K), dtype)\n" + _attention_allocs(f)
     chunk_allocs = du_operands + _cast_qk_allocs(f) + _subblock_allocs(f)
     chunk_common = _cast_qk(f, copy=_Copy.UNGATED)
-    if not f.delta:
+    if not f.delta and f.vector:  # compact (_by_row_blocks): the kernel's code is at the instruction cache's size
+        chunk_common += _ind(_by_row_blocks(
+            lambda row: f"ke_m[{row}, d] = T.cast({_copy_row(f, 'k', row, _Copy.UNGATED)} * {f.exp_rest(row)}, dtype)"),
+            0) + _attention(f, copy=_Copy.UNGATED, compact=True)
+    elif not f.delta:
         chunk_common += _ke(f, _copy_row(f, "k", copy=_Copy.UNGATED)) + _attention(f, copy=_Copy.UNGATED)
     factories.append(BWD_CHUNK.format(
         stage="bwd_chunk", prep_allocs=at(_prep_allocs(f, beta=False, copy=_Copy.UNGATED), 12),
