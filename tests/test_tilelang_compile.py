@@ -222,7 +222,7 @@ def test_min_blocks_bounds_the_registers_and_needs_the_shared_memory_of_as_many_
         assert "__launch_bounds__(256, 2)" in source
         if fits:
             tuning.check_shared_memory(source, kernels.module, "bwd_chunk", config, shape)
-            registers, _ = offline.ptxas_usage(source)
+            registers = offline.compiled_usage(source).registers
             assert registers <= 65536 // (2 * 256)
         else:
             with pytest.raises(ConfigRejected, match="2 CTAs per SM need"):

@@ -3,6 +3,7 @@ needed)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -18,16 +19,51 @@ def test_ctas_per_sm_follows_each_sm90_limit():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-def test_ptxas_reports_registers_and_spills_of_a_cuda_kernel():
+def test_registers_spills_and_code_size_of_a_cuda_kernel():
     source = """
     extern "C" __global__ void __launch_bounds__(128, 1) axpy(float a, const float* x, float* y) {
         y[threadIdx.x] = a * x[threadIdx.x] + y[threadIdx.x];
     }
     """
-    registers, spills = offline.ptxas_usage(source)
-    assert 0 < registers < 32 and spills == 0
+    usage = offline.compiled_usage(source)
+    assert 0 < usage.registers < 32 and usage.spill_bytes == 0
+    # a handful of sm_90 instructions of 16 bytes, padded by nvcc to 128-byte multiples
+    assert 0 < usage.code_bytes <= 512 and usage.code_bytes % 16 == 0
+    # unrolled, the same body per element: the code grows with the elements a thread takes
+    unrolled = source.replace("y[threadIdx.x] = a * x[threadIdx.x] + y[threadIdx.x];",
+                              "#pragma unroll\n for (int i = 0; i < 64; ++i) y[threadIdx.x + 128 * i] = "
+                              "a * x[threadIdx.x + 128 * i] + y[threadIdx.x + 128 * i];")
+    assert offline.compiled_usage(unrolled).code_bytes > 16 * 64 * 3
     with pytest.raises(RuntimeError, match="nvcc failed"):
-        offline.ptxas_usage("this is not CUDA")
+        offline.compiled_usage("this is not CUDA")
+    with pytest.raises(ValueError, match="not a 64-bit ELF"):
+        offline.text_section_bytes(b"not an ELF file")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("name", ["gla", "sla_gla"])
+def test_the_vector_decay_backward_fits_the_instruction_cache(name):
+    """A vector decay's bwd_chunk is the largest kernel (every [C, K] loop unrolled, several of them per diagonal
+    sub-block): sla_gla's had grown to 9200 instructions (147 KB) at its tuned config and ran 1.45 ms slower
+    than at the same config with less code (2026-11-25-session25). At each K = 128 bucket's config of the H100
+    tables it must stay under the instruction cache, with room for a template change."""
+    from sla_dsl.autotune.runner import resolve_specs
+    from sla_dsl.autotune.shapes import Shape
+    from sla_dsl.autotune.table import read_table
+    from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
+    from sla_dsl.codegen import REPO_ROOT
+
+    (spec,) = resolve_specs([name])
+    kernels = TileLangKernels(spec)
+    table = read_table(REPO_ROOT / "autotune" / "NVIDIA_H100_80GB_HBM3" / "tilelang" / f"{name}.json")
+    configs = {json.dumps(tuning.kernel_params(entry["bwd"]["config"], "bwd_chunk"), sort_keys=True)
+               for key, entry in table["entries"].items() if Shape.from_key(key).K == 128}
+    assert configs
+    for config in map(json.loads, sorted(configs)):
+        source = compile_kernel(kernels.module, "bwd_chunk", 16, 128, 128, "bfloat16", config,
+                                target=SM90_TARGET).get_kernel_source()
+        code = offline.compiled_usage(source).code_bytes
+        assert code <= 0.95 * offline.SM90_INSTRUCTION_CACHE_BYTES, f"{name} bwd_chunk at {config}: {code} bytes"
 
 
 def test_config_keys_it_does_not_know_are_an_error_naming_them():

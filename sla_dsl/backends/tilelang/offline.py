@@ -1,6 +1,6 @@
 """Compiling the generated TileLang kernels for sm_90a on a machine without a GPU, and reading what each one uses:
-registers and spill stores (from ptxas), shared memory (its compiled layout), and the resident CTAs per SM these
-allow. What bounds a chunk-parallel stage's occupancy, to read next to a profile (scripts/profile_kernels.py). The
+registers and spill stores (from ptxas), the size of its machine code (the cubin's .text), shared memory (its
+compiled layout), and the resident CTAs per SM these allow. What bounds a chunk-parallel stage's occupancy, to read next to a profile (scripts/profile_kernels.py). The
 configs are a GPU's tuned ones for the shape (its table under autotune/), else the default, with the keys of
 --config set over them. It also names the row sums (`T.reduce_sum(..., dim=1)`) whose rows the compiled kernel
 splits across warps: they meet through shared memory and a barrier, where a row within a warp takes shuffles
@@ -11,7 +11,12 @@ sharing; session 21's README).
 
 CTAs per SM is an estimate from the sm_90 limits below (registers allocated per warp in units of 256, shared memory
 per CTA plus 1 KB the driver reserves); a sequential stage's grid (V / block_v x N * H CTAs) is usually smaller than
-the GPU, so its occupancy is its grid's, not this figure."""
+the GPU, so its occupancy is its grid's, not this figure.
+
+A chunk-parallel stage runs its code once per CTA, top to bottom, with a T.Parallel loop unrolled over every element
+a thread takes; code past the SM's instruction cache is fetched again from L2 by each CTA. On the H100 the time of
+sla_gla's bwd_chunk grew with its code from 8192 instructions (128 KB) on, at fixed registers and shared memory
+(5.05 -> 6.76 ms from 8256 to 9200 instructions; 2026-11-25-session25): the report flags code past that size."""
 
 from __future__ import annotations
 
@@ -19,9 +24,11 @@ import argparse
 import inspect
 import json
 import re
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from tilelang import env as tilelang_env
 
@@ -34,6 +41,8 @@ from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kern
 SM90_REGISTERS_PER_SM = 65536
 SM90_THREADS_PER_SM = 2048
 SM90_CTAS_PER_SM = 32
+# where a stage's time started to grow with its code on the H100 (the module's docstring)
+SM90_INSTRUCTION_CACHE_BYTES = 128 * 1024
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores")
 # a row sum of the generated source, and a compiled AllReduce that goes through a shared workspace
@@ -41,20 +50,45 @@ _ROW_SUM = re.compile(r"T\.reduce_sum\(\w+, (\w+), dim=1\)")
 _WORKSPACE_ALL_REDUCE = re.compile(r"(\w+)\[[^\]]*\] = tl::AllReduce<[^;]*?::run\([^;]*?\(&")
 
 
-def ptxas_usage(cuda_source: str) -> tuple[int, int]:
-    """(registers per thread, bytes of spill stores) of a compiled kernel's CUDA source, from `ptxas -v`."""
+class CompiledUsage(NamedTuple):
+    registers: int  # per thread
+    spill_bytes: int  # spill stores
+    code_bytes: int  # machine code of the kernel functions (16 bytes per sm_90 instruction)
+
+
+def compiled_usage(cuda_source: str) -> CompiledUsage:
+    """What a compiled kernel's CUDA source uses, from `ptxas -v` and the cubin it writes."""
     with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "kernel.cu"
+        path, cubin = Path(scratch) / "kernel.cu", Path(scratch) / "kernel.cubin"
         path.write_text(cuda_source)
         found = subprocess.run(
             ["nvcc", "-arch=sm_90a", "-cubin", "-std=c++17", "-O3", "-DENABLE_BF16",
              f"-I{tilelang_env.TILELANG_TEMPLATE_PATH}", f"-I{tilelang_env.CUTLASS_INCLUDE_DIR}",
-             "-Xptxas", "-v", "-o", str(Path(scratch) / "kernel.cubin"), str(path)],
+             "-Xptxas", "-v", "-o", str(cubin), str(path)],
             capture_output=True, text=True)
-    registers = _REGISTERS.search(found.stderr)
-    if found.returncode != 0 or registers is None:
-        raise RuntimeError(f"nvcc failed on the kernel:\n{found.stderr[-2000:]}")
-    return int(registers[1]), int(_SPILLS.search(found.stderr)[1])
+        registers = _REGISTERS.search(found.stderr)
+        if found.returncode != 0 or registers is None:
+            raise RuntimeError(f"nvcc failed on the kernel:\n{found.stderr[-2000:]}")
+        code = text_section_bytes(cubin.read_bytes())
+    return CompiledUsage(int(registers[1]), int(_SPILLS.search(found.stderr)[1]), code)
+
+
+def text_section_bytes(elf: bytes) -> int:
+    """The total size of an ELF64 (little-endian, as nvcc writes cubins) file's `.text.*` sections: one per
+    kernel or device function."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        raise ValueError("not a 64-bit ELF file")
+    section_table, = struct.unpack_from("<Q", elf, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
+    # each section header: name, type, flags, addr, offset, size, link, info, addralign, entsize
+    headers = [struct.unpack_from("<IIQQQQIIQQ", elf, section_table + n * entry_size) for n in range(count)]
+    names = headers[names_index][4]
+
+    def name(header) -> str:
+        start = names + header[0]
+        return elf[start:elf.index(b"\0", start)].decode()
+
+    return sum(header[5] for header in headers if name(header).startswith(".text."))
 
 
 def cross_warp_row_sums(factory_source: str, cuda_source: str) -> dict[str, int]:
@@ -98,7 +132,7 @@ def report(spec, shape, gpu: str, overrides: dict | None = None) -> None:
                                       tuning.padded(shape.V), shape.dtype, params, target=SM90_TARGET)
             source = compiled.get_kernel_source()
             shared = tuning.compiled_shared_memory_bytes(source, kernels.module, stage, config, shape)
-            registers, spills = ptxas_usage(source)
+            registers, spills, code = compiled_usage(source)
             limits = ctas_per_sm(registers, params["threads"], shared)
             bound = min(limits, key=limits.get)
             occupancy = f", min_blocks {params['min_blocks']}" if "min_blocks" in params else ""
@@ -106,10 +140,11 @@ def report(spec, shape, gpu: str, overrides: dict | None = None) -> None:
                                            source)
             across = ("; row sums across warps: " + ", ".join(f"{name} x{count}" for name, count in crossing.items())
                       if crossing else "")
+            over = " (past the instruction cache)" if code > SM90_INSTRUCTION_CACHE_BYTES else ""
             print(f"{spec.name} {phase} {stage} ({origin}: chunk {params['chunk']}, block_v {params['block_v']}, "
                   f"{params['threads']} threads{occupancy}): {registers} registers, {spills} B spilled, "
-                  f"{shared} B shared; {min(SM90_CTAS_PER_SM, limits[bound])} CTAs / SM ({bound} bound){across}",
-                  flush=True)
+                  f"{code // 1024} KB of code{over}, {shared} B shared; "
+                  f"{min(SM90_CTAS_PER_SM, limits[bound])} CTAs / SM ({bound} bound){across}", flush=True)
 
 
 def _config_object(text: str) -> dict:
