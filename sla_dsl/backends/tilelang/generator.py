@@ -1637,7 +1637,8 @@ def _row_terms_alloc(f: _Features, sides: tuple[str, ...]) -> str:
     """ if used else ""
 
 
-def _input_gradients(f: _Features, sides: tuple[str, ...], copy: _Copy = _Copy.FULL, compact: bool = False) -> str:
+def _input_gradients(f: _Features, sides: tuple[str, ...], copy: _Copy = _Copy.FULL,
+                     compact: bool = False) -> str:
     """dq (side "q") and/or dk ("k") from the gradients of q' and k' in dqp_s / dkp_s, through the gates, the
     scale, the L2 norm and the feature maps, with the gates' gradients: dy = dx' * gate * scale; L2: dx = r (dy -
     y sum(dy y)) with r the inverse norm; then phi'. y = phi(x) (L2-normalised) is what the gates and the L2 norm
@@ -1990,9 +1991,9 @@ def generate(spec: Spec) -> dict[str, str]:
     chunk_allocs = du_operands + _cast_qk_allocs(f) + _subblock_allocs(f)
     chunk_common = _cast_qk(f, copy=_Copy.UNGATED)
     if not f.delta and f.vector:  # compact (_by_row_blocks): the kernel's code is at the instruction cache's size
-        chunk_common += _ind(_by_row_blocks(
-            lambda row: f"ke_m[{row}, d] = T.cast({_copy_row(f, 'k', row, _Copy.UNGATED)} * {f.exp_rest(row)}, dtype)"),
-            0) + _attention(f, copy=_Copy.UNGATED, compact=True)
+        def ke_row(row: str) -> str:
+            return f"ke_m[{row}, d] = T.cast({_copy_row(f, 'k', row, _Copy.UNGATED)} * {f.exp_rest(row)}, dtype)"
+        chunk_common += _ind(_by_row_blocks(ke_row), 0) + _attention(f, copy=_Copy.UNGATED, compact=True)
     elif not f.delta:
         chunk_common += _ke(f, _copy_row(f, "k", copy=_Copy.UNGATED)) + _attention(f, copy=_Copy.UNGATED)
     factories.append(BWD_CHUNK.format(

@@ -1,11 +1,11 @@
 """Compiling the generated TileLang kernels for sm_90a on a machine without a GPU, and reading what each one uses:
 registers and spill stores (from ptxas), the size of its machine code (the cubin's .text), shared memory (its
-compiled layout), and the resident CTAs per SM these allow. What bounds a chunk-parallel stage's occupancy, to read next to a profile (scripts/profile_kernels.py). The
-configs are a GPU's tuned ones for the shape (its table under autotune/), else the default, with the keys of
---config set over them. It also names the row sums (`T.reduce_sum(..., dim=1)`) whose rows the compiled kernel
-splits across warps: they meet through shared memory and a barrier, where a row within a warp takes shuffles
-alone. A row sum gets that layout from a fragment it shares with a gemm accumulator (09df650 removed one such
-sharing; session 21's README).
+compiled layout), and the resident CTAs per SM these allow. What bounds a chunk-parallel stage's occupancy, to read
+next to a profile (scripts/profile_kernels.py). The configs are a GPU's tuned ones for the shape (its table under
+autotune/), else the default, with the keys of --config set over them. It also names the row sums
+(`T.reduce_sum(..., dim=1)`) whose rows the compiled kernel splits across warps: they meet through shared memory and
+a barrier, where a row within a warp takes shuffles alone. A row sum gets that layout from a fragment it shares with
+a gemm accumulator (09df650 removed one such sharing; session 21's README).
 
     python -m sla_dsl.backends.tilelang.offline SPEC[,SPEC...] [BxTxHxK] [--dtype DTYPE] [--gpu GPU] [--config JSON]
 
