@@ -49,13 +49,13 @@ def test_the_vector_decay_backward_fits_the_instruction_cache(name):
     tables it must stay under the instruction cache, with room for a template change."""
     from sla_dsl.autotune.runner import resolve_specs
     from sla_dsl.autotune.shapes import Shape
-    from sla_dsl.autotune.table import read_table
+    from sla_dsl.autotune.table import read_table, table_path
     from sla_dsl.backends.tilelang import SM90_TARGET, TileLangKernels, compile_kernel, tuning
     from sla_dsl.codegen import REPO_ROOT
 
     (spec,) = resolve_specs([name])
     kernels = TileLangKernels(spec)
-    table = read_table(REPO_ROOT / "autotune" / "NVIDIA_H100_80GB_HBM3" / "tilelang" / f"{name}.json")
+    table = read_table(table_path("NVIDIA_H100_80GB_HBM3", "tilelang", name, root=REPO_ROOT / "autotune"))
     configs = {json.dumps(tuning.kernel_params(entry["bwd"]["config"], "bwd_chunk"), sort_keys=True)
                for key, entry in table["entries"].items() if Shape.from_key(key).K == 128}
     assert configs
